@@ -1,0 +1,695 @@
+//! Typed configuration: one TOML file plus `GATEHOUSE_…` environment overrides (`__` nests),
+//! secrets from `*_file` keys. Everything is validated once at start-up so a bad value fails
+//! loudly before the first request, naming the key at fault.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use ipnet::IpNet;
+use secrecy::SecretString;
+use serde::{Deserialize, Deserializer};
+use url::Url;
+
+/// A configuration problem, naming the key and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Parse(String),
+    #[error("`{key}`: {problem}")]
+    Invalid { key: &'static str, problem: String },
+}
+
+fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        problem: problem.into(),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The North-South listener (browser traffic through the load balancer).
+    pub public: PublicConfig,
+    /// The OpenID Connect provider (Keycloak) and this client's registration there.
+    pub oidc: OidcConfig,
+    /// Server-side sessions.
+    #[serde(default)]
+    pub session: SessionConfig,
+    /// The admin listener (metrics, health).
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublicConfig {
+    /// Address the public listener binds.
+    #[serde(default = "defaults::public_listen")]
+    pub listen: SocketAddr,
+    /// The URL browsers use to reach Gatehouse; base of the redirect URI and of CSRF origin checks.
+    pub external_url: Url,
+    /// Directory of static front-end files served for paths no route claims.
+    #[serde(default)]
+    pub static_dir: Option<PathBuf>,
+    /// Allow a plain-http `external_url` that is not localhost (the cookie then loses `Secure` and its prefix).
+    #[serde(default)]
+    pub allow_insecure_http: bool,
+    /// Peers (IPs or CIDRs) whose `X-Forwarded-For` is trusted for the client IP (rate limits, audit).
+    #[serde(default)]
+    pub trusted_proxies: Vec<IpNet>,
+    /// Largest request body accepted on `/auth/*` routes.
+    #[serde(default = "defaults::max_body_bytes")]
+    pub max_body_bytes: usize,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcConfig {
+    /// The issuer, pinned: discovery's `issuer` must equal it exactly.
+    pub issuer: Url,
+    /// This client's id at the provider.
+    pub client_id: String,
+    /// The client secret (prefer `client_secret_file` or `GATEHOUSE_OIDC__CLIENT_SECRET`).
+    #[serde(default)]
+    pub client_secret: Option<SecretString>,
+    /// File holding the client secret.
+    #[serde(default)]
+    pub client_secret_file: Option<PathBuf>,
+    /// Scopes requested at login; must include `openid`.
+    #[serde(default = "defaults::scopes")]
+    pub scopes: Vec<String>,
+    /// Enable `POST /auth/login` with username and password (direct access grant).
+    #[serde(default)]
+    pub password_login: bool,
+    /// Refresh the access token when it expires within this margin.
+    #[serde(default = "defaults::refresh_skew", deserialize_with = "de_duration")]
+    pub refresh_skew: Duration,
+    /// Timeout of each call to the provider.
+    #[serde(default = "defaults::http_timeout", deserialize_with = "de_duration")]
+    pub http_timeout: Duration,
+    /// Accepted ID-token signature algorithms.
+    #[serde(default = "defaults::algorithms")]
+    pub algorithms: Vec<String>,
+    /// Audiences besides `client_id` an ID token may carry.
+    #[serde(default)]
+    pub trusted_audiences: Vec<String>,
+    /// Where the provider sends the browser after logout (default: `external_url` + `/`).
+    #[serde(default)]
+    pub post_logout_redirect_uri: Option<Url>,
+    /// Password logins allowed per client IP per minute.
+    #[serde(default = "defaults::login_per_ip")]
+    pub password_login_per_ip_per_minute: u32,
+    /// Password logins allowed per username per minute.
+    #[serde(default = "defaults::login_per_user")]
+    pub password_login_per_user_per_minute: u32,
+}
+
+impl std::fmt::Debug for OidcConfig {
+    // Hand-written so the client secret can never be printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OidcConfig")
+            .field("issuer", &self.issuer.as_str())
+            .field("client_id", &self.client_id)
+            .field("scopes", &self.scopes)
+            .field("password_login", &self.password_login)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    Embedded,
+    Redis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SameSite {
+    Lax,
+    Strict,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionConfig {
+    /// Session store backend.
+    #[serde(default = "defaults::store")]
+    pub store: StoreKind,
+    /// File of the embedded store.
+    #[serde(default = "defaults::store_path")]
+    pub path: PathBuf,
+    /// Redis URL (used when `store = "redis"`).
+    #[serde(default)]
+    pub redis_url: Option<String>,
+    /// A session ends after this long without a request.
+    #[serde(default = "defaults::idle_timeout", deserialize_with = "de_duration")]
+    pub idle_timeout: Duration,
+    /// A session ends this long after login, whatever happens.
+    #[serde(
+        default = "defaults::absolute_timeout",
+        deserialize_with = "de_duration"
+    )]
+    pub absolute_timeout: Duration,
+    /// File holding the 32-byte token-encryption key, base64.
+    #[serde(default)]
+    pub encryption_key_file: Option<PathBuf>,
+    /// The key itself, base64 (prefer the file or `GATEHOUSE_SESSION__ENCRYPTION_KEY`).
+    #[serde(default)]
+    pub encryption_key: Option<SecretString>,
+    /// Older keys still accepted for decryption while sessions written with them live on.
+    #[serde(default)]
+    pub previous_encryption_key_files: Vec<PathBuf>,
+    /// Cookie name; keep the `__Host-` prefix.
+    #[serde(default = "defaults::cookie_name")]
+    pub cookie_name: String,
+    /// `SameSite` of the session cookie.
+    #[serde(default = "defaults::same_site")]
+    pub same_site: SameSite,
+    /// How often expired sessions are swept from the store.
+    #[serde(default = "defaults::sweep_interval", deserialize_with = "de_duration")]
+    pub sweep_interval: Duration,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            store: defaults::store(),
+            path: defaults::store_path(),
+            redis_url: None,
+            idle_timeout: defaults::idle_timeout(),
+            absolute_timeout: defaults::absolute_timeout(),
+            encryption_key_file: None,
+            encryption_key: None,
+            previous_encryption_key_files: Vec::new(),
+            cookie_name: defaults::cookie_name(),
+            same_site: defaults::same_site(),
+            sweep_interval: defaults::sweep_interval(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of the admin listener; keep it on loopback.
+    #[serde(default = "defaults::admin_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: defaults::admin_listen(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` for people, `json` for log pipelines.
+    #[serde(default = "defaults::log_format")]
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info` or `gatehouse=debug,info`; `RUST_LOG` wins when set.
+    #[serde(default = "defaults::log_level")]
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: defaults::log_format(),
+            level: defaults::log_level(),
+        }
+    }
+}
+
+mod defaults {
+    use super::*;
+    pub fn public_listen() -> SocketAddr {
+        SocketAddr::from(([0, 0, 0, 0], 8080))
+    }
+    pub fn admin_listen() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 9090))
+    }
+    pub fn max_body_bytes() -> usize {
+        16 * 1024
+    }
+    pub fn scopes() -> Vec<String> {
+        vec!["openid".into(), "profile".into(), "email".into()]
+    }
+    pub fn refresh_skew() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn http_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn algorithms() -> Vec<String> {
+        vec!["RS256".into(), "PS256".into(), "ES256".into()]
+    }
+    pub fn login_per_ip() -> u32 {
+        20
+    }
+    pub fn login_per_user() -> u32 {
+        5
+    }
+    pub fn store() -> StoreKind {
+        StoreKind::Embedded
+    }
+    pub fn store_path() -> PathBuf {
+        PathBuf::from("data/sessions.redb")
+    }
+    pub fn idle_timeout() -> Duration {
+        Duration::from_secs(30 * 60)
+    }
+    pub fn absolute_timeout() -> Duration {
+        Duration::from_secs(12 * 3600)
+    }
+    pub fn cookie_name() -> String {
+        "__Host-Http-gatehouse".into()
+    }
+    pub fn same_site() -> SameSite {
+        SameSite::Lax
+    }
+    pub fn sweep_interval() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn log_format() -> LogFormat {
+        LogFormat::Text
+    }
+    pub fn log_level() -> String {
+        "info".into()
+    }
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Text(String),
+        Seconds(u64),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Seconds(s) => Ok(Duration::from_secs(s)),
+        Raw::Text(t) => humantime::parse_duration(t.trim()).map_err(|e| {
+            serde::de::Error::custom(format!("`{t}` is not a duration like 30s, 15m or 12h: {e}"))
+        }),
+    }
+}
+
+/// The session cookie as it will be sent, derived from config (prefix and `Secure` depend on the scheme).
+#[derive(Debug, Clone)]
+pub struct CookieSettings {
+    pub name: String,
+    pub login_name: String,
+    pub secure: bool,
+    pub same_site: SameSite,
+}
+
+impl Config {
+    /// Read the file, apply `GATEHOUSE_…` overrides and validate.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        if !path.exists() {
+            return Err(ConfigError::Parse(format!(
+                "config file {} does not exist",
+                path.display()
+            )));
+        }
+        Self::from_figment(
+            Figment::new()
+                .merge(Toml::file(path))
+                .merge(Env::prefixed("GATEHOUSE_").split("__")),
+        )
+    }
+
+    pub fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
+        let config: Config = figment.extract().map_err(|e| {
+            // figment names the key ("for key `oidc.issuer`"); keep every error it found.
+            ConfigError::Parse(
+                e.into_iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            )
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let ext = &self.public.external_url;
+        match ext.scheme() {
+            "https" => {}
+            "http" if is_localhost(ext) => {}
+            "http" if self.public.allow_insecure_http => {}
+            "http" => {
+                return Err(invalid(
+                    "public.external_url",
+                    "plain http is only accepted for localhost; use https or set public.allow_insecure_http = true",
+                ));
+            }
+            other => {
+                return Err(invalid(
+                    "public.external_url",
+                    format!("scheme `{other}` is not http or https"),
+                ));
+            }
+        }
+        if ext.query().is_some() || ext.fragment().is_some() || ext.path() != "/" {
+            return Err(invalid(
+                "public.external_url",
+                "must be an origin only (scheme, host, port), no path or query",
+            ));
+        }
+        let iss = &self.oidc.issuer;
+        if iss.scheme() != "https" && !(iss.scheme() == "http" && is_loopback_host(iss)) {
+            return Err(invalid(
+                "oidc.issuer",
+                "must be https (plain http only for a provider on loopback)",
+            ));
+        }
+        if self.oidc.client_id.trim().is_empty() {
+            return Err(invalid("oidc.client_id", "must not be empty"));
+        }
+        if self.oidc.client_secret.is_some() && self.oidc.client_secret_file.is_some() {
+            return Err(invalid(
+                "oidc.client_secret",
+                "set either client_secret or client_secret_file, not both",
+            ));
+        }
+        if self.oidc.client_secret.is_none() && self.oidc.client_secret_file.is_none() {
+            return Err(invalid(
+                "oidc.client_secret_file",
+                "a confidential client needs a secret",
+            ));
+        }
+        if !self.oidc.scopes.iter().any(|s| s == "openid") {
+            return Err(invalid("oidc.scopes", "must include `openid`"));
+        }
+        if self.oidc.algorithms.is_empty() {
+            return Err(invalid(
+                "oidc.algorithms",
+                "must list at least one algorithm",
+            ));
+        }
+        for alg in &self.oidc.algorithms {
+            crate::oidc::parse_allowed_algorithm(alg).map_err(|p| invalid("oidc.algorithms", p))?;
+        }
+        if self.oidc.refresh_skew > Duration::from_secs(3600) {
+            return Err(invalid("oidc.refresh_skew", "must be at most 1h"));
+        }
+        if self.oidc.password_login_per_ip_per_minute == 0
+            || self.oidc.password_login_per_user_per_minute == 0
+        {
+            return Err(invalid(
+                "oidc.password_login_per_ip_per_minute",
+                "rate limits must be at least 1",
+            ));
+        }
+        let s = &self.session;
+        if s.idle_timeout < Duration::from_secs(60) {
+            return Err(invalid("session.idle_timeout", "must be at least 1m"));
+        }
+        if s.absolute_timeout < s.idle_timeout {
+            return Err(invalid(
+                "session.absolute_timeout",
+                "must not be shorter than session.idle_timeout",
+            ));
+        }
+        if s.encryption_key.is_some() && s.encryption_key_file.is_some() {
+            return Err(invalid(
+                "session.encryption_key",
+                "set either encryption_key or encryption_key_file, not both",
+            ));
+        }
+        if s.encryption_key.is_none() && s.encryption_key_file.is_none() {
+            return Err(invalid(
+                "session.encryption_key_file",
+                "tokens are encrypted at rest: a key is required",
+            ));
+        }
+        if s.store == StoreKind::Redis {
+            return Err(invalid(
+                "session.store",
+                "the redis store is not available in this build yet; use \"embedded\"",
+            ));
+        }
+        if !s.cookie_name.starts_with("__Host-") {
+            return Err(invalid(
+                "session.cookie_name",
+                "must start with `__Host-` (the prefix pins Secure, Path=/ and no Domain)",
+            ));
+        }
+        if s.cookie_name.len() > 64
+            || !s
+                .cookie_name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
+        {
+            return Err(invalid(
+                "session.cookie_name",
+                "use at most 64 letters, digits, `-` or `_`",
+            ));
+        }
+        if s.sweep_interval < Duration::from_secs(1) {
+            return Err(invalid("session.sweep_interval", "must be at least 1s"));
+        }
+        if self.public.listen == self.admin.listen {
+            return Err(invalid(
+                "admin.listen",
+                "must differ from public.listen: listeners are never mixed",
+            ));
+        }
+        if let Some(dir) = &self.public.static_dir
+            && !dir.is_dir()
+        {
+            return Err(invalid(
+                "public.static_dir",
+                format!("{} is not a directory", dir.display()),
+            ));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| invalid("log.level", e.to_string()))?;
+        Ok(())
+    }
+
+    /// Public origin, e.g. `http://localhost:8080`, used for CSRF checks and redirects.
+    pub fn public_origin(&self) -> String {
+        self.public.external_url.origin().ascii_serialization()
+    }
+
+    pub fn redirect_uri(&self) -> String {
+        format!("{}/auth/callback", self.public_origin())
+    }
+
+    pub fn post_logout_redirect_uri(&self) -> String {
+        match &self.oidc.post_logout_redirect_uri {
+            Some(u) => u.to_string(),
+            None => format!("{}/", self.public_origin()),
+        }
+    }
+
+    /// Whether the cookie can carry `Secure` and the `__Host-` prefix.
+    pub fn cookie(&self) -> CookieSettings {
+        let ext = &self.public.external_url;
+        let secure = ext.scheme() == "https" || is_localhost(ext);
+        let base = self.session.cookie_name.trim_start_matches("__Host-");
+        let (name, login_name) = if secure {
+            (
+                self.session.cookie_name.clone(),
+                format!("__Host-{base}-login"),
+            )
+        } else {
+            (base.to_string(), format!("{base}-login"))
+        };
+        CookieSettings {
+            name,
+            login_name,
+            secure,
+            same_site: self.session.same_site,
+        }
+    }
+
+    /// Non-fatal remarks for `check-config` and start-up logs.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        if !self.cookie().secure {
+            w.push("public.allow_insecure_http: the session cookie is sent without `Secure` or the `__Host-` prefix".into());
+        }
+        if !self.admin.listen.ip().is_loopback() {
+            w.push(format!(
+                "admin.listen {} is not loopback: protect it at the network level",
+                self.admin.listen
+            ));
+        }
+        if self.oidc.password_login {
+            w.push(
+                "oidc.password_login is on: Gatehouse sees user passwords (rate-limited)".into(),
+            );
+        }
+        w
+    }
+}
+
+fn is_localhost(url: &Url) -> bool {
+    matches!(url.host_str(), Some("localhost")) || is_loopback_host(url)
+}
+
+fn is_loopback_host(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d == "localhost",
+        Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip).is_loopback(),
+        Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip).is_loopback(),
+        None => false,
+    }
+}
+
+/// Read a secret from a file, trimming one trailing newline; the error names the key, never the content.
+pub fn read_secret_file(key: &'static str, path: &Path) -> Result<SecretString, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))?;
+    let trimmed = text.trim_end_matches(['\n', '\r']);
+    if trimmed.is_empty() {
+        return Err(invalid(key, format!("{} is empty", path.display())));
+    }
+    Ok(SecretString::from(trimmed.to_string()))
+}
+
+#[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's error type
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    const MINIMAL: &str = r#"
+        [public]
+        external_url = "http://localhost:8080"
+        [oidc]
+        issuer = "http://127.0.0.1:8180/realms/gatehouse"
+        client_id = "gatehouse"
+        client_secret = "s3cret"
+        [session]
+        encryption_key = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+    "#;
+
+    fn load(jail: &mut Jail, text: &str) -> Result<Config, ConfigError> {
+        jail.create_file("g.toml", text)
+            .map_err(|e| ConfigError::Parse(e.to_string()))?;
+        Config::load(Path::new("g.toml"))
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        Jail::expect_with(|jail| {
+            let c = load(jail, MINIMAL).expect("valid");
+            assert_eq!(c.session.idle_timeout, Duration::from_secs(1800));
+            assert_eq!(c.session.absolute_timeout, Duration::from_secs(43200));
+            assert_eq!(c.cookie().name, "__Host-Http-gatehouse");
+            assert!(c.cookie().secure);
+            assert!(!c.oidc.password_login);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        Jail::expect_with(|jail| {
+            let err = load(
+                jail,
+                &format!("{MINIMAL}\n[admin]\nlisten = \"127.0.0.1:9\"\nlisen = 1\n"),
+            )
+            .unwrap_err();
+            assert!(err.to_string().contains("lisen"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn env_overrides_nest_with_double_underscore() {
+        Jail::expect_with(|jail| {
+            jail.set_env("GATEHOUSE_OIDC__CLIENT_ID", "from-env");
+            jail.set_env("GATEHOUSE_SESSION__IDLE_TIMEOUT", "5m");
+            let c = load(jail, MINIMAL).expect("valid");
+            assert_eq!(c.oidc.client_id, "from-env");
+            assert_eq!(c.session.idle_timeout, Duration::from_secs(300));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        Jail::expect_with(|jail| {
+            let cases = [
+                (
+                    MINIMAL.replace("http://localhost:8080", "http://example.com"),
+                    "public.external_url",
+                ),
+                (
+                    MINIMAL.replace("http://127.0.0.1:8180", "http://idp.example.com"),
+                    "oidc.issuer",
+                ),
+                (
+                    format!("{MINIMAL}\nidle_timeout = \"soon\""),
+                    "idle_timeout",
+                ),
+                (
+                    MINIMAL.replace("client_secret = \"s3cret\"", ""),
+                    "oidc.client_secret_file",
+                ),
+                (
+                    format!("{MINIMAL}\ncookie_name = \"gatehouse\""),
+                    "session.cookie_name",
+                ),
+                (
+                    MINIMAL.replace(
+                        "client_id = \"gatehouse\"",
+                        "client_id = \"gatehouse\"\nalgorithms = [\"HS256\"]",
+                    ),
+                    "oidc.algorithms",
+                ),
+                (
+                    MINIMAL.replace(
+                        "client_id = \"gatehouse\"",
+                        "client_id = \"gatehouse\"\nalgorithms = [\"none\"]",
+                    ),
+                    "oidc.algorithms",
+                ),
+            ];
+            for (text, key) in cases {
+                let err = load(jail, &text).unwrap_err().to_string();
+                assert!(err.contains(key), "expected `{key}` in: {err}");
+            }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn insecure_http_drops_prefix_and_secure() {
+        Jail::expect_with(|jail| {
+            let text = MINIMAL
+                .replace("http://localhost:8080", "http://gatehouse.internal:8080")
+                .replace("[oidc]", "allow_insecure_http = true\n[oidc]");
+            let c = load(jail, &text).expect("valid");
+            let cookie = c.cookie();
+            assert!(!cookie.secure);
+            assert_eq!(cookie.name, "Http-gatehouse");
+            assert!(!c.warnings().is_empty());
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,127 @@
+//! Every error a face can answer, mapped to HTTP in this one place. Kinds say who is at fault
+//! (client → 4xx, provider or store → 503, us → 500). Bodies are `{"error","message"}` and never
+//! carry a token, a session id or upstream detail.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::exchange::ExchangeError;
+use crate::oidc::OidcError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("authentication required")]
+    Unauthenticated,
+    #[error("{1}")]
+    BadRequest(&'static str, String),
+    #[error("{1}")]
+    Forbidden(&'static str, String),
+    #[error("not found")]
+    NotFound,
+    #[error("too many requests; retry later")]
+    TooManyRequests,
+    #[error("invalid username or password")]
+    InvalidCredentials,
+    #[error("the identity provider is unavailable; retry shortly")]
+    ProviderUnavailable,
+    #[error("the session store is unavailable; retry shortly")]
+    StoreUnavailable,
+    #[error("the identity provider answered something unusable")]
+    ProviderError,
+    #[error("internal error")]
+    Internal,
+}
+
+impl ApiError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Unauthenticated => "unauthenticated",
+            Self::BadRequest(code, _) | Self::Forbidden(code, _) => code,
+            Self::NotFound => "not_found",
+            Self::TooManyRequests => "rate_limited",
+            Self::InvalidCredentials => "invalid_credentials",
+            Self::ProviderUnavailable => "idp_unavailable",
+            Self::StoreUnavailable => "store_unavailable",
+            Self::ProviderError => "idp_error",
+            Self::Internal => "internal_error",
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Unauthenticated | Self::InvalidCredentials => StatusCode::UNAUTHORIZED,
+            Self::BadRequest(..) => StatusCode::BAD_REQUEST,
+            Self::Forbidden(..) => StatusCode::FORBIDDEN,
+            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
+            Self::ProviderUnavailable | Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::ProviderError => StatusCode::BAD_GATEWAY,
+            Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::BadRequest(code, message.into())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let mut resp = (
+            status,
+            Json(json!({"error": self.code(), "message": self.to_string()})),
+        )
+            .into_response();
+        let h = resp.headers_mut();
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if matches!(
+            self,
+            Self::ProviderUnavailable | Self::StoreUnavailable | Self::TooManyRequests
+        ) {
+            h.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        }
+        resp
+    }
+}
+
+impl From<ExchangeError> for ApiError {
+    fn from(e: ExchangeError) -> Self {
+        match e {
+            ExchangeError::InvalidSession => Self::Unauthenticated,
+            ExchangeError::StoreUnavailable => Self::StoreUnavailable,
+            ExchangeError::ProviderUnavailable => Self::ProviderUnavailable,
+            ExchangeError::Internal => Self::Internal,
+        }
+    }
+}
+
+impl From<OidcError> for ApiError {
+    fn from(e: OidcError) -> Self {
+        match e {
+            OidcError::Unavailable(why) => {
+                tracing::warn!(error = %why, "identity provider unavailable");
+                Self::ProviderUnavailable
+            }
+            OidcError::NotReady => Self::ProviderUnavailable,
+            OidcError::InvalidCredentials => Self::InvalidCredentials,
+            OidcError::InvalidGrant => Self::bad_request(
+                "login_failed",
+                "the authorization code was rejected; start the login again",
+            ),
+            OidcError::InvalidToken(why) => {
+                tracing::warn!(reason = why, "token validation failed");
+                Self::bad_request(
+                    "login_failed",
+                    "the identity provider's response failed validation; start the login again",
+                )
+            }
+            OidcError::Provider(why) => {
+                tracing::error!(error = %why, "identity provider error");
+                Self::ProviderError
+            }
+        }
+    }
+}

@@ -1,0 +1,342 @@
+//! Gatehouse: an access-control gateway. Browsers hold an opaque session id in an HttpOnly
+//! cookie; Gatehouse keeps the user's tokens server-side, answers the public (North-South) face,
+//! and — for trusted internal services — exchanges a session id for a JWT and claims (East-West).
+//!
+//! Layout: `oidc` (the provider client) and `session` (records and stores) are the core with
+//! `exchange` on top; `public` and `admin` are faces that depend on the core, never on each other.
+
+pub mod admin;
+pub mod clock;
+pub mod config;
+pub mod crypto;
+pub mod error;
+pub mod exchange;
+pub mod metrics;
+pub mod oidc;
+pub mod public;
+pub mod session;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::registry::Registry;
+use secrecy::SecretString;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::clock::{Clock, SystemClock};
+use crate::config::{Config, ConfigError, StoreKind, read_secret_file};
+use crate::crypto::Keyring;
+use crate::exchange::{Exchange, ExchangeSettings};
+use crate::metrics::Metrics;
+use crate::oidc::{OidcClient, OidcSettings};
+use crate::session::SessionStore;
+use crate::session::embedded::EmbeddedStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("session store: {0}")]
+    Store(#[from] session::StoreError),
+    #[error("identity provider client: {0}")]
+    Oidc(#[from] oidc::OidcError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Secrets read from files or config, checked (used by `check-config` too).
+pub struct Secrets {
+    pub keyring: Keyring,
+    pub client_secret: SecretString,
+}
+
+pub fn load_secrets(config: &Config) -> Result<Secrets, StartError> {
+    let key = match (
+        &config.session.encryption_key,
+        &config.session.encryption_key_file,
+    ) {
+        (Some(k), _) => k.clone(),
+        (None, Some(path)) => read_secret_file("session.encryption_key_file", path)?,
+        (None, None) => {
+            return Err(ConfigError::Invalid {
+                key: "session.encryption_key_file",
+                problem: "missing".into(),
+            }
+            .into());
+        }
+    };
+    let previous = config
+        .session
+        .previous_encryption_key_files
+        .iter()
+        .map(|p| read_secret_file("session.previous_encryption_key_files", p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let keyring = Keyring::new(&key, &previous).map_err(|e| ConfigError::Invalid {
+        key: "session.encryption_key_file",
+        problem: format!("{e} (generate one with `head -c 32 /dev/urandom | base64`)"),
+    })?;
+    let client_secret: SecretString =
+        match (&config.oidc.client_secret, &config.oidc.client_secret_file) {
+            (Some(s), _) => s.clone(),
+            (None, Some(path)) => read_secret_file("oidc.client_secret_file", path)?,
+            (None, None) => {
+                return Err(ConfigError::Invalid {
+                    key: "oidc.client_secret_file",
+                    problem: "missing".into(),
+                }
+                .into());
+            }
+        };
+    Ok(Secrets {
+        keyring,
+        client_secret,
+    })
+}
+
+/// Everything the faces share.
+pub struct Core {
+    pub config: Config,
+    pub exchange: Arc<Exchange>,
+    pub keyring: Arc<Keyring>,
+    pub metrics: Arc<Metrics>,
+    pub registry: Registry,
+}
+
+impl Core {
+    pub fn build(config: Config, clock: Arc<dyn Clock>) -> Result<Self, StartError> {
+        let Secrets {
+            keyring,
+            client_secret,
+        } = load_secrets(&config)?;
+        let keyring = Arc::new(keyring);
+        let algorithms = config
+            .oidc
+            .algorithms
+            .iter()
+            .map(|a| {
+                oidc::parse_allowed_algorithm(a).map_err(|p| ConfigError::Invalid {
+                    key: "oidc.algorithms",
+                    problem: p,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let oidc = Arc::new(OidcClient::new(
+            OidcSettings {
+                issuer: config
+                    .oidc
+                    .issuer
+                    .as_str()
+                    .trim_end_matches('/')
+                    .to_string(),
+                client_id: config.oidc.client_id.clone(),
+                client_secret,
+                scopes: config.oidc.scopes.clone(),
+                algorithms,
+                trusted_audiences: config.oidc.trusted_audiences.clone(),
+                redirect_uri: config.redirect_uri(),
+                http_timeout: config.oidc.http_timeout,
+            },
+            clock.clone(),
+        )?);
+        let store: Arc<dyn SessionStore> = match config.session.store {
+            StoreKind::Embedded => Arc::new(EmbeddedStore::open(&config.session.path)?),
+            StoreKind::Redis => {
+                return Err(ConfigError::Invalid {
+                    key: "session.store",
+                    problem: "redis is not available in this build".into(),
+                }
+                .into());
+            }
+        };
+        let metrics = Arc::new(Metrics::default());
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        let secs = |d: Duration| d.as_secs() as i64;
+        let exchange = Arc::new(Exchange::new(
+            store,
+            oidc,
+            keyring.clone(),
+            clock,
+            ExchangeSettings {
+                idle_timeout: secs(config.session.idle_timeout),
+                absolute_timeout: secs(config.session.absolute_timeout),
+                refresh_skew: secs(config.oidc.refresh_skew),
+            },
+            metrics.clone(),
+        ));
+        Ok(Self {
+            config,
+            exchange,
+            keyring,
+            metrics,
+            registry,
+        })
+    }
+
+    /// Ready = store reachable and provider metadata loaded once.
+    pub async fn readiness(&self) -> (bool, serde_json::Value) {
+        let store =
+            tokio::time::timeout(Duration::from_secs(2), self.exchange.store().ping()).await;
+        let store_ok = matches!(store, Ok(Ok(())));
+        let idp_ok = self.exchange.oidc().is_ready();
+        let body = serde_json::json!({
+            "ready": store_ok && idp_ok,
+            "store": if store_ok { "ok" } else { "unavailable" },
+            "identity_provider": if idp_ok { "ok" } else { "metadata not loaded" },
+        });
+        (store_ok && idp_ok, body)
+    }
+}
+
+/// A running Gatehouse: its listeners' addresses and a handle to stop it.
+pub struct Running {
+    pub core: Arc<Core>,
+    pub public_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stop accepting, finish in-flight requests, stop background tasks.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+
+    /// Run until SIGTERM or Ctrl-C, then shut down gracefully.
+    pub async fn until_signal(self) {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        self.shutdown().await;
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+/// Build the core and start every listener and background task.
+pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, StartError> {
+    for w in config.warnings() {
+        tracing::warn!("{w}");
+    }
+    let public_listen = config.public.listen;
+    let admin_listen = config.admin.listen;
+    let sweep_every = config.session.sweep_interval;
+    let core = Arc::new(Core::build(config, clock.clone())?);
+    let (tx, rx) = watch::channel(false);
+    let bind = |addr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { addr, source })
+    };
+    let public = bind(public_listen).await?;
+    let admin = bind(admin_listen).await?;
+    let public_addr = public.local_addr().map_err(|source| StartError::Bind {
+        addr: public_listen,
+        source,
+    })?;
+    let admin_addr = admin.local_addr().map_err(|source| StartError::Bind {
+        addr: admin_listen,
+        source,
+    })?;
+    tracing::info!(%public_addr, %admin_addr, "listening");
+
+    let mut tasks = vec![
+        serve(public, public::router(core.clone()), rx.clone()),
+        serve(admin, admin::router(core.clone()), rx.clone()),
+        tokio::spawn(discovery_loop(core.clone(), rx.clone())),
+        tokio::spawn(sweep_loop(core.clone(), clock, sweep_every, rx.clone())),
+    ];
+    tasks.shrink_to_fit();
+    Ok(Running {
+        core,
+        public_addr,
+        admin_addr,
+        shutdown: tx,
+        tasks,
+    })
+}
+
+fn serve(
+    listener: TcpListener,
+    router: axum::Router,
+    mut stop: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let app = router.into_make_service_with_connect_info::<SocketAddr>();
+        let result = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "listener failed");
+        }
+    })
+}
+
+/// Load provider metadata at start-up, retrying with backoff until it succeeds once.
+async fn discovery_loop(core: Arc<Core>, mut stop: watch::Receiver<bool>) {
+    let mut delay = Duration::from_millis(500);
+    loop {
+        match core.exchange.oidc().discover().await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?delay, "identity provider metadata not loaded yet")
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
+}
+
+async fn sweep_loop(
+    core: Arc<Core>,
+    clock: Arc<dyn Clock>,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        match core.exchange.store().sweep(clock.now()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(swept = n, "expired sessions removed"),
+            Err(e) => tracing::warn!(error = %e, "session sweep failed"),
+        }
+    }
+}
+
+/// The default clock for `serve`.
+pub fn system_clock() -> Arc<SystemClock> {
+    Arc::new(SystemClock::default())
+}

@@ -1,0 +1,133 @@
+//! The `gatehouse` command: `serve`, `check-config`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use gatehouse::config::{Config, LogFormat};
+
+#[derive(Parser)]
+#[command(
+    name = "gatehouse",
+    version,
+    about = "Access-control gateway: OIDC BFF with server-side sessions"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        #[arg(
+            long,
+            short,
+            env = "GATEHOUSE_CONFIG",
+            default_value = "gatehouse.toml"
+        )]
+        config: PathBuf,
+    },
+    /// Validate a configuration file (and its secrets) and explain what it sets up.
+    CheckConfig {
+        #[arg(
+            long,
+            short,
+            env = "GATEHOUSE_CONFIG",
+            default_value = "gatehouse.toml"
+        )]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { config } => check_config(&config),
+        Command::Serve { config } => serve(&config),
+    }
+}
+
+fn check_config(path: &Path) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{}: invalid configuration: {e}", path.display());
+            return ExitCode::from(2);
+        }
+    };
+    // Secrets and keys are checked too, without printing them.
+    if let Err(e) = gatehouse::load_secrets(&config) {
+        eprintln!("{}: invalid configuration: {e}", path.display());
+        return ExitCode::from(2);
+    }
+    println!("{}: configuration is valid", path.display());
+    println!(
+        "  public listener   {} (external URL {})",
+        config.public.listen,
+        config.public_origin()
+    );
+    println!("  redirect URI      {}", config.redirect_uri());
+    println!("  session cookie    {}", config.cookie().name);
+    println!(
+        "  identity provider {} (client `{}`)",
+        config.oidc.issuer, config.oidc.client_id
+    );
+    println!(
+        "  session store     {:?} {}",
+        config.session.store,
+        config.session.path.display()
+    );
+    println!("  admin listener    {}", config.admin.listen);
+    for w in config.warnings() {
+        println!("  warning: {w}");
+    }
+    ExitCode::SUCCESS
+}
+
+fn serve(path: &Path) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{}: invalid configuration: {e}", path.display());
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(&config);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        match gatehouse::start(config, gatehouse::system_clock()).await {
+            Ok(running) => {
+                running.until_signal().await;
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start");
+                eprintln!("gatehouse: cannot start: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}

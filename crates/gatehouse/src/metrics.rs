@@ -1,0 +1,57 @@
+//! Prometheus metrics, served on the admin listener. Labels never carry users, sessions or raw paths.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Outcome {
+    pub outcome: String,
+}
+
+impl Outcome {
+    pub fn new(outcome: &str) -> Self {
+        Self {
+            outcome: outcome.to_owned(),
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    pub sessions_created: Counter,
+    /// Calls to the provider's token endpoint with a refresh token, by outcome.
+    pub refreshes: Family<Outcome, Counter>,
+    /// Logins (code flow and password), by outcome.
+    pub logins: Family<Outcome, Counter>,
+    /// Errors answered, by kind (who was at fault).
+    pub errors: Family<Outcome, Counter>,
+}
+
+impl Metrics {
+    pub fn register(&self, registry: &mut Registry) {
+        // Counter names get `_total` appended by the encoder; registering a name that already ends
+        // in `_total` would panic.
+        registry.register(
+            "gatehouse_sessions_created",
+            "Sessions created",
+            self.sessions_created.clone(),
+        );
+        registry.register(
+            "gatehouse_token_refreshes",
+            "Refresh-token grants sent to the provider",
+            self.refreshes.clone(),
+        );
+        registry.register(
+            "gatehouse_logins",
+            "Login attempts by outcome",
+            self.logins.clone(),
+        );
+        registry.register(
+            "gatehouse_errors",
+            "Error responses by kind",
+            self.errors.clone(),
+        );
+    }
+}

@@ -1,0 +1,154 @@
+//! The provider's signing keys, cached. An unknown `kid` triggers one single-flight refetch,
+//! no more often than a floor interval (an attacker spraying random `kid`s cannot make us hammer
+//! Keycloak); when a fetch fails the keys we had stay in use.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use jsonwebtoken::jwk::{Jwk, KeyAlgorithm, PublicKeyUse};
+use jsonwebtoken::{Algorithm, DecodingKey};
+
+use super::{Http, OidcError};
+
+/// One verification key from the JWKS.
+pub struct SigningKey {
+    pub key: DecodingKey,
+    /// The `alg` the JWK pins, if any; a token must then use exactly it.
+    pub alg: Option<Algorithm>,
+}
+
+#[derive(Default)]
+struct KeySet {
+    by_kid: HashMap<String, Arc<SigningKey>>,
+    /// Keys without a `kid` (rare; only usable when the set holds exactly one key).
+    all: Vec<Arc<SigningKey>>,
+}
+
+pub struct JwksCache {
+    uri: String,
+    keys: ArcSwap<KeySet>,
+    /// Held while fetching: the single flight. Stores when the last fetch started.
+    fetch: tokio::sync::Mutex<Option<Instant>>,
+    min_refetch: Duration,
+}
+
+impl JwksCache {
+    pub fn new(uri: String, min_refetch: Duration) -> Self {
+        Self {
+            uri,
+            keys: ArcSwap::from_pointee(KeySet::default()),
+            fetch: tokio::sync::Mutex::new(None),
+            min_refetch,
+        }
+    }
+
+    /// The key for a token header's `kid`, fetching the JWKS once if it is not known yet.
+    pub async fn key(&self, http: &Http, kid: Option<&str>) -> Result<Arc<SigningKey>, OidcError> {
+        if let Some(k) = Self::pick(&self.keys.load(), kid) {
+            return Ok(k);
+        }
+        let seen = self.keys.load_full();
+        let mut last = self.fetch.lock().await;
+        // Someone else may have refreshed the set while we waited for the lock.
+        if !Arc::ptr_eq(&seen, &self.keys.load_full())
+            && let Some(k) = Self::pick(&self.keys.load(), kid)
+        {
+            return Ok(k);
+        }
+        if let Some(at) = *last
+            && at.elapsed() < self.min_refetch
+        {
+            return Err(OidcError::InvalidToken(
+                "signing key not found in the provider's JWKS",
+            ));
+        }
+        *last = Some(Instant::now());
+        self.refresh_locked(http).await?;
+        Self::pick(&self.keys.load(), kid).ok_or(OidcError::InvalidToken(
+            "signing key not found in the provider's JWKS",
+        ))
+    }
+
+    /// Fetch the JWKS now (start-up); failures keep the previous keys.
+    pub async fn refresh(&self, http: &Http) -> Result<(), OidcError> {
+        let mut last = self.fetch.lock().await;
+        *last = Some(Instant::now());
+        self.refresh_locked(http).await
+    }
+
+    async fn refresh_locked(&self, http: &Http) -> Result<(), OidcError> {
+        let doc: serde_json::Value = http.get_json(&self.uri).await?;
+        let set = parse_jwks(&doc)?;
+        tracing::info!(keys = set.all.len(), "loaded provider signing keys");
+        self.keys.store(Arc::new(set));
+        Ok(())
+    }
+
+    fn pick(set: &KeySet, kid: Option<&str>) -> Option<Arc<SigningKey>> {
+        match kid {
+            Some(kid) => set.by_kid.get(kid).cloned(),
+            // Without a kid the choice must be unambiguous (SECURITY 13).
+            None if set.all.len() == 1 => set.all.first().cloned(),
+            None => None,
+        }
+    }
+}
+
+fn signature_alg(a: KeyAlgorithm) -> Option<Algorithm> {
+    Some(match a {
+        KeyAlgorithm::RS256 => Algorithm::RS256,
+        KeyAlgorithm::RS384 => Algorithm::RS384,
+        KeyAlgorithm::RS512 => Algorithm::RS512,
+        KeyAlgorithm::PS256 => Algorithm::PS256,
+        KeyAlgorithm::PS384 => Algorithm::PS384,
+        KeyAlgorithm::PS512 => Algorithm::PS512,
+        KeyAlgorithm::ES256 => Algorithm::ES256,
+        KeyAlgorithm::ES384 => Algorithm::ES384,
+        KeyAlgorithm::EdDSA => Algorithm::EdDSA,
+        _ => return None,
+    })
+}
+
+fn parse_jwks(doc: &serde_json::Value) -> Result<KeySet, OidcError> {
+    let keys = doc
+        .get("keys")
+        .and_then(|k| k.as_array())
+        .ok_or(OidcError::Provider("JWKS has no `keys` array".into()))?;
+    let mut set = KeySet::default();
+    for raw in keys {
+        // Parse keys one by one: Keycloak also publishes encryption keys (RSA-OAEP) we must skip,
+        // and one odd key must not hide the others.
+        let Ok(jwk) = serde_json::from_value::<Jwk>(raw.clone()) else {
+            continue;
+        };
+        if matches!(
+            jwk.common.public_key_use,
+            Some(PublicKeyUse::Encryption) | Some(PublicKeyUse::Other(_))
+        ) {
+            continue;
+        }
+        let alg = match jwk.common.key_algorithm {
+            Some(a) => match signature_alg(a) {
+                Some(a) => Some(a),
+                None => continue, // an encryption or symmetric algorithm: never for verification
+            },
+            None => None,
+        };
+        let Ok(key) = DecodingKey::from_jwk(&jwk) else {
+            continue;
+        };
+        let key = Arc::new(SigningKey { key, alg });
+        if let Some(kid) = &jwk.common.key_id {
+            set.by_kid.insert(kid.clone(), key.clone());
+        }
+        set.all.push(key);
+    }
+    if set.all.is_empty() {
+        return Err(OidcError::Provider(
+            "JWKS holds no usable signing key".into(),
+        ));
+    }
+    Ok(set)
+}

@@ -1,0 +1,547 @@
+//! The OpenID Connect client, written for Keycloak but standard: discovery from the pinned issuer,
+//! authorization code + PKCE, token validation, refresh, revocation and logout URLs. It knows
+//! nothing of listeners or HTTP responses; callers map `OidcError` to what their face needs.
+
+mod claims;
+pub mod id_token;
+pub mod jwks;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::Algorithm;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use url::Url;
+
+pub use claims::UserClaims;
+use id_token::{Expectations, TokenKind};
+use jwks::JwksCache;
+
+use crate::clock::{Clock, UnixTime};
+
+/// Largest provider response we read (discovery, JWKS, token responses).
+const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OidcError {
+    /// The provider could not be reached, timed out or answered 5xx: not the user's fault, retryable.
+    #[error("identity provider unavailable: {0}")]
+    Unavailable(String),
+    /// The provider's metadata has not been loaded yet.
+    #[error("identity provider metadata not loaded yet")]
+    NotReady,
+    /// The grant (code or refresh token) is invalid, expired or revoked.
+    #[error("grant rejected by the identity provider")]
+    InvalidGrant,
+    /// Username or password wrong (password grant).
+    #[error("invalid username or password")]
+    InvalidCredentials,
+    /// A token failed validation.
+    #[error("token rejected: {0}")]
+    InvalidToken(&'static str),
+    /// The provider answered something we cannot use (misconfiguration or protocol error).
+    #[error("identity provider error: {0}")]
+    Provider(String),
+}
+
+/// Parse one `oidc.algorithms` entry; symmetric and `none` algorithms are never allowed.
+pub fn parse_allowed_algorithm(name: &str) -> Result<Algorithm, String> {
+    let alg = match name {
+        "RS256" => Algorithm::RS256,
+        "RS384" => Algorithm::RS384,
+        "RS512" => Algorithm::RS512,
+        "PS256" => Algorithm::PS256,
+        "PS384" => Algorithm::PS384,
+        "PS512" => Algorithm::PS512,
+        "ES256" => Algorithm::ES256,
+        "ES384" => Algorithm::ES384,
+        "EdDSA" => Algorithm::EdDSA,
+        other => {
+            return Err(format!(
+                "`{other}` is not an allowed signature algorithm (asymmetric only, never none or HS*)"
+            ));
+        }
+    };
+    Ok(alg)
+}
+
+/// HTTP to the provider: timeouts always, redirects never, bounded bodies.
+pub struct Http {
+    client: reqwest::Client,
+}
+
+impl Http {
+    pub fn new(timeout: Duration) -> Result<Self, OidcError> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .timeout(timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("gatehouse/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| OidcError::Provider(format!("cannot build HTTP client: {e}")))?;
+        Ok(Self { client })
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(&self, url: &str) -> Result<T, OidcError> {
+        let resp = self.client.get(url).send().await.map_err(unavailable)?;
+        let status = resp.status();
+        let body = read_limited(resp).await?;
+        if status.is_server_error() {
+            return Err(OidcError::Unavailable(format!("{url} answered {status}")));
+        }
+        if !status.is_success() {
+            return Err(OidcError::Provider(format!("{url} answered {status}")));
+        }
+        serde_json::from_slice(&body)
+            .map_err(|e| OidcError::Provider(format!("{url}: malformed JSON: {e}")))
+    }
+
+    /// POST a form to a token-style endpoint with client_secret_basic.
+    async fn post_form(
+        &self,
+        url: &str,
+        client: &ClientAuth,
+        form: &[(&str, &str)],
+    ) -> Result<(reqwest::StatusCode, Vec<u8>), OidcError> {
+        let resp = self
+            .client
+            .post(url)
+            .basic_auth(
+                form_urlencode(&client.id),
+                Some(form_urlencode(client.secret.expose_secret())),
+            )
+            .form(form)
+            .send()
+            .await
+            .map_err(unavailable)?;
+        let status = resp.status();
+        let body = read_limited(resp).await?;
+        if status.is_server_error() {
+            return Err(OidcError::Unavailable(format!(
+                "token endpoint answered {status}"
+            )));
+        }
+        Ok((status, body))
+    }
+}
+
+fn unavailable(e: reqwest::Error) -> OidcError {
+    // reqwest's error text names the URL but never a body or header, so it carries no secret.
+    OidcError::Unavailable(if e.is_timeout() {
+        "timed out".into()
+    } else {
+        e.without_url().to_string()
+    })
+}
+
+async fn read_limited(mut resp: reqwest::Response) -> Result<Vec<u8>, OidcError> {
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(unavailable)? {
+        if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+            return Err(OidcError::Provider("response too large".into()));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// RFC 6749 §2.3.1: client_id and secret are form-urlencoded before Basic encoding.
+fn form_urlencode(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+struct ClientAuth {
+    id: String,
+    secret: SecretString,
+}
+
+/// The provider's endpoints from discovery.
+#[derive(Debug, Deserialize)]
+pub struct Metadata {
+    pub issuer: String,
+    pub authorization_endpoint: String,
+    pub token_endpoint: String,
+    pub jwks_uri: String,
+    #[serde(default)]
+    pub end_session_endpoint: Option<String>,
+    #[serde(default)]
+    pub revocation_endpoint: Option<String>,
+    #[serde(default)]
+    pub authorization_response_iss_parameter_supported: bool,
+}
+
+struct Provider {
+    meta: Metadata,
+    jwks: JwksCache,
+}
+
+/// Tokens as the provider returned them. Deliberately not `Debug`.
+#[derive(Deserialize, Clone)]
+pub struct TokenResponse {
+    pub access_token: String,
+    #[serde(default)]
+    pub token_type: String,
+    #[serde(default)]
+    pub expires_in: Option<i64>,
+    #[serde(default)]
+    pub refresh_token: Option<String>,
+    #[serde(default)]
+    pub refresh_expires_in: Option<i64>,
+    #[serde(default)]
+    pub id_token: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ErrorResponse {
+    error: String,
+}
+
+/// A validated login: tokens plus the identity they prove.
+pub struct LoginResult {
+    pub tokens: TokenResponse,
+    pub claims: UserClaims,
+    /// Keycloak's session id (`sid`), for back-channel logout.
+    pub provider_sid: Option<String>,
+}
+
+pub struct OidcSettings {
+    pub issuer: String,
+    pub client_id: String,
+    pub client_secret: SecretString,
+    pub scopes: Vec<String>,
+    pub algorithms: Vec<Algorithm>,
+    pub trusted_audiences: Vec<String>,
+    pub redirect_uri: String,
+    pub http_timeout: Duration,
+}
+
+pub struct OidcClient {
+    settings: OidcSettings,
+    auth: ClientAuth,
+    http: Http,
+    provider: ArcSwapOption<Provider>,
+    discovery: tokio::sync::Mutex<()>,
+    clock: Arc<dyn Clock>,
+}
+
+/// Floor between JWKS refetches triggered by unknown `kid`s.
+const JWKS_REFETCH_FLOOR: Duration = Duration::from_secs(10);
+
+impl OidcClient {
+    pub fn new(settings: OidcSettings, clock: Arc<dyn Clock>) -> Result<Self, OidcError> {
+        let http = Http::new(settings.http_timeout)?;
+        let auth = ClientAuth {
+            id: settings.client_id.clone(),
+            secret: settings.client_secret.clone(),
+        };
+        Ok(Self {
+            settings,
+            auth,
+            http,
+            provider: ArcSwapOption::empty(),
+            discovery: tokio::sync::Mutex::new(()),
+            clock,
+        })
+    }
+
+    pub fn issuer(&self) -> &str {
+        &self.settings.issuer
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.provider.load().is_some()
+    }
+
+    /// Load discovery metadata and keys. Retried by callers until it succeeds once; after that a
+    /// provider outage does not matter to sessions whose access token is still valid.
+    pub async fn discover(&self) -> Result<(), OidcError> {
+        let _single = self.discovery.lock().await;
+        if self.is_ready() {
+            return Ok(());
+        }
+        let url = format!(
+            "{}/.well-known/openid-configuration",
+            self.settings.issuer.trim_end_matches('/')
+        );
+        let meta: Metadata = self.http.get_json(&url).await?;
+        if meta.issuer != self.settings.issuer {
+            return Err(OidcError::Provider(format!(
+                "discovery issuer `{}` differs from the configured `{}`",
+                meta.issuer, self.settings.issuer
+            )));
+        }
+        for (name, u) in [
+            ("authorization_endpoint", &meta.authorization_endpoint),
+            ("token_endpoint", &meta.token_endpoint),
+            ("jwks_uri", &meta.jwks_uri),
+        ] {
+            Url::parse(u)
+                .map_err(|_| OidcError::Provider(format!("discovery `{name}` is not a URL")))?;
+        }
+        let jwks = JwksCache::new(meta.jwks_uri.clone(), JWKS_REFETCH_FLOOR);
+        jwks.refresh(&self.http).await?;
+        self.provider.store(Some(Arc::new(Provider { meta, jwks })));
+        tracing::info!(issuer = %self.settings.issuer, "identity provider metadata loaded");
+        Ok(())
+    }
+
+    async fn provider(&self) -> Result<Arc<Provider>, OidcError> {
+        if let Some(p) = self.provider.load_full() {
+            return Ok(p);
+        }
+        self.discover().await?;
+        self.provider.load_full().ok_or(OidcError::NotReady)
+    }
+
+    /// The authorization URL for a code flow with PKCE S256.
+    pub async fn authorization_url(
+        &self,
+        state: &str,
+        nonce: &str,
+        code_verifier: &str,
+    ) -> Result<String, OidcError> {
+        let p = self.provider().await?;
+        let challenge = URL_SAFE_NO_PAD.encode(crate::crypto::sha256(code_verifier.as_bytes()));
+        let mut url = Url::parse(&p.meta.authorization_endpoint)
+            .map_err(|_| OidcError::Provider("bad authorization endpoint".into()))?;
+        url.query_pairs_mut()
+            .append_pair("response_type", "code")
+            .append_pair("client_id", &self.settings.client_id)
+            .append_pair("redirect_uri", &self.settings.redirect_uri)
+            .append_pair("scope", &self.settings.scopes.join(" "))
+            .append_pair("state", state)
+            .append_pair("nonce", nonce)
+            .append_pair("code_challenge", &challenge)
+            .append_pair("code_challenge_method", "S256");
+        Ok(url.into())
+    }
+
+    /// RFC 9207: if the provider announces `iss` in authorization responses, it must be there and match.
+    pub async fn check_response_issuer(&self, iss: Option<&str>) -> Result<(), OidcError> {
+        let p = self.provider().await?;
+        match iss {
+            Some(iss) if iss != self.settings.issuer => Err(OidcError::InvalidToken(
+                "authorization response from another issuer",
+            )),
+            None if p.meta.authorization_response_iss_parameter_supported => {
+                Err(OidcError::InvalidToken("authorization response lacks iss"))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Redeem an authorization code and validate the ID token against `nonce`.
+    pub async fn redeem_code(
+        &self,
+        code: &str,
+        code_verifier: &str,
+        nonce: &str,
+    ) -> Result<LoginResult, OidcError> {
+        let tokens = self
+            .token_request(&[
+                ("grant_type", "authorization_code"),
+                ("code", code),
+                ("redirect_uri", &self.settings.redirect_uri),
+                ("code_verifier", code_verifier),
+            ])
+            .await?;
+        self.login_result(tokens, Some(nonce)).await
+    }
+
+    /// Direct access grant (username + password).
+    pub async fn password_grant(
+        &self,
+        username: &str,
+        password: &str,
+    ) -> Result<LoginResult, OidcError> {
+        let scope = self.settings.scopes.join(" ");
+        let tokens = self
+            .token_request(&[
+                ("grant_type", "password"),
+                ("username", username),
+                ("password", password),
+                ("scope", &scope),
+            ])
+            .await
+            .map_err(|e| match e {
+                OidcError::InvalidGrant => OidcError::InvalidCredentials,
+                other => other,
+            })?;
+        self.login_result(tokens, None).await
+    }
+
+    /// Use a refresh token. A refreshed ID token must name the same `sub` (and is validated fully).
+    pub async fn refresh(
+        &self,
+        refresh_token: &str,
+        expected_sub: &str,
+    ) -> Result<LoginResult, OidcError> {
+        let tokens = self
+            .token_request(&[
+                ("grant_type", "refresh_token"),
+                ("refresh_token", refresh_token),
+            ])
+            .await?;
+        let result = self.login_result(tokens, None).await?;
+        if result.claims.sub != expected_sub {
+            return Err(OidcError::InvalidToken(
+                "refreshed token names another subject",
+            ));
+        }
+        Ok(result)
+    }
+
+    /// RFC 7009 revocation of a refresh token. Best effort: the session is gone either way.
+    pub async fn revoke(&self, refresh_token: &str) -> Result<(), OidcError> {
+        let p = self.provider().await?;
+        let Some(endpoint) = &p.meta.revocation_endpoint else {
+            return Ok(());
+        };
+        let (status, _) = self
+            .http
+            .post_form(
+                endpoint,
+                &self.auth,
+                &[
+                    ("token", refresh_token),
+                    ("token_type_hint", "refresh_token"),
+                ],
+            )
+            .await?;
+        if !status.is_success() {
+            return Err(OidcError::Provider(format!("revocation answered {status}")));
+        }
+        Ok(())
+    }
+
+    /// RP-initiated logout URL, if the provider has an end-session endpoint.
+    pub async fn end_session_url(
+        &self,
+        id_token_hint: Option<&str>,
+        post_logout_redirect_uri: &str,
+    ) -> Result<Option<String>, OidcError> {
+        let p = self.provider().await?;
+        let Some(endpoint) = &p.meta.end_session_endpoint else {
+            return Ok(None);
+        };
+        let mut url = Url::parse(endpoint)
+            .map_err(|_| OidcError::Provider("bad end_session_endpoint".into()))?;
+        {
+            let mut q = url.query_pairs_mut();
+            q.append_pair("client_id", &self.settings.client_id);
+            q.append_pair("post_logout_redirect_uri", post_logout_redirect_uri);
+            if let Some(hint) = id_token_hint {
+                q.append_pair("id_token_hint", hint);
+            }
+        }
+        Ok(Some(url.into()))
+    }
+
+    /// Validate a JWT of `kind` issued by our provider for this client.
+    pub async fn validate_jwt(
+        &self,
+        token: &str,
+        kind: TokenKind,
+        nonce: Option<&str>,
+        access_token: Option<&str>,
+    ) -> Result<Map<String, Value>, OidcError> {
+        let p = self.provider().await?;
+        let exp = Expectations {
+            issuer: &self.settings.issuer,
+            client_id: &self.settings.client_id,
+            trusted_audiences: &self.settings.trusted_audiences,
+            algorithms: &self.settings.algorithms,
+            kind,
+            nonce,
+            access_token,
+            now: self.clock.now(),
+        };
+        let peeked = id_token::peek(token, &exp)?;
+        let key = p.jwks.key(&self.http, peeked.kid.as_deref()).await?;
+        id_token::verify(token, &peeked, &key, &exp)
+    }
+
+    async fn token_request(&self, form: &[(&str, &str)]) -> Result<TokenResponse, OidcError> {
+        let p = self.provider().await?;
+        let (status, body) = self
+            .http
+            .post_form(&p.meta.token_endpoint, &self.auth, form)
+            .await?;
+        if status.is_success() {
+            let tokens: TokenResponse = serde_json::from_slice(&body)
+                .map_err(|_| OidcError::Provider("malformed token response".into()))?;
+            if !tokens.token_type.eq_ignore_ascii_case("bearer") {
+                return Err(OidcError::Provider(
+                    "token response is not a Bearer token".into(),
+                ));
+            }
+            return Ok(tokens);
+        }
+        match serde_json::from_slice::<ErrorResponse>(&body) {
+            Ok(e) if e.error == "invalid_grant" => Err(OidcError::InvalidGrant),
+            // The provider's error code is safe to log; its description may echo input, so we drop it.
+            Ok(e) => Err(OidcError::Provider(format!(
+                "token endpoint answered {status} {}",
+                e.error.chars().take(64).collect::<String>()
+            ))),
+            Err(_) => Err(OidcError::Provider(format!(
+                "token endpoint answered {status}"
+            ))),
+        }
+    }
+
+    async fn login_result(
+        &self,
+        tokens: TokenResponse,
+        nonce: Option<&str>,
+    ) -> Result<LoginResult, OidcError> {
+        let id_token = tokens.id_token.as_deref().ok_or(OidcError::Provider(
+            "no id_token in the token response (is `openid` in scopes?)".into(),
+        ))?;
+        let id_claims = self
+            .validate_jwt(id_token, TokenKind::Id, nonce, Some(&tokens.access_token))
+            .await?;
+        // Roles usually live in the access token; read them from it only after verifying it too.
+        let access_claims = if claims::has_roles(&id_claims) {
+            None
+        } else {
+            self.validate_jwt(&tokens.access_token, TokenKind::Access, None, None)
+                .await
+                .ok()
+        };
+        let claims = UserClaims::from_tokens(&id_claims, access_claims.as_ref());
+        let provider_sid = id_claims
+            .get("sid")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        Ok(LoginResult {
+            tokens,
+            claims,
+            provider_sid,
+        })
+    }
+
+    /// Expiry of an access token as the provider stated it, or from its `exp` claim.
+    pub fn access_expiry(&self, tokens: &TokenResponse) -> UnixTime {
+        let now = self.clock.now();
+        match tokens.expires_in {
+            Some(s) if s > 0 => now + s,
+            _ => jwt_exp(&tokens.access_token).unwrap_or(now + 60),
+        }
+    }
+}
+
+/// The `exp` of a JWT we already trust (for bookkeeping only, never for authorization).
+fn jwt_exp(token: &str) -> Option<i64> {
+    let payload = token.split('.').nth(1)?;
+    let bytes = URL_SAFE_NO_PAD.decode(payload).ok()?;
+    serde_json::from_slice::<Map<String, Value>>(&bytes)
+        .ok()?
+        .get("exp")?
+        .as_i64()
+}

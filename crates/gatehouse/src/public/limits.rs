@@ -1,0 +1,104 @@
+//! Rate limits for password logins (SECURITY 18) and the client IP they key on. The IP comes from
+//! `X-Forwarded-For` only when the direct peer is a configured trusted proxy.
+
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
+
+use axum::http::HeaderMap;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use ipnet::IpNet;
+
+pub struct LoginLimits {
+    per_ip: DefaultKeyedRateLimiter<IpAddr>,
+    per_user: DefaultKeyedRateLimiter<String>,
+}
+
+impl LoginLimits {
+    pub fn new(per_ip_per_minute: u32, per_user_per_minute: u32) -> Self {
+        let q = |n: u32| Quota::per_minute(NonZeroU32::new(n.max(1)).unwrap_or(NonZeroU32::MIN));
+        Self {
+            per_ip: RateLimiter::keyed(q(per_ip_per_minute)),
+            per_user: RateLimiter::keyed(q(per_user_per_minute)),
+        }
+    }
+
+    /// Both buckets must have room; usernames compare case-insensitively (Keycloak's do).
+    pub fn check(&self, ip: IpAddr, username: &str) -> bool {
+        self.per_ip.check_key(&ip).is_ok()
+            && self.per_user.check_key(&username.to_lowercase()).is_ok()
+    }
+
+    /// Forget idle keys; called periodically or memory grows with every IP ever seen.
+    pub fn retain_recent(&self) {
+        self.per_ip.retain_recent();
+        self.per_user.retain_recent();
+    }
+}
+
+/// The client's IP: the peer, or the right-most untrusted `X-Forwarded-For` hop behind trusted proxies.
+pub fn client_ip(peer: SocketAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
+    let mut ip = peer.ip();
+    if !is_trusted(&ip) {
+        return ip;
+    }
+    let hops: Vec<IpAddr> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .map(|h| h.parse::<IpAddr>().ok())
+        .collect::<Option<Vec<_>>>()
+        .unwrap_or_default();
+    for hop in hops.into_iter().rev() {
+        ip = hop;
+        if !is_trusted(&hop) {
+            break;
+        }
+    }
+    ip
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    #[test]
+    fn xff_only_from_trusted_proxies() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("6.6.6.6, 1.2.3.4"),
+        );
+        let peer: SocketAddr = "10.0.0.5:1000".parse().unwrap();
+        assert_eq!(
+            client_ip(peer, &h, &[]),
+            peer.ip(),
+            "untrusted peer: header ignored"
+        );
+        let trusted = vec!["10.0.0.0/8".parse().unwrap()];
+        assert_eq!(
+            client_ip(peer, &h, &trusted),
+            "1.2.3.4".parse::<IpAddr>().unwrap(),
+            "right-most hop, not the spoofable left"
+        );
+    }
+
+    #[test]
+    fn limits_per_ip_and_per_user() {
+        let l = LoginLimits::new(3, 2);
+        let ip: IpAddr = "1.1.1.1".parse().unwrap();
+        assert!(l.check(ip, "alice"));
+        assert!(l.check(ip, "ALICE"));
+        assert!(!l.check(ip, "alice"), "per-user limit");
+        assert!(
+            !l.check("2.2.2.2".parse().unwrap(), "Alice"),
+            "per-user limit holds across IPs"
+        );
+        let l = LoginLimits::new(2, 100);
+        assert!(l.check(ip, "a") && l.check(ip, "b"));
+        assert!(!l.check(ip, "c"), "per-IP limit");
+    }
+}

@@ -1,0 +1,147 @@
+//! The North-South face: what browsers reach through the load balancer. Login, callback,
+//! logout, `/auth/me`, health, and static files — never an internal route.
+
+mod auth;
+pub mod cookies;
+pub mod csrf;
+mod limits;
+mod login_state;
+pub mod return_to;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use tower_http::services::ServeDir;
+
+use crate::Core;
+use crate::config::CookieSettings;
+use crate::error::ApiError;
+pub use limits::LoginLimits;
+
+/// Every public route: (method, path). The router is checked against this table in tests, and
+/// the CSRF test walks it, so a new route cannot skip CSRF by accident.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/auth/login"),
+    ("POST", "/auth/login"),
+    ("GET", "/auth/callback"),
+    ("POST", "/auth/logout"),
+    ("GET", "/auth/me"),
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+];
+
+/// Total size of request headers we accept (SECURITY 24).
+const MAX_HEADER_BYTES: usize = 16 * 1024;
+
+pub struct PublicState {
+    pub core: Arc<Core>,
+    pub cookie: CookieSettings,
+    pub origin: String,
+    pub limits: LoginLimits,
+}
+
+pub fn router(core: Arc<Core>) -> Router {
+    let config = &core.config;
+    let state = Arc::new(PublicState {
+        cookie: config.cookie(),
+        origin: config.public_origin(),
+        limits: LoginLimits::new(
+            config.oidc.password_login_per_ip_per_minute,
+            config.oidc.password_login_per_user_per_minute,
+        ),
+        core: core.clone(),
+    });
+    spawn_limit_cleanup(&state);
+    let mut router = Router::new()
+        .route(
+            "/auth/login",
+            get(auth::login_start).post(auth::password_login),
+        )
+        .route("/auth/callback", get(auth::callback))
+        .route("/auth/logout", post(auth::logout))
+        .route("/auth/me", get(auth::me))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz));
+    router = match &config.public.static_dir {
+        Some(dir) => {
+            router.fallback_service(ServeDir::new(dir).fallback(get(not_found).post(not_found)))
+        }
+        None => router.fallback(not_found),
+    };
+    router
+        .layer(middleware::from_fn_with_state(state.clone(), csrf::check))
+        .layer(axum::extract::DefaultBodyLimit::max(
+            config.public.max_body_bytes,
+        ))
+        .layer(middleware::from_fn(guard_headers))
+        .with_state(state)
+}
+
+fn spawn_limit_cleanup(state: &Arc<PublicState>) {
+    let weak = Arc::downgrade(state);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tick.tick().await;
+            let Some(state) = weak.upgrade() else { break };
+            state.limits.retain_recent();
+        }
+    });
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound
+}
+
+async fn healthz() -> impl IntoResponse {
+    (
+        [(header::CACHE_CONTROL, "no-store")],
+        axum::Json(serde_json::json!({"status": "ok"})),
+    )
+}
+
+/// Ready = the store answers and the provider's metadata was loaded once. A later provider outage
+/// does not take the replica out: sessions with valid tokens keep working.
+async fn readyz(State(state): State<Arc<PublicState>>) -> Response {
+    let (ready, body) = state.core.readiness().await;
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        [(header::CACHE_CONTROL, "no-store")],
+        axum::Json(body),
+    )
+        .into_response()
+}
+
+/// Oversized headers are refused before any handler parses them; every answer gets the
+/// browser-hardening headers.
+async fn guard_headers(req: Request, next: Next) -> Response {
+    let size: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    let mut resp = if size > MAX_HEADER_BYTES {
+        (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, axum::Json(serde_json::json!({"error": "headers_too_large", "message": "request headers exceed 16 KiB"}))).into_response()
+    } else {
+        next.run(req).await
+    };
+    let h = resp.headers_mut();
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
+    resp
+}

@@ -1,0 +1,348 @@
+//! Server-side sessions: the record, its opaque id and hashed key, and the `SessionStore`
+//! abstraction with its backends. The raw session id lives only in the cookie and in transit;
+//! stores see `SHA-256(id)`, so a store dump cannot be replayed.
+
+pub mod embedded;
+
+use std::fmt;
+
+use async_trait::async_trait;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde::{Deserialize, Serialize};
+
+use crate::clock::UnixTime;
+use crate::crypto::{self, CryptoError};
+use crate::oidc::UserClaims;
+
+/// Longest cookie value we even look at; real ids are 43 characters.
+const MAX_ID_LEN: usize = 64;
+
+/// The opaque session id the browser holds. Not `Debug`, not `Display`: it is a secret.
+pub struct SessionId(String);
+
+impl SessionId {
+    pub fn generate() -> Result<Self, CryptoError> {
+        crypto::random_token().map(Self)
+    }
+
+    /// Accept only the exact shape we mint (43 base64url characters, 32 bytes); anything else is
+    /// refused before it reaches the store.
+    pub fn parse(raw: &str) -> Option<Self> {
+        if raw.len() > MAX_ID_LEN || raw.len() != 43 {
+            return None;
+        }
+        let bytes = URL_SAFE_NO_PAD.decode(raw).ok()?;
+        (bytes.len() == 32).then(|| Self(raw.to_owned()))
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn key(&self) -> SessionKey {
+        SessionKey(crypto::sha256(self.0.as_bytes()))
+    }
+}
+
+/// `SHA-256(session id)`: what stores key by. Printing shows only a short prefix.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SessionKey(pub [u8; 32]);
+
+impl SessionKey {
+    /// First 8 hex characters, for logs, audit lines and admin listings.
+    pub fn prefix(&self) -> String {
+        crypto::hex(&self.0[..4])
+    }
+}
+
+impl fmt::Debug for SessionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SessionKey({}…)", self.prefix())
+    }
+}
+
+impl fmt::Display for SessionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.prefix())
+    }
+}
+
+/// What a store keeps per session. Tokens are sealed (AES-256-GCM, AAD = the session key).
+#[derive(Clone, Serialize, Deserialize)]
+pub struct SessionRecord {
+    /// Bumped on every write; updates are compare-and-set on it.
+    pub version: u64,
+    pub claims: UserClaims,
+    /// Keycloak's session id (`sid`), for back-channel logout.
+    pub provider_sid: Option<String>,
+    pub created_at: UnixTime,
+    pub last_seen: UnixTime,
+    pub idle_expires_at: UnixTime,
+    pub absolute_expires_at: UnixTime,
+    /// When the access token expires (not secret; decides when to refresh without decrypting).
+    pub access_expires_at: UnixTime,
+    /// When the refresh token expires, if the provider said.
+    pub refresh_expires_at: Option<UnixTime>,
+    #[serde(with = "b64")]
+    pub sealed_tokens: Vec<u8>,
+    #[serde(default)]
+    pub client_ip: Option<String>,
+    #[serde(default)]
+    pub user_agent: Option<String>,
+}
+
+impl SessionRecord {
+    /// The moment the session ends unless used again.
+    pub fn expires_at(&self) -> UnixTime {
+        self.idle_expires_at.min(self.absolute_expires_at)
+    }
+
+    pub fn is_expired(&self, now: UnixTime) -> bool {
+        now >= self.expires_at()
+    }
+
+    pub fn encode(&self) -> Result<Vec<u8>, StoreError> {
+        serde_json::to_vec(self).map_err(|e| StoreError::Corrupt(e.to_string()))
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
+        serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
+    }
+}
+
+mod b64 {
+    use super::*;
+    pub fn serialize<S: serde::Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&URL_SAFE_NO_PAD.encode(v))
+    }
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = <&str>::deserialize(d)?;
+        URL_SAFE_NO_PAD.decode(s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// The token set, sealed inside the record. Not `Debug`.
+#[derive(Serialize, Deserialize)]
+pub struct TokenSet {
+    pub access_token: String,
+    pub refresh_token: Option<String>,
+    pub id_token: Option<String>,
+}
+
+impl Drop for TokenSet {
+    fn drop(&mut self) {
+        use zeroize::Zeroize;
+        self.access_token.zeroize();
+        if let Some(t) = &mut self.refresh_token {
+            t.zeroize();
+        }
+        if let Some(t) = &mut self.id_token {
+            t.zeroize();
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("session store unavailable: {0}")]
+    Unavailable(String),
+    #[error("session record corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// Where sessions live. Every backend has the same semantics (one conformance suite tests them).
+#[async_trait]
+pub trait SessionStore: Send + Sync + 'static {
+    /// Store a new session (its key is fresh, so this never overwrites).
+    async fn insert(&self, key: &SessionKey, record: &SessionRecord) -> Result<(), StoreError>;
+    async fn get(&self, key: &SessionKey) -> Result<Option<SessionRecord>, StoreError>;
+    /// Replace the record if its stored version is still `expected`; `false` if someone else won.
+    async fn compare_and_swap(
+        &self,
+        key: &SessionKey,
+        expected: u64,
+        record: &SessionRecord,
+    ) -> Result<bool, StoreError>;
+    /// Remove a session; returns the record that was there.
+    async fn delete(&self, key: &SessionKey) -> Result<Option<SessionRecord>, StoreError>;
+    /// Every session of a user (`UserClaims::user_key`).
+    async fn list_by_user(
+        &self,
+        user_key: &str,
+    ) -> Result<Vec<(SessionKey, SessionRecord)>, StoreError>;
+    async fn delete_by_user(&self, user_key: &str) -> Result<Vec<SessionRecord>, StoreError>;
+    /// Every session of a Keycloak session (`sid`).
+    async fn delete_by_provider_sid(&self, sid: &str) -> Result<Vec<SessionRecord>, StoreError>;
+    /// Remove sessions that expired before `now`; returns how many.
+    async fn sweep(&self, now: UnixTime) -> Result<usize, StoreError>;
+    /// Cheap liveness probe for readiness.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+#[cfg(test)]
+pub(crate) mod conformance {
+    //! The store contract, run against every backend.
+    use super::*;
+
+    pub fn record(user: &str, sid: &str, now: UnixTime) -> SessionRecord {
+        SessionRecord {
+            version: 1,
+            claims: UserClaims {
+                iss: "https://idp".into(),
+                sub: user.into(),
+                ..Default::default()
+            },
+            provider_sid: Some(sid.into()),
+            created_at: now,
+            last_seen: now,
+            idle_expires_at: now + 1800,
+            absolute_expires_at: now + 43200,
+            access_expires_at: now + 300,
+            refresh_expires_at: None,
+            sealed_tokens: vec![1, 2, 3],
+            client_ip: None,
+            user_agent: None,
+        }
+    }
+
+    fn key() -> SessionKey {
+        SessionId::generate().unwrap().key()
+    }
+
+    pub async fn run(store: &dyn SessionStore) {
+        let now = 1_000_000;
+        let (k1, k2, k3) = (key(), key(), key());
+        let r1 = record("alice", "kc-1", now);
+        store.insert(&k1, &r1).await.unwrap();
+        store
+            .insert(&k2, &record("alice", "kc-2", now))
+            .await
+            .unwrap();
+        store
+            .insert(&k3, &record("bob", "kc-3", now))
+            .await
+            .unwrap();
+        store.ping().await.unwrap();
+
+        // get
+        let got = store.get(&k1).await.unwrap().unwrap();
+        assert_eq!(got.claims.sub, "alice");
+        assert!(store.get(&key()).await.unwrap().is_none());
+
+        // compare-and-set
+        let mut next = got.clone();
+        next.version = 2;
+        next.last_seen = now + 10;
+        assert!(store.compare_and_swap(&k1, 1, &next).await.unwrap());
+        assert!(
+            !store.compare_and_swap(&k1, 1, &next).await.unwrap(),
+            "stale version must lose"
+        );
+        assert_eq!(store.get(&k1).await.unwrap().unwrap().last_seen, now + 10);
+        assert!(
+            !store.compare_and_swap(&key(), 1, &next).await.unwrap(),
+            "CAS on a missing record fails"
+        );
+
+        // list / delete by user
+        let alice = r1.claims.user_key();
+        assert_eq!(store.list_by_user(&alice).await.unwrap().len(), 2);
+        assert_eq!(store.delete_by_provider_sid("kc-2").await.unwrap().len(), 1);
+        assert!(store.get(&k2).await.unwrap().is_none());
+        assert_eq!(
+            store.list_by_user(&alice).await.unwrap().len(),
+            1,
+            "index follows deletes"
+        );
+        assert_eq!(store.delete_by_user(&alice).await.unwrap().len(), 1);
+        assert!(store.get(&k1).await.unwrap().is_none());
+        assert!(
+            store
+                .delete_by_provider_sid("kc-1")
+                .await
+                .unwrap()
+                .is_empty(),
+            "no orphaned index entries"
+        );
+
+        // delete
+        assert!(store.delete(&k3).await.unwrap().is_some());
+        assert!(store.delete(&k3).await.unwrap().is_none());
+
+        // sweep: idle and absolute expiry
+        let (idle, abs, live) = (key(), key(), key());
+        let mut r = record("carol", "kc-4", now);
+        r.idle_expires_at = now + 5;
+        store.insert(&idle, &r).await.unwrap();
+        let mut r = record("carol", "kc-5", now);
+        r.absolute_expires_at = now + 7;
+        store.insert(&abs, &r).await.unwrap();
+        store
+            .insert(&live, &record("carol", "kc-6", now))
+            .await
+            .unwrap();
+        assert_eq!(store.sweep(now + 6).await.unwrap(), 1);
+        assert_eq!(store.sweep(now + 8).await.unwrap(), 1);
+        assert!(store.get(&live).await.unwrap().is_some());
+        let carol = record("carol", "", now).claims.user_key();
+        assert_eq!(
+            store.list_by_user(&carol).await.unwrap().len(),
+            1,
+            "sweep cleans the user index"
+        );
+        assert!(
+            store
+                .delete_by_provider_sid("kc-4")
+                .await
+                .unwrap()
+                .is_empty(),
+            "sweep cleans the sid index"
+        );
+
+        // A touch that moves the idle expiry moves it in the sweep index too.
+        let mut moved = store.get(&live).await.unwrap().unwrap();
+        moved.version += 1;
+        moved.idle_expires_at = now + 100_000;
+        moved.absolute_expires_at = now + 100_000;
+        assert!(
+            store
+                .compare_and_swap(&live, moved.version - 1, &moved)
+                .await
+                .unwrap()
+        );
+        assert_eq!(store.sweep(now + 50_000).await.unwrap(), 0);
+        assert_eq!(store.sweep(now + 100_001).await.unwrap(), 1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_id_parse_accepts_only_minted_shape() {
+        let id = SessionId::generate().unwrap();
+        assert!(SessionId::parse(id.expose()).is_some());
+        for bad in [
+            "",
+            "short",
+            &"A".repeat(44),
+            &"A".repeat(4000),
+            "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!",
+            "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+            "ü",
+        ] {
+            assert!(SessionId::parse(bad).is_none(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn key_is_sha256_and_prints_prefix_only() {
+        let id = SessionId::generate().unwrap();
+        let k = id.key();
+        assert_eq!(k.0, crypto::sha256(id.expose().as_bytes()));
+        assert_eq!(format!("{k}").len(), 8);
+        assert!(!format!("{k:?}").contains(id.expose()));
+    }
+}
