@@ -1,0 +1,528 @@
+//! Test environment: a real Gatehouse (in-process, or as a child process) against the real
+//! Keycloak started by `make test` (`scripts/keycloak.sh start test 18180`), and a tiny browser
+//! (manual cookie jar, no redirect following) that walks Keycloak's real login form.
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::TcpListener as StdListener;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::Duration;
+
+use gatehouse::clock::SystemClock;
+use gatehouse::config::Config;
+use reqwest::header::{HeaderMap, LOCATION, SET_COOKIE};
+use serde_json::Value;
+
+pub const REALM: &str = "gatehouse";
+
+pub fn keycloak_url() -> String {
+    std::env::var("KEYCLOAK_URL").unwrap_or_else(|_| "http://localhost:18180".into())
+}
+
+pub fn issuer() -> String {
+    format!("{}/realms/{REALM}", keycloak_url())
+}
+
+/// Keycloak's client registration has exact redirect URIs for ports 18000–18039; hand them out.
+static NEXT_PORT: AtomicU16 = AtomicU16::new(18000);
+
+pub fn free_registered_port() -> u16 {
+    loop {
+        let p = NEXT_PORT.fetch_add(1, Ordering::SeqCst);
+        assert!(p < 18040, "out of registered test ports");
+        if StdListener::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
+}
+
+pub fn test_key() -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD
+        .encode(gatehouse::crypto::random_bytes::<32>().unwrap())
+}
+
+#[derive(Clone)]
+pub struct Options {
+    pub client_id: &'static str,
+    pub client_secret: &'static str,
+    pub password_login: bool,
+    pub refresh_skew: &'static str,
+    pub same_site: &'static str,
+    pub extra: String,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            client_id: "gatehouse",
+            client_secret: "gatehouse-dev-secret",
+            password_login: true,
+            refresh_skew: "30s",
+            same_site: "lax",
+            extra: String::new(),
+        }
+    }
+}
+
+impl Options {
+    pub fn short_tokens() -> Self {
+        Self {
+            client_id: "gatehouse-short",
+            client_secret: "gatehouse-short-dev-secret",
+            refresh_skew: "2s",
+            ..Self::default()
+        }
+    }
+}
+
+/// Files that outlive one Gatehouse instance (so restarts can reuse them).
+pub struct Workdir {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub key: String,
+}
+
+impl Workdir {
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+            port: free_registered_port(),
+            key: test_key(),
+        }
+    }
+
+    pub fn config_text(&self, o: &Options) -> String {
+        format!(
+            r#"
+[public]
+listen = "127.0.0.1:{port}"
+external_url = "http://localhost:{port}"
+[oidc]
+issuer = "{issuer}"
+client_id = "{client_id}"
+client_secret = "{secret}"
+password_login = {pw}
+refresh_skew = "{skew}"
+http_timeout = "5s"
+[session]
+path = "{path}"
+encryption_key = "{key}"
+same_site = "{same_site}"
+[admin]
+listen = "127.0.0.1:0"
+{extra}
+"#,
+            port = self.port,
+            issuer = issuer(),
+            client_id = o.client_id,
+            secret = o.client_secret,
+            pw = o.password_login,
+            skew = o.refresh_skew,
+            path = self.dir.path().join("sessions.redb").display(),
+            key = self.key,
+            same_site = o.same_site,
+            extra = o.extra,
+        )
+    }
+
+    pub fn config(&self, o: &Options) -> Config {
+        use figment::Figment;
+        use figment::providers::{Format, Toml};
+        Config::from_figment(Figment::new().merge(Toml::string(&self.config_text(o))))
+            .expect("test config is valid")
+    }
+
+    pub fn write_config(&self, o: &Options) -> PathBuf {
+        let p = self.dir.path().join("gatehouse.toml");
+        std::fs::write(&p, self.config_text(o)).unwrap();
+        p
+    }
+}
+
+/// An in-process Gatehouse.
+pub struct Gate {
+    pub running: Option<gatehouse::Running>,
+    pub clock: Arc<SystemClock>,
+    pub base: String,
+    pub admin: String,
+}
+
+impl Gate {
+    pub async fn start(work: &Workdir, o: &Options) -> Self {
+        let clock = Arc::new(SystemClock::default());
+        let running = gatehouse::start(work.config(o), clock.clone())
+            .await
+            .expect("gatehouse starts");
+        let base = format!("http://localhost:{}", running.public_addr.port());
+        let admin = format!("http://{}", running.admin_addr);
+        let g = Self {
+            running: Some(running),
+            clock,
+            base,
+            admin,
+        };
+        g.wait_ready().await;
+        g
+    }
+
+    pub async fn wait_ready(&self) {
+        let c = http();
+        for _ in 0..200 {
+            if let Ok(r) = c.get(format!("{}/readyz", self.base)).send().await
+                && r.status() == 200
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "gatehouse did not become ready (is Keycloak running at {}?)",
+            keycloak_url()
+        );
+    }
+
+    pub fn core(&self) -> &Arc<gatehouse::Core> {
+        &self.running.as_ref().unwrap().core
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await;
+        }
+    }
+
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = http()
+            .get(format!("{}/metrics", self.admin))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// A browser: cookies per host:port, redirects followed by hand so each hop can be inspected.
+#[derive(Default, Clone)]
+pub struct Browser {
+    pub jar: HashMap<String, BTreeMap<String, String>>,
+}
+
+fn host_of(url: &str) -> String {
+    let u = url::Url::parse(url).unwrap();
+    format!(
+        "{}:{}",
+        u.host_str().unwrap(),
+        u.port_or_known_default().unwrap()
+    )
+}
+
+pub struct Resp {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: String,
+    pub set_cookies: Vec<String>,
+}
+
+impl Resp {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+    pub fn location(&self) -> String {
+        self.headers
+            .get(LOCATION)
+            .expect("Location")
+            .to_str()
+            .unwrap()
+            .to_string()
+    }
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_string())
+    }
+}
+
+impl Browser {
+    pub fn cookie(&self, url: &str, name: &str) -> Option<String> {
+        self.jar
+            .get(&host_of(url))
+            .and_then(|m| m.get(name).cloned())
+    }
+
+    pub fn set_cookie(&mut self, url: &str, name: &str, value: &str) {
+        self.jar
+            .entry(host_of(url))
+            .or_default()
+            .insert(name.into(), value.into());
+    }
+
+    pub async fn send(&mut self, req: reqwest::RequestBuilder, url: &str) -> Resp {
+        let host = host_of(url);
+        let mut req = req;
+        if let Some(c) = self.jar.get(&host).filter(|m| !m.is_empty()) {
+            let header = c
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join("; ");
+            req = req.header("cookie", header);
+        }
+        let r = req.send().await.unwrap();
+        let status = r.status().as_u16();
+        let headers = r.headers().clone();
+        let set_cookies: Vec<String> = headers
+            .get_all(SET_COOKIE)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_string())
+            .collect();
+        for sc in &set_cookies {
+            let first = sc.split(';').next().unwrap();
+            let (k, v) = first.split_once('=').unwrap();
+            let expired = sc.to_ascii_lowercase().contains("max-age=0");
+            let m = self.jar.entry(host.clone()).or_default();
+            if expired || v.is_empty() {
+                m.remove(k);
+            } else {
+                m.insert(k.to_string(), v.to_string());
+            }
+        }
+        let body = r.text().await.unwrap();
+        Resp {
+            status,
+            headers,
+            body,
+            set_cookies,
+        }
+    }
+
+    pub async fn get(&mut self, url: &str) -> Resp {
+        self.send(http().get(url), url).await
+    }
+
+    /// A same-origin fetch with the CSRF header.
+    pub async fn post_json(&mut self, base: &str, path: &str, body: &Value) -> Resp {
+        let url = format!("{base}{path}");
+        self.send(
+            http()
+                .post(&url)
+                .header("x-csrf", "1")
+                .header("origin", base)
+                .json(body),
+            &url,
+        )
+        .await
+    }
+
+    pub async fn post(&mut self, base: &str, path: &str) -> Resp {
+        let url = format!("{base}{path}");
+        self.send(
+            http()
+                .post(&url)
+                .header("x-csrf", "1")
+                .header("origin", base),
+            &url,
+        )
+        .await
+    }
+
+    /// Start at Gatehouse's `/auth/login`, fill Keycloak's real login form, return the callback response.
+    pub async fn code_flow(
+        &mut self,
+        base: &str,
+        user: &str,
+        password: &str,
+        return_to: &str,
+    ) -> Resp {
+        let start = format!("{base}/auth/login?return_to={}", urlencode(return_to));
+        let r = self.get(&start).await;
+        assert_eq!(r.status, 303, "login start redirects: {}", r.body);
+        let kc_url = r.location();
+        assert!(
+            kc_url.starts_with(&issuer()),
+            "redirects to the pinned issuer: {kc_url}"
+        );
+        let page = self.get(&kc_url).await;
+        // With a live Keycloak SSO session in this browser, Keycloak skips the form.
+        let callback = if page.status == 302 {
+            page.location()
+        } else {
+            assert_eq!(page.status, 200, "Keycloak login page");
+            let action = form_action(&page.body);
+            let posted = self
+                .send(
+                    http().post(&action).form(&[
+                        ("username", user),
+                        ("password", password),
+                        ("credentialId", ""),
+                    ]),
+                    &action,
+                )
+                .await;
+            assert_eq!(posted.status, 302, "Keycloak accepts the credentials");
+            posted.location()
+        };
+        assert!(
+            callback.starts_with(&format!("{base}/auth/callback?")),
+            "{callback}"
+        );
+        self.get(&callback).await
+    }
+
+    pub async fn login(&mut self, base: &str, user: &str) -> Resp {
+        let r = self
+            .code_flow(base, user, &format!("{user}-password"), "/")
+            .await;
+        assert_eq!(r.status, 303, "callback redirects home: {}", r.body);
+        r
+    }
+}
+
+pub fn urlencode(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// The `action` of Keycloak's `kc-form-login` form, HTML-unescaped.
+pub fn form_action(html: &str) -> String {
+    let form = html
+        .find("id=\"kc-form-login\"")
+        .expect("login form present");
+    let rest = &html[form..];
+    let a = rest.find("action=\"").expect("form action") + 8;
+    let end = rest[a..].find('"').unwrap();
+    rest[a..a + end].replace("&amp;", "&")
+}
+
+/// Keycloak's admin REST API (master realm admin, dev credentials of the test instance).
+pub struct KcAdmin {
+    token: String,
+}
+
+impl KcAdmin {
+    pub async fn connect() -> Self {
+        let r: Value = http()
+            .post(format!(
+                "{}/realms/master/protocol/openid-connect/token",
+                keycloak_url()
+            ))
+            .form(&[
+                ("grant_type", "password"),
+                ("client_id", "admin-cli"),
+                ("username", "admin"),
+                ("password", "admin"),
+            ])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        Self {
+            token: r["access_token"].as_str().expect("admin token").to_string(),
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> Value {
+        http()
+            .get(format!("{}/admin/realms/{REALM}{path}", keycloak_url()))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Keycloak's own count of refresh-token grants for one of its sessions.
+    pub async fn refresh_events(&self, provider_sid: &str) -> usize {
+        let events = self.get("/events?type=REFRESH_TOKEN&max=1000").await;
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["sessionId"] == provider_sid)
+            .count()
+    }
+
+    pub async fn user_sessions(&self, username: &str) -> Vec<Value> {
+        let users = self
+            .get(&format!("/users?username={username}&exact=true"))
+            .await;
+        let id = users[0]["id"].as_str().unwrap().to_string();
+        self.get(&format!("/users/{id}/sessions"))
+            .await
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+}
+
+/// Try a refresh token directly at Keycloak: is it still alive?
+pub async fn refresh_at_keycloak(
+    client_id: &str,
+    secret: &str,
+    refresh_token: &str,
+) -> (u16, Value) {
+    let r = http()
+        .post(format!("{}/protocol/openid-connect/token", issuer()))
+        .basic_auth(client_id, Some(secret))
+        .form(&[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", refresh_token),
+        ])
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// The session's record and decrypted tokens, read through the running core (tests only).
+pub async fn session_tokens(
+    gate: &Gate,
+    cookie: &str,
+) -> (
+    gatehouse::session::SessionRecord,
+    gatehouse::session::TokenSet,
+) {
+    let id = gatehouse::session::SessionId::parse(cookie).expect("minted id");
+    let key = id.key();
+    let ex = &gate.core().exchange;
+    let rec = ex.store().get(&key).await.unwrap().expect("session stored");
+    let tokens = ex.open(&key, &rec).unwrap();
+    (rec, tokens)
+}
+
+pub const COOKIE: &str = "__Host-Http-gatehouse";
+
+pub fn looks_like_jwt(s: &str) -> bool {
+    let re_start = s.find("eyJ");
+    re_start.is_some_and(|i| {
+        s[i..]
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.'))
+            .next()
+            .is_some_and(|t| t.matches('.').count() >= 2)
+    })
+}
+
+pub fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_gatehouse"))
+}

@@ -1,0 +1,269 @@
+//! Session lifecycle against the real Keycloak: logout, restarts, `kill -9`, expiry, refresh.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::harness::*;
+
+#[tokio::test]
+async fn logout_deletes_session_revokes_refresh_token_and_clears_cookie() {
+    let work = Workdir::new();
+    let gate = Gate::start(&work, &Options::default()).await;
+    let mut b = Browser::default();
+    b.login(&gate.base, "alice").await;
+    let old = b.cookie(&gate.base, COOKIE).unwrap();
+    let (_, tokens) = session_tokens(&gate, &old).await;
+    let refresh = tokens.refresh_token.clone().unwrap();
+
+    // Logout without CSRF proof is refused and changes nothing.
+    let r = http()
+        .post(format!("{}/auth/logout", gate.base))
+        .header("cookie", format!("{COOKIE}={old}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(b.get(&format!("{}/auth/me", gate.base)).await.status, 200);
+
+    let r = b.post(&gate.base, "/auth/logout").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.header("clear-site-data").as_deref(), Some("\"cookies\""));
+    assert_eq!(r.header("cache-control").as_deref(), Some("no-store"));
+    assert!(
+        r.set_cookies
+            .iter()
+            .any(|c| c.starts_with(&format!("{COOKIE}=;")) && c.contains("Max-Age=0"))
+    );
+    let url = r.json()["logout_url"].as_str().unwrap().to_string();
+    assert!(
+        url.starts_with(&format!("{}/protocol/openid-connect/logout?", issuer())),
+        "{url}"
+    );
+    assert!(url.contains("post_logout_redirect_uri="));
+    assert!(!looks_like_jwt(&r.body), "no token in the logout answer");
+
+    // Replaying the old cookie: 401, same as an unknown id.
+    let replay = http()
+        .get(format!("{}/auth/me", gate.base))
+        .header("cookie", format!("{COOKIE}={old}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(replay.status(), 401);
+    assert!(
+        gate.core()
+            .exchange
+            .store()
+            .get(&gatehouse::session::SessionId::parse(&old).unwrap().key())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // The refresh token is dead at Keycloak.
+    let (status, body) = refresh_at_keycloak("gatehouse", "gatehouse-dev-secret", &refresh).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"], "invalid_grant");
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn tokens_are_encrypted_at_rest_and_the_store_never_sees_the_id() {
+    let work = Workdir::new();
+    let gate = Gate::start(&work, &Options::default()).await;
+    let mut b = Browser::default();
+    b.login(&gate.base, "bob").await;
+    let id = b.cookie(&gate.base, COOKIE).unwrap();
+    let (_, tokens) = session_tokens(&gate, &id).await;
+    gate.stop().await;
+    let raw = std::fs::read(work.dir.path().join("sessions.redb")).unwrap();
+    let has = |needle: &str| raw.windows(needle.len()).any(|w| w == needle.as_bytes());
+    assert!(!has(&id), "raw session id in the store file");
+    assert!(
+        !has(&tokens.access_token[..40]),
+        "access token in clear in the store file"
+    );
+    assert!(
+        !has(&tokens.refresh_token.as_ref().unwrap()[..40]),
+        "refresh token in clear"
+    );
+    assert!(
+        has("bob@example.com"),
+        "claims are stored (sanity check that we read the right file)"
+    );
+}
+
+#[tokio::test]
+async fn sessions_survive_a_restart() {
+    let work = Workdir::new();
+    let gate = Gate::start(&work, &Options::default()).await;
+    let mut b = Browser::default();
+    b.login(&gate.base, "bob").await;
+    gate.stop().await;
+    let gate = Gate::start(&work, &Options::default()).await;
+    let me = b.get(&format!("{}/auth/me", gate.base)).await;
+    assert_eq!(me.status, 200);
+    assert_eq!(me.json()["preferred_username"], "bob");
+    gate.stop().await;
+}
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn spawn(config: &std::path::Path, base: &str) -> Proc {
+    let child = Command::new(bin())
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let p = Proc(child);
+    for _ in 0..300 {
+        if let Ok(r) = http().get(format!("{base}/readyz")).send().await
+            && r.status() == 200
+        {
+            return p;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("gatehouse process did not become ready");
+}
+
+#[tokio::test]
+async fn sessions_survive_kill_9() {
+    let work = Workdir::new();
+    let config = work.write_config(&Options::default());
+    let base = format!("http://localhost:{}", work.port);
+    let mut p = spawn(&config, &base).await;
+    let mut b = Browser::default();
+    b.login(&base, "alice").await;
+    // SIGKILL: no graceful shutdown, no flush.
+    p.0.kill().unwrap();
+    p.0.wait().unwrap();
+    let _p = spawn(&config, &base).await;
+    let me = b.get(&format!("{base}/auth/me")).await;
+    assert_eq!(me.status, 200, "session lost after kill -9");
+    assert_eq!(me.json()["preferred_username"], "alice");
+}
+
+#[tokio::test]
+async fn idle_and_absolute_expiry_are_enforced_server_side() {
+    let work = Workdir::new();
+    let gate = Gate::start(&work, &Options::default()).await;
+    let me = format!("{}/auth/me", gate.base);
+    let mut b = Browser::default();
+    b.login(&gate.base, "bob").await;
+    gate.clock.advance(31 * 60);
+    assert_eq!(b.get(&me).await.status, 401, "idle timeout (30m)");
+    gate.clock.advance(-31 * 60);
+    assert_eq!(
+        b.get(&me).await.status,
+        401,
+        "an expired session is gone, not merely hidden"
+    );
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn an_expired_access_token_is_refreshed_exactly_once_under_20_concurrent_requests() {
+    let work = Workdir::new();
+    let o = Options::short_tokens(); // 10 s access tokens, 2 s skew
+    let gate = Gate::start(&work, &o).await;
+    let mut b = Browser::default();
+    b.login(&gate.base, "alice").await;
+    let id = b.cookie(&gate.base, COOKIE).unwrap();
+    let (before, old_tokens) = session_tokens(&gate, &id).await;
+    let sid = before.provider_sid.clone().expect("Keycloak sid recorded");
+    let admin = KcAdmin::connect().await;
+    assert_eq!(admin.refresh_events(&sid).await, 0);
+
+    tokio::time::sleep(Duration::from_secs(11)).await; // the access token is now really expired
+    let mut handles = Vec::new();
+    for _ in 0..20 {
+        let (url, cookie) = (format!("{}/auth/me", gate.base), format!("{COOKIE}={id}"));
+        handles.push(tokio::spawn(async move {
+            http()
+                .get(url)
+                .header("cookie", cookie)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }));
+    }
+    for h in handles {
+        assert_eq!(h.await.unwrap(), 200, "no request fails during the refresh");
+    }
+    assert_eq!(
+        admin.refresh_events(&sid).await,
+        1,
+        "exactly one refresh at Keycloak"
+    );
+    assert_eq!(
+        gate.metric("gatehouse_token_refreshes_total{outcome=\"ok\"}")
+            .await,
+        1.0
+    );
+    let (after, new_tokens) = session_tokens(&gate, &id).await;
+    assert_ne!(new_tokens.access_token, old_tokens.access_token);
+    assert_ne!(
+        new_tokens.refresh_token, old_tokens.refresh_token,
+        "rotated refresh token persisted"
+    );
+    assert!(after.access_expires_at > before.access_expires_at);
+    assert_eq!(
+        after.absolute_expires_at, before.absolute_expires_at,
+        "refresh never extends the absolute lifetime"
+    );
+    // The old refresh token was rotated away (revokeRefreshToken): only the stored one works.
+    let (status, _) = refresh_at_keycloak(
+        "gatehouse-short",
+        "gatehouse-short-dev-secret",
+        old_tokens.refresh_token.as_ref().unwrap(),
+    )
+    .await;
+    assert_eq!(status, 400);
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn refresh_invalid_grant_ends_the_session() {
+    let work = Workdir::new();
+    let gate = Gate::start(&work, &Options::short_tokens()).await;
+    let mut b = Browser::default();
+    b.login(&gate.base, "bob").await;
+    let id = b.cookie(&gate.base, COOKIE).unwrap();
+    let (_, tokens) = session_tokens(&gate, &id).await;
+    // Kill the Keycloak session behind Gatehouse's back: the next refresh gets invalid_grant.
+    let r = http()
+        .post(format!("{}/protocol/openid-connect/revoke", issuer()))
+        .basic_auth("gatehouse-short", Some("gatehouse-short-dev-secret"))
+        .form(&[
+            ("token", tokens.refresh_token.as_deref().unwrap()),
+            ("token_type_hint", "refresh_token"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    assert_eq!(b.get(&format!("{}/auth/me", gate.base)).await.status, 401);
+    assert!(
+        gate.core()
+            .exchange
+            .store()
+            .get(&gatehouse::session::SessionId::parse(&id).unwrap().key())
+            .await
+            .unwrap()
+            .is_none(),
+        "record gone"
+    );
+    gate.stop().await;
+}
