@@ -1,0 +1,41 @@
+# Gatehouse — the two commands that matter: `make demo` and `make test`.
+# Builds and downloads are cached outside the work tree (~/.cache/gatehouse) so clean clones stay fast.
+
+SHELL := /bin/bash
+export GATEHOUSE_CACHE ?= $(HOME)/.cache/gatehouse
+export CARGO_TARGET_DIR ?= $(GATEHOUSE_CACHE)/target
+export KEYCLOAK_TEST_PORT ?= 18180
+export KEYCLOAK_URL ?= http://localhost:$(KEYCLOAK_TEST_PORT)
+CARGO ?= cargo
+
+.PHONY: all setup build lint test unit-test demo bench clean-cache
+
+all: build
+
+setup:
+	@scripts/setup.sh
+
+build: setup
+	$(CARGO) build --locked --release -p gatehouse
+
+lint: setup
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --locked --all-targets -- -D warnings
+	@scripts/check-deps.sh
+
+# Unit tests only (no Keycloak needed).
+unit-test: setup
+	$(CARGO) test --locked --lib --bins
+
+# Everything: lint, unit tests, and the integration suites against a real Keycloak.
+test: lint
+	@scripts/test.sh
+
+demo: build
+	@scripts/demo.sh $(CARGO_TARGET_DIR)/release/gatehouse
+
+bench: build
+	@scripts/bench.sh $(CARGO_TARGET_DIR)/release/gatehouse
+
+clean-cache:
+	rm -rf $(GATEHOUSE_CACHE)

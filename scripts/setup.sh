@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Install what the project needs on a fresh machine, idempotently: Debian packages for the test
+# and benchmark tooling. Rust, Java (Temurin 25 for Keycloak) and Maven come with the machine.
+set -euo pipefail
+
+need=()
+command -v jq >/dev/null || need+=(jq)
+command -v curl >/dev/null || need+=(curl)
+command -v unzip >/dev/null || need+=(unzip)
+command -v mvn >/dev/null || need+=(maven)
+command -v wrk >/dev/null || need+=(wrk)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "setup: installing ${need[*]}"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+command -v cargo >/dev/null || { echo "setup: cargo (Rust) is required: https://rustup.rs" >&2; exit 1; }

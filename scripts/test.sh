@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The full suite: start a real Keycloak (test instance), run unit and integration tests, stop it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+port="${KEYCLOAK_TEST_PORT:-18180}"
+export KEYCLOAK_URL="${KEYCLOAK_URL:-http://localhost:$port}"
+
+scripts/keycloak.sh fetch
+cleanup() { scripts/keycloak.sh stop test || true; }
+trap cleanup EXIT
+scripts/keycloak.sh start test "$port"
+
+# Build first so build time never counts against test time-outs.
+cargo test --locked --workspace --no-run
+# Integration binaries run one after another; the outage suite stops and restarts Keycloak.
+cargo test --locked --workspace
