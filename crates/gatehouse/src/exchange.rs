@@ -381,3 +381,167 @@ fn refresh_expiry(now: UnixTime, refresh_expires_in: Option<i64>) -> Option<Unix
     // Keycloak sends 0 for offline tokens: no expiry of their own.
     refresh_expires_in.filter(|s| *s > 0).map(|s| now + s)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use secrecy::SecretString;
+
+    use super::*;
+    use crate::clock::SystemClock;
+    use crate::oidc::{OidcSettings, TokenResponse, UserClaims};
+    use crate::session::embedded::EmbeddedStore;
+
+    struct Fixture {
+        ex: Exchange,
+        clock: Arc<SystemClock>,
+        _dir: tempfile::TempDir,
+    }
+
+    /// An exchange whose provider is unreachable (port 9 on loopback): anything that would need
+    /// Keycloak fails like an outage.
+    fn fixture(idle: i64, absolute: i64) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(SystemClock::default());
+        let oidc = OidcClient::new(
+            OidcSettings {
+                issuer: "http://127.0.0.1:9/realms/none".into(),
+                client_id: "gatehouse".into(),
+                client_secret: SecretString::from("x".to_string()),
+                scopes: vec!["openid".into()],
+                algorithms: vec![jsonwebtoken::Algorithm::RS256],
+                trusted_audiences: vec![],
+                redirect_uri: "http://localhost/auth/callback".into(),
+                http_timeout: Duration::from_secs(1),
+            },
+            clock.clone(),
+        )
+        .unwrap();
+        let key = SecretString::from("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".to_string());
+        let ex = Exchange::new(
+            Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).unwrap()),
+            Arc::new(oidc),
+            Arc::new(Keyring::new(&key, &[]).unwrap()),
+            clock.clone(),
+            ExchangeSettings {
+                idle_timeout: idle,
+                absolute_timeout: absolute,
+                refresh_skew: 30,
+            },
+            Arc::new(Metrics::default()),
+        );
+        Fixture {
+            ex,
+            clock,
+            _dir: dir,
+        }
+    }
+
+    fn login(access_lifetime: i64) -> LoginResult {
+        LoginResult {
+            tokens: TokenResponse {
+                access_token: "access-1".into(),
+                token_type: "Bearer".into(),
+                expires_in: Some(access_lifetime),
+                refresh_token: Some("refresh-1".into()),
+                refresh_expires_in: Some(0),
+                id_token: Some("id-1".into()),
+            },
+            claims: UserClaims {
+                iss: "i".into(),
+                sub: "alice".into(),
+                ..Default::default()
+            },
+            provider_sid: Some("kc-sid".into()),
+        }
+    }
+
+    #[tokio::test]
+    async fn activity_slides_idle_expiry_but_never_the_absolute_lifetime() {
+        let f = fixture(1800, 3600);
+        let (id, rec) =
+            f.ex.start(login(100_000), ClientInfo::default())
+                .await
+                .unwrap();
+        for _ in 0..2 {
+            f.clock.advance(25 * 60);
+            let r = f.ex.resolve(&id, false).await.unwrap();
+            assert!(
+                r.record.idle_expires_at > rec.idle_expires_at,
+                "touch slid the idle expiry"
+            );
+            assert_eq!(r.record.absolute_expires_at, rec.absolute_expires_at);
+        }
+        f.clock.advance(15 * 60); // 65 minutes after login: past the 1 h absolute lifetime
+        assert!(matches!(
+            f.ex.resolve(&id, false).await,
+            Err(ExchangeError::InvalidSession)
+        ));
+        assert!(
+            f.ex.store().get(&id.key()).await.unwrap().is_none(),
+            "expired record removed"
+        );
+    }
+
+    #[tokio::test]
+    async fn idle_timeout_ends_an_unused_session() {
+        let f = fixture(1800, 43200);
+        let (id, _) =
+            f.ex.start(login(100_000), ClientInfo::default())
+                .await
+                .unwrap();
+        f.clock.advance(1799);
+        assert!(f.ex.resolve(&id, false).await.is_ok());
+        f.clock.advance(1800);
+        assert!(matches!(
+            f.ex.resolve(&id, false).await,
+            Err(ExchangeError::InvalidSession)
+        ));
+    }
+
+    #[tokio::test]
+    async fn provider_outage_during_refresh_keeps_the_session() {
+        let f = fixture(1800, 43200);
+        // The access token is inside the refresh skew but still valid: served as is.
+        let (id, _) = f.ex.start(login(20), ClientInfo::default()).await.unwrap();
+        let r = f.ex.resolve(&id, true).await.unwrap();
+        assert_eq!(r.access_token.as_deref(), Some("access-1"));
+        // Expired and the provider is down: 503, and the session is still there for later.
+        f.clock.advance(60);
+        assert!(matches!(
+            f.ex.resolve(&id, true).await,
+            Err(ExchangeError::ProviderUnavailable)
+        ));
+        assert!(
+            f.ex.store().get(&id.key()).await.unwrap().is_some(),
+            "a timeout or 5xx never ends a session"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_record_sealed_under_another_key_authenticates_nobody() {
+        let f = fixture(1800, 43200);
+        let (id, mut rec) =
+            f.ex.start(login(100_000), ClientInfo::default())
+                .await
+                .unwrap();
+        let other = Keyring::new(
+            &SecretString::from("AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=".to_string()),
+            &[],
+        )
+        .unwrap();
+        rec.sealed_tokens = other.seal(b"{}", b"x").unwrap();
+        rec.version += 1;
+        assert!(
+            f.ex.store()
+                .compare_and_swap(&id.key(), 1, &rec)
+                .await
+                .unwrap()
+        );
+        assert!(matches!(
+            f.ex.resolve(&id, true).await,
+            Err(ExchangeError::InvalidSession)
+        ));
+    }
+}

@@ -152,3 +152,9 @@ fn parse_jwks(doc: &serde_json::Value) -> Result<KeySet, OidcError> {
     }
     Ok(set)
 }
+
+/// Parse a JWKS document and pick a key as `JwksCache` would (unit tests of the stub cases).
+#[cfg(test)]
+pub(super) fn test_pick(doc: &serde_json::Value, kid: Option<&str>) -> Option<Arc<SigningKey>> {
+    JwksCache::pick(&parse_jwks(doc).ok()?, kid)
+}

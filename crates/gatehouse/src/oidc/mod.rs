@@ -5,6 +5,8 @@
 mod claims;
 pub mod id_token;
 pub mod jwks;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 use std::time::Duration;

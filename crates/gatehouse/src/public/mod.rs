@@ -17,7 +17,11 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use tower_http::sensitive_headers::{
+    SetSensitiveRequestHeadersLayer, SetSensitiveResponseHeadersLayer,
+};
 use tower_http::services::ServeDir;
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
 
 use crate::Core;
 use crate::config::CookieSettings;
@@ -76,6 +80,15 @@ pub fn router(core: Arc<Core>) -> Router {
     };
     router
         .layer(middleware::from_fn_with_state(state.clone(), csrf::check))
+        // Spans carry the method and path only: the query string may hold an authorization code.
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|req: &Request| tracing::debug_span!("public", method = %req.method(), path = %req.uri().path()))
+                .on_request(())
+                .on_response(DefaultOnResponse::new().level(tracing::Level::DEBUG)),
+        )
+        .layer(SetSensitiveRequestHeadersLayer::new([header::COOKIE, header::AUTHORIZATION]))
+        .layer(SetSensitiveResponseHeadersLayer::new([header::SET_COOKIE]))
         .layer(axum::extract::DefaultBodyLimit::max(
             config.public.max_body_bytes,
         ))

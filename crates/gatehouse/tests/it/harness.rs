@@ -223,6 +223,8 @@ pub fn http() -> reqwest::Client {
 #[derive(Default, Clone)]
 pub struct Browser {
     pub jar: HashMap<String, BTreeMap<String, String>>,
+    /// The last callback URL Keycloak sent us to (it carries the authorization code).
+    pub last_callback: Option<String>,
 }
 
 fn host_of(url: &str) -> String {
@@ -383,6 +385,7 @@ impl Browser {
             callback.starts_with(&format!("{base}/auth/callback?")),
             "{callback}"
         );
+        self.last_callback = Some(callback.clone());
         self.get(&callback).await
     }
 

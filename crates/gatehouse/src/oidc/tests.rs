@@ -1,0 +1,378 @@
+//! Token-validation edge cases a real Keycloak cannot produce, against an in-process stub
+//! (keys generated here, a tiny JWKS server on loopback). The real-Keycloak suite covers the rest.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use aws_lc_rs::rand::SystemRandom;
+use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+
+use super::Http;
+use super::id_token::{self, Expectations, TokenKind};
+use super::jwks::JwksCache;
+
+const ISS: &str = "https://idp.test/realms/r";
+const CLIENT: &str = "gatehouse";
+const NOW: i64 = 1_800_000_000;
+
+struct TestKey {
+    kid: String,
+    enc: EncodingKey,
+    jwk: Value,
+}
+
+fn key(kid: &str) -> TestKey {
+    let pkcs8 =
+        EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &SystemRandom::new())
+            .unwrap();
+    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref()).unwrap();
+    let point = pair.public_key().as_ref().to_vec(); // 0x04 ‖ x ‖ y
+    let jwk = json!({
+        "kty": "EC", "crv": "P-256", "use": "sig", "alg": "ES256", "kid": kid,
+        "x": URL_SAFE_NO_PAD.encode(&point[1..33]), "y": URL_SAFE_NO_PAD.encode(&point[33..65]),
+    });
+    TestKey {
+        kid: kid.into(),
+        enc: EncodingKey::from_ec_der(pkcs8.as_ref()),
+        jwk,
+    }
+}
+
+fn claims() -> Value {
+    json!({"iss": ISS, "aud": CLIENT, "azp": CLIENT, "sub": "user-1", "iat": NOW - 5, "exp": NOW + 300, "nonce": "n-1", "typ": "ID"})
+}
+
+fn sign(k: &TestKey, claims: &Value) -> String {
+    let mut h = Header::new(Algorithm::ES256);
+    h.kid = Some(k.kid.clone());
+    jsonwebtoken::encode(&h, claims, &k.enc).unwrap()
+}
+
+fn expect(kind: TokenKind) -> Expectations<'static> {
+    Expectations {
+        issuer: ISS,
+        client_id: CLIENT,
+        trusted_audiences: &[],
+        algorithms: &[Algorithm::ES256, Algorithm::RS256],
+        kind,
+        nonce: if kind == TokenKind::Id {
+            Some("n-1")
+        } else {
+            None
+        },
+        access_token: None,
+        now: NOW,
+    }
+}
+
+/// Validate against a JWKS holding `keys`.
+fn check(token: &str, keys: &[&TestKey], exp: &Expectations<'_>) -> Result<(), &'static str> {
+    let set = json!({"keys": keys.iter().map(|k| k.jwk.clone()).collect::<Vec<_>>()});
+    let peeked = id_token::peek(token, exp).map_err(reason)?;
+    let key = super::jwks::test_pick(&set, peeked.kid.as_deref()).ok_or("no key")?;
+    id_token::verify(token, &peeked, &key, exp)
+        .map(|_| ())
+        .map_err(reason)
+}
+
+fn reason(e: super::OidcError) -> &'static str {
+    match e {
+        super::OidcError::InvalidToken(r) => r,
+        _ => "other",
+    }
+}
+
+#[test]
+fn a_good_token_passes() {
+    let k = key("k1");
+    assert_eq!(
+        check(&sign(&k, &claims()), &[&k], &expect(TokenKind::Id)),
+        Ok(())
+    );
+}
+
+#[test]
+fn each_claim_rule_rejects() {
+    let k = key("k1");
+    let e = expect(TokenKind::Id);
+    let cases: Vec<(&str, Value)> = vec![
+        ("wrong iss", json!({"iss": "https://evil/realms/r"})),
+        ("iss with trailing slash", json!({"iss": format!("{ISS}/")})),
+        ("wrong aud", json!({"aud": "someone-else"})),
+        ("untrusted extra aud", json!({"aud": [CLIENT, "other-api"]})),
+        ("azp not us", json!({"azp": "other"})),
+        ("expired", json!({"exp": NOW - 61})),
+        ("iat in future", json!({"iat": NOW + 61})),
+        ("nbf in future", json!({"nbf": NOW + 120})),
+        ("no exp", json!({"exp": null})),
+        ("no iat", json!({"iat": null})),
+        ("wrong nonce", json!({"nonce": "n-2"})),
+        ("no nonce", json!({"nonce": null})),
+        ("empty sub", json!({"sub": ""})),
+        ("access token as id token", json!({"typ": "Bearer"})),
+        ("refresh token as id token", json!({"typ": "Refresh"})),
+    ];
+    for (what, patch) in cases {
+        let mut c = claims();
+        for (k, v) in patch.as_object().unwrap() {
+            if v.is_null() {
+                c.as_object_mut().unwrap().remove(k);
+            } else {
+                c[k] = v.clone();
+            }
+        }
+        assert!(
+            check(&sign(&k, &c), &[&k], &e).is_err(),
+            "{what} must be rejected"
+        );
+    }
+    // Within the 60 s skew is fine.
+    let mut c = claims();
+    c["exp"] = json!(NOW - 30);
+    assert!(check(&sign(&k, &c), &[&k], &e).is_ok());
+}
+
+#[test]
+fn a_trusted_extra_audience_is_accepted_only_when_configured() {
+    let k = key("k1");
+    let mut c = claims();
+    c["aud"] = json!([CLIENT, "notes-api"]);
+    let trusted = vec!["notes-api".to_string()];
+    let mut e = expect(TokenKind::Id);
+    assert!(check(&sign(&k, &c), &[&k], &e).is_err());
+    e.trusted_audiences = &trusted;
+    assert!(check(&sign(&k, &c), &[&k], &e).is_ok());
+}
+
+#[test]
+fn bad_signature_and_foreign_key_are_rejected() {
+    let (k, other) = (key("k1"), key("k1"));
+    let token = sign(&other, &claims()); // same kid, different key
+    assert_eq!(
+        check(&token, &[&k], &expect(TokenKind::Id)),
+        Err("signature does not verify")
+    );
+    let mut parts: Vec<String> = sign(&k, &claims()).split('.').map(String::from).collect();
+    let mut body: Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(&parts[1]).unwrap()).unwrap();
+    body["sub"] = json!("admin");
+    parts[1] = URL_SAFE_NO_PAD.encode(body.to_string());
+    assert_eq!(
+        check(&parts.join("."), &[&k], &expect(TokenKind::Id)),
+        Err("signature does not verify")
+    );
+}
+
+#[test]
+fn alg_none_and_hmac_with_the_public_key_are_rejected() {
+    let k = key("k1");
+    let e = expect(TokenKind::Id);
+    let none_header = URL_SAFE_NO_PAD.encode(json!({"alg": "none", "kid": "k1"}).to_string());
+    let body = URL_SAFE_NO_PAD.encode(claims().to_string());
+    assert!(check(&format!("{none_header}.{body}."), &[&k], &e).is_err());
+    // The classic confusion: HS256 keyed with the provider's public key material.
+    let mut h = Header::new(Algorithm::HS256);
+    h.kid = Some("k1".into());
+    let hs = jsonwebtoken::encode(
+        &h,
+        &claims(),
+        &EncodingKey::from_secret(k.jwk.to_string().as_bytes()).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        check(&hs, &[&k], &e),
+        Err("signature algorithm not allowed")
+    );
+}
+
+#[test]
+fn header_kinds_and_sizes() {
+    let k = key("k1");
+    let mut h = Header::new(Algorithm::ES256);
+    h.kid = Some("k1".into());
+    h.typ = Some("logout+jwt".into());
+    let logout_as_id = jsonwebtoken::encode(&h, &claims(), &k.enc).unwrap();
+    assert_eq!(
+        check(&logout_as_id, &[&k], &expect(TokenKind::Id)),
+        Err("token of the wrong kind")
+    );
+    let mut c = claims();
+    c["pad"] = json!("x".repeat(17 * 1024));
+    assert_eq!(
+        check(&sign(&k, &c), &[&k], &expect(TokenKind::Id)),
+        Err("token too large")
+    );
+    assert_eq!(
+        check("not-a-jwt", &[&k], &expect(TokenKind::Id)),
+        Err("not a signed JWT")
+    );
+    assert!(check("a.b.c", &[&k], &expect(TokenKind::Id)).is_err());
+    // Deeply nested JSON is bounded by the size cap and serde's recursion limit: no panic.
+    let deep = format!("{}{}", "[".repeat(5000), "]".repeat(5000));
+    let mut c = claims();
+    c["deep"] = serde_json::from_str::<Value>(
+        &"[".repeat(100)
+            .to_string()
+            .chars()
+            .chain("]".repeat(100).chars())
+            .collect::<String>(),
+    )
+    .unwrap();
+    assert!(check(&sign(&k, &c), &[&k], &expect(TokenKind::Id)).is_ok());
+    let raw = format!(
+        "{}.{}.{}",
+        URL_SAFE_NO_PAD.encode(r#"{"alg":"ES256","kid":"k1"}"#),
+        URL_SAFE_NO_PAD.encode(deep),
+        "sig"
+    );
+    assert!(check(&raw, &[&k], &expect(TokenKind::Id)).is_err());
+}
+
+#[test]
+fn at_hash_is_checked_when_present() {
+    let k = key("k1");
+    let access = "the-access-token";
+    let digest = crate::crypto::sha256(access.as_bytes());
+    let mut c = claims();
+    c["at_hash"] = json!(URL_SAFE_NO_PAD.encode(&digest[..16]));
+    let mut e = expect(TokenKind::Id);
+    e.access_token = Some(access);
+    assert!(check(&sign(&k, &c), &[&k], &e).is_ok());
+    e.access_token = Some("another-access-token");
+    assert_eq!(check(&sign(&k, &c), &[&k], &e), Err("at_hash mismatch"));
+}
+
+#[test]
+fn a_token_without_kid_needs_exactly_one_key() {
+    let (a, b) = (key("a"), key("b"));
+    let token = jsonwebtoken::encode(&Header::new(Algorithm::ES256), &claims(), &a.enc).unwrap();
+    assert!(check(&token, &[&a], &expect(TokenKind::Id)).is_ok());
+    assert_eq!(
+        check(&token, &[&a, &b], &expect(TokenKind::Id)),
+        Err("no key")
+    );
+}
+
+#[test]
+fn logout_tokens_follow_back_channel_rules() {
+    let k = key("k1");
+    let mut h = Header::new(Algorithm::ES256);
+    h.kid = Some("k1".into());
+    h.typ = Some("logout+jwt".into());
+    let base = json!({"iss": ISS, "aud": CLIENT, "iat": NOW, "exp": NOW + 120, "jti": "j-1", "sid": "s-1",
+        "events": {"http://schemas.openid.net/event/backchannel-logout": {}}});
+    let ok = jsonwebtoken::encode(&h, &base, &k.enc).unwrap();
+    assert_eq!(check(&ok, &[&k], &expect(TokenKind::Logout)), Ok(()));
+    for (what, patch) in [
+        ("nonce", json!({"nonce": "x"})),
+        ("no event", json!({"events": {}})),
+        ("no sid/sub", json!({"sid": null})),
+        ("no jti", json!({"jti": null})),
+    ] {
+        let mut c = base.clone();
+        for (k2, v) in patch.as_object().unwrap() {
+            if v.is_null() {
+                c.as_object_mut().unwrap().remove(k2);
+            } else {
+                c[k2] = v.clone();
+            }
+        }
+        let t = jsonwebtoken::encode(&h, &c, &k.enc).unwrap();
+        assert!(
+            check(&t, &[&k], &expect(TokenKind::Logout)).is_err(),
+            "{what}"
+        );
+    }
+    // An ID token is not a logout token.
+    assert!(check(&sign(&k, &claims()), &[&k], &expect(TokenKind::Logout)).is_err());
+}
+
+/// A JWKS endpoint on loopback that counts fetches and can rotate its keys.
+async fn jwks_server(keys: Arc<ArcSwap<Value>>, hits: Arc<AtomicUsize>) -> String {
+    let app = axum::Router::new().route(
+        "/jwks",
+        axum::routing::get(move || {
+            let (keys, hits) = (keys.clone(), hits.clone());
+            async move {
+                hits.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(50)).await; // make concurrent callers overlap
+                axum::Json((**keys.load()).clone())
+            }
+        }),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    format!("http://{addr}/jwks")
+}
+
+#[tokio::test]
+async fn unknown_kid_refetches_once_single_flight_rate_limited_and_survives_failures() {
+    let (k1, k2) = (key("k1"), key("k2"));
+    let keys = Arc::new(ArcSwap::from_pointee(json!({"keys": [k1.jwk.clone()]})));
+    let hits = Arc::new(AtomicUsize::new(0));
+    let uri = jwks_server(keys.clone(), hits.clone()).await;
+    let http = Arc::new(Http::new(Duration::from_secs(5)).unwrap());
+    let cache = Arc::new(JwksCache::new(uri, Duration::from_millis(300)));
+    cache.refresh(&http).await.unwrap();
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+    assert!(cache.key(&http, Some("k1")).await.is_ok());
+
+    // Rotation: k2 appears at the provider. 20 concurrent look-ups of the new kid → one fetch.
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    keys.store(Arc::new(json!({"keys": [k1.jwk.clone(), k2.jwk.clone()]})));
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let (c, h) = (cache.clone(), http.clone());
+        tasks.push(tokio::spawn(
+            async move { c.key(&h, Some("k2")).await.is_ok() },
+        ));
+    }
+    for t in tasks {
+        assert!(t.await.unwrap());
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 2, "single flight");
+
+    // A spray of random kids cannot make us hammer the provider: at most one fetch per floor.
+    for i in 0..50 {
+        assert!(cache.key(&http, Some(&format!("bogus-{i}"))).await.is_err());
+    }
+    assert!(
+        hits.load(Ordering::SeqCst) <= 3,
+        "rate-limited refetch: {}",
+        hits.load(Ordering::SeqCst)
+    );
+
+    // The provider breaks (no usable keys): we keep the keys we had.
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    keys.store(Arc::new(json!({"nope": true})));
+    assert!(cache.key(&http, Some("k3")).await.is_err());
+    assert!(
+        cache.key(&http, Some("k1")).await.is_ok(),
+        "old keys survive a failed fetch"
+    );
+    assert!(cache.key(&http, Some("k2")).await.is_ok());
+}
+
+#[test]
+fn encryption_and_symmetric_keys_in_the_jwks_are_ignored() {
+    let k = key("sig");
+    let set = json!({"keys": [
+        {"kty": "RSA", "use": "enc", "alg": "RSA-OAEP", "kid": "enc", "n": "sXch", "e": "AQAB"},
+        {"kty": "oct", "alg": "HS256", "kid": "hmac", "k": "c2VjcmV0"},
+        k.jwk,
+    ]});
+    assert!(super::jwks::test_pick(&set, Some("enc")).is_none());
+    assert!(super::jwks::test_pick(&set, Some("hmac")).is_none());
+    assert!(super::jwks::test_pick(&set, Some("sig")).is_some());
+    assert!(
+        super::jwks::test_pick(&set, None).is_some(),
+        "exactly one signing key: kid-less tokens may use it"
+    );
+}

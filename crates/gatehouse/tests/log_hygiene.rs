@@ -1,0 +1,111 @@
+//! SECURITY 8 and 25: secrets never reach the logs. Every log line (TRACE level, all crates) of a
+//! full session — code-flow login, password login, `/auth/me`, refresh, logout — is captured and
+//! searched for the session id, tokens, authorization code, client secret and password.
+
+#[path = "it/harness.rs"]
+mod harness;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use harness::*;
+use serde_json::json;
+
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn no_secret_appears_in_any_log_line() {
+    let cap = Capture::default();
+    let writer = cap.clone();
+    tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .init();
+
+    let work = Workdir::new();
+    let gate = Gate::start(&work, &Options::short_tokens()).await;
+    let mut b = Browser::default();
+    b.login(&gate.base, "alice").await;
+    let code = url::Url::parse(b.last_callback.as_ref().unwrap())
+        .unwrap()
+        .query_pairs()
+        .find(|(k, _)| k == "code")
+        .unwrap()
+        .1
+        .to_string();
+    let id = b.cookie(&gate.base, COOKIE).unwrap();
+    let (_, before) = session_tokens(&gate, &id).await;
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    assert_eq!(b.get(&format!("{}/auth/me", gate.base)).await.status, 200); // refreshes
+    let (_, after) = session_tokens(&gate, &id).await;
+    let mut p = Browser::default();
+    assert_eq!(
+        p.post_json(
+            &gate.base,
+            "/auth/login",
+            &json!({"username": "bob", "password": "bob-password"})
+        )
+        .await
+        .status,
+        200
+    );
+    assert_eq!(
+        p.post_json(
+            &gate.base,
+            "/auth/login",
+            &json!({"username": "bob", "password": "wrong-password-123"})
+        )
+        .await
+        .status,
+        401
+    );
+    let pid = p.cookie(&gate.base, COOKIE).unwrap();
+    assert_eq!(b.post(&gate.base, "/auth/logout").await.status, 200);
+    gate.stop().await;
+
+    let logs = String::from_utf8_lossy(&cap.0.lock().unwrap()).to_string();
+    assert!(
+        logs.contains("login succeeded"),
+        "authentication successes are logged"
+    );
+    assert!(
+        logs.contains("password login failed"),
+        "authentication failures are logged"
+    );
+    let mut secrets = vec![
+        ("session id", id.clone()),
+        ("second session id", pid),
+        ("authorization code", code),
+        ("client secret", "gatehouse-short-dev-secret".to_string()),
+        ("password", "bob-password".to_string()),
+        ("wrong password", "wrong-password-123".to_string()),
+        ("access token", before.access_token.clone()),
+        ("refreshed access token", after.access_token.clone()),
+    ];
+    for (what, t) in [
+        ("refresh token", &before.refresh_token),
+        ("rotated refresh token", &after.refresh_token),
+        ("id token", &before.id_token),
+    ] {
+        secrets.push((what, t.clone().unwrap()));
+    }
+    for (what, secret) in secrets {
+        // Any 24-character window of the secret is enough to count as a leak.
+        let probe = &secret[secret.len().saturating_sub(24)..];
+        assert!(!logs.contains(probe), "{what} leaked into the logs");
+    }
+    assert!(!looks_like_jwt(&logs), "a JWT leaked into the logs");
+}
