@@ -2,6 +2,8 @@
 //! full session — code-flow login, password login, `/auth/me`, refresh, logout — is captured and
 //! searched for the session id, tokens, authorization code, client secret and password.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests may fail loudly
+
 #[path = "it/harness.rs"]
 mod harness;
 

@@ -3,6 +3,8 @@
 //! was loaded, and everything recovers when Keycloak is back (with new signing keys, since the
 //! restarted test instance starts from a fresh database: this exercises JWKS rotation for real).
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests may fail loudly
+
 #[path = "it/harness.rs"]
 mod harness;
 

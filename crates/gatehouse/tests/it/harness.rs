@@ -2,7 +2,7 @@
 //! Keycloak started by `make test` (`scripts/keycloak.sh start test 18180`), and a tiny browser
 //! (manual cookie jar, no redirect following) that walks Keycloak's real login form.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::TcpListener as StdListener;

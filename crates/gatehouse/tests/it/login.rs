@@ -262,8 +262,10 @@ async fn callback_rejects_missing_wrong_or_replayed_state() {
     // The rightful browser completes once; replaying the callback fails (login cookie is single-use).
     let ok = victim.get(&callback).await;
     assert_eq!(ok.status, 303);
-    let mut replay = Browser::default();
-    replay.jar = victim.jar.clone();
+    let mut replay = Browser {
+        jar: victim.jar.clone(),
+        ..Browser::default()
+    };
     replay
         .jar
         .get_mut(&callback_host(&gate.base))
