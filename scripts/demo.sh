@@ -1,0 +1,213 @@
+#!/usr/bin/env bash
+# Run the Gatehouse demo: Keycloak (realm `gatehouse`) on http://localhost:8180 and Gatehouse
+# serving the demo page from web/ on http://localhost:8080.
+#
+#   scripts/demo.sh [PATH-TO-GATEHOUSE-BINARY]
+#
+# The binary is $1, else $GATEHOUSE_BIN, else target/release/gatehouse (`make demo` builds it
+# and passes it). Everything the demo writes lives in .demo/ (git-ignored): the session
+# encryption key (created once), the client secret file, gatehouse.toml and the session store.
+# Ctrl-C (or TERM, or any exit) stops Gatehouse and the Keycloak `demo` instance.
+#
+# Needs: curl, plus what scripts/keycloak.sh needs (a JDK >= 21, unzip, flock; mvn for the
+# first Keycloak download).
+set -euo pipefail
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+log() { echo "demo.sh: $*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# A binary given by the caller is relative to the caller's directory; the default is in the repo.
+if [[ -n "${1:-${GATEHOUSE_BIN:-}}" ]]; then
+    BIN="${1:-$GATEHOUSE_BIN}"
+else
+    BIN="$REPO_ROOT/target/release/gatehouse"
+fi
+[[ -x "$BIN" && ! -d "$BIN" ]] || die "Gatehouse binary '$BIN' not found or not executable; build it first (make demo does) or pass its path"
+BIN="$(cd "$(dirname "$BIN")" && pwd)/$(basename "$BIN")"
+
+cd "$REPO_ROOT" # every relative path below (and in the generated config) is from the repo root
+DEMO_DIR=".demo"
+CONFIG="$DEMO_DIR/gatehouse.toml"
+KEY_FILE="$DEMO_DIR/session-key"
+SECRET_FILE="$DEMO_DIR/oidc-client-secret"
+PID_FILE="$DEMO_DIR/gatehouse.pid"
+KC_NAME="demo"
+KC_PORT=8180
+PUBLIC_URL="http://localhost:8080"
+ADMIN_ADDR="127.0.0.1:9090"
+ISSUER="http://localhost:$KC_PORT/realms/gatehouse"
+READY_TIMEOUT="${DEMO_READY_TIMEOUT:-90}"
+
+command -v curl >/dev/null 2>&1 || die "'curl' not found on PATH (apt-get install -y curl)"
+
+# Gatehouse reads every GATEHOUSE_* environment variable (any case) as configuration and rejects
+# unknown keys, so the tooling's own variables (GATEHOUSE_BIN, GATEHOUSE_CACHE,
+# GATEHOUSE_REALM_FILE, GATEHOUSE_CONFIG, ...) must not reach it. Real overrides such as
+# GATEHOUSE_SESSION__IDLE_TIMEOUT=5m pass through.
+# (An array, not a function: `env ... &` must be a simple command so that `$!` is Gatehouse's pid.)
+GH_ENV=(env)
+for v in $(compgen -e); do
+    if [[ "${v^^}" == GATEHOUSE_* && ! "${v^^}" =~ ^GATEHOUSE_(PUBLIC|OIDC|SESSION|ADMIN|LOG)__ ]]; then
+        GH_ENV+=(-u "$v")
+    fi
+done
+
+# ---------------------------------------------------------------- an earlier demo
+
+mkdir -p "$DEMO_DIR"
+chmod 700 "$DEMO_DIR"
+
+SCRIPT_PID_FILE="$DEMO_DIR/demo.pid"
+# pid from FILE if that process is alive and its command line contains PATTERN (pids get reused).
+live_pid() {
+    local pid
+    pid="$(cat "$1" 2>/dev/null || true)"
+    if [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null &&
+        tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$2"; then
+        echo "$pid"
+    fi
+}
+
+# A demo that is still running is left alone (no trap is set yet, so dying here stops nothing).
+if old="$(live_pid "$SCRIPT_PID_FILE" demo.sh)" && [[ -n "$old" && "$old" != "$$" ]]; then
+    die "the demo is already running (pid $old): open http://localhost:8080, or stop it with Ctrl-C in its terminal (or: kill $old)"
+fi
+# If an earlier run was killed hard (KILL), its Gatehouse may still hold the ports: stop it.
+if old="$(live_pid "$PID_FILE" "serve --config $CONFIG")" && [[ -n "$old" ]]; then
+    log "stopping the Gatehouse left over by an earlier demo (pid $old)"
+    kill -TERM "$old" 2>/dev/null || true
+    for ((i = 0; i < 100; i++)); do kill -0 "$old" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$old" 2>/dev/null || true
+fi
+rm -f "$PID_FILE"
+
+port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+port_in_use 8080 && die "port 8080 is in use by another process; the demo needs it (Keycloak only accepts http://localhost:8080/auth/callback)"
+port_in_use 9090 && die "port 9090 (Gatehouse admin) is in use by another process"
+
+# ---------------------------------------------------------------- stop everything on the way out
+
+GH_PID=""
+CLEANED=0
+# shellcheck disable=SC2317 # invoked by the EXIT trap
+cleanup() {
+    ((CLEANED)) && return 0
+    CLEANED=1
+    trap - INT TERM HUP
+    if [[ -n "$GH_PID" ]] && kill -0 "$GH_PID" 2>/dev/null; then
+        log "stopping Gatehouse (pid $GH_PID) ..."
+        kill -TERM "$GH_PID" 2>/dev/null || true
+        local i
+        for ((i = 0; i < 100; i++)); do # 10 s for a graceful shutdown
+            kill -0 "$GH_PID" 2>/dev/null || break
+            sleep 0.1
+        done
+        if kill -0 "$GH_PID" 2>/dev/null; then
+            log "Gatehouse did not stop after 10s; sending KILL"
+            kill -KILL "$GH_PID" 2>/dev/null || true
+        fi
+        wait "$GH_PID" 2>/dev/null || true
+    fi
+    rm -f "$PID_FILE" "$SCRIPT_PID_FILE"
+    log "stopping Keycloak instance '$KC_NAME' ..."
+    scripts/keycloak.sh stop "$KC_NAME" || true
+    log "demo stopped"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+trap 'exit 129' HUP
+echo "$$" >"$SCRIPT_PID_FILE"
+
+# ---------------------------------------------------------------- secrets and config in .demo/
+
+(
+    umask 077
+    if [[ ! -s "$KEY_FILE" ]]; then
+        # 32 random bytes, base64: the AES-256-GCM key that encrypts tokens at rest. Created once
+        # and kept, so the session store written by an earlier run stays readable.
+        head -c 32 /dev/urandom | base64 >"$KEY_FILE.tmp"
+        mv "$KEY_FILE.tmp" "$KEY_FILE"
+        echo "demo.sh: created session encryption key $KEY_FILE" >&2
+    fi
+    # The dev secret of client `gatehouse` in deploy/keycloak/gatehouse-realm.json.
+    printf '%s\n' "gatehouse-dev-secret" >"$SECRET_FILE"
+)
+chmod 600 "$KEY_FILE" "$SECRET_FILE"
+
+cat >"$CONFIG" <<EOF
+# Written by scripts/demo.sh on every run; edit the script, not this file.
+# Relative paths are resolved from the repository root (the script runs from there).
+# Reference: docs/configuration.md
+
+[public]
+listen = "127.0.0.1:8080"
+external_url = "$PUBLIC_URL"
+static_dir = "web"
+
+[oidc]
+issuer = "$ISSUER"
+client_id = "gatehouse"
+client_secret_file = "$SECRET_FILE"
+password_login = true
+
+[session]
+path = "$DEMO_DIR/sessions.redb"
+encryption_key_file = "$KEY_FILE"
+
+[admin]
+listen = "$ADMIN_ADDR"
+EOF
+chmod 600 "$CONFIG"
+
+"${GH_ENV[@]}" "$BIN" check-config --config "$CONFIG" || die "the generated $CONFIG is invalid (see above)"
+
+# ---------------------------------------------------------------- Keycloak
+
+# Idempotent: does nothing if the demo instance already answers on $KC_PORT. Downloads Keycloak
+# on first use. Each start re-imports the realm into a fresh database.
+scripts/keycloak.sh start "$KC_NAME" "$KC_PORT"
+
+# ---------------------------------------------------------------- Gatehouse
+
+log "starting Gatehouse: $BIN serve --config $CONFIG"
+"${GH_ENV[@]}" "$BIN" serve --config "$CONFIG" &
+GH_PID=$! # `env` execs the binary, so this is Gatehouse's own pid
+echo "$GH_PID" >"$PID_FILE"
+
+t0=$SECONDS
+until curl -fsS -o /dev/null --max-time 2 "$PUBLIC_URL/readyz" 2>/dev/null; do
+    kill -0 "$GH_PID" 2>/dev/null || { wait "$GH_PID" 2>/dev/null || true; GH_PID=""; die "Gatehouse exited during start-up (see its log above)"; }
+    ((SECONDS - t0 < READY_TIMEOUT)) || die "Gatehouse not ready after ${READY_TIMEOUT}s: $(curl -s --max-time 2 "$PUBLIC_URL/readyz" || true)"
+    sleep 0.5
+done
+
+cat >&2 <<EOF
+
+  ================================================================
+   Gatehouse demo is running
+
+   Open             $PUBLIC_URL
+   Demo users       alice / alice-password  (realm roles admin, user)
+                    bob   / bob-password    (realm role user)
+   Keycloak admin   http://localhost:$KC_PORT  (admin / admin)
+   Metrics          http://$ADMIN_ADDR/metrics
+
+   Password login without a browser:
+     curl -i -X POST $PUBLIC_URL/auth/login -H 'X-CSRF: 1' \\
+       -H 'Origin: $PUBLIC_URL' -H 'content-type: application/json' \\
+       -d '{"username":"alice","password":"alice-password"}'
+
+   Press Ctrl-C to stop Gatehouse and Keycloak.
+  ================================================================
+
+EOF
+
+# Wait for Gatehouse; a signal interrupts the wait and the traps stop everything.
+status=0
+wait "$GH_PID" || status=$?
+GH_PID=""
+log "Gatehouse exited (status $status)"
+exit "$status"
