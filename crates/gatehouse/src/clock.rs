@@ -25,10 +25,7 @@ impl SystemClock {
 
 impl Clock for SystemClock {
     fn now(&self) -> UnixTime {
-        let real = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
+        let real = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
         real + self.offset.load(Ordering::Relaxed)
     }
 }

@@ -23,10 +23,7 @@ pub enum ConfigError {
 }
 
 fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key,
-        problem: problem.into(),
-    }
+    ConfigError::Invalid { key, problem: problem.into() }
 }
 
 #[derive(Debug, Deserialize)]
@@ -39,6 +36,9 @@ pub struct Config {
     /// Server-side sessions.
     #[serde(default)]
     pub session: SessionConfig,
+    /// The East-West listener (session exchange for internal services); absent = not started.
+    #[serde(default)]
+    pub internal: Option<InternalConfig>,
     /// The admin listener (metrics, health).
     #[serde(default)]
     pub admin: AdminConfig,
@@ -62,7 +62,7 @@ pub struct PublicConfig {
     #[serde(default)]
     pub allow_insecure_http: bool,
     /// Peers (IPs or CIDRs) whose `X-Forwarded-For` is trusted for the client IP (rate limits, audit).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de_networks")]
     pub trusted_proxies: Vec<IpNet>,
     /// Largest request body accepted on `/auth/*` routes.
     #[serde(default = "defaults::max_body_bytes")]
@@ -153,10 +153,7 @@ pub struct SessionConfig {
     #[serde(default = "defaults::idle_timeout", deserialize_with = "de_duration")]
     pub idle_timeout: Duration,
     /// A session ends this long after login, whatever happens.
-    #[serde(
-        default = "defaults::absolute_timeout",
-        deserialize_with = "de_duration"
-    )]
+    #[serde(default = "defaults::absolute_timeout", deserialize_with = "de_duration")]
     pub absolute_timeout: Duration,
     /// File holding the 32-byte token-encryption key, base64.
     #[serde(default)]
@@ -196,6 +193,47 @@ impl Default for SessionConfig {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InternalMode {
+    /// Gatehouse terminates mutual TLS itself.
+    Mtls,
+    /// An Envoy sidecar terminates mTLS; plain HTTP on loopback, identity from `x-forwarded-client-cert`.
+    Envoy,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InternalConfig {
+    /// Address of the internal listener.
+    #[serde(default = "defaults::internal_listen")]
+    pub listen: SocketAddr,
+    /// `mtls` (default) or `envoy`.
+    #[serde(default = "defaults::internal_mode")]
+    pub mode: InternalMode,
+    /// Server certificate chain (PEM), `mtls` mode.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// Server private key (PEM), `mtls` mode.
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// CA bundle (PEM) that client certificates must chain to, `mtls` mode.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    /// Callers allowed to exchange: exact SPIFFE IDs or DNS names. No prefixes, no patterns.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// How often the TLS files are checked for changes.
+    #[serde(default = "defaults::reload_interval", deserialize_with = "de_duration")]
+    pub reload_interval: Duration,
+    /// Longest time a client may take to complete the TLS handshake.
+    #[serde(default = "defaults::handshake_timeout", deserialize_with = "de_duration")]
+    pub handshake_timeout: Duration,
+    /// Exchanges per second allowed per caller identity (burst of the same size).
+    #[serde(default = "defaults::internal_rate")]
+    pub rate_limit_per_second: u32,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
@@ -206,9 +244,7 @@ pub struct AdminConfig {
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        Self {
-            listen: defaults::admin_listen(),
-        }
+        Self { listen: defaults::admin_listen() }
     }
 }
 
@@ -232,10 +268,7 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self {
-            format: defaults::log_format(),
-            level: defaults::log_level(),
-        }
+        Self { format: defaults::log_format(), level: defaults::log_level() }
     }
 }
 
@@ -289,12 +322,38 @@ mod defaults {
     pub fn sweep_interval() -> Duration {
         Duration::from_secs(60)
     }
+    pub fn internal_listen() -> SocketAddr {
+        SocketAddr::from(([0, 0, 0, 0], 8443))
+    }
+    pub fn internal_mode() -> InternalMode {
+        InternalMode::Mtls
+    }
+    pub fn reload_interval() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn handshake_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn internal_rate() -> u32 {
+        1000
+    }
     pub fn log_format() -> LogFormat {
         LogFormat::Text
     }
     pub fn log_level() -> String {
         "info".into()
     }
+}
+
+fn de_networks<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|s| {
+            s.parse::<IpNet>()
+                .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+                .map_err(|_| serde::de::Error::custom(format!("`{s}` is neither an IP address nor a CIDR block")))
+        })
+        .collect()
 }
 
 fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -306,9 +365,8 @@ fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     }
     match Raw::deserialize(d)? {
         Raw::Seconds(s) => Ok(Duration::from_secs(s)),
-        Raw::Text(t) => humantime::parse_duration(t.trim()).map_err(|e| {
-            serde::de::Error::custom(format!("`{t}` is not a duration like 30s, 15m or 12h: {e}"))
-        }),
+        Raw::Text(t) => humantime::parse_duration(t.trim())
+            .map_err(|e| serde::de::Error::custom(format!("`{t}` is not a duration like 30s, 15m or 12h: {e}"))),
     }
 }
 
@@ -325,27 +383,23 @@ impl Config {
     /// Read the file, apply `GATEHOUSE_…` overrides and validate.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         if !path.exists() {
-            return Err(ConfigError::Parse(format!(
-                "config file {} does not exist",
-                path.display()
-            )));
+            return Err(ConfigError::Parse(format!("config file {} does not exist", path.display())));
         }
         Self::from_figment(
-            Figment::new()
-                .merge(Toml::file(path))
-                .merge(Env::prefixed("GATEHOUSE_").split("__")),
+            Figment::new().merge(Toml::file(path)).merge(
+                Env::prefixed("GATEHOUSE_")
+                    // Only nested keys (`GATEHOUSE_OIDC__CLIENT_ID`) are configuration: tooling variables
+                    // such as GATEHOUSE_CONFIG or GATEHOUSE_CACHE must not be read as unknown keys.
+                    .filter(|k| k.as_str().contains("__"))
+                    .split("__"),
+            ),
         )
     }
 
     pub fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
         let config: Config = figment.extract().map_err(|e| {
             // figment names the key ("for key `oidc.issuer`"); keep every error it found.
-            ConfigError::Parse(
-                e.into_iter()
-                    .map(|e| e.to_string())
-                    .collect::<Vec<_>>()
-                    .join("; "),
-            )
+            ConfigError::Parse(e.into_iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))
         })?;
         config.validate()?;
         Ok(config)
@@ -364,10 +418,7 @@ impl Config {
                 ));
             }
             other => {
-                return Err(invalid(
-                    "public.external_url",
-                    format!("scheme `{other}` is not http or https"),
-                ));
+                return Err(invalid("public.external_url", format!("scheme `{other}` is not http or https")));
             }
         }
         if ext.query().is_some() || ext.fragment().is_some() || ext.path() != "/" {
@@ -378,34 +429,22 @@ impl Config {
         }
         let iss = &self.oidc.issuer;
         if iss.scheme() != "https" && !(iss.scheme() == "http" && is_loopback_host(iss)) {
-            return Err(invalid(
-                "oidc.issuer",
-                "must be https (plain http only for a provider on loopback)",
-            ));
+            return Err(invalid("oidc.issuer", "must be https (plain http only for a provider on loopback)"));
         }
         if self.oidc.client_id.trim().is_empty() {
             return Err(invalid("oidc.client_id", "must not be empty"));
         }
         if self.oidc.client_secret.is_some() && self.oidc.client_secret_file.is_some() {
-            return Err(invalid(
-                "oidc.client_secret",
-                "set either client_secret or client_secret_file, not both",
-            ));
+            return Err(invalid("oidc.client_secret", "set either client_secret or client_secret_file, not both"));
         }
         if self.oidc.client_secret.is_none() && self.oidc.client_secret_file.is_none() {
-            return Err(invalid(
-                "oidc.client_secret_file",
-                "a confidential client needs a secret",
-            ));
+            return Err(invalid("oidc.client_secret_file", "a confidential client needs a secret"));
         }
         if !self.oidc.scopes.iter().any(|s| s == "openid") {
             return Err(invalid("oidc.scopes", "must include `openid`"));
         }
         if self.oidc.algorithms.is_empty() {
-            return Err(invalid(
-                "oidc.algorithms",
-                "must list at least one algorithm",
-            ));
+            return Err(invalid("oidc.algorithms", "must list at least one algorithm"));
         }
         for alg in &self.oidc.algorithms {
             crate::oidc::parse_allowed_algorithm(alg).map_err(|p| invalid("oidc.algorithms", p))?;
@@ -413,23 +452,18 @@ impl Config {
         if self.oidc.refresh_skew > Duration::from_secs(3600) {
             return Err(invalid("oidc.refresh_skew", "must be at most 1h"));
         }
-        if self.oidc.password_login_per_ip_per_minute == 0
-            || self.oidc.password_login_per_user_per_minute == 0
-        {
-            return Err(invalid(
-                "oidc.password_login_per_ip_per_minute",
-                "rate limits must be at least 1",
-            ));
+        if self.oidc.password_login_per_ip_per_minute == 0 {
+            return Err(invalid("oidc.password_login_per_ip_per_minute", "must be at least 1"));
+        }
+        if self.oidc.password_login_per_user_per_minute == 0 {
+            return Err(invalid("oidc.password_login_per_user_per_minute", "must be at least 1"));
         }
         let s = &self.session;
         if s.idle_timeout < Duration::from_secs(60) {
             return Err(invalid("session.idle_timeout", "must be at least 1m"));
         }
         if s.absolute_timeout < s.idle_timeout {
-            return Err(invalid(
-                "session.absolute_timeout",
-                "must not be shorter than session.idle_timeout",
-            ));
+            return Err(invalid("session.absolute_timeout", "must not be shorter than session.idle_timeout"));
         }
         if s.encryption_key.is_some() && s.encryption_key_file.is_some() {
             return Err(invalid(
@@ -438,10 +472,7 @@ impl Config {
             ));
         }
         if s.encryption_key.is_none() && s.encryption_key_file.is_none() {
-            return Err(invalid(
-                "session.encryption_key_file",
-                "tokens are encrypted at rest: a key is required",
-            ));
+            return Err(invalid("session.encryption_key_file", "tokens are encrypted at rest: a key is required"));
         }
         if s.store == StoreKind::Redis {
             return Err(invalid(
@@ -455,36 +486,24 @@ impl Config {
                 "must start with `__Host-` (the prefix pins Secure, Path=/ and no Domain)",
             ));
         }
-        if s.cookie_name.len() > 64
-            || !s
-                .cookie_name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
-        {
-            return Err(invalid(
-                "session.cookie_name",
-                "use at most 64 letters, digits, `-` or `_`",
-            ));
+        if s.cookie_name.len() > 64 || !s.cookie_name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b)) {
+            return Err(invalid("session.cookie_name", "use at most 64 letters, digits, `-` or `_`"));
         }
         if s.sweep_interval < Duration::from_secs(1) {
             return Err(invalid("session.sweep_interval", "must be at least 1s"));
         }
-        if self.public.listen == self.admin.listen {
-            return Err(invalid(
-                "admin.listen",
-                "must differ from public.listen: listeners are never mixed",
-            ));
+        if same_port(self.public.listen, self.admin.listen) {
+            return Err(invalid("admin.listen", "must differ from public.listen: listeners are never mixed"));
         }
         if let Some(dir) = &self.public.static_dir
             && !dir.is_dir()
         {
-            return Err(invalid(
-                "public.static_dir",
-                format!("{} is not a directory", dir.display()),
-            ));
+            return Err(invalid("public.static_dir", format!("{} is not a directory", dir.display())));
         }
-        tracing_subscriber::EnvFilter::try_new(&self.log.level)
-            .map_err(|e| invalid("log.level", e.to_string()))?;
+        if let Some(i) = &self.internal {
+            i.validate(self)?;
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| invalid("log.level", e.to_string()))?;
         Ok(())
     }
 
@@ -510,40 +529,94 @@ impl Config {
         let secure = ext.scheme() == "https" || is_localhost(ext);
         let base = self.session.cookie_name.trim_start_matches("__Host-");
         let (name, login_name) = if secure {
-            (
-                self.session.cookie_name.clone(),
-                format!("__Host-{base}-login"),
-            )
+            (self.session.cookie_name.clone(), format!("__Host-{base}-login"))
         } else {
             (base.to_string(), format!("{base}-login"))
         };
-        CookieSettings {
-            name,
-            login_name,
-            secure,
-            same_site: self.session.same_site,
-        }
+        CookieSettings { name, login_name, secure, same_site: self.session.same_site }
     }
 
     /// Non-fatal remarks for `check-config` and start-up logs.
     pub fn warnings(&self) -> Vec<String> {
         let mut w = Vec::new();
         if !self.cookie().secure {
-            w.push("public.allow_insecure_http: the session cookie is sent without `Secure` or the `__Host-` prefix".into());
+            w.push(
+                "public.allow_insecure_http: the session cookie is sent without `Secure` or the `__Host-` prefix"
+                    .into(),
+            );
         }
         if !self.admin.listen.ip().is_loopback() {
-            w.push(format!(
-                "admin.listen {} is not loopback: protect it at the network level",
-                self.admin.listen
-            ));
+            w.push(format!("admin.listen {} is not loopback: protect it at the network level", self.admin.listen));
+        }
+        if self.internal.as_ref().is_some_and(|i| i.allow.is_empty()) {
+            w.push("internal.allow is empty: no service can exchange sessions".into());
         }
         if self.oidc.password_login {
-            w.push(
-                "oidc.password_login is on: Gatehouse sees user passwords (rate-limited)".into(),
-            );
+            w.push("oidc.password_login is on: Gatehouse sees user passwords (rate-limited)".into());
         }
         w
     }
+}
+
+impl InternalConfig {
+    fn validate(&self, all: &Config) -> Result<(), ConfigError> {
+        if same_port(self.listen, all.public.listen) || same_port(self.listen, all.admin.listen) {
+            return Err(invalid(
+                "internal.listen",
+                "must differ from public.listen and admin.listen: listeners are never mixed",
+            ));
+        }
+        match self.mode {
+            InternalMode::Mtls => {
+                for (key, path) in [
+                    ("internal.cert", &self.cert),
+                    ("internal.key", &self.key),
+                    ("internal.client_ca", &self.client_ca),
+                ] {
+                    match path {
+                        None => return Err(invalid(key, "required in mtls mode")),
+                        Some(p) if !p.is_file() => {
+                            return Err(invalid(key, format!("{} is not a readable file", p.display())));
+                        }
+                        Some(_) => {}
+                    }
+                }
+            }
+            InternalMode::Envoy => {
+                // Plain HTTP trusting a header is only safe when nobody but the local sidecar can connect.
+                if !self.listen.ip().is_loopback() {
+                    return Err(invalid(
+                        "internal.listen",
+                        "envoy mode speaks plain HTTP and must bind a loopback address (127.0.0.1 or ::1)",
+                    ));
+                }
+            }
+        }
+        for id in &self.allow {
+            let ok = if id.contains("://") {
+                crate::tls::identity::parse_spiffe_id(id).is_ok()
+            } else {
+                !id.is_empty()
+                    && id.len() <= 253
+                    && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.".contains(&b))
+            };
+            if !ok {
+                return Err(invalid(
+                    "internal.allow",
+                    format!("`{id}` is neither a valid SPIFFE ID nor a lower-case DNS name (matching is exact)"),
+                ));
+            }
+        }
+        if self.rate_limit_per_second == 0 {
+            return Err(invalid("internal.rate_limit_per_second", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+/// Two bind addresses collide if they share a port and one is a wildcard or both are the same IP.
+fn same_port(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0 && a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 fn is_localhost(url: &Url) -> bool {
@@ -561,8 +634,8 @@ fn is_loopback_host(url: &Url) -> bool {
 
 /// Read a secret from a file, trimming one trailing newline; the error names the key, never the content.
 pub fn read_secret_file(key: &'static str, path: &Path) -> Result<SecretString, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))?;
     let trimmed = text.trim_end_matches(['\n', '\r']);
     if trimmed.is_empty() {
         return Err(invalid(key, format!("{} is empty", path.display())));
@@ -588,8 +661,7 @@ mod tests {
     "#;
 
     fn load(jail: &mut Jail, text: &str) -> Result<Config, ConfigError> {
-        jail.create_file("g.toml", text)
-            .map_err(|e| ConfigError::Parse(e.to_string()))?;
+        jail.create_file("g.toml", text).map_err(|e| ConfigError::Parse(e.to_string()))?;
         Config::load(Path::new("g.toml"))
     }
 
@@ -609,11 +681,7 @@ mod tests {
     #[test]
     fn unknown_key_is_named() {
         Jail::expect_with(|jail| {
-            let err = load(
-                jail,
-                &format!("{MINIMAL}\n[admin]\nlisten = \"127.0.0.1:9\"\nlisen = 1\n"),
-            )
-            .unwrap_err();
+            let err = load(jail, &format!("{MINIMAL}\n[admin]\nlisten = \"127.0.0.1:9\"\nlisen = 1\n")).unwrap_err();
             assert!(err.to_string().contains("lisen"), "{err}");
             Ok(())
         });
@@ -635,38 +703,17 @@ mod tests {
     fn bad_values_name_the_key() {
         Jail::expect_with(|jail| {
             let cases = [
+                (MINIMAL.replace("http://localhost:8080", "http://example.com"), "public.external_url"),
+                (MINIMAL.replace("http://127.0.0.1:8180", "http://idp.example.com"), "oidc.issuer"),
+                (format!("{MINIMAL}\nidle_timeout = \"soon\""), "idle_timeout"),
+                (MINIMAL.replace("client_secret = \"s3cret\"", ""), "oidc.client_secret_file"),
+                (format!("{MINIMAL}\ncookie_name = \"gatehouse\""), "session.cookie_name"),
                 (
-                    MINIMAL.replace("http://localhost:8080", "http://example.com"),
-                    "public.external_url",
-                ),
-                (
-                    MINIMAL.replace("http://127.0.0.1:8180", "http://idp.example.com"),
-                    "oidc.issuer",
-                ),
-                (
-                    format!("{MINIMAL}\nidle_timeout = \"soon\""),
-                    "idle_timeout",
-                ),
-                (
-                    MINIMAL.replace("client_secret = \"s3cret\"", ""),
-                    "oidc.client_secret_file",
-                ),
-                (
-                    format!("{MINIMAL}\ncookie_name = \"gatehouse\""),
-                    "session.cookie_name",
-                ),
-                (
-                    MINIMAL.replace(
-                        "client_id = \"gatehouse\"",
-                        "client_id = \"gatehouse\"\nalgorithms = [\"HS256\"]",
-                    ),
+                    MINIMAL.replace("client_id = \"gatehouse\"", "client_id = \"gatehouse\"\nalgorithms = [\"HS256\"]"),
                     "oidc.algorithms",
                 ),
                 (
-                    MINIMAL.replace(
-                        "client_id = \"gatehouse\"",
-                        "client_id = \"gatehouse\"\nalgorithms = [\"none\"]",
-                    ),
+                    MINIMAL.replace("client_id = \"gatehouse\"", "client_id = \"gatehouse\"\nalgorithms = [\"none\"]"),
                     "oidc.algorithms",
                 ),
             ];

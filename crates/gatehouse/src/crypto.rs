@@ -72,10 +72,7 @@ pub struct Keyring {
 impl Keyring {
     /// `primary` first, then older keys still accepted for opening.
     pub fn new(primary: &SecretString, previous: &[SecretString]) -> Result<Self, CryptoError> {
-        let keys = std::iter::once(primary)
-            .chain(previous)
-            .map(Self::load)
-            .collect::<Result<_, _>>()?;
+        let keys = std::iter::once(primary).chain(previous).map(Self::load).collect::<Result<_, _>>()?;
         Ok(Self { keys })
     }
 
@@ -94,8 +91,7 @@ impl Keyring {
         let digest = sha256(&[b"gatehouse-key-id:".as_slice(), raw.as_slice()].concat());
         let mut id = [0u8; KEY_ID_LEN];
         id.copy_from_slice(&digest[..KEY_ID_LEN]);
-        let key =
-            LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &raw).map_err(|_| CryptoError::BadKey)?);
+        let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &raw).map_err(|_| CryptoError::BadKey)?);
         Ok(Key { id, key })
     }
 
@@ -110,11 +106,7 @@ impl Keyring {
         out.extend_from_slice(&nonce_bytes);
         let mut body = plaintext.to_vec();
         key.key
-            .seal_in_place_append_tag(
-                Nonce::assume_unique_for_key(nonce_bytes),
-                Aad::from(aad),
-                &mut body,
-            )
+            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce_bytes), Aad::from(aad), &mut body)
             .map_err(|_| CryptoError::Seal)?;
         out.extend_from_slice(&body);
         Ok(out)
@@ -126,19 +118,10 @@ impl Keyring {
             return Err(CryptoError::Open);
         }
         let id = &sealed[1..1 + KEY_ID_LEN];
-        let key = self
-            .keys
-            .iter()
-            .find(|k| k.id == id)
-            .ok_or(CryptoError::Open)?;
-        let nonce = Nonce::try_assume_unique_for_key(&sealed[1 + KEY_ID_LEN..header])
-            .map_err(|_| CryptoError::Open)?;
+        let key = self.keys.iter().find(|k| k.id == id).ok_or(CryptoError::Open)?;
+        let nonce = Nonce::try_assume_unique_for_key(&sealed[1 + KEY_ID_LEN..header]).map_err(|_| CryptoError::Open)?;
         let mut body = Zeroizing::new(sealed[header..].to_vec());
-        let len = key
-            .key
-            .open_in_place(nonce, Aad::from(aad), &mut body)
-            .map_err(|_| CryptoError::Open)?
-            .len();
+        let len = key.key.open_in_place(nonce, Aad::from(aad), &mut body).map_err(|_| CryptoError::Open)?.len();
         body.truncate(len);
         Ok(body)
     }
@@ -164,18 +147,9 @@ mod tests {
     fn seal_open_roundtrip_and_aad_binding() {
         let ring = Keyring::new(&key(1), &[]).unwrap();
         let sealed = ring.seal(b"refresh-token", b"session-a").unwrap();
-        assert!(
-            !sealed.windows(7).any(|w| w == b"refresh"),
-            "plaintext visible in envelope"
-        );
-        assert_eq!(
-            &ring.open(&sealed, b"session-a").unwrap()[..],
-            b"refresh-token"
-        );
-        assert!(
-            ring.open(&sealed, b"session-b").is_err(),
-            "AAD must bind the record"
-        );
+        assert!(!sealed.windows(7).any(|w| w == b"refresh"), "plaintext visible in envelope");
+        assert_eq!(&ring.open(&sealed, b"session-a").unwrap()[..], b"refresh-token");
+        assert!(ring.open(&sealed, b"session-b").is_err(), "AAD must bind the record");
         let mut tampered = sealed.clone();
         let last = tampered.len() - 1;
         tampered[last] ^= 1;

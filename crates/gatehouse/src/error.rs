@@ -14,12 +14,19 @@ use crate::oidc::OidcError;
 pub enum ApiError {
     #[error("authentication required")]
     Unauthenticated,
+    /// The exchange's one answer for unknown, expired and revoked sessions (no oracle).
+    #[error("unknown, expired or revoked session")]
+    InvalidSession,
     #[error("{1}")]
     BadRequest(&'static str, String),
     #[error("{1}")]
     Forbidden(&'static str, String),
     #[error("not found")]
     NotFound,
+    #[error("method not allowed on this path")]
+    MethodNotAllowed,
+    #[error("request body too large")]
+    PayloadTooLarge,
     #[error("too many requests; retry later")]
     TooManyRequests,
     #[error("invalid username or password")]
@@ -38,8 +45,11 @@ impl ApiError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::Unauthenticated => "unauthenticated",
+            Self::InvalidSession => "invalid_session",
             Self::BadRequest(code, _) | Self::Forbidden(code, _) => code,
             Self::NotFound => "not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::PayloadTooLarge => "payload_too_large",
             Self::TooManyRequests => "rate_limited",
             Self::InvalidCredentials => "invalid_credentials",
             Self::ProviderUnavailable => "idp_unavailable",
@@ -51,10 +61,12 @@ impl ApiError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::Unauthenticated | Self::InvalidCredentials => StatusCode::UNAUTHORIZED,
+            Self::Unauthenticated | Self::InvalidSession | Self::InvalidCredentials => StatusCode::UNAUTHORIZED,
             Self::BadRequest(..) => StatusCode::BAD_REQUEST,
             Self::Forbidden(..) => StatusCode::FORBIDDEN,
             Self::NotFound => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
             Self::ProviderUnavailable | Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::ProviderError => StatusCode::BAD_GATEWAY,
@@ -70,17 +82,10 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        let mut resp = (
-            status,
-            Json(json!({"error": self.code(), "message": self.to_string()})),
-        )
-            .into_response();
+        let mut resp = (status, Json(json!({"error": self.code(), "message": self.to_string()}))).into_response();
         let h = resp.headers_mut();
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        if matches!(
-            self,
-            Self::ProviderUnavailable | Self::StoreUnavailable | Self::TooManyRequests
-        ) {
+        if matches!(self, Self::ProviderUnavailable | Self::StoreUnavailable | Self::TooManyRequests) {
             h.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
         }
         resp
@@ -107,10 +112,9 @@ impl From<OidcError> for ApiError {
             }
             OidcError::NotReady => Self::ProviderUnavailable,
             OidcError::InvalidCredentials => Self::InvalidCredentials,
-            OidcError::InvalidGrant => Self::bad_request(
-                "login_failed",
-                "the authorization code was rejected; start the login again",
-            ),
+            OidcError::InvalidGrant => {
+                Self::bad_request("login_failed", "the authorization code was rejected; start the login again")
+            }
             OidcError::InvalidToken(why) => {
                 tracing::warn!(reason = why, "token validation failed");
                 Self::bad_request(

@@ -83,15 +83,7 @@ impl Exchange {
         settings: ExchangeSettings,
         metrics: Arc<Metrics>,
     ) -> Self {
-        Self {
-            store,
-            oidc,
-            keyring,
-            clock,
-            settings,
-            metrics,
-            refresh_locks: Mutex::new(HashMap::new()),
-        }
+        Self { store, oidc, keyring, clock, settings, metrics, refresh_locks: Mutex::new(HashMap::new()) }
     }
 
     pub fn store(&self) -> &Arc<dyn SessionStore> {
@@ -144,11 +136,7 @@ impl Exchange {
 
     /// Resolve a session id: the one path for every face. Refreshes the access token when it
     /// expires within the skew; `with_token` also decrypts and returns it.
-    pub async fn resolve(
-        &self,
-        id: &SessionId,
-        with_token: bool,
-    ) -> Result<Resolved, ExchangeError> {
+    pub async fn resolve(&self, id: &SessionId, with_token: bool) -> Result<Resolved, ExchangeError> {
         let key = id.key();
         let now = self.clock.now();
         let mut record = self.live_record(&key, now).await?;
@@ -156,16 +144,8 @@ impl Exchange {
             record = self.refresh(&key, now).await?;
         }
         let record = self.touch(&key, record, now).await;
-        let access_token = if with_token {
-            Some(self.open(&key, &record)?.access_token.clone())
-        } else {
-            None
-        };
-        Ok(Resolved {
-            key,
-            record,
-            access_token,
-        })
+        let access_token = if with_token { Some(self.open(&key, &record)?.access_token.clone()) } else { None };
+        Ok(Resolved { key, record, access_token })
     }
 
     /// End a session; returns its tokens so the caller can revoke them and build the logout URL.
@@ -178,16 +158,8 @@ impl Exchange {
     }
 
     /// The stored record if it exists and has not expired (expired ones are removed on sight).
-    async fn live_record(
-        &self,
-        key: &SessionKey,
-        now: UnixTime,
-    ) -> Result<SessionRecord, ExchangeError> {
-        let record = self
-            .store
-            .get(key)
-            .await?
-            .ok_or(ExchangeError::InvalidSession)?;
+    async fn live_record(&self, key: &SessionKey, now: UnixTime) -> Result<SessionRecord, ExchangeError> {
+        let record = self.store.get(key).await?.ok_or(ExchangeError::InvalidSession)?;
         if record.is_expired(now) {
             // Best effort: the sweeper removes it otherwise. Either way the answer is the same.
             let _ = self.store.delete(key).await;
@@ -197,11 +169,7 @@ impl Exchange {
     }
 
     /// Single-flight refresh: take the session's lock, re-read, and only then call the provider.
-    async fn refresh(
-        &self,
-        key: &SessionKey,
-        now: UnixTime,
-    ) -> Result<SessionRecord, ExchangeError> {
+    async fn refresh(&self, key: &SessionKey, now: UnixTime) -> Result<SessionRecord, ExchangeError> {
         let lock = self.refresh_lock(key);
         let _guard = lock.lock().await;
         let record = self.live_record(key, now).await?;
@@ -211,40 +179,22 @@ impl Exchange {
         let tokens = self.open(key, &record)?;
         let still_valid = record.access_expires_at > now;
         let Some(refresh_token) = tokens.refresh_token.as_deref() else {
-            return if still_valid {
-                Ok(record)
-            } else {
-                self.kill(key, "no refresh token").await
-            };
+            return if still_valid { Ok(record) } else { self.kill(key, "no refresh token").await };
         };
         match self.oidc.refresh(refresh_token, &record.claims.sub).await {
             Ok(login) => {
-                self.metrics
-                    .refreshes
-                    .get_or_create(&crate::metrics::Outcome::new("ok"))
-                    .inc();
+                self.metrics.refreshes.get_or_create(&crate::metrics::Outcome::new("ok")).inc();
                 self.persist_refresh(key, record, &tokens, login, now).await
             }
             Err(OidcError::InvalidGrant) => {
-                self.metrics
-                    .refreshes
-                    .get_or_create(&crate::metrics::Outcome::new("invalid_grant"))
-                    .inc();
-                self.kill(key, "refresh token rejected (invalid_grant)")
-                    .await
+                self.metrics.refreshes.get_or_create(&crate::metrics::Outcome::new("invalid_grant")).inc();
+                self.kill(key, "refresh token rejected (invalid_grant)").await
             }
             Err(e) => {
-                self.metrics
-                    .refreshes
-                    .get_or_create(&crate::metrics::Outcome::new("unavailable"))
-                    .inc();
+                self.metrics.refreshes.get_or_create(&crate::metrics::Outcome::new("unavailable")).inc();
                 tracing::warn!(session = %key, error = %e, "token refresh failed; session kept");
                 // Timeouts and 5xx never end a session; an access token that is still valid keeps serving.
-                if still_valid {
-                    Ok(record)
-                } else {
-                    Err(ExchangeError::ProviderUnavailable)
-                }
+                if still_valid { Ok(record) } else { Err(ExchangeError::ProviderUnavailable) }
             }
         }
     }
@@ -260,21 +210,12 @@ impl Exchange {
         let tokens = TokenSet {
             access_token: login.tokens.access_token.clone(),
             // Keycloak rotates refresh tokens; keep the old one only if no new one came.
-            refresh_token: login
-                .tokens
-                .refresh_token
-                .clone()
-                .or_else(|| old.refresh_token.clone()),
-            id_token: login
-                .tokens
-                .id_token
-                .clone()
-                .or_else(|| old.id_token.clone()),
+            refresh_token: login.tokens.refresh_token.clone().or_else(|| old.refresh_token.clone()),
+            id_token: login.tokens.id_token.clone().or_else(|| old.id_token.clone()),
         };
         let sealed = self.seal(key, &tokens)?;
         let access_expires_at = self.oidc.access_expiry(&login.tokens);
-        let refresh_expires_at =
-            refresh_expiry(now, login.tokens.refresh_expires_in).or(record.refresh_expires_at);
+        let refresh_expires_at = refresh_expiry(now, login.tokens.refresh_expires_in).or(record.refresh_expires_at);
         let mut current = record;
         // Compare-and-set; a concurrent touch may have bumped the version, so merge onto the latest.
         for _ in 0..5 {
@@ -284,13 +225,8 @@ impl Exchange {
             next.sealed_tokens = sealed.clone();
             next.access_expires_at = access_expires_at;
             next.refresh_expires_at = refresh_expires_at;
-            next.idle_expires_at =
-                self.idle_expiry(next.last_seen, next.absolute_expires_at, refresh_expires_at);
-            if self
-                .store
-                .compare_and_swap(key, current.version, &next)
-                .await?
-            {
+            next.idle_expires_at = self.idle_expiry(next.last_seen, next.absolute_expires_at, refresh_expires_at);
+            if self.store.compare_and_swap(key, current.version, &next).await? {
                 return Ok(next);
             }
             current = self.live_record(key, now).await?;
@@ -314,25 +250,15 @@ impl Exchange {
         let mut next = record.clone();
         next.version += 1;
         next.last_seen = now;
-        next.idle_expires_at =
-            self.idle_expiry(now, record.absolute_expires_at, record.refresh_expires_at);
-        match self
-            .store
-            .compare_and_swap(key, record.version, &next)
-            .await
-        {
+        next.idle_expires_at = self.idle_expiry(now, record.absolute_expires_at, record.refresh_expires_at);
+        match self.store.compare_and_swap(key, record.version, &next).await {
             Ok(true) => next,
             // Someone else wrote first (a refresh or another touch); their write slid it too.
             _ => record,
         }
     }
 
-    fn idle_expiry(
-        &self,
-        now: UnixTime,
-        absolute: UnixTime,
-        refresh_expires_at: Option<UnixTime>,
-    ) -> UnixTime {
+    fn idle_expiry(&self, now: UnixTime, absolute: UnixTime, refresh_expires_at: Option<UnixTime>) -> UnixTime {
         let idle = (now + self.settings.idle_timeout).min(absolute);
         refresh_expires_at.map_or(idle, |r| idle.min(r))
     }
@@ -355,20 +281,12 @@ impl Exchange {
     }
 
     fn seal(&self, key: &SessionKey, tokens: &TokenSet) -> Result<Vec<u8>, ExchangeError> {
-        let plain = zeroize::Zeroizing::new(
-            serde_json::to_vec(tokens).map_err(|_| ExchangeError::Internal)?,
-        );
-        self.keyring
-            .seal(&plain, &Self::aad(key))
-            .map_err(|_| ExchangeError::Internal)
+        let plain = zeroize::Zeroizing::new(serde_json::to_vec(tokens).map_err(|_| ExchangeError::Internal)?);
+        self.keyring.seal(&plain, &Self::aad(key)).map_err(|_| ExchangeError::Internal)
     }
 
     /// Decrypt the token set. A record we cannot open (key removed, tampering) authenticates nobody.
-    pub fn open(
-        &self,
-        key: &SessionKey,
-        record: &SessionRecord,
-    ) -> Result<TokenSet, ExchangeError> {
+    pub fn open(&self, key: &SessionKey, record: &SessionRecord) -> Result<TokenSet, ExchangeError> {
         let plain = self.keyring.open(&record.sealed_tokens, &Self::aad(key)).map_err(|_| {
             tracing::error!(session = %key, "cannot decrypt session tokens (key rotated away or record tampered)");
             ExchangeError::InvalidSession
@@ -424,18 +342,10 @@ mod tests {
             Arc::new(oidc),
             Arc::new(Keyring::new(&key, &[]).unwrap()),
             clock.clone(),
-            ExchangeSettings {
-                idle_timeout: idle,
-                absolute_timeout: absolute,
-                refresh_skew: 30,
-            },
+            ExchangeSettings { idle_timeout: idle, absolute_timeout: absolute, refresh_skew: 30 },
             Arc::new(Metrics::default()),
         );
-        Fixture {
-            ex,
-            clock,
-            _dir: dir,
-        }
+        Fixture { ex, clock, _dir: dir }
     }
 
     fn login(access_lifetime: i64) -> LoginResult {
@@ -448,11 +358,7 @@ mod tests {
                 refresh_expires_in: Some(0),
                 id_token: Some("id-1".into()),
             },
-            claims: UserClaims {
-                iss: "i".into(),
-                sub: "alice".into(),
-                ..Default::default()
-            },
+            claims: UserClaims { iss: "i".into(), sub: "alice".into(), ..Default::default() },
             provider_sid: Some("kc-sid".into()),
         }
     }
@@ -460,44 +366,26 @@ mod tests {
     #[tokio::test]
     async fn activity_slides_idle_expiry_but_never_the_absolute_lifetime() {
         let f = fixture(1800, 3600);
-        let (id, rec) =
-            f.ex.start(login(100_000), ClientInfo::default())
-                .await
-                .unwrap();
+        let (id, rec) = f.ex.start(login(100_000), ClientInfo::default()).await.unwrap();
         for _ in 0..2 {
             f.clock.advance(25 * 60);
             let r = f.ex.resolve(&id, false).await.unwrap();
-            assert!(
-                r.record.idle_expires_at > rec.idle_expires_at,
-                "touch slid the idle expiry"
-            );
+            assert!(r.record.idle_expires_at > rec.idle_expires_at, "touch slid the idle expiry");
             assert_eq!(r.record.absolute_expires_at, rec.absolute_expires_at);
         }
         f.clock.advance(15 * 60); // 65 minutes after login: past the 1 h absolute lifetime
-        assert!(matches!(
-            f.ex.resolve(&id, false).await,
-            Err(ExchangeError::InvalidSession)
-        ));
-        assert!(
-            f.ex.store().get(&id.key()).await.unwrap().is_none(),
-            "expired record removed"
-        );
+        assert!(matches!(f.ex.resolve(&id, false).await, Err(ExchangeError::InvalidSession)));
+        assert!(f.ex.store().get(&id.key()).await.unwrap().is_none(), "expired record removed");
     }
 
     #[tokio::test]
     async fn idle_timeout_ends_an_unused_session() {
         let f = fixture(1800, 43200);
-        let (id, _) =
-            f.ex.start(login(100_000), ClientInfo::default())
-                .await
-                .unwrap();
+        let (id, _) = f.ex.start(login(100_000), ClientInfo::default()).await.unwrap();
         f.clock.advance(1799);
         assert!(f.ex.resolve(&id, false).await.is_ok());
         f.clock.advance(1800);
-        assert!(matches!(
-            f.ex.resolve(&id, false).await,
-            Err(ExchangeError::InvalidSession)
-        ));
+        assert!(matches!(f.ex.resolve(&id, false).await, Err(ExchangeError::InvalidSession)));
     }
 
     #[tokio::test]
@@ -509,39 +397,19 @@ mod tests {
         assert_eq!(r.access_token.as_deref(), Some("access-1"));
         // Expired and the provider is down: 503, and the session is still there for later.
         f.clock.advance(60);
-        assert!(matches!(
-            f.ex.resolve(&id, true).await,
-            Err(ExchangeError::ProviderUnavailable)
-        ));
-        assert!(
-            f.ex.store().get(&id.key()).await.unwrap().is_some(),
-            "a timeout or 5xx never ends a session"
-        );
+        assert!(matches!(f.ex.resolve(&id, true).await, Err(ExchangeError::ProviderUnavailable)));
+        assert!(f.ex.store().get(&id.key()).await.unwrap().is_some(), "a timeout or 5xx never ends a session");
     }
 
     #[tokio::test]
     async fn a_record_sealed_under_another_key_authenticates_nobody() {
         let f = fixture(1800, 43200);
-        let (id, mut rec) =
-            f.ex.start(login(100_000), ClientInfo::default())
-                .await
-                .unwrap();
-        let other = Keyring::new(
-            &SecretString::from("AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=".to_string()),
-            &[],
-        )
-        .unwrap();
+        let (id, mut rec) = f.ex.start(login(100_000), ClientInfo::default()).await.unwrap();
+        let other =
+            Keyring::new(&SecretString::from("AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=".to_string()), &[]).unwrap();
         rec.sealed_tokens = other.seal(b"{}", b"x").unwrap();
         rec.version += 1;
-        assert!(
-            f.ex.store()
-                .compare_and_swap(&id.key(), 1, &rec)
-                .await
-                .unwrap()
-        );
-        assert!(matches!(
-            f.ex.resolve(&id, true).await,
-            Err(ExchangeError::InvalidSession)
-        ));
+        assert!(f.ex.store().compare_and_swap(&id.key(), 1, &rec).await.unwrap());
+        assert!(matches!(f.ex.resolve(&id, true).await, Err(ExchangeError::InvalidSession)));
     }
 }

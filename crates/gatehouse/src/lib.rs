@@ -3,7 +3,8 @@
 //! and — for trusted internal services — exchanges a session id for a JWT and claims (East-West).
 //!
 //! Layout: `oidc` (the provider client) and `session` (records and stores) are the core with
-//! `exchange` on top; `public` and `admin` are faces that depend on the core, never on each other.
+//! `exchange` on top; `public` (North-South), `internal` (East-West) and `admin` are faces that
+//! depend on the core, never on each other. `tls` and `pki` serve the internal listener.
 
 pub mod admin;
 pub mod clock;
@@ -11,10 +12,13 @@ pub mod config;
 pub mod crypto;
 pub mod error;
 pub mod exchange;
+pub mod internal;
 pub mod metrics;
 pub mod oidc;
+pub mod pki;
 pub mod public;
 pub mod session;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -43,11 +47,10 @@ pub enum StartError {
     Store(#[from] session::StoreError),
     #[error("identity provider client: {0}")]
     Oidc(#[from] oidc::OidcError),
+    #[error("internal TLS: {0}")]
+    Tls(#[from] tls::TlsError),
     #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { addr: SocketAddr, source: std::io::Error },
 }
 
 /// Secrets read from files or config, checked (used by `check-config` too).
@@ -57,18 +60,11 @@ pub struct Secrets {
 }
 
 pub fn load_secrets(config: &Config) -> Result<Secrets, StartError> {
-    let key = match (
-        &config.session.encryption_key,
-        &config.session.encryption_key_file,
-    ) {
+    let key = match (&config.session.encryption_key, &config.session.encryption_key_file) {
         (Some(k), _) => k.clone(),
         (None, Some(path)) => read_secret_file("session.encryption_key_file", path)?,
         (None, None) => {
-            return Err(ConfigError::Invalid {
-                key: "session.encryption_key_file",
-                problem: "missing".into(),
-            }
-            .into());
+            return Err(ConfigError::Invalid { key: "session.encryption_key_file", problem: "missing".into() }.into());
         }
     };
     let previous = config
@@ -81,22 +77,14 @@ pub fn load_secrets(config: &Config) -> Result<Secrets, StartError> {
         key: "session.encryption_key_file",
         problem: format!("{e} (generate one with `head -c 32 /dev/urandom | base64`)"),
     })?;
-    let client_secret: SecretString =
-        match (&config.oidc.client_secret, &config.oidc.client_secret_file) {
-            (Some(s), _) => s.clone(),
-            (None, Some(path)) => read_secret_file("oidc.client_secret_file", path)?,
-            (None, None) => {
-                return Err(ConfigError::Invalid {
-                    key: "oidc.client_secret_file",
-                    problem: "missing".into(),
-                }
-                .into());
-            }
-        };
-    Ok(Secrets {
-        keyring,
-        client_secret,
-    })
+    let client_secret: SecretString = match (&config.oidc.client_secret, &config.oidc.client_secret_file) {
+        (Some(s), _) => s.clone(),
+        (None, Some(path)) => read_secret_file("oidc.client_secret_file", path)?,
+        (None, None) => {
+            return Err(ConfigError::Invalid { key: "oidc.client_secret_file", problem: "missing".into() }.into());
+        }
+    };
+    Ok(Secrets { keyring, client_secret })
 }
 
 /// Everything the faces share.
@@ -110,30 +98,20 @@ pub struct Core {
 
 impl Core {
     pub fn build(config: Config, clock: Arc<dyn Clock>) -> Result<Self, StartError> {
-        let Secrets {
-            keyring,
-            client_secret,
-        } = load_secrets(&config)?;
+        let Secrets { keyring, client_secret } = load_secrets(&config)?;
         let keyring = Arc::new(keyring);
         let algorithms = config
             .oidc
             .algorithms
             .iter()
             .map(|a| {
-                oidc::parse_allowed_algorithm(a).map_err(|p| ConfigError::Invalid {
-                    key: "oidc.algorithms",
-                    problem: p,
-                })
+                oidc::parse_allowed_algorithm(a)
+                    .map_err(|p| ConfigError::Invalid { key: "oidc.algorithms", problem: p })
             })
             .collect::<Result<Vec<_>, _>>()?;
         let oidc = Arc::new(OidcClient::new(
             OidcSettings {
-                issuer: config
-                    .oidc
-                    .issuer
-                    .as_str()
-                    .trim_end_matches('/')
-                    .to_string(),
+                issuer: config.oidc.issuer.as_str().trim_end_matches('/').to_string(),
                 client_id: config.oidc.client_id.clone(),
                 client_secret,
                 scopes: config.oidc.scopes.clone(),
@@ -170,19 +148,12 @@ impl Core {
             },
             metrics.clone(),
         ));
-        Ok(Self {
-            config,
-            exchange,
-            keyring,
-            metrics,
-            registry,
-        })
+        Ok(Self { config, exchange, keyring, metrics, registry })
     }
 
     /// Ready = store reachable and provider metadata loaded once.
     pub async fn readiness(&self) -> (bool, serde_json::Value) {
-        let store =
-            tokio::time::timeout(Duration::from_secs(2), self.exchange.store().ping()).await;
+        let store = tokio::time::timeout(Duration::from_secs(2), self.exchange.store().ping()).await;
         let store_ok = matches!(store, Ok(Ok(())));
         let idp_ok = self.exchange.oidc().is_ready();
         let body = serde_json::json!({
@@ -199,6 +170,10 @@ pub struct Running {
     pub core: Arc<Core>,
     pub public_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// The East-West listener, when `[internal]` is configured.
+    pub internal_addr: Option<SocketAddr>,
+    /// The live internal TLS config (tests force a reload instead of waiting for the poll).
+    pub internal_tls: Option<Arc<tls::ReloadingConfig>>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -247,22 +222,21 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
     let admin_listen = config.admin.listen;
     let sweep_every = config.session.sweep_interval;
     let core = Arc::new(Core::build(config, clock.clone())?);
-    let (tx, rx) = watch::channel(false);
-    let bind = |addr| async move {
-        TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Bind { addr, source })
+    // Refuse to start with broken certificates rather than fail every handshake later.
+    let internal_tls = match &core.config.internal {
+        Some(i) if i.mode == config::InternalMode::Mtls => Some(tls::ReloadingConfig::new(tls::TlsPaths {
+            cert: i.cert.clone().unwrap_or_default(),
+            key: i.key.clone().unwrap_or_default(),
+            client_ca: i.client_ca.clone().unwrap_or_default(),
+        })?),
+        _ => None,
     };
+    let (tx, rx) = watch::channel(false);
+    let bind = |addr| async move { TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source }) };
     let public = bind(public_listen).await?;
     let admin = bind(admin_listen).await?;
-    let public_addr = public.local_addr().map_err(|source| StartError::Bind {
-        addr: public_listen,
-        source,
-    })?;
-    let admin_addr = admin.local_addr().map_err(|source| StartError::Bind {
-        addr: admin_listen,
-        source,
-    })?;
+    let public_addr = public.local_addr().map_err(|source| StartError::Bind { addr: public_listen, source })?;
+    let admin_addr = admin.local_addr().map_err(|source| StartError::Bind { addr: admin_listen, source })?;
     tracing::info!(%public_addr, %admin_addr, "listening");
 
     let mut tasks = vec![
@@ -271,21 +245,24 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
         tokio::spawn(discovery_loop(core.clone(), rx.clone())),
         tokio::spawn(sweep_loop(core.clone(), clock, sweep_every, rx.clone())),
     ];
-    tasks.shrink_to_fit();
-    Ok(Running {
-        core,
-        public_addr,
-        admin_addr,
-        shutdown: tx,
-        tasks,
-    })
+    let mut internal_addr = None;
+    if let Some(i) = &core.config.internal {
+        let listener = bind(i.listen).await?;
+        internal_addr = Some(listener.local_addr().map_err(|source| StartError::Bind { addr: i.listen, source })?);
+        tracing::info!(internal_addr = ?internal_addr, mode = ?i.mode, "internal listener");
+        let router = internal::router(core.clone(), i);
+        match &internal_tls {
+            Some(t) => {
+                tasks.push(tokio::spawn(tls::serve_mtls(listener, t.clone(), router, i.handshake_timeout, rx.clone())));
+                tasks.push(tokio::spawn(t.clone().watch(i.reload_interval, rx.clone())));
+            }
+            None => tasks.push(serve(listener, router, rx.clone())),
+        }
+    }
+    Ok(Running { core, public_addr, admin_addr, internal_addr, internal_tls, shutdown: tx, tasks })
 }
 
-fn serve(
-    listener: TcpListener,
-    router: axum::Router,
-    mut stop: watch::Receiver<bool>,
-) -> JoinHandle<()> {
+fn serve(listener: TcpListener, router: axum::Router, mut stop: watch::Receiver<bool>) -> JoinHandle<()> {
     tokio::spawn(async move {
         let app = router.into_make_service_with_connect_info::<SocketAddr>();
         let result = axum::serve(listener, app)
@@ -317,12 +294,7 @@ async fn discovery_loop(core: Arc<Core>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-async fn sweep_loop(
-    core: Arc<Core>,
-    clock: Arc<dyn Clock>,
-    every: Duration,
-    mut stop: watch::Receiver<bool>,
-) {
+async fn sweep_loop(core: Arc<Core>, clock: Arc<dyn Clock>, every: Duration, mut stop: watch::Receiver<bool>) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}

@@ -7,11 +7,7 @@ use clap::{Parser, Subcommand};
 use gatehouse::config::{Config, LogFormat};
 
 #[derive(Parser)]
-#[command(
-    name = "gatehouse",
-    version,
-    about = "Access-control gateway: OIDC BFF with server-side sessions"
-)]
+#[command(name = "gatehouse", version, about = "Access-control gateway: OIDC BFF with server-side sessions")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -21,23 +17,42 @@ struct Cli {
 enum Command {
     /// Run the gateway.
     Serve {
-        #[arg(
-            long,
-            short,
-            env = "GATEHOUSE_CONFIG",
-            default_value = "gatehouse.toml"
-        )]
+        #[arg(long, short, env = "GATEHOUSE_CONFIG", default_value = "gatehouse.toml")]
         config: PathBuf,
     },
     /// Validate a configuration file (and its secrets) and explain what it sets up.
     CheckConfig {
-        #[arg(
-            long,
-            short,
-            env = "GATEHOUSE_CONFIG",
-            default_value = "gatehouse.toml"
-        )]
+        #[arg(long, short, env = "GATEHOUSE_CONFIG", default_value = "gatehouse.toml")]
         config: PathBuf,
+    },
+    /// A development PKI for the internal listener (use your real CA in production).
+    Pki {
+        #[command(subcommand)]
+        command: PkiCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PkiCommand {
+    /// Create a CA (`ca.crt`, `ca.key`) and Gatehouse's server certificate (`gatehouse.crt`, `gatehouse.key`).
+    Init {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Issue a client certificate `NAME.crt`/`NAME.key` signed by the CA in `--ca`.
+    Issue {
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long)]
+        name: String,
+        /// The caller's SPIFFE ID, e.g. spiffe://cluster.local/ns/data/sa/pocketbase
+        #[arg(long, conflicts_with = "dns", required_unless_present = "dns")]
+        spiffe: Option<String>,
+        /// A DNS name, for callers without SPIFFE IDs.
+        #[arg(long)]
+        dns: Option<String>,
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -46,6 +61,37 @@ fn main() -> ExitCode {
     match cli.command {
         Command::CheckConfig { config } => check_config(&config),
         Command::Serve { config } => serve(&config),
+        Command::Pki { command } => pki(command),
+    }
+}
+
+fn pki(command: PkiCommand) -> ExitCode {
+    use gatehouse::pki;
+    let result = match command {
+        PkiCommand::Init { out } => pki::init(&out),
+        PkiCommand::Issue { ca, name, spiffe, dns, out } => {
+            let san = match (spiffe, dns) {
+                (Some(id), _) => pki::San::Uri(id),
+                (None, Some(d)) => pki::San::Dns(d),
+                (None, None) => {
+                    eprintln!("pki issue: give --spiffe or --dns");
+                    return ExitCode::from(2);
+                }
+            };
+            pki::issue_to_dir(&ca, &name, san, &out)
+        }
+    };
+    match result {
+        Ok(files) => {
+            for f in files {
+                println!("wrote {}", f.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("pki: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -63,23 +109,26 @@ fn check_config(path: &Path) -> ExitCode {
         return ExitCode::from(2);
     }
     println!("{}: configuration is valid", path.display());
-    println!(
-        "  public listener   {} (external URL {})",
-        config.public.listen,
-        config.public_origin()
-    );
+    println!("  public listener   {} (external URL {})", config.public.listen, config.public_origin());
     println!("  redirect URI      {}", config.redirect_uri());
     println!("  session cookie    {}", config.cookie().name);
-    println!(
-        "  identity provider {} (client `{}`)",
-        config.oidc.issuer, config.oidc.client_id
-    );
-    println!(
-        "  session store     {:?} {}",
-        config.session.store,
-        config.session.path.display()
-    );
+    println!("  identity provider {} (client `{}`)", config.oidc.issuer, config.oidc.client_id);
+    println!("  session store     {:?} {}", config.session.store, config.session.path.display());
     println!("  admin listener    {}", config.admin.listen);
+    if let Some(i) = &config.internal {
+        println!("  internal listener {} ({:?}), {} allowed caller(s)", i.listen, i.mode, i.allow.len());
+        if i.mode == gatehouse::config::InternalMode::Mtls {
+            let paths = gatehouse::tls::TlsPaths {
+                cert: i.cert.clone().unwrap_or_default(),
+                key: i.key.clone().unwrap_or_default(),
+                client_ca: i.client_ca.clone().unwrap_or_default(),
+            };
+            if let Err(e) = gatehouse::tls::load(&paths) {
+                eprintln!("{}: invalid configuration: internal TLS: {e}", path.display());
+                return ExitCode::from(2);
+            }
+        }
+    }
     for w in config.warnings() {
         println!("  warning: {w}");
     }
@@ -95,10 +144,7 @@ fn serve(path: &Path) -> ExitCode {
         }
     };
     init_logging(&config);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("cannot start the async runtime: {e}");
@@ -123,9 +169,7 @@ fn serve(path: &Path) -> ExitCode {
 fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
     match config.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),

@@ -12,9 +12,7 @@ pub struct Outcome {
 
 impl Outcome {
     pub fn new(outcome: &str) -> Self {
-        Self {
-            outcome: outcome.to_owned(),
-        }
+        Self { outcome: outcome.to_owned() }
     }
 }
 
@@ -25,33 +23,21 @@ pub struct Metrics {
     pub refreshes: Family<Outcome, Counter>,
     /// Logins (code flow and password), by outcome.
     pub logins: Family<Outcome, Counter>,
-    /// Errors answered, by kind (who was at fault).
-    pub errors: Family<Outcome, Counter>,
+    /// Session exchanges on the internal listener, by outcome.
+    pub exchanges: Family<Outcome, Counter>,
 }
 
 impl Metrics {
     pub fn register(&self, registry: &mut Registry) {
         // Counter names get `_total` appended by the encoder; registering a name that already ends
         // in `_total` would panic.
-        registry.register(
-            "gatehouse_sessions_created",
-            "Sessions created",
-            self.sessions_created.clone(),
-        );
+        registry.register("gatehouse_sessions_created", "Sessions created", self.sessions_created.clone());
         registry.register(
             "gatehouse_token_refreshes",
             "Refresh-token grants sent to the provider",
             self.refreshes.clone(),
         );
-        registry.register(
-            "gatehouse_logins",
-            "Login attempts by outcome",
-            self.logins.clone(),
-        );
-        registry.register(
-            "gatehouse_errors",
-            "Error responses by kind",
-            self.errors.clone(),
-        );
+        registry.register("gatehouse_logins", "Login attempts by outcome", self.logins.clone());
+        registry.register("gatehouse_exchanges", "Internal session exchanges by outcome", self.exchanges.clone());
     }
 }

@@ -55,23 +55,13 @@ async fn no_secret_appears_in_any_log_line() {
     let (_, after) = session_tokens(&gate, &id).await;
     let mut p = Browser::default();
     assert_eq!(
-        p.post_json(
-            &gate.base,
-            "/auth/login",
-            &json!({"username": "bob", "password": "bob-password"})
-        )
-        .await
-        .status,
+        p.post_json(&gate.base, "/auth/login", &json!({"username": "bob", "password": "bob-password"})).await.status,
         200
     );
     assert_eq!(
-        p.post_json(
-            &gate.base,
-            "/auth/login",
-            &json!({"username": "bob", "password": "wrong-password-123"})
-        )
-        .await
-        .status,
+        p.post_json(&gate.base, "/auth/login", &json!({"username": "bob", "password": "wrong-password-123"}))
+            .await
+            .status,
         401
     );
     let pid = p.cookie(&gate.base, COOKIE).unwrap();
@@ -79,14 +69,8 @@ async fn no_secret_appears_in_any_log_line() {
     gate.stop().await;
 
     let logs = String::from_utf8_lossy(&cap.0.lock().unwrap()).to_string();
-    assert!(
-        logs.contains("login succeeded"),
-        "authentication successes are logged"
-    );
-    assert!(
-        logs.contains("password login failed"),
-        "authentication failures are logged"
-    );
+    assert!(logs.contains("login succeeded"), "authentication successes are logged");
+    assert!(logs.contains("password login failed"), "authentication failures are logged");
     let mut secrets = vec![
         ("session id", id.clone()),
         ("second session id", pid),

@@ -47,34 +47,15 @@ async fn keycloak_down_keeps_valid_sessions_answers_503_and_recovers() {
     let mut guard = RestartOnDrop(false);
 
     let me = alice.get(&format!("{}/auth/me", gate.base)).await;
-    assert_eq!(
-        me.status, 200,
-        "a session with a valid access token needs no Keycloak"
-    );
+    assert_eq!(me.status, 200, "a session with a valid access token needs no Keycloak");
     let mut b = Browser::default();
-    let r = b
-        .post_json(
-            &gate.base,
-            "/auth/login",
-            &json!({"username": "bob", "password": "bob-password"}),
-        )
-        .await;
+    let r = b.post_json(&gate.base, "/auth/login", &json!({"username": "bob", "password": "bob-password"})).await;
     assert_eq!(r.status, 503, "{}", r.body);
     assert_eq!(r.json()["error"], "idp_unavailable");
-    assert!(
-        r.json()["message"]
-            .as_str()
-            .unwrap()
-            .contains("identity provider is unavailable")
-    );
+    assert!(r.json()["message"].as_str().unwrap().contains("identity provider is unavailable"));
     assert!(r.header("retry-after").is_some());
     assert_eq!(
-        http()
-            .get(format!("{}/readyz", gate.base))
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        http().get(format!("{}/readyz", gate.base)).send().await.unwrap().status(),
         200,
         "metadata was loaded once: stay ready"
     );
@@ -82,24 +63,10 @@ async fn keycloak_down_keeps_valid_sessions_answers_503_and_recovers() {
     // A replica started during the outage is alive but not ready.
     let work2 = Workdir::new();
     let clock = std::sync::Arc::new(gatehouse::clock::SystemClock::default());
-    let cold = gatehouse::start(work2.config(&Options::default()), clock)
-        .await
-        .expect("starts without Keycloak");
+    let cold = gatehouse::start(work2.config(&Options::default()), clock).await.expect("starts without Keycloak");
     let cold_base = format!("http://localhost:{}", cold.public_addr.port());
-    assert_eq!(
-        http()
-            .get(format!("{cold_base}/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    let ready = http()
-        .get(format!("{cold_base}/readyz"))
-        .send()
-        .await
-        .unwrap();
+    assert_eq!(http().get(format!("{cold_base}/healthz")).send().await.unwrap().status(), 200);
+    let ready = http().get(format!("{cold_base}/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), 503);
     let body: serde_json::Value = ready.json().await.unwrap();
     assert_eq!(body["identity_provider"], "metadata not loaded");
@@ -108,36 +75,16 @@ async fn keycloak_down_keeps_valid_sessions_answers_503_and_recovers() {
     guard.0 = true;
 
     // Recovery without restarting Gatehouse: password and code-flow logins work again.
-    let r = b
-        .post_json(
-            &gate.base,
-            "/auth/login",
-            &json!({"username": "bob", "password": "bob-password"}),
-        )
-        .await;
+    let r = b.post_json(&gate.base, "/auth/login", &json!({"username": "bob", "password": "bob-password"})).await;
     assert_eq!(r.status, 200, "{}", r.body);
     let mut carol = Browser::default();
     carol.login(&gate.base, "alice").await;
-    assert_eq!(
-        carol.get(&format!("{}/auth/me", gate.base)).await.status,
-        200
-    );
-    assert_eq!(
-        alice.get(&format!("{}/auth/me", gate.base)).await.status,
-        200,
-        "the old session survived the outage"
-    );
+    assert_eq!(carol.get(&format!("{}/auth/me", gate.base)).await.status, 200);
+    assert_eq!(alice.get(&format!("{}/auth/me", gate.base)).await.status, 200, "the old session survived the outage");
     // The cold replica becomes ready by itself (discovery retries with backoff, at most 30 s apart).
     let mut ok = false;
     for _ in 0..70 {
-        if http()
-            .get(format!("{cold_base}/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status()
-            == 200
-        {
+        if http().get(format!("{cold_base}/readyz")).send().await.unwrap().status() == 200 {
             ok = true;
             break;
         }

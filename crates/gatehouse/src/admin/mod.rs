@@ -22,13 +22,7 @@ pub fn router(core: Arc<Core>) -> Router {
 async fn metrics(State(core): State<Arc<Core>>) -> Response {
     let mut out = String::new();
     match prometheus_client::encoding::text::encode(&mut out, &core.registry) {
-        Ok(()) => (
-            [(
-                header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            out,
-        )
+        Ok(()) => ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], out)
             .into_response(),
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
@@ -36,10 +30,6 @@ async fn metrics(State(core): State<Arc<Core>>) -> Response {
 
 async fn readyz(State(core): State<Arc<Core>>) -> Response {
     let (ready, body) = core.readiness().await;
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, axum::Json(body)).into_response()
 }

@@ -32,12 +32,7 @@ pub(super) fn has_roles(c: &Map<String, Value>) -> bool {
 
 fn strings(v: Option<&Value>) -> Vec<String> {
     v.and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(Value::as_str)
-                .map(str::to_owned)
-                .collect()
-        })
+        .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
         .unwrap_or_default()
 }
 
@@ -45,20 +40,12 @@ impl UserClaims {
     /// Identity from the validated ID token; roles and groups from it, else from the verified access token.
     pub fn from_tokens(id: &Map<String, Value>, access: Option<&Map<String, Value>>) -> Self {
         let s = |k: &str| id.get(k).and_then(Value::as_str).map(str::to_owned);
-        let roles_src = if has_roles(id) {
-            id
-        } else {
-            access.unwrap_or(id)
-        };
+        let roles_src = if has_roles(id) { id } else { access.unwrap_or(id) };
         let realm_roles = strings(roles_src.get("realm_access").and_then(|r| r.get("roles")));
         let client_roles = roles_src
             .get("resource_access")
             .and_then(Value::as_object)
-            .map(|m| {
-                m.iter()
-                    .map(|(client, v)| (client.clone(), strings(v.get("roles"))))
-                    .collect()
-            })
+            .map(|m| m.iter().map(|(client, v)| (client.clone(), strings(v.get("roles")))).collect())
             .unwrap_or_default();
         let groups = if id.contains_key("groups") {
             strings(id.get("groups"))

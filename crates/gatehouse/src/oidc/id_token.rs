@@ -51,8 +51,7 @@ pub fn peek(token: &str, exp: &Expectations<'_>) -> Result<Peeked, OidcError> {
     if token.split('.').count() != 3 {
         return Err(OidcError::InvalidToken("not a signed JWT"));
     }
-    let header = jsonwebtoken::decode_header(token)
-        .map_err(|_| OidcError::InvalidToken("malformed token header"))?;
+    let header = jsonwebtoken::decode_header(token).map_err(|_| OidcError::InvalidToken("malformed token header"))?;
     if !exp.algorithms.contains(&header.alg) {
         return Err(OidcError::InvalidToken("signature algorithm not allowed"));
     }
@@ -62,14 +61,7 @@ pub fn peek(token: &str, exp: &Expectations<'_>) -> Result<Peeked, OidcError> {
         return Err(OidcError::InvalidToken("unsupported critical header"));
     }
     let typ_ok = matches!(
-        (
-            exp.kind,
-            header
-                .typ
-                .as_deref()
-                .map(str::to_ascii_lowercase)
-                .as_deref()
-        ),
+        (exp.kind, header.typ.as_deref().map(str::to_ascii_lowercase).as_deref()),
         (_, None)
             | (TokenKind::Id | TokenKind::Access, Some("jwt"))
             | (TokenKind::Access, Some("at+jwt"))
@@ -78,10 +70,7 @@ pub fn peek(token: &str, exp: &Expectations<'_>) -> Result<Peeked, OidcError> {
     if !typ_ok {
         return Err(OidcError::InvalidToken("token of the wrong kind"));
     }
-    Ok(Peeked {
-        alg: header.alg,
-        kid: header.kid,
-    })
+    Ok(Peeked { alg: header.alg, kid: header.kid })
 }
 
 /// Verify the signature with `key` and check every claim. Returns the claims.
@@ -110,11 +99,7 @@ pub fn verify(
     Ok(c)
 }
 
-fn check_claims(
-    c: &Map<String, Value>,
-    alg: Algorithm,
-    exp: &Expectations<'_>,
-) -> Result<(), OidcError> {
+fn check_claims(c: &Map<String, Value>, alg: Algorithm, exp: &Expectations<'_>) -> Result<(), OidcError> {
     let s = |k: &str| c.get(k).and_then(Value::as_str);
     let n = |k: &str| c.get(k).and_then(Value::as_i64);
     if s("iss") != Some(exp.issuer) {
@@ -126,14 +111,9 @@ fn check_claims(
         _ => Vec::new(),
     };
     if !auds.contains(&exp.client_id) {
-        return Err(OidcError::InvalidToken(
-            "audience does not include this client",
-        ));
+        return Err(OidcError::InvalidToken("audience does not include this client"));
     }
-    if auds
-        .iter()
-        .any(|a| *a != exp.client_id && !exp.trusted_audiences.iter().any(|t| t == a))
-    {
+    if auds.iter().any(|a| *a != exp.client_id && !exp.trusted_audiences.iter().any(|t| t == a)) {
         return Err(OidcError::InvalidToken("untrusted audience"));
     }
     match s("azp") {
@@ -141,9 +121,7 @@ fn check_claims(
             return Err(OidcError::InvalidToken("azp is not this client"));
         }
         None if auds.len() > 1 && exp.kind == TokenKind::Id => {
-            return Err(OidcError::InvalidToken(
-                "azp required with several audiences",
-            ));
+            return Err(OidcError::InvalidToken("azp required with several audiences"));
         }
         _ => {}
     }
@@ -171,8 +149,7 @@ fn check_claims(
                 return Err(OidcError::InvalidToken("token of the wrong kind"));
             }
             if let Some(expected) = exp.nonce
-                && !s("nonce")
-                    .is_some_and(|got| crate::crypto::ct_eq(got.as_bytes(), expected.as_bytes()))
+                && !s("nonce").is_some_and(|got| crate::crypto::ct_eq(got.as_bytes(), expected.as_bytes()))
             {
                 return Err(OidcError::InvalidToken("nonce mismatch"));
             }
@@ -189,13 +166,10 @@ fn check_claims(
         }
         TokenKind::Logout => {
             if c.contains_key("nonce") {
-                return Err(OidcError::InvalidToken(
-                    "logout token must not carry a nonce",
-                ));
+                return Err(OidcError::InvalidToken("logout token must not carry a nonce"));
             }
             let has_event = c.get("events").and_then(Value::as_object).is_some_and(|e| {
-                e.get("http://schemas.openid.net/event/backchannel-logout")
-                    .is_some_and(Value::is_object)
+                e.get("http://schemas.openid.net/event/backchannel-logout").is_some_and(Value::is_object)
             });
             if !has_event {
                 return Err(OidcError::InvalidToken("logout event missing"));
@@ -215,12 +189,8 @@ fn check_claims(
 fn left_half_hash(alg: Algorithm, token: &str) -> String {
     use aws_lc_rs::digest::{SHA256, SHA384, SHA512, digest};
     let h = match alg {
-        Algorithm::RS384 | Algorithm::PS384 | Algorithm::ES384 | Algorithm::HS384 => {
-            digest(&SHA384, token.as_bytes())
-        }
-        Algorithm::RS512 | Algorithm::PS512 | Algorithm::HS512 | Algorithm::EdDSA => {
-            digest(&SHA512, token.as_bytes())
-        }
+        Algorithm::RS384 | Algorithm::PS384 | Algorithm::ES384 | Algorithm::HS384 => digest(&SHA384, token.as_bytes()),
+        Algorithm::RS512 | Algorithm::PS512 | Algorithm::HS512 | Algorithm::EdDSA => digest(&SHA512, token.as_bytes()),
         _ => digest(&SHA256, token.as_bytes()),
     };
     let bytes = h.as_ref();

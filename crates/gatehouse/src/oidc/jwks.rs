@@ -36,12 +36,7 @@ pub struct JwksCache {
 
 impl JwksCache {
     pub fn new(uri: String, min_refetch: Duration) -> Self {
-        Self {
-            uri,
-            keys: ArcSwap::from_pointee(KeySet::default()),
-            fetch: tokio::sync::Mutex::new(None),
-            min_refetch,
-        }
+        Self { uri, keys: ArcSwap::from_pointee(KeySet::default()), fetch: tokio::sync::Mutex::new(None), min_refetch }
     }
 
     /// The key for a token header's `kid`, fetching the JWKS once if it is not known yet.
@@ -60,15 +55,12 @@ impl JwksCache {
         if let Some(at) = *last
             && at.elapsed() < self.min_refetch
         {
-            return Err(OidcError::InvalidToken(
-                "signing key not found in the provider's JWKS",
-            ));
+            return Err(OidcError::InvalidToken("signing key not found in the provider's JWKS"));
         }
         *last = Some(Instant::now());
         self.refresh_locked(http).await?;
-        Self::pick(&self.keys.load(), kid).ok_or(OidcError::InvalidToken(
-            "signing key not found in the provider's JWKS",
-        ))
+        Self::pick(&self.keys.load(), kid)
+            .ok_or(OidcError::InvalidToken("signing key not found in the provider's JWKS"))
     }
 
     /// Fetch the JWKS now (start-up); failures keep the previous keys.
@@ -112,10 +104,8 @@ fn signature_alg(a: KeyAlgorithm) -> Option<Algorithm> {
 }
 
 fn parse_jwks(doc: &serde_json::Value) -> Result<KeySet, OidcError> {
-    let keys = doc
-        .get("keys")
-        .and_then(|k| k.as_array())
-        .ok_or(OidcError::Provider("JWKS has no `keys` array".into()))?;
+    let keys =
+        doc.get("keys").and_then(|k| k.as_array()).ok_or(OidcError::Provider("JWKS has no `keys` array".into()))?;
     let mut set = KeySet::default();
     for raw in keys {
         // Parse keys one by one: Keycloak also publishes encryption keys (RSA-OAEP) we must skip,
@@ -123,10 +113,7 @@ fn parse_jwks(doc: &serde_json::Value) -> Result<KeySet, OidcError> {
         let Ok(jwk) = serde_json::from_value::<Jwk>(raw.clone()) else {
             continue;
         };
-        if matches!(
-            jwk.common.public_key_use,
-            Some(PublicKeyUse::Encryption) | Some(PublicKeyUse::Other(_))
-        ) {
+        if matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption) | Some(PublicKeyUse::Other(_))) {
             continue;
         }
         let alg = match jwk.common.key_algorithm {
@@ -146,9 +133,7 @@ fn parse_jwks(doc: &serde_json::Value) -> Result<KeySet, OidcError> {
         set.all.push(key);
     }
     if set.all.is_empty() {
-        return Err(OidcError::Provider(
-            "JWKS holds no usable signing key".into(),
-        ));
+        return Err(OidcError::Provider("JWKS holds no usable signing key".into()));
     }
     Ok(set)
 }

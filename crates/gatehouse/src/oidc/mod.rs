@@ -99,8 +99,7 @@ impl Http {
         if !status.is_success() {
             return Err(OidcError::Provider(format!("{url} answered {status}")));
         }
-        serde_json::from_slice(&body)
-            .map_err(|e| OidcError::Provider(format!("{url}: malformed JSON: {e}")))
+        serde_json::from_slice(&body).map_err(|e| OidcError::Provider(format!("{url}: malformed JSON: {e}")))
     }
 
     /// POST a form to a token-style endpoint with client_secret_basic.
@@ -113,10 +112,7 @@ impl Http {
         let resp = self
             .client
             .post(url)
-            .basic_auth(
-                form_urlencode(&client.id),
-                Some(form_urlencode(client.secret.expose_secret())),
-            )
+            .basic_auth(form_urlencode(&client.id), Some(form_urlencode(client.secret.expose_secret())))
             .form(form)
             .send()
             .await
@@ -124,9 +120,7 @@ impl Http {
         let status = resp.status();
         let body = read_limited(resp).await?;
         if status.is_server_error() {
-            return Err(OidcError::Unavailable(format!(
-                "token endpoint answered {status}"
-            )));
+            return Err(OidcError::Unavailable(format!("token endpoint answered {status}")));
         }
         Ok((status, body))
     }
@@ -134,11 +128,7 @@ impl Http {
 
 fn unavailable(e: reqwest::Error) -> OidcError {
     // reqwest's error text names the URL but never a body or header, so it carries no secret.
-    OidcError::Unavailable(if e.is_timeout() {
-        "timed out".into()
-    } else {
-        e.without_url().to_string()
-    })
+    OidcError::Unavailable(if e.is_timeout() { "timed out".into() } else { e.without_url().to_string() })
 }
 
 async fn read_limited(mut resp: reqwest::Response) -> Result<Vec<u8>, OidcError> {
@@ -237,10 +227,7 @@ const JWKS_REFETCH_FLOOR: Duration = Duration::from_secs(10);
 impl OidcClient {
     pub fn new(settings: OidcSettings, clock: Arc<dyn Clock>) -> Result<Self, OidcError> {
         let http = Http::new(settings.http_timeout)?;
-        let auth = ClientAuth {
-            id: settings.client_id.clone(),
-            secret: settings.client_secret.clone(),
-        };
+        let auth = ClientAuth { id: settings.client_id.clone(), secret: settings.client_secret.clone() };
         Ok(Self {
             settings,
             auth,
@@ -266,10 +253,7 @@ impl OidcClient {
         if self.is_ready() {
             return Ok(());
         }
-        let url = format!(
-            "{}/.well-known/openid-configuration",
-            self.settings.issuer.trim_end_matches('/')
-        );
+        let url = format!("{}/.well-known/openid-configuration", self.settings.issuer.trim_end_matches('/'));
         let meta: Metadata = self.http.get_json(&url).await?;
         if meta.issuer != self.settings.issuer {
             return Err(OidcError::Provider(format!(
@@ -282,8 +266,7 @@ impl OidcClient {
             ("token_endpoint", &meta.token_endpoint),
             ("jwks_uri", &meta.jwks_uri),
         ] {
-            Url::parse(u)
-                .map_err(|_| OidcError::Provider(format!("discovery `{name}` is not a URL")))?;
+            Url::parse(u).map_err(|_| OidcError::Provider(format!("discovery `{name}` is not a URL")))?;
         }
         let jwks = JwksCache::new(meta.jwks_uri.clone(), JWKS_REFETCH_FLOOR);
         jwks.refresh(&self.http).await?;
@@ -301,12 +284,7 @@ impl OidcClient {
     }
 
     /// The authorization URL for a code flow with PKCE S256.
-    pub async fn authorization_url(
-        &self,
-        state: &str,
-        nonce: &str,
-        code_verifier: &str,
-    ) -> Result<String, OidcError> {
+    pub async fn authorization_url(&self, state: &str, nonce: &str, code_verifier: &str) -> Result<String, OidcError> {
         let p = self.provider().await?;
         let challenge = URL_SAFE_NO_PAD.encode(crate::crypto::sha256(code_verifier.as_bytes()));
         let mut url = Url::parse(&p.meta.authorization_endpoint)
@@ -327,9 +305,9 @@ impl OidcClient {
     pub async fn check_response_issuer(&self, iss: Option<&str>) -> Result<(), OidcError> {
         let p = self.provider().await?;
         match iss {
-            Some(iss) if iss != self.settings.issuer => Err(OidcError::InvalidToken(
-                "authorization response from another issuer",
-            )),
+            Some(iss) if iss != self.settings.issuer => {
+                Err(OidcError::InvalidToken("authorization response from another issuer"))
+            }
             None if p.meta.authorization_response_iss_parameter_supported => {
                 Err(OidcError::InvalidToken("authorization response lacks iss"))
             }
@@ -338,12 +316,7 @@ impl OidcClient {
     }
 
     /// Redeem an authorization code and validate the ID token against `nonce`.
-    pub async fn redeem_code(
-        &self,
-        code: &str,
-        code_verifier: &str,
-        nonce: &str,
-    ) -> Result<LoginResult, OidcError> {
+    pub async fn redeem_code(&self, code: &str, code_verifier: &str, nonce: &str) -> Result<LoginResult, OidcError> {
         let tokens = self
             .token_request(&[
                 ("grant_type", "authorization_code"),
@@ -356,11 +329,7 @@ impl OidcClient {
     }
 
     /// Direct access grant (username + password).
-    pub async fn password_grant(
-        &self,
-        username: &str,
-        password: &str,
-    ) -> Result<LoginResult, OidcError> {
+    pub async fn password_grant(&self, username: &str, password: &str) -> Result<LoginResult, OidcError> {
         let scope = self.settings.scopes.join(" ");
         let tokens = self
             .token_request(&[
@@ -378,22 +347,11 @@ impl OidcClient {
     }
 
     /// Use a refresh token. A refreshed ID token must name the same `sub` (and is validated fully).
-    pub async fn refresh(
-        &self,
-        refresh_token: &str,
-        expected_sub: &str,
-    ) -> Result<LoginResult, OidcError> {
-        let tokens = self
-            .token_request(&[
-                ("grant_type", "refresh_token"),
-                ("refresh_token", refresh_token),
-            ])
-            .await?;
+    pub async fn refresh(&self, refresh_token: &str, expected_sub: &str) -> Result<LoginResult, OidcError> {
+        let tokens = self.token_request(&[("grant_type", "refresh_token"), ("refresh_token", refresh_token)]).await?;
         let result = self.login_result(tokens, None).await?;
         if result.claims.sub != expected_sub {
-            return Err(OidcError::InvalidToken(
-                "refreshed token names another subject",
-            ));
+            return Err(OidcError::InvalidToken("refreshed token names another subject"));
         }
         Ok(result)
     }
@@ -406,14 +364,7 @@ impl OidcClient {
         };
         let (status, _) = self
             .http
-            .post_form(
-                endpoint,
-                &self.auth,
-                &[
-                    ("token", refresh_token),
-                    ("token_type_hint", "refresh_token"),
-                ],
-            )
+            .post_form(endpoint, &self.auth, &[("token", refresh_token), ("token_type_hint", "refresh_token")])
             .await?;
         if !status.is_success() {
             return Err(OidcError::Provider(format!("revocation answered {status}")));
@@ -431,8 +382,7 @@ impl OidcClient {
         let Some(endpoint) = &p.meta.end_session_endpoint else {
             return Ok(None);
         };
-        let mut url = Url::parse(endpoint)
-            .map_err(|_| OidcError::Provider("bad end_session_endpoint".into()))?;
+        let mut url = Url::parse(endpoint).map_err(|_| OidcError::Provider("bad end_session_endpoint".into()))?;
         {
             let mut q = url.query_pairs_mut();
             q.append_pair("client_id", &self.settings.client_id);
@@ -470,17 +420,12 @@ impl OidcClient {
 
     async fn token_request(&self, form: &[(&str, &str)]) -> Result<TokenResponse, OidcError> {
         let p = self.provider().await?;
-        let (status, body) = self
-            .http
-            .post_form(&p.meta.token_endpoint, &self.auth, form)
-            .await?;
+        let (status, body) = self.http.post_form(&p.meta.token_endpoint, &self.auth, form).await?;
         if status.is_success() {
-            let tokens: TokenResponse = serde_json::from_slice(&body)
-                .map_err(|_| OidcError::Provider("malformed token response".into()))?;
+            let tokens: TokenResponse =
+                serde_json::from_slice(&body).map_err(|_| OidcError::Provider("malformed token response".into()))?;
             if !tokens.token_type.eq_ignore_ascii_case("bearer") {
-                return Err(OidcError::Provider(
-                    "token response is not a Bearer token".into(),
-                ));
+                return Err(OidcError::Provider("token response is not a Bearer token".into()));
             }
             return Ok(tokens);
         }
@@ -491,41 +436,25 @@ impl OidcClient {
                 "token endpoint answered {status} {}",
                 e.error.chars().take(64).collect::<String>()
             ))),
-            Err(_) => Err(OidcError::Provider(format!(
-                "token endpoint answered {status}"
-            ))),
+            Err(_) => Err(OidcError::Provider(format!("token endpoint answered {status}"))),
         }
     }
 
-    async fn login_result(
-        &self,
-        tokens: TokenResponse,
-        nonce: Option<&str>,
-    ) -> Result<LoginResult, OidcError> {
-        let id_token = tokens.id_token.as_deref().ok_or(OidcError::Provider(
-            "no id_token in the token response (is `openid` in scopes?)".into(),
-        ))?;
-        let id_claims = self
-            .validate_jwt(id_token, TokenKind::Id, nonce, Some(&tokens.access_token))
-            .await?;
+    async fn login_result(&self, tokens: TokenResponse, nonce: Option<&str>) -> Result<LoginResult, OidcError> {
+        let id_token = tokens
+            .id_token
+            .as_deref()
+            .ok_or(OidcError::Provider("no id_token in the token response (is `openid` in scopes?)".into()))?;
+        let id_claims = self.validate_jwt(id_token, TokenKind::Id, nonce, Some(&tokens.access_token)).await?;
         // Roles usually live in the access token; read them from it only after verifying it too.
         let access_claims = if claims::has_roles(&id_claims) {
             None
         } else {
-            self.validate_jwt(&tokens.access_token, TokenKind::Access, None, None)
-                .await
-                .ok()
+            self.validate_jwt(&tokens.access_token, TokenKind::Access, None, None).await.ok()
         };
         let claims = UserClaims::from_tokens(&id_claims, access_claims.as_ref());
-        let provider_sid = id_claims
-            .get("sid")
-            .and_then(Value::as_str)
-            .map(str::to_owned);
-        Ok(LoginResult {
-            tokens,
-            claims,
-            provider_sid,
-        })
+        let provider_sid = id_claims.get("sid").and_then(Value::as_str).map(str::to_owned);
+        Ok(LoginResult { tokens, claims, provider_sid })
     }
 
     /// Expiry of an access token as the provider stated it, or from its `exp` claim.
@@ -542,8 +471,5 @@ impl OidcClient {
 fn jwt_exp(token: &str) -> Option<i64> {
     let payload = token.split('.').nth(1)?;
     let bytes = URL_SAFE_NO_PAD.decode(payload).ok()?;
-    serde_json::from_slice::<Map<String, Value>>(&bytes)
-        .ok()?
-        .get("exp")?
-        .as_i64()
+    serde_json::from_slice::<Map<String, Value>>(&bytes).ok()?.get("exp")?.as_i64()
 }

@@ -28,20 +28,14 @@ struct TestKey {
 }
 
 fn key(kid: &str) -> TestKey {
-    let pkcs8 =
-        EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &SystemRandom::new())
-            .unwrap();
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &SystemRandom::new()).unwrap();
     let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref()).unwrap();
     let point = pair.public_key().as_ref().to_vec(); // 0x04 ‖ x ‖ y
     let jwk = json!({
         "kty": "EC", "crv": "P-256", "use": "sig", "alg": "ES256", "kid": kid,
         "x": URL_SAFE_NO_PAD.encode(&point[1..33]), "y": URL_SAFE_NO_PAD.encode(&point[33..65]),
     });
-    TestKey {
-        kid: kid.into(),
-        enc: EncodingKey::from_ec_der(pkcs8.as_ref()),
-        jwk,
-    }
+    TestKey { kid: kid.into(), enc: EncodingKey::from_ec_der(pkcs8.as_ref()), jwk }
 }
 
 fn claims() -> Value {
@@ -61,11 +55,7 @@ fn expect(kind: TokenKind) -> Expectations<'static> {
         trusted_audiences: &[],
         algorithms: &[Algorithm::ES256, Algorithm::RS256],
         kind,
-        nonce: if kind == TokenKind::Id {
-            Some("n-1")
-        } else {
-            None
-        },
+        nonce: if kind == TokenKind::Id { Some("n-1") } else { None },
         access_token: None,
         now: NOW,
     }
@@ -76,9 +66,7 @@ fn check(token: &str, keys: &[&TestKey], exp: &Expectations<'_>) -> Result<(), &
     let set = json!({"keys": keys.iter().map(|k| k.jwk.clone()).collect::<Vec<_>>()});
     let peeked = id_token::peek(token, exp).map_err(reason)?;
     let key = super::jwks::test_pick(&set, peeked.kid.as_deref()).ok_or("no key")?;
-    id_token::verify(token, &peeked, &key, exp)
-        .map(|_| ())
-        .map_err(reason)
+    id_token::verify(token, &peeked, &key, exp).map(|_| ()).map_err(reason)
 }
 
 fn reason(e: super::OidcError) -> &'static str {
@@ -91,10 +79,7 @@ fn reason(e: super::OidcError) -> &'static str {
 #[test]
 fn a_good_token_passes() {
     let k = key("k1");
-    assert_eq!(
-        check(&sign(&k, &claims()), &[&k], &expect(TokenKind::Id)),
-        Ok(())
-    );
+    assert_eq!(check(&sign(&k, &claims()), &[&k], &expect(TokenKind::Id)), Ok(()));
 }
 
 #[test]
@@ -127,10 +112,7 @@ fn each_claim_rule_rejects() {
                 c[k] = v.clone();
             }
         }
-        assert!(
-            check(&sign(&k, &c), &[&k], &e).is_err(),
-            "{what} must be rejected"
-        );
+        assert!(check(&sign(&k, &c), &[&k], &e).is_err(), "{what} must be rejected");
     }
     // Within the 60 s skew is fine.
     let mut c = claims();
@@ -154,19 +136,12 @@ fn a_trusted_extra_audience_is_accepted_only_when_configured() {
 fn bad_signature_and_foreign_key_are_rejected() {
     let (k, other) = (key("k1"), key("k1"));
     let token = sign(&other, &claims()); // same kid, different key
-    assert_eq!(
-        check(&token, &[&k], &expect(TokenKind::Id)),
-        Err("signature does not verify")
-    );
+    assert_eq!(check(&token, &[&k], &expect(TokenKind::Id)), Err("signature does not verify"));
     let mut parts: Vec<String> = sign(&k, &claims()).split('.').map(String::from).collect();
-    let mut body: Value =
-        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(&parts[1]).unwrap()).unwrap();
+    let mut body: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(&parts[1]).unwrap()).unwrap();
     body["sub"] = json!("admin");
     parts[1] = URL_SAFE_NO_PAD.encode(body.to_string());
-    assert_eq!(
-        check(&parts.join("."), &[&k], &expect(TokenKind::Id)),
-        Err("signature does not verify")
-    );
+    assert_eq!(check(&parts.join("."), &[&k], &expect(TokenKind::Id)), Err("signature does not verify"));
 }
 
 #[test]
@@ -179,16 +154,9 @@ fn alg_none_and_hmac_with_the_public_key_are_rejected() {
     // The classic confusion: HS256 keyed with the provider's public key material.
     let mut h = Header::new(Algorithm::HS256);
     h.kid = Some("k1".into());
-    let hs = jsonwebtoken::encode(
-        &h,
-        &claims(),
-        &EncodingKey::from_secret(k.jwk.to_string().as_bytes()).unwrap(),
-    )
-    .unwrap();
-    assert_eq!(
-        check(&hs, &[&k], &e),
-        Err("signature algorithm not allowed")
-    );
+    let hs =
+        jsonwebtoken::encode(&h, &claims(), &EncodingKey::from_secret(k.jwk.to_string().as_bytes()).unwrap()).unwrap();
+    assert_eq!(check(&hs, &[&k], &e), Err("signature algorithm not allowed"));
 }
 
 #[test]
@@ -198,30 +166,17 @@ fn header_kinds_and_sizes() {
     h.kid = Some("k1".into());
     h.typ = Some("logout+jwt".into());
     let logout_as_id = jsonwebtoken::encode(&h, &claims(), &k.enc).unwrap();
-    assert_eq!(
-        check(&logout_as_id, &[&k], &expect(TokenKind::Id)),
-        Err("token of the wrong kind")
-    );
+    assert_eq!(check(&logout_as_id, &[&k], &expect(TokenKind::Id)), Err("token of the wrong kind"));
     let mut c = claims();
     c["pad"] = json!("x".repeat(17 * 1024));
-    assert_eq!(
-        check(&sign(&k, &c), &[&k], &expect(TokenKind::Id)),
-        Err("token too large")
-    );
-    assert_eq!(
-        check("not-a-jwt", &[&k], &expect(TokenKind::Id)),
-        Err("not a signed JWT")
-    );
+    assert_eq!(check(&sign(&k, &c), &[&k], &expect(TokenKind::Id)), Err("token too large"));
+    assert_eq!(check("not-a-jwt", &[&k], &expect(TokenKind::Id)), Err("not a signed JWT"));
     assert!(check("a.b.c", &[&k], &expect(TokenKind::Id)).is_err());
     // Deeply nested JSON is bounded by the size cap and serde's recursion limit: no panic.
     let deep = format!("{}{}", "[".repeat(5000), "]".repeat(5000));
     let mut c = claims();
     c["deep"] = serde_json::from_str::<Value>(
-        &"[".repeat(100)
-            .to_string()
-            .chars()
-            .chain("]".repeat(100).chars())
-            .collect::<String>(),
+        &"[".repeat(100).to_string().chars().chain("]".repeat(100).chars()).collect::<String>(),
     )
     .unwrap();
     assert!(check(&sign(&k, &c), &[&k], &expect(TokenKind::Id)).is_ok());
@@ -253,10 +208,7 @@ fn a_token_without_kid_needs_exactly_one_key() {
     let (a, b) = (key("a"), key("b"));
     let token = jsonwebtoken::encode(&Header::new(Algorithm::ES256), &claims(), &a.enc).unwrap();
     assert!(check(&token, &[&a], &expect(TokenKind::Id)).is_ok());
-    assert_eq!(
-        check(&token, &[&a, &b], &expect(TokenKind::Id)),
-        Err("no key")
-    );
+    assert_eq!(check(&token, &[&a, &b], &expect(TokenKind::Id)), Err("no key"));
 }
 
 #[test]
@@ -284,10 +236,7 @@ fn logout_tokens_follow_back_channel_rules() {
             }
         }
         let t = jsonwebtoken::encode(&h, &c, &k.enc).unwrap();
-        assert!(
-            check(&t, &[&k], &expect(TokenKind::Logout)).is_err(),
-            "{what}"
-        );
+        assert!(check(&t, &[&k], &expect(TokenKind::Logout)).is_err(), "{what}");
     }
     // An ID token is not a logout token.
     assert!(check(&sign(&k, &claims()), &[&k], &expect(TokenKind::Logout)).is_err());
@@ -330,9 +279,7 @@ async fn unknown_kid_refetches_once_single_flight_rate_limited_and_survives_fail
     let mut tasks = Vec::new();
     for _ in 0..20 {
         let (c, h) = (cache.clone(), http.clone());
-        tasks.push(tokio::spawn(
-            async move { c.key(&h, Some("k2")).await.is_ok() },
-        ));
+        tasks.push(tokio::spawn(async move { c.key(&h, Some("k2")).await.is_ok() }));
     }
     for t in tasks {
         assert!(t.await.unwrap());
@@ -343,20 +290,13 @@ async fn unknown_kid_refetches_once_single_flight_rate_limited_and_survives_fail
     for i in 0..50 {
         assert!(cache.key(&http, Some(&format!("bogus-{i}"))).await.is_err());
     }
-    assert!(
-        hits.load(Ordering::SeqCst) <= 3,
-        "rate-limited refetch: {}",
-        hits.load(Ordering::SeqCst)
-    );
+    assert!(hits.load(Ordering::SeqCst) <= 3, "rate-limited refetch: {}", hits.load(Ordering::SeqCst));
 
     // The provider breaks (no usable keys): we keep the keys we had.
     tokio::time::sleep(Duration::from_millis(350)).await;
     keys.store(Arc::new(json!({"nope": true})));
     assert!(cache.key(&http, Some("k3")).await.is_err());
-    assert!(
-        cache.key(&http, Some("k1")).await.is_ok(),
-        "old keys survive a failed fetch"
-    );
+    assert!(cache.key(&http, Some("k1")).await.is_ok(), "old keys survive a failed fetch");
     assert!(cache.key(&http, Some("k2")).await.is_ok());
 }
 
@@ -371,8 +311,5 @@ fn encryption_and_symmetric_keys_in_the_jwks_are_ignored() {
     assert!(super::jwks::test_pick(&set, Some("enc")).is_none());
     assert!(super::jwks::test_pick(&set, Some("hmac")).is_none());
     assert!(super::jwks::test_pick(&set, Some("sig")).is_some());
-    assert!(
-        super::jwks::test_pick(&set, None).is_some(),
-        "exactly one signing key: kid-less tokens may use it"
-    );
+    assert!(super::jwks::test_pick(&set, None).is_some(), "exactly one signing key: kid-less tokens may use it");
 }

@@ -28,17 +28,12 @@ pub struct LoginQuery {
 /// A fetch/XHR (not a navigation) must never get a redirect: it gets JSON.
 fn is_fetch(headers: &HeaderMap) -> bool {
     let mode = headers.get("sec-fetch-mode").and_then(|v| v.to_str().ok());
-    let accept = headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    matches!(mode, Some(m) if m != "navigate")
-        || (accept.contains("application/json") && !accept.contains("text/html"))
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or("");
+    matches!(mode, Some(m) if m != "navigate") || (accept.contains("application/json") && !accept.contains("text/html"))
 }
 
 fn no_store(resp: &mut Response) {
-    resp.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
 }
 
 /// `GET /auth/login?return_to=/path`: start the authorization code flow with PKCE.
@@ -55,21 +50,14 @@ pub async fn login_start(
         return_to: return_to::sanitize(q.return_to.as_deref()),
         started_at: core.exchange.now(),
     };
-    let url = core
-        .exchange
-        .oidc()
-        .authorization_url(&login.state, &login.nonce, &login.verifier)
-        .await?;
+    let url = core.exchange.oidc().authorization_url(&login.state, &login.nonce, &login.verifier).await?;
     let sealed = login.seal(&core.keyring).ok_or(ApiError::Internal)?;
     let mut resp = if is_fetch(&headers) {
         Json(json!({"login_url": url})).into_response()
     } else {
         (StatusCode::SEE_OTHER, [(header::LOCATION, url)]).into_response()
     };
-    resp.headers_mut().append(
-        header::SET_COOKIE,
-        cookies::login(&st.cookie, &sealed, login_state::LIFETIME),
-    );
+    resp.headers_mut().append(header::SET_COOKIE, cookies::login(&st.cookie, &sealed, login_state::LIFETIME));
     no_store(&mut resp);
     Ok(resp)
 }
@@ -94,16 +82,11 @@ pub async fn callback(
     let mut resp = match finish_login(&st, q, &headers, ip).await {
         Ok(resp) => resp,
         Err(e) => {
-            st.core
-                .metrics
-                .logins
-                .get_or_create(&Outcome::new("failed"))
-                .inc();
+            st.core.metrics.logins.get_or_create(&Outcome::new("failed")).inc();
             e.into_response()
         }
     };
-    resp.headers_mut()
-        .append(header::SET_COOKIE, cookies::clear_login(&st.cookie));
+    resp.headers_mut().append(header::SET_COOKIE, cookies::clear_login(&st.cookie));
     no_store(&mut resp);
     resp
 }
@@ -124,48 +107,28 @@ async fn finish_login(
             )
         })?;
     if let Some(err) = q.error {
-        let err: String = err
-            .chars()
-            .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
-            .take(64)
-            .collect();
+        let err: String = err.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '_').take(64).collect();
         tracing::info!(provider_error = %err, "login refused by the identity provider");
-        return Err(ApiError::bad_request(
-            "login_failed",
-            format!("the identity provider refused the login: {err}"),
-        ));
+        return Err(ApiError::bad_request("login_failed", format!("the identity provider refused the login: {err}")));
     }
     let (Some(code), Some(state)) = (q.code, q.state) else {
-        return Err(ApiError::bad_request(
-            "login_failed",
-            "callback without code or state",
-        ));
+        return Err(ApiError::bad_request("login_failed", "callback without code or state"));
     };
     if !crypto::ct_eq(state.as_bytes(), login.state.as_bytes()) {
         tracing::warn!("login callback with a state that does not match this browser's login");
-        return Err(ApiError::bad_request(
-            "login_failed",
-            "state does not match the login started in this browser",
-        ));
+        return Err(ApiError::bad_request("login_failed", "state does not match the login started in this browser"));
     }
     let oidc = core.exchange.oidc();
     oidc.check_response_issuer(q.iss.as_deref()).await?;
-    let result = oidc
-        .redeem_code(&code, &login.verifier, &login.nonce)
-        .await?;
+    let result = oidc.redeem_code(&code, &login.verifier, &login.nonce).await?;
     let (id, _) = start_session(st, result, headers, ip).await?;
     let mut resp = match st.cookie.same_site {
-        SameSite::Lax => {
-            (StatusCode::SEE_OTHER, [(header::LOCATION, login.return_to)]).into_response()
-        }
+        SameSite::Lax => (StatusCode::SEE_OTHER, [(header::LOCATION, login.return_to)]).into_response(),
         // A Strict cookie set during a cross-site redirect chain is not sent on the next hop, so
         // land on a same-site page that navigates on.
         SameSite::Strict => Html(strict_landing(&login.return_to)).into_response(),
     };
-    resp.headers_mut().append(
-        header::SET_COOKIE,
-        cookies::session(&st.cookie, id.expose()),
-    );
+    resp.headers_mut().append(header::SET_COOKIE, cookies::session(&st.cookie, id.expose()));
     Ok(resp)
 }
 
@@ -195,17 +158,10 @@ async fn start_session(
     let sub = result.claims.sub.clone();
     let client = ClientInfo {
         ip: Some(ip.to_string()),
-        user_agent: headers
-            .get(header::USER_AGENT)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned),
+        user_agent: headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).map(str::to_owned),
     };
     let (id, record) = st.core.exchange.start(result, client).await?;
-    st.core
-        .metrics
-        .logins
-        .get_or_create(&Outcome::new("ok"))
-        .inc();
+    st.core.metrics.logins.get_or_create(&Outcome::new("ok")).inc();
     tracing::info!(sub = %sub, session = %id.key(), "login succeeded, session created");
     Ok((id, record))
 }
@@ -229,48 +185,34 @@ pub async fn password_login(
         return Err(ApiError::NotFound);
     }
     let Json(body) = body.map_err(|e| {
-        ApiError::bad_request(
-            "invalid_request",
-            format!("expected {{\"username\",\"password\"}}: {}", e.body_text()),
-        )
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge
+        } else {
+            ApiError::bad_request(
+                "invalid_request",
+                format!("expected {{\"username\",\"password\"}}: {}", e.body_text()),
+            )
+        }
     })?;
-    if body.username.is_empty()
-        || body.username.len() > 256
-        || body.password.is_empty()
-        || body.password.len() > 1024
-    {
-        return Err(ApiError::bad_request(
-            "invalid_request",
-            "username or password empty or too long",
-        ));
+    if body.username.is_empty() || body.username.len() > 256 || body.password.is_empty() || body.password.len() > 1024 {
+        return Err(ApiError::bad_request("invalid_request", "username or password empty or too long"));
     }
     let ip = limits::client_ip(peer, &headers, &core.config.public.trusted_proxies);
     if !st.limits.check(ip, &body.username) {
         tracing::warn!(%ip, username = %body.username.chars().take(64).collect::<String>(), "password login rate-limited");
         return Err(ApiError::TooManyRequests);
     }
-    let result = match core
-        .exchange
-        .oidc()
-        .password_grant(&body.username, &body.password)
-        .await
-    {
+    let result = match core.exchange.oidc().password_grant(&body.username, &body.password).await {
         Ok(r) => r,
         Err(e) => {
-            core.metrics
-                .logins
-                .get_or_create(&Outcome::new("failed"))
-                .inc();
+            core.metrics.logins.get_or_create(&Outcome::new("failed")).inc();
             tracing::info!(%ip, username = %body.username.chars().take(64).collect::<String>(), error = %e, "password login failed");
             return Err(e.into());
         }
     };
     let (id, record) = start_session(&st, result, &headers, ip).await?;
     let mut resp = Json(me_body(&record)).into_response();
-    resp.headers_mut().append(
-        header::SET_COOKIE,
-        cookies::session(&st.cookie, id.expose()),
-    );
+    resp.headers_mut().append(header::SET_COOKIE, cookies::session(&st.cookie, id.expose()));
     no_store(&mut resp);
     Ok(resp)
 }
@@ -294,10 +236,7 @@ fn me_body(r: &SessionRecord) -> serde_json::Value {
 }
 
 /// `GET /auth/me`: who the session belongs to. Never a token.
-pub async fn me(
-    State(st): State<Arc<PublicState>>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
+pub async fn me(State(st): State<Arc<PublicState>>, headers: HeaderMap) -> Result<Response, ApiError> {
     let id = session_id(&st, &headers).ok_or(ApiError::Unauthenticated)?;
     let resolved = st.core.exchange.resolve(&id, false).await?;
     let mut resp = Json(me_body(&resolved.record)).into_response();
@@ -307,10 +246,7 @@ pub async fn me(
 
 /// `POST /auth/logout`: delete the session, revoke the refresh token, clear the cookie, and hand
 /// the browser the provider's end-session URL.
-pub async fn logout(
-    State(st): State<Arc<PublicState>>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
+pub async fn logout(State(st): State<Arc<PublicState>>, headers: HeaderMap) -> Result<Response, ApiError> {
     let core = &st.core;
     let oidc = core.exchange.oidc();
     if let Some(id) = session_id(&st, &headers)
@@ -326,10 +262,7 @@ pub async fn logout(
     }
     // No `id_token_hint`: it would put a JWT into a browser-visible URL (SECURITY 8). The provider
     // session is already ended by the revocation above; see docs/contracts.md.
-    let logout_url = oidc
-        .end_session_url(None, &core.config.post_logout_redirect_uri())
-        .await
-        .unwrap_or(None);
+    let logout_url = oidc.end_session_url(None, &core.config.post_logout_redirect_uri()).await.unwrap_or(None);
     let mut resp = Json(json!({"logout_url": logout_url})).into_response();
     let h = resp.headers_mut();
     h.append(header::SET_COOKIE, cookies::clear_session(&st.cookie));

@@ -30,18 +30,9 @@ pub fn read(headers: &HeaderMap, name: &str) -> Option<String> {
     found
 }
 
-fn build(
-    settings: &CookieSettings,
-    name: &str,
-    value: &str,
-    max_age: Option<i64>,
-    same_site: SameSite,
-) -> HeaderValue {
-    let mut c = Cookie::build((name, value))
-        .http_only(true)
-        .secure(settings.secure)
-        .path("/")
-        .same_site(match same_site {
+fn build(settings: &CookieSettings, name: &str, value: &str, max_age: Option<i64>, same_site: SameSite) -> HeaderValue {
+    let mut c =
+        Cookie::build((name, value)).http_only(true).secure(settings.secure).path("/").same_site(match same_site {
             SameSite::Lax => CookieSameSite::Lax,
             SameSite::Strict => CookieSameSite::Strict,
         });
@@ -63,13 +54,7 @@ pub fn clear_session(settings: &CookieSettings) -> HeaderValue {
 
 /// The login cookie must be `Lax`: it has to come back on the top-level redirect from Keycloak.
 pub fn login(settings: &CookieSettings, value: &str, max_age: i64) -> HeaderValue {
-    build(
-        settings,
-        &settings.login_name,
-        value,
-        Some(max_age),
-        SameSite::Lax,
-    )
+    build(settings, &settings.login_name, value, Some(max_age), SameSite::Lax)
 }
 
 pub fn clear_login(settings: &CookieSettings) -> HeaderValue {
@@ -102,15 +87,9 @@ mod tests {
     #[test]
     fn duplicate_or_oversized_cookies_are_refused() {
         let mut h = HeaderMap::new();
-        h.append(
-            header::COOKIE,
-            HeaderValue::from_static("a=1; __Host-Http-gatehouse=x; b=2"),
-        );
+        h.append(header::COOKIE, HeaderValue::from_static("a=1; __Host-Http-gatehouse=x; b=2"));
         assert_eq!(read(&h, "__Host-Http-gatehouse").as_deref(), Some("x"));
-        h.append(
-            header::COOKIE,
-            HeaderValue::from_static("__Host-Http-gatehouse=y"),
-        );
+        h.append(header::COOKIE, HeaderValue::from_static("__Host-Http-gatehouse=y"));
         assert_eq!(read(&h, "__Host-Http-gatehouse"), None);
         let mut big = HeaderMap::new();
         big.insert(

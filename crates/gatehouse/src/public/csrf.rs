@@ -21,12 +21,7 @@ pub fn is_safe(method: &Method) -> bool {
 }
 
 /// Why a request fails the check, or `None` if it passes.
-pub fn violation(
-    method: &Method,
-    path: &str,
-    headers: &HeaderMap,
-    origin: &str,
-) -> Option<&'static str> {
+pub fn violation(method: &Method, path: &str, headers: &HeaderMap, origin: &str) -> Option<&'static str> {
     if is_safe(method) || EXEMPT.contains(&path) {
         return None;
     }

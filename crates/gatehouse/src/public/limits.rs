@@ -16,16 +16,12 @@ pub struct LoginLimits {
 impl LoginLimits {
     pub fn new(per_ip_per_minute: u32, per_user_per_minute: u32) -> Self {
         let q = |n: u32| Quota::per_minute(NonZeroU32::new(n.max(1)).unwrap_or(NonZeroU32::MIN));
-        Self {
-            per_ip: RateLimiter::keyed(q(per_ip_per_minute)),
-            per_user: RateLimiter::keyed(q(per_user_per_minute)),
-        }
+        Self { per_ip: RateLimiter::keyed(q(per_ip_per_minute)), per_user: RateLimiter::keyed(q(per_user_per_minute)) }
     }
 
     /// Both buckets must have room; usernames compare case-insensitively (Keycloak's do).
     pub fn check(&self, ip: IpAddr, username: &str) -> bool {
-        self.per_ip.check_key(&ip).is_ok()
-            && self.per_user.check_key(&username.to_lowercase()).is_ok()
+        self.per_ip.check_key(&ip).is_ok() && self.per_user.check_key(&username.to_lowercase()).is_ok()
     }
 
     /// Forget idle keys; called periodically or memory grows with every IP ever seen.
@@ -68,16 +64,9 @@ mod tests {
     #[test]
     fn xff_only_from_trusted_proxies() {
         let mut h = HeaderMap::new();
-        h.insert(
-            "x-forwarded-for",
-            HeaderValue::from_static("6.6.6.6, 1.2.3.4"),
-        );
+        h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6, 1.2.3.4"));
         let peer: SocketAddr = "10.0.0.5:1000".parse().unwrap();
-        assert_eq!(
-            client_ip(peer, &h, &[]),
-            peer.ip(),
-            "untrusted peer: header ignored"
-        );
+        assert_eq!(client_ip(peer, &h, &[]), peer.ip(), "untrusted peer: header ignored");
         let trusted = vec!["10.0.0.0/8".parse().unwrap()];
         assert_eq!(
             client_ip(peer, &h, &trusted),
@@ -93,10 +82,7 @@ mod tests {
         assert!(l.check(ip, "alice"));
         assert!(l.check(ip, "ALICE"));
         assert!(!l.check(ip, "alice"), "per-user limit");
-        assert!(
-            !l.check("2.2.2.2".parse().unwrap(), "Alice"),
-            "per-user limit holds across IPs"
-        );
+        assert!(!l.check("2.2.2.2".parse().unwrap(), "Alice"), "per-user limit holds across IPs");
         let l = LoginLimits::new(2, 100);
         assert!(l.check(ip, "a") && l.check(ip, "b"));
         assert!(!l.check(ip, "c"), "per-IP limit");

@@ -17,9 +17,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use tower_http::sensitive_headers::{
-    SetSensitiveRequestHeadersLayer, SetSensitiveResponseHeadersLayer,
-};
+use tower_http::sensitive_headers::{SetSensitiveRequestHeadersLayer, SetSensitiveResponseHeadersLayer};
 use tower_http::services::ServeDir;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 
@@ -63,35 +61,31 @@ pub fn router(core: Arc<Core>) -> Router {
     });
     spawn_limit_cleanup(&state);
     let mut router = Router::new()
-        .route(
-            "/auth/login",
-            get(auth::login_start).post(auth::password_login),
-        )
+        .route("/auth/login", get(auth::login_start).post(auth::password_login))
         .route("/auth/callback", get(auth::callback))
         .route("/auth/logout", post(auth::logout))
         .route("/auth/me", get(auth::me))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz));
     router = match &config.public.static_dir {
-        Some(dir) => {
-            router.fallback_service(ServeDir::new(dir).fallback(get(not_found).post(not_found)))
-        }
+        Some(dir) => router.fallback_service(ServeDir::new(dir).fallback(get(not_found).post(not_found))),
         None => router.fallback(not_found),
     };
     router
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn_with_state(state.clone(), csrf::check))
         // Spans carry the method and path only: the query string may hold an authorization code.
         .layer(
             TraceLayer::new_for_http()
-                .make_span_with(|req: &Request| tracing::debug_span!("public", method = %req.method(), path = %req.uri().path()))
+                .make_span_with(
+                    |req: &Request| tracing::debug_span!("public", method = %req.method(), path = %req.uri().path()),
+                )
                 .on_request(())
                 .on_response(DefaultOnResponse::new().level(tracing::Level::DEBUG)),
         )
         .layer(SetSensitiveRequestHeadersLayer::new([header::COOKIE, header::AUTHORIZATION]))
         .layer(SetSensitiveResponseHeadersLayer::new([header::SET_COOKIE]))
-        .layer(axum::extract::DefaultBodyLimit::max(
-            config.public.max_body_bytes,
-        ))
+        .layer(axum::extract::DefaultBodyLimit::max(config.public.max_body_bytes))
         .layer(middleware::from_fn(guard_headers))
         .with_state(state)
 }
@@ -113,48 +107,42 @@ async fn not_found() -> ApiError {
 }
 
 async fn healthz() -> impl IntoResponse {
-    (
-        [(header::CACHE_CONTROL, "no-store")],
-        axum::Json(serde_json::json!({"status": "ok"})),
-    )
+    ([(header::CACHE_CONTROL, "no-store")], axum::Json(serde_json::json!({"status": "ok"})))
 }
 
 /// Ready = the store answers and the provider's metadata was loaded once. A later provider outage
 /// does not take the replica out: sessions with valid tokens keep working.
 async fn readyz(State(state): State<Arc<PublicState>>) -> Response {
     let (ready, body) = state.core.readiness().await;
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (
-        status,
-        [(header::CACHE_CONTROL, "no-store")],
-        axum::Json(body),
-    )
-        .into_response()
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, [(header::CACHE_CONTROL, "no-store")], axum::Json(body)).into_response()
 }
 
 /// Oversized headers are refused before any handler parses them; every answer gets the
 /// browser-hardening headers.
 async fn guard_headers(req: Request, next: Next) -> Response {
-    let size: usize = req
-        .headers()
-        .iter()
-        .map(|(k, v)| k.as_str().len() + v.len() + 4)
-        .sum();
+    let size: usize = req.headers().iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
     let mut resp = if size > MAX_HEADER_BYTES {
-        (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, axum::Json(serde_json::json!({"error": "headers_too_large", "message": "request headers exceed 16 KiB"}))).into_response()
+        (
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            axum::Json(serde_json::json!({"error": "headers_too_large", "message": "request headers exceed 16 KiB"})),
+        )
+            .into_response()
     } else {
         next.run(req).await
     };
     let h = resp.headers_mut();
-    h.insert(
-        "x-content-type-options",
-        HeaderValue::from_static("nosniff"),
-    );
+    h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
     h.insert("x-frame-options", HeaderValue::from_static("DENY"));
     h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
+    // The demo front end needs nothing more; a front end with other needs sets its own policy.
+    if !h.contains_key("content-security-policy") {
+        h.insert(
+            "content-security-policy",
+            HeaderValue::from_static(
+                "default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'; object-src 'none'",
+            ),
+        );
+    }
     resp
 }

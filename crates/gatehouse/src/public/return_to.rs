@@ -15,10 +15,7 @@ fn check(raw: &str) -> Option<String> {
     // Decode repeatedly so `%252F` tricks are seen for what they become downstream.
     let mut decoded = raw.to_string();
     for _ in 0..3 {
-        let next = percent_encoding::percent_decode_str(&decoded)
-            .decode_utf8()
-            .ok()?
-            .into_owned();
+        let next = percent_encoding::percent_decode_str(&decoded).decode_utf8().ok()?.into_owned();
         if next == decoded {
             break;
         }
@@ -50,11 +47,7 @@ fn check(raw: &str) -> Option<String> {
         out.push('?');
         out.push_str(q);
     }
-    if out.starts_with("//") {
-        None
-    } else {
-        Some(out)
-    }
+    if out.starts_with("//") { None } else { Some(out) }
 }
 
 #[cfg(test)]

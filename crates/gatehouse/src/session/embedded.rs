@@ -7,18 +7,15 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use redb::{
-    Database, MultimapTableDefinition, ReadableDatabase, ReadableMultimapTable, ReadableTable,
-    TableDefinition,
+    Database, MultimapTableDefinition, ReadableDatabase, ReadableMultimapTable, ReadableTable, TableDefinition,
 };
 
 use super::{SessionKey, SessionRecord, SessionStore, StoreError};
 use crate::clock::UnixTime;
 
 const SESSIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("sessions");
-const BY_USER: MultimapTableDefinition<&str, &[u8]> =
-    MultimapTableDefinition::new("sessions_by_user");
-const BY_SID: MultimapTableDefinition<&str, &[u8]> =
-    MultimapTableDefinition::new("sessions_by_provider_sid");
+const BY_USER: MultimapTableDefinition<&str, &[u8]> = MultimapTableDefinition::new("sessions_by_user");
+const BY_SID: MultimapTableDefinition<&str, &[u8]> = MultimapTableDefinition::new("sessions_by_provider_sid");
 const EXPIRY: TableDefinition<(i64, &[u8]), ()> = TableDefinition::new("sessions_by_expiry");
 
 pub struct EmbeddedStore {
@@ -33,11 +30,9 @@ impl EmbeddedStore {
     /// Open or create the file. Holds an exclusive lock: one Gatehouse process per file.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir).map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
         }
-        let db = Database::create(path)
-            .map_err(|e| err(format!("cannot open {}: {e}", path.display())))?;
+        let db = Database::create(path).map_err(|e| err(format!("cannot open {}: {e}", path.display())))?;
         let txn = db.begin_write().map_err(err)?;
         {
             txn.open_table(SESSIONS).map_err(err)?;
@@ -66,60 +61,29 @@ impl EmbeddedStore {
     }
 }
 
-fn index_add(
-    txn: &redb::WriteTransaction,
-    key: &[u8],
-    r: &SessionRecord,
-) -> Result<(), StoreError> {
-    txn.open_multimap_table(BY_USER)
-        .map_err(err)?
-        .insert(r.claims.user_key().as_str(), key)
-        .map_err(err)?;
+fn index_add(txn: &redb::WriteTransaction, key: &[u8], r: &SessionRecord) -> Result<(), StoreError> {
+    txn.open_multimap_table(BY_USER).map_err(err)?.insert(r.claims.user_key().as_str(), key).map_err(err)?;
     if let Some(sid) = &r.provider_sid {
-        txn.open_multimap_table(BY_SID)
-            .map_err(err)?
-            .insert(sid.as_str(), key)
-            .map_err(err)?;
+        txn.open_multimap_table(BY_SID).map_err(err)?.insert(sid.as_str(), key).map_err(err)?;
     }
-    txn.open_table(EXPIRY)
-        .map_err(err)?
-        .insert((r.expires_at(), key), ())
-        .map_err(err)?;
+    txn.open_table(EXPIRY).map_err(err)?.insert((r.expires_at(), key), ()).map_err(err)?;
     Ok(())
 }
 
-fn index_remove(
-    txn: &redb::WriteTransaction,
-    key: &[u8],
-    r: &SessionRecord,
-) -> Result<(), StoreError> {
-    txn.open_multimap_table(BY_USER)
-        .map_err(err)?
-        .remove(r.claims.user_key().as_str(), key)
-        .map_err(err)?;
+fn index_remove(txn: &redb::WriteTransaction, key: &[u8], r: &SessionRecord) -> Result<(), StoreError> {
+    txn.open_multimap_table(BY_USER).map_err(err)?.remove(r.claims.user_key().as_str(), key).map_err(err)?;
     if let Some(sid) = &r.provider_sid {
-        txn.open_multimap_table(BY_SID)
-            .map_err(err)?
-            .remove(sid.as_str(), key)
-            .map_err(err)?;
+        txn.open_multimap_table(BY_SID).map_err(err)?.remove(sid.as_str(), key).map_err(err)?;
     }
-    txn.open_table(EXPIRY)
-        .map_err(err)?
-        .remove((r.expires_at(), key))
-        .map_err(err)?;
+    txn.open_table(EXPIRY).map_err(err)?.remove((r.expires_at(), key)).map_err(err)?;
     Ok(())
 }
 
-fn remove_record(
-    txn: &redb::WriteTransaction,
-    key: &[u8],
-) -> Result<Option<SessionRecord>, StoreError> {
+fn remove_record(txn: &redb::WriteTransaction, key: &[u8]) -> Result<Option<SessionRecord>, StoreError> {
     let old = {
         let mut t = txn.open_table(SESSIONS).map_err(err)?;
         let removed = t.remove(key).map_err(err)?;
-        removed
-            .map(|g| SessionRecord::decode(g.value()))
-            .transpose()?
+        removed.map(|g| SessionRecord::decode(g.value())).transpose()?
     };
     if let Some(r) = &old {
         index_remove(txn, key, r)?;
@@ -135,9 +99,7 @@ fn delete_by_index(
     let keys: Vec<Vec<u8>> = {
         let t = txn.open_multimap_table(index).map_err(err)?;
         let vals = t.get(value).map_err(err)?;
-        vals.map(|v| v.map(|g| g.value().to_vec()))
-            .collect::<Result<_, _>>()
-            .map_err(err)?
+        vals.map(|v| v.map(|g| g.value().to_vec())).collect::<Result<_, _>>().map_err(err)?
     };
     let mut out = Vec::new();
     for k in keys {
@@ -153,10 +115,7 @@ impl SessionStore for EmbeddedStore {
     async fn insert(&self, key: &SessionKey, record: &SessionRecord) -> Result<(), StoreError> {
         let (key, bytes, record) = (key.0, record.encode()?, record.clone());
         self.write(move |txn| {
-            txn.open_table(SESSIONS)
-                .map_err(err)?
-                .insert(key.as_slice(), bytes.as_slice())
-                .map_err(err)?;
+            txn.open_table(SESSIONS).map_err(err)?.insert(key.as_slice(), bytes.as_slice()).map_err(err)?;
             index_add(txn, &key, &record)
         })
         .await
@@ -188,10 +147,7 @@ impl SessionStore for EmbeddedStore {
                 return Ok(false);
             };
             index_remove(txn, &key, &old)?;
-            txn.open_table(SESSIONS)
-                .map_err(err)?
-                .insert(key.as_slice(), bytes.as_slice())
-                .map_err(err)?;
+            txn.open_table(SESSIONS).map_err(err)?.insert(key.as_slice(), bytes.as_slice()).map_err(err)?;
             index_add(txn, &key, &record)?;
             Ok(true)
         })
@@ -203,10 +159,7 @@ impl SessionStore for EmbeddedStore {
         self.write(move |txn| remove_record(txn, &key)).await
     }
 
-    async fn list_by_user(
-        &self,
-        user_key: &str,
-    ) -> Result<Vec<(SessionKey, SessionRecord)>, StoreError> {
+    async fn list_by_user(&self, user_key: &str) -> Result<Vec<(SessionKey, SessionRecord)>, StoreError> {
         let txn = self.db.begin_read().map_err(err)?;
         let idx = txn.open_multimap_table(BY_USER).map_err(err)?;
         let sessions = txn.open_table(SESSIONS).map_err(err)?;
@@ -227,29 +180,21 @@ impl SessionStore for EmbeddedStore {
 
     async fn delete_by_user(&self, user_key: &str) -> Result<Vec<SessionRecord>, StoreError> {
         let user_key = user_key.to_owned();
-        self.write(move |txn| delete_by_index(txn, BY_USER, &user_key))
-            .await
+        self.write(move |txn| delete_by_index(txn, BY_USER, &user_key)).await
     }
 
     async fn delete_by_provider_sid(&self, sid: &str) -> Result<Vec<SessionRecord>, StoreError> {
         let sid = sid.to_owned();
-        self.write(move |txn| delete_by_index(txn, BY_SID, &sid))
-            .await
+        self.write(move |txn| delete_by_index(txn, BY_SID, &sid)).await
     }
 
     async fn sweep(&self, now: UnixTime) -> Result<usize, StoreError> {
         self.write(move |txn| {
             let due: Vec<Vec<u8>> = {
                 let t = txn.open_table(EXPIRY).map_err(err)?;
-                let range = t
-                    .range::<(i64, &[u8])>(
-                        (i64::MIN, [].as_slice())..=(now, [0xffu8; 32].as_slice()),
-                    )
-                    .map_err(err)?;
-                range
-                    .map(|e| e.map(|(k, _)| k.value().1.to_vec()))
-                    .collect::<Result<_, _>>()
-                    .map_err(err)?
+                let range =
+                    t.range::<(i64, &[u8])>((i64::MIN, [].as_slice())..=(now, [0xffu8; 32].as_slice())).map_err(err)?;
+                range.map(|e| e.map(|(k, _)| k.value().1.to_vec())).collect::<Result<_, _>>().map_err(err)?
             };
             let mut n = 0;
             for k in due {
@@ -286,10 +231,7 @@ mod tests {
         let key = crate::session::SessionId::generate().unwrap().key();
         {
             let store = EmbeddedStore::open(&path).unwrap();
-            store
-                .insert(&key, &super::super::conformance::record("alice", "kc", 10))
-                .await
-                .unwrap();
+            store.insert(&key, &super::super::conformance::record("alice", "kc", 10)).await.unwrap();
         }
         let store = EmbeddedStore::open(&path).unwrap();
         assert_eq!(store.get(&key).await.unwrap().unwrap().claims.sub, "alice");

@@ -167,10 +167,7 @@ pub trait SessionStore: Send + Sync + 'static {
     /// Remove a session; returns the record that was there.
     async fn delete(&self, key: &SessionKey) -> Result<Option<SessionRecord>, StoreError>;
     /// Every session of a user (`UserClaims::user_key`).
-    async fn list_by_user(
-        &self,
-        user_key: &str,
-    ) -> Result<Vec<(SessionKey, SessionRecord)>, StoreError>;
+    async fn list_by_user(&self, user_key: &str) -> Result<Vec<(SessionKey, SessionRecord)>, StoreError>;
     async fn delete_by_user(&self, user_key: &str) -> Result<Vec<SessionRecord>, StoreError>;
     /// Every session of a Keycloak session (`sid`).
     async fn delete_by_provider_sid(&self, sid: &str) -> Result<Vec<SessionRecord>, StoreError>;
@@ -188,11 +185,7 @@ pub(crate) mod conformance {
     pub fn record(user: &str, sid: &str, now: UnixTime) -> SessionRecord {
         SessionRecord {
             version: 1,
-            claims: UserClaims {
-                iss: "https://idp".into(),
-                sub: user.into(),
-                ..Default::default()
-            },
+            claims: UserClaims { iss: "https://idp".into(), sub: user.into(), ..Default::default() },
             provider_sid: Some(sid.into()),
             created_at: now,
             last_seen: now,
@@ -215,14 +208,8 @@ pub(crate) mod conformance {
         let (k1, k2, k3) = (key(), key(), key());
         let r1 = record("alice", "kc-1", now);
         store.insert(&k1, &r1).await.unwrap();
-        store
-            .insert(&k2, &record("alice", "kc-2", now))
-            .await
-            .unwrap();
-        store
-            .insert(&k3, &record("bob", "kc-3", now))
-            .await
-            .unwrap();
+        store.insert(&k2, &record("alice", "kc-2", now)).await.unwrap();
+        store.insert(&k3, &record("bob", "kc-3", now)).await.unwrap();
         store.ping().await.unwrap();
 
         // get
@@ -235,36 +222,19 @@ pub(crate) mod conformance {
         next.version = 2;
         next.last_seen = now + 10;
         assert!(store.compare_and_swap(&k1, 1, &next).await.unwrap());
-        assert!(
-            !store.compare_and_swap(&k1, 1, &next).await.unwrap(),
-            "stale version must lose"
-        );
+        assert!(!store.compare_and_swap(&k1, 1, &next).await.unwrap(), "stale version must lose");
         assert_eq!(store.get(&k1).await.unwrap().unwrap().last_seen, now + 10);
-        assert!(
-            !store.compare_and_swap(&key(), 1, &next).await.unwrap(),
-            "CAS on a missing record fails"
-        );
+        assert!(!store.compare_and_swap(&key(), 1, &next).await.unwrap(), "CAS on a missing record fails");
 
         // list / delete by user
         let alice = r1.claims.user_key();
         assert_eq!(store.list_by_user(&alice).await.unwrap().len(), 2);
         assert_eq!(store.delete_by_provider_sid("kc-2").await.unwrap().len(), 1);
         assert!(store.get(&k2).await.unwrap().is_none());
-        assert_eq!(
-            store.list_by_user(&alice).await.unwrap().len(),
-            1,
-            "index follows deletes"
-        );
+        assert_eq!(store.list_by_user(&alice).await.unwrap().len(), 1, "index follows deletes");
         assert_eq!(store.delete_by_user(&alice).await.unwrap().len(), 1);
         assert!(store.get(&k1).await.unwrap().is_none());
-        assert!(
-            store
-                .delete_by_provider_sid("kc-1")
-                .await
-                .unwrap()
-                .is_empty(),
-            "no orphaned index entries"
-        );
+        assert!(store.delete_by_provider_sid("kc-1").await.unwrap().is_empty(), "no orphaned index entries");
 
         // delete
         assert!(store.delete(&k3).await.unwrap().is_some());
@@ -278,39 +248,20 @@ pub(crate) mod conformance {
         let mut r = record("carol", "kc-5", now);
         r.absolute_expires_at = now + 7;
         store.insert(&abs, &r).await.unwrap();
-        store
-            .insert(&live, &record("carol", "kc-6", now))
-            .await
-            .unwrap();
+        store.insert(&live, &record("carol", "kc-6", now)).await.unwrap();
         assert_eq!(store.sweep(now + 6).await.unwrap(), 1);
         assert_eq!(store.sweep(now + 8).await.unwrap(), 1);
         assert!(store.get(&live).await.unwrap().is_some());
         let carol = record("carol", "", now).claims.user_key();
-        assert_eq!(
-            store.list_by_user(&carol).await.unwrap().len(),
-            1,
-            "sweep cleans the user index"
-        );
-        assert!(
-            store
-                .delete_by_provider_sid("kc-4")
-                .await
-                .unwrap()
-                .is_empty(),
-            "sweep cleans the sid index"
-        );
+        assert_eq!(store.list_by_user(&carol).await.unwrap().len(), 1, "sweep cleans the user index");
+        assert!(store.delete_by_provider_sid("kc-4").await.unwrap().is_empty(), "sweep cleans the sid index");
 
         // A touch that moves the idle expiry moves it in the sweep index too.
         let mut moved = store.get(&live).await.unwrap().unwrap();
         moved.version += 1;
         moved.idle_expires_at = now + 100_000;
         moved.absolute_expires_at = now + 100_000;
-        assert!(
-            store
-                .compare_and_swap(&live, moved.version - 1, &moved)
-                .await
-                .unwrap()
-        );
+        assert!(store.compare_and_swap(&live, moved.version - 1, &moved).await.unwrap());
         assert_eq!(store.sweep(now + 50_000).await.unwrap(), 0);
         assert_eq!(store.sweep(now + 100_001).await.unwrap(), 1);
     }

@@ -41,8 +41,7 @@ pub fn free_registered_port() -> u16 {
 
 pub fn test_key() -> String {
     use base64::Engine;
-    base64::engine::general_purpose::STANDARD
-        .encode(gatehouse::crypto::random_bytes::<32>().unwrap())
+    base64::engine::general_purpose::STANDARD.encode(gatehouse::crypto::random_bytes::<32>().unwrap())
 }
 
 #[derive(Clone)]
@@ -53,6 +52,9 @@ pub struct Options {
     pub refresh_skew: &'static str,
     pub same_site: &'static str,
     pub extra: String,
+    /// Start the internal listener (mTLS with the work dir's dev PKI) with this allow-list.
+    pub internal_allow: Option<Vec<String>>,
+    pub internal_rate: u32,
 }
 
 impl Default for Options {
@@ -64,11 +66,17 @@ impl Default for Options {
             refresh_skew: "30s",
             same_site: "lax",
             extra: String::new(),
+            internal_allow: None,
+            internal_rate: 1000,
         }
     }
 }
 
 impl Options {
+    pub fn with_internal(allow: &[&str]) -> Self {
+        Self { internal_allow: Some(allow.iter().map(|s| s.to_string()).collect()), ..Self::default() }
+    }
+
     pub fn short_tokens() -> Self {
         Self {
             client_id: "gatehouse-short",
@@ -88,10 +96,20 @@ pub struct Workdir {
 
 impl Workdir {
     pub fn new() -> Self {
-        Self {
-            dir: tempfile::tempdir().unwrap(),
-            port: free_registered_port(),
-            key: test_key(),
+        let dir = tempfile::tempdir().unwrap();
+        gatehouse::pki::init(&dir.path().join("pki")).unwrap();
+        Self { dir, port: free_registered_port(), key: test_key() }
+    }
+
+    pub fn pki(&self) -> PathBuf {
+        self.dir.path().join("pki")
+    }
+
+    /// The dev CA, to issue client certificates in tests.
+    pub fn ca(&self) -> gatehouse::pki::Issued {
+        gatehouse::pki::Issued {
+            cert_pem: std::fs::read_to_string(self.pki().join("ca.crt")).unwrap(),
+            key_pem: std::fs::read_to_string(self.pki().join("ca.key")).unwrap(),
         }
     }
 
@@ -114,6 +132,7 @@ encryption_key = "{key}"
 same_site = "{same_site}"
 [admin]
 listen = "127.0.0.1:0"
+{internal}
 {extra}
 "#,
             port = self.port,
@@ -126,14 +145,21 @@ listen = "127.0.0.1:0"
             key = self.key,
             same_site = o.same_site,
             extra = o.extra,
+            internal = match &o.internal_allow {
+                None => String::new(),
+                Some(allow) => format!(
+                    "[internal]\nlisten = \"127.0.0.1:0\"\ncert = \"{pki}/gatehouse.crt\"\nkey = \"{pki}/gatehouse.key\"\nclient_ca = \"{pki}/ca.crt\"\nallow = {allow:?}\nrate_limit_per_second = {rate}\nreload_interval = \"1h\"\n",
+                    pki = self.pki().display(),
+                    rate = o.internal_rate,
+                ),
+            },
         )
     }
 
     pub fn config(&self, o: &Options) -> Config {
         use figment::Figment;
         use figment::providers::{Format, Toml};
-        Config::from_figment(Figment::new().merge(Toml::string(&self.config_text(o))))
-            .expect("test config is valid")
+        Config::from_figment(Figment::new().merge(Toml::string(&self.config_text(o)))).expect("test config is valid")
     }
 
     pub fn write_config(&self, o: &Options) -> PathBuf {
@@ -154,17 +180,10 @@ pub struct Gate {
 impl Gate {
     pub async fn start(work: &Workdir, o: &Options) -> Self {
         let clock = Arc::new(SystemClock::default());
-        let running = gatehouse::start(work.config(o), clock.clone())
-            .await
-            .expect("gatehouse starts");
+        let running = gatehouse::start(work.config(o), clock.clone()).await.expect("gatehouse starts");
         let base = format!("http://localhost:{}", running.public_addr.port());
         let admin = format!("http://{}", running.admin_addr);
-        let g = Self {
-            running: Some(running),
-            clock,
-            base,
-            admin,
-        };
+        let g = Self { running: Some(running), clock, base, admin };
         g.wait_ready().await;
         g
     }
@@ -179,10 +198,12 @@ impl Gate {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        panic!(
-            "gatehouse did not become ready (is Keycloak running at {}?)",
-            keycloak_url()
-        );
+        panic!("gatehouse did not become ready (is Keycloak running at {}?)", keycloak_url());
+    }
+
+    /// `https://localhost:PORT` of the internal listener.
+    pub fn internal(&self) -> String {
+        format!("https://localhost:{}", self.running.as_ref().unwrap().internal_addr.expect("internal listener").port())
     }
 
     pub fn core(&self) -> &Arc<gatehouse::Core> {
@@ -196,18 +217,8 @@ impl Gate {
     }
 
     pub async fn metric(&self, name: &str) -> f64 {
-        let text = http()
-            .get(format!("{}/metrics", self.admin))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .filter(|l| l.starts_with(name))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        let text = http().get(format!("{}/metrics", self.admin)).send().await.unwrap().text().await.unwrap();
+        text.lines().filter(|l| l.starts_with(name)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
     }
 }
 
@@ -229,11 +240,7 @@ pub struct Browser {
 
 fn host_of(url: &str) -> String {
     let u = url::Url::parse(url).unwrap();
-    format!(
-        "{}:{}",
-        u.host_str().unwrap(),
-        u.port_or_known_default().unwrap()
-    )
+    format!("{}:{}", u.host_str().unwrap(), u.port_or_known_default().unwrap())
 }
 
 pub struct Resp {
@@ -248,53 +255,34 @@ impl Resp {
         serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
     }
     pub fn location(&self) -> String {
-        self.headers
-            .get(LOCATION)
-            .expect("Location")
-            .to_str()
-            .unwrap()
-            .to_string()
+        self.headers.get(LOCATION).expect("Location").to_str().unwrap().to_string()
     }
     pub fn header(&self, name: &str) -> Option<String> {
-        self.headers
-            .get(name)
-            .map(|v| v.to_str().unwrap().to_string())
+        self.headers.get(name).map(|v| v.to_str().unwrap().to_string())
     }
 }
 
 impl Browser {
     pub fn cookie(&self, url: &str, name: &str) -> Option<String> {
-        self.jar
-            .get(&host_of(url))
-            .and_then(|m| m.get(name).cloned())
+        self.jar.get(&host_of(url)).and_then(|m| m.get(name).cloned())
     }
 
     pub fn set_cookie(&mut self, url: &str, name: &str, value: &str) {
-        self.jar
-            .entry(host_of(url))
-            .or_default()
-            .insert(name.into(), value.into());
+        self.jar.entry(host_of(url)).or_default().insert(name.into(), value.into());
     }
 
     pub async fn send(&mut self, req: reqwest::RequestBuilder, url: &str) -> Resp {
         let host = host_of(url);
         let mut req = req;
         if let Some(c) = self.jar.get(&host).filter(|m| !m.is_empty()) {
-            let header = c
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join("; ");
+            let header = c.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("; ");
             req = req.header("cookie", header);
         }
         let r = req.send().await.unwrap();
         let status = r.status().as_u16();
         let headers = r.headers().clone();
-        let set_cookies: Vec<String> = headers
-            .get_all(SET_COOKIE)
-            .iter()
-            .map(|v| v.to_str().unwrap().to_string())
-            .collect();
+        let set_cookies: Vec<String> =
+            headers.get_all(SET_COOKIE).iter().map(|v| v.to_str().unwrap().to_string()).collect();
         for sc in &set_cookies {
             let first = sc.split(';').next().unwrap();
             let (k, v) = first.split_once('=').unwrap();
@@ -307,12 +295,7 @@ impl Browser {
             }
         }
         let body = r.text().await.unwrap();
-        Resp {
-            status,
-            headers,
-            body,
-            set_cookies,
-        }
+        Resp { status, headers, body, set_cookies }
     }
 
     pub async fn get(&mut self, url: &str) -> Resp {
@@ -322,45 +305,21 @@ impl Browser {
     /// A same-origin fetch with the CSRF header.
     pub async fn post_json(&mut self, base: &str, path: &str, body: &Value) -> Resp {
         let url = format!("{base}{path}");
-        self.send(
-            http()
-                .post(&url)
-                .header("x-csrf", "1")
-                .header("origin", base)
-                .json(body),
-            &url,
-        )
-        .await
+        self.send(http().post(&url).header("x-csrf", "1").header("origin", base).json(body), &url).await
     }
 
     pub async fn post(&mut self, base: &str, path: &str) -> Resp {
         let url = format!("{base}{path}");
-        self.send(
-            http()
-                .post(&url)
-                .header("x-csrf", "1")
-                .header("origin", base),
-            &url,
-        )
-        .await
+        self.send(http().post(&url).header("x-csrf", "1").header("origin", base), &url).await
     }
 
     /// Start at Gatehouse's `/auth/login`, fill Keycloak's real login form, return the callback response.
-    pub async fn code_flow(
-        &mut self,
-        base: &str,
-        user: &str,
-        password: &str,
-        return_to: &str,
-    ) -> Resp {
+    pub async fn code_flow(&mut self, base: &str, user: &str, password: &str, return_to: &str) -> Resp {
         let start = format!("{base}/auth/login?return_to={}", urlencode(return_to));
         let r = self.get(&start).await;
         assert_eq!(r.status, 303, "login start redirects: {}", r.body);
         let kc_url = r.location();
-        assert!(
-            kc_url.starts_with(&issuer()),
-            "redirects to the pinned issuer: {kc_url}"
-        );
+        assert!(kc_url.starts_with(&issuer()), "redirects to the pinned issuer: {kc_url}");
         let page = self.get(&kc_url).await;
         // With a live Keycloak SSO session in this browser, Keycloak skips the form.
         let callback = if page.status == 302 {
@@ -370,29 +329,20 @@ impl Browser {
             let action = form_action(&page.body);
             let posted = self
                 .send(
-                    http().post(&action).form(&[
-                        ("username", user),
-                        ("password", password),
-                        ("credentialId", ""),
-                    ]),
+                    http().post(&action).form(&[("username", user), ("password", password), ("credentialId", "")]),
                     &action,
                 )
                 .await;
             assert_eq!(posted.status, 302, "Keycloak accepts the credentials");
             posted.location()
         };
-        assert!(
-            callback.starts_with(&format!("{base}/auth/callback?")),
-            "{callback}"
-        );
+        assert!(callback.starts_with(&format!("{base}/auth/callback?")), "{callback}");
         self.last_callback = Some(callback.clone());
         self.get(&callback).await
     }
 
     pub async fn login(&mut self, base: &str, user: &str) -> Resp {
-        let r = self
-            .code_flow(base, user, &format!("{user}-password"), "/")
-            .await;
+        let r = self.code_flow(base, user, &format!("{user}-password"), "/").await;
         assert_eq!(r.status, 303, "callback redirects home: {}", r.body);
         r
     }
@@ -404,9 +354,7 @@ pub fn urlencode(s: &str) -> String {
 
 /// The `action` of Keycloak's `kc-form-login` form, HTML-unescaped.
 pub fn form_action(html: &str) -> String {
-    let form = html
-        .find("id=\"kc-form-login\"")
-        .expect("login form present");
+    let form = html.find("id=\"kc-form-login\"").expect("login form present");
     let rest = &html[form..];
     let a = rest.find("action=\"").expect("form action") + 8;
     let end = rest[a..].find('"').unwrap();
@@ -421,10 +369,7 @@ pub struct KcAdmin {
 impl KcAdmin {
     pub async fn connect() -> Self {
         let r: Value = http()
-            .post(format!(
-                "{}/realms/master/protocol/openid-connect/token",
-                keycloak_url()
-            ))
+            .post(format!("{}/realms/master/protocol/openid-connect/token", keycloak_url()))
             .form(&[
                 ("grant_type", "password"),
                 ("client_id", "admin-cli"),
@@ -437,9 +382,7 @@ impl KcAdmin {
             .json()
             .await
             .unwrap();
-        Self {
-            token: r["access_token"].as_str().expect("admin token").to_string(),
-        }
+        Self { token: r["access_token"].as_str().expect("admin token").to_string() }
     }
 
     pub async fn get(&self, path: &str) -> Value {
@@ -457,40 +400,22 @@ impl KcAdmin {
     /// Keycloak's own count of refresh-token grants for one of its sessions.
     pub async fn refresh_events(&self, provider_sid: &str) -> usize {
         let events = self.get("/events?type=REFRESH_TOKEN&max=1000").await;
-        events
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|e| e["sessionId"] == provider_sid)
-            .count()
+        events.as_array().unwrap().iter().filter(|e| e["sessionId"] == provider_sid).count()
     }
 
     pub async fn user_sessions(&self, username: &str) -> Vec<Value> {
-        let users = self
-            .get(&format!("/users?username={username}&exact=true"))
-            .await;
+        let users = self.get(&format!("/users?username={username}&exact=true")).await;
         let id = users[0]["id"].as_str().unwrap().to_string();
-        self.get(&format!("/users/{id}/sessions"))
-            .await
-            .as_array()
-            .unwrap()
-            .clone()
+        self.get(&format!("/users/{id}/sessions")).await.as_array().unwrap().clone()
     }
 }
 
 /// Try a refresh token directly at Keycloak: is it still alive?
-pub async fn refresh_at_keycloak(
-    client_id: &str,
-    secret: &str,
-    refresh_token: &str,
-) -> (u16, Value) {
+pub async fn refresh_at_keycloak(client_id: &str, secret: &str, refresh_token: &str) -> (u16, Value) {
     let r = http()
         .post(format!("{}/protocol/openid-connect/token", issuer()))
         .basic_auth(client_id, Some(secret))
-        .form(&[
-            ("grant_type", "refresh_token"),
-            ("refresh_token", refresh_token),
-        ])
+        .form(&[("grant_type", "refresh_token"), ("refresh_token", refresh_token)])
         .send()
         .await
         .unwrap();
@@ -502,10 +427,7 @@ pub async fn refresh_at_keycloak(
 pub async fn session_tokens(
     gate: &Gate,
     cookie: &str,
-) -> (
-    gatehouse::session::SessionRecord,
-    gatehouse::session::TokenSet,
-) {
+) -> (gatehouse::session::SessionRecord, gatehouse::session::TokenSet) {
     let id = gatehouse::session::SessionId::parse(cookie).expect("minted id");
     let key = id.key();
     let ex = &gate.core().exchange;
@@ -529,3 +451,33 @@ pub fn looks_like_jwt(s: &str) -> bool {
 pub fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_gatehouse"))
 }
+
+/// An HTTPS client for the internal listener: trusts `server_ca`, presents `client` (if any).
+pub fn mtls_client(server_ca_pem: &str, client: Option<&gatehouse::pki::Issued>) -> reqwest::Client {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(server_ca_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(gatehouse::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let config = match client {
+        Some(c) => {
+            let chain: Vec<CertificateDer<'static>> =
+                CertificateDer::pem_slice_iter(c.cert_pem.as_bytes()).map(|c| c.unwrap()).collect();
+            let key = PrivateKeyDer::from_pem_slice(c.key_pem.as_bytes()).unwrap();
+            builder.with_client_auth_cert(chain, key).unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    };
+    reqwest::Client::builder().tls_backend_preconfigured(config).timeout(Duration::from_secs(30)).build().unwrap()
+}
+
+pub fn client_cert(ca: &gatehouse::pki::Issued, sans: Vec<gatehouse::pki::San>) -> gatehouse::pki::Issued {
+    gatehouse::pki::issue(ca, &gatehouse::pki::LeafSpec::client("test-client", sans, 1)).unwrap()
+}
+
+pub const POCKETBASE: &str = "spiffe://gatehouse.local/ns/data/sa/pocketbase";

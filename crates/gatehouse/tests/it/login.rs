@@ -9,36 +9,22 @@ async fn code_flow_login_sets_only_an_opaque_httponly_cookie_and_me_shows_claims
     let work = Workdir::new();
     let gate = Gate::start(&work, &Options::default()).await;
     let mut b = Browser::default();
-    let r = b
-        .code_flow(&gate.base, "alice", "alice-password", "/notes?tab=mine")
-        .await;
+    let r = b.code_flow(&gate.base, "alice", "alice-password", "/notes?tab=mine").await;
     assert_eq!(r.status, 303, "{}", r.body);
     assert_eq!(r.location(), "/notes?tab=mine", "lands on return_to");
 
     // Cookie attributes exactly as DESIGN §3 / SECURITY 3.
-    let sc = r
-        .set_cookies
-        .iter()
-        .find(|c| c.starts_with(&format!("{COOKIE}=")))
-        .expect("session cookie set");
+    let sc = r.set_cookies.iter().find(|c| c.starts_with(&format!("{COOKIE}="))).expect("session cookie set");
     let attrs: Vec<&str> = sc.split(';').map(str::trim).collect();
     for want in ["HttpOnly", "Secure", "Path=/", "SameSite=Lax"] {
         assert!(attrs.contains(&want), "{sc} lacks {want}");
     }
-    assert!(
-        !sc.to_ascii_lowercase().contains("domain="),
-        "no Domain: {sc}"
-    );
+    assert!(!sc.to_ascii_lowercase().contains("domain="), "no Domain: {sc}");
     assert!(sc.len() < 4096);
     let id = b.cookie(&gate.base, COOKIE).unwrap();
     assert_eq!(id.len(), 43, "256-bit base64url id");
     assert!(!looks_like_jwt(&id));
-    assert!(
-        r.set_cookies
-            .iter()
-            .any(|c| c.contains("-login=") && c.contains("Max-Age=0")),
-        "login cookie cleared"
-    );
+    assert!(r.set_cookies.iter().any(|c| c.contains("-login=") && c.contains("Max-Age=0")), "login cookie cleared");
 
     let me = b.get(&format!("{}/auth/me", gate.base)).await;
     assert_eq!(me.status, 200);
@@ -49,28 +35,13 @@ async fn code_flow_login_sets_only_an_opaque_httponly_cookie_and_me_shows_claims
     assert_eq!(j["email"], "alice@example.com");
     assert_eq!(j["preferred_username"], "alice");
     assert_eq!(j["name"], "Alice Liddell");
-    let realm: Vec<&str> = j["realm_roles"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap())
-        .collect();
-    assert!(
-        realm.contains(&"admin") && realm.contains(&"user"),
-        "{realm:?}"
-    );
-    let client: Vec<&str> = j["client_roles"]["gatehouse"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap())
-        .collect();
+    let realm: Vec<&str> = j["realm_roles"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert!(realm.contains(&"admin") && realm.contains(&"user"), "{realm:?}");
+    let client: Vec<&str> =
+        j["client_roles"]["gatehouse"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
     assert!(client.contains(&"notes-writer"), "{client:?}");
     assert_eq!(j["groups"], json!(["/staff/engineering"]));
-    assert!(
-        j["session"]["expires_at"].as_i64().unwrap()
-            > j["session"]["idle_expires_at"].as_i64().unwrap() - 1
-    );
+    assert!(j["session"]["expires_at"].as_i64().unwrap() > j["session"]["idle_expires_at"].as_i64().unwrap() - 1);
     for k in ["access_token", "refresh_token", "id_token"] {
         assert!(j.get(k).is_none());
     }
@@ -89,16 +60,9 @@ async fn every_login_mints_a_new_id_and_a_planted_cookie_never_authenticates() {
     assert_ne!(first, planted, "fixation: the planted id was replaced");
     let mut attacker = Browser::default();
     attacker.set_cookie(&gate.base, COOKIE, &planted);
-    assert_eq!(
-        attacker.get(&format!("{}/auth/me", gate.base)).await.status,
-        401
-    );
+    assert_eq!(attacker.get(&format!("{}/auth/me", gate.base)).await.status, 401);
     b.login(&gate.base, "bob").await;
-    assert_ne!(
-        b.cookie(&gate.base, COOKIE).unwrap(),
-        first,
-        "second login, new id"
-    );
+    assert_ne!(b.cookie(&gate.base, COOKIE).unwrap(), first, "second login, new id");
     gate.stop().await;
 }
 
@@ -107,29 +71,14 @@ async fn password_login_and_its_failures() {
     let work = Workdir::new();
     let gate = Gate::start(&work, &Options::default()).await;
     let mut b = Browser::default();
-    let r = b
-        .post_json(
-            &gate.base,
-            "/auth/login",
-            &json!({"username": "bob", "password": "bob-password"}),
-        )
-        .await;
+    let r = b.post_json(&gate.base, "/auth/login", &json!({"username": "bob", "password": "bob-password"})).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert!(!looks_like_jwt(&r.body));
     assert_eq!(r.json()["preferred_username"], "bob");
-    assert_eq!(
-        b.get(&format!("{}/auth/me", gate.base)).await.json()["email"],
-        "bob@example.com"
-    );
+    assert_eq!(b.get(&format!("{}/auth/me", gate.base)).await.json()["email"], "bob@example.com");
 
     let mut c = Browser::default();
-    let bad = c
-        .post_json(
-            &gate.base,
-            "/auth/login",
-            &json!({"username": "bob", "password": "wrong"}),
-        )
-        .await;
+    let bad = c.post_json(&gate.base, "/auth/login", &json!({"username": "bob", "password": "wrong"})).await;
     assert_eq!(bad.status, 401);
     assert_eq!(bad.json()["error"], "invalid_credentials");
     assert!(c.cookie(&gate.base, COOKIE).is_none());
@@ -150,9 +99,7 @@ async fn password_login_and_its_failures() {
 
     let no_csrf = c
         .send(
-            http()
-                .post(format!("{}/auth/login", gate.base))
-                .json(&json!({"username":"bob","password":"bob-password"})),
+            http().post(format!("{}/auth/login", gate.base)).json(&json!({"username":"bob","password":"bob-password"})),
             &gate.base,
         )
         .await;
@@ -163,42 +110,20 @@ async fn password_login_and_its_failures() {
 #[tokio::test]
 async fn password_login_is_off_by_default_and_rate_limited_per_user() {
     let work = Workdir::new();
-    let off = Gate::start(
-        &work,
-        &Options {
-            password_login: false,
-            ..Options::default()
-        },
-    )
-    .await;
+    let off = Gate::start(&work, &Options { password_login: false, ..Options::default() }).await;
     let mut b = Browser::default();
-    let r = b
-        .post_json(
-            &off.base,
-            "/auth/login",
-            &json!({"username": "bob", "password": "bob-password"}),
-        )
-        .await;
+    let r = b.post_json(&off.base, "/auth/login", &json!({"username": "bob", "password": "bob-password"})).await;
     assert_eq!(r.status, 404);
     off.stop().await;
 
     let work = Workdir::new();
-    let o = Options {
-        extra: String::new(),
-        ..Options::default()
-    };
+    let o = Options { extra: String::new(), ..Options::default() };
     let gate = Gate::start(&work, &o).await;
     // Default: 5 per username per minute. The 6th attempt is refused before Keycloak sees it.
     let mut statuses = Vec::new();
     for _ in 0..6 {
         statuses.push(
-            b.post_json(
-                &gate.base,
-                "/auth/login",
-                &json!({"username": "nobody-here", "password": "x"}),
-            )
-            .await
-            .status,
+            b.post_json(&gate.base, "/auth/login", &json!({"username": "nobody-here", "password": "x"})).await.status,
         );
     }
     assert_eq!(&statuses[..5], &[401; 5], "{statuses:?}");
@@ -210,13 +135,9 @@ async fn password_login_is_off_by_default_and_rate_limited_per_user() {
 async fn open_redirects_land_on_root_through_the_real_flow() {
     let work = Workdir::new();
     let gate = Gate::start(&work, &Options::default()).await;
-    for evil in [
-        "//evil.example",
-        "/\\evil.example",
-        "/%2F%2Fevil.example",
-        "https:evil.example",
-        "https://evil.example/x",
-    ] {
+    for evil in
+        ["//evil.example", "/\\evil.example", "/%2F%2Fevil.example", "https:evil.example", "https://evil.example/x"]
+    {
         let mut b = Browser::default();
         let r = b.code_flow(&gate.base, "bob", "bob-password", evil).await;
         assert_eq!(r.status, 303);
@@ -231,9 +152,7 @@ async fn callback_rejects_missing_wrong_or_replayed_state() {
     let gate = Gate::start(&work, &Options::default()).await;
     // No login cookie at all.
     let mut b = Browser::default();
-    let r = b
-        .get(&format!("{}/auth/callback?code=x&state=y", gate.base))
-        .await;
+    let r = b.get(&format!("{}/auth/callback?code=x&state=y", gate.base)).await;
     assert_eq!(r.status, 400);
     assert_eq!(r.json()["error"], "login_state_missing");
 
@@ -262,15 +181,8 @@ async fn callback_rejects_missing_wrong_or_replayed_state() {
     // The rightful browser completes once; replaying the callback fails (login cookie is single-use).
     let ok = victim.get(&callback).await;
     assert_eq!(ok.status, 303);
-    let mut replay = Browser {
-        jar: victim.jar.clone(),
-        ..Browser::default()
-    };
-    replay
-        .jar
-        .get_mut(&callback_host(&gate.base))
-        .unwrap()
-        .remove(COOKIE);
+    let mut replay = Browser { jar: victim.jar.clone(), ..Browser::default() };
+    replay.jar.get_mut(&callback_host(&gate.base)).unwrap().remove(COOKIE);
     let again = replay.get(&callback).await;
     assert_eq!(again.status, 400);
     assert!(replay.cookie(&gate.base, COOKIE).is_none());
@@ -297,40 +209,20 @@ async fn forged_unknown_oversized_and_malformed_cookies_get_401_json() {
         "=;=;=".to_string(),
     ];
     for v in values {
-        let r = http()
-            .get(&me)
-            .header("cookie", format!("{COOKIE}={v}"))
-            .send()
-            .await
-            .unwrap();
+        let r = http().get(&me).header("cookie", format!("{COOKIE}={v}")).send().await.unwrap();
         assert_eq!(r.status(), 401, "cookie {v:.20}");
         let j: serde_json::Value = r.json().await.unwrap();
         assert_eq!(j["error"], "unauthenticated");
     }
-    let r = http()
-        .get(&me)
-        .header("cookie", "garbage without equals; ;;;")
-        .send()
-        .await
-        .unwrap();
+    let r = http().get(&me).header("cookie", "garbage without equals; ;;;").send().await.unwrap();
     assert_eq!(r.status(), 401);
     let r = http()
         .get(&me)
-        .header(
-            "cookie",
-            vec![b'a'; 20_000]
-                .iter()
-                .map(|b| *b as char)
-                .collect::<String>(),
-        )
+        .header("cookie", vec![b'a'; 20_000].iter().map(|b| *b as char).collect::<String>())
         .send()
         .await
         .unwrap();
-    assert!(
-        r.status() == 431 || r.status() == 401,
-        "oversized header: {}",
-        r.status()
-    );
+    assert!(r.status() == 431 || r.status() == 401, "oversized header: {}", r.status());
     let r = http().get(&me).send().await.unwrap();
     assert_eq!(r.status(), 401, "no cookie");
     gate.stop().await;
@@ -348,17 +240,8 @@ async fn csrf_is_enforced_on_every_unsafe_method_of_every_route() {
             let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
             let cases: Vec<(&str, Vec<(&str, String)>)> = vec![
                 ("no header", vec![("origin", gate.base.clone())]),
-                (
-                    "wrong value",
-                    vec![("x-csrf", "0".into()), ("origin", gate.base.clone())],
-                ),
-                (
-                    "cross origin",
-                    vec![
-                        ("x-csrf", "1".into()),
-                        ("origin", "http://evil.example".into()),
-                    ],
-                ),
+                ("wrong value", vec![("x-csrf", "0".into()), ("origin", gate.base.clone())]),
+                ("cross origin", vec![("x-csrf", "1".into()), ("origin", "http://evil.example".into())]),
                 (
                     "cross site",
                     vec![
@@ -400,38 +283,17 @@ async fn csrf_is_enforced_on_every_unsafe_method_of_every_route() {
 #[tokio::test]
 async fn fetch_gets_json_not_a_redirect_and_strict_same_site_lands_via_a_page() {
     let work = Workdir::new();
-    let gate = Gate::start(
-        &work,
-        &Options {
-            same_site: "strict",
-            ..Options::default()
-        },
-    )
-    .await;
-    let r = http()
-        .get(format!("{}/auth/login", gate.base))
-        .header("sec-fetch-mode", "cors")
-        .send()
-        .await
-        .unwrap();
+    let gate = Gate::start(&work, &Options { same_site: "strict", ..Options::default() }).await;
+    let r = http().get(format!("{}/auth/login", gate.base)).header("sec-fetch-mode", "cors").send().await.unwrap();
     assert_eq!(r.status(), 200);
     let j: serde_json::Value = r.json().await.unwrap();
     assert!(j["login_url"].as_str().unwrap().starts_with(&issuer()));
 
     let mut b = Browser::default();
-    let r = b
-        .code_flow(&gate.base, "bob", "bob-password", "/after")
-        .await;
-    assert_eq!(
-        r.status, 200,
-        "Strict: a same-site landing page, not a cross-site redirect"
-    );
+    let r = b.code_flow(&gate.base, "bob", "bob-password", "/after").await;
+    assert_eq!(r.status, 200, "Strict: a same-site landing page, not a cross-site redirect");
     assert!(r.body.contains("url=/after"));
-    let sc = r
-        .set_cookies
-        .iter()
-        .find(|c| c.starts_with(COOKIE))
-        .unwrap();
+    let sc = r.set_cookies.iter().find(|c| c.starts_with(COOKIE)).unwrap();
     assert!(sc.contains("SameSite=Strict"));
     assert_eq!(b.get(&format!("{}/auth/me", gate.base)).await.status, 200);
     gate.stop().await;

@@ -29,26 +29,15 @@ async fn logout_deletes_session_revokes_refresh_token_and_clears_cookie() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.header("clear-site-data").as_deref(), Some("\"cookies\""));
     assert_eq!(r.header("cache-control").as_deref(), Some("no-store"));
-    assert!(
-        r.set_cookies
-            .iter()
-            .any(|c| c.starts_with(&format!("{COOKIE}=;")) && c.contains("Max-Age=0"))
-    );
+    assert!(r.set_cookies.iter().any(|c| c.starts_with(&format!("{COOKIE}=;")) && c.contains("Max-Age=0")));
     let url = r.json()["logout_url"].as_str().unwrap().to_string();
-    assert!(
-        url.starts_with(&format!("{}/protocol/openid-connect/logout?", issuer())),
-        "{url}"
-    );
+    assert!(url.starts_with(&format!("{}/protocol/openid-connect/logout?", issuer())), "{url}");
     assert!(url.contains("post_logout_redirect_uri="));
     assert!(!looks_like_jwt(&r.body), "no token in the logout answer");
 
     // Replaying the old cookie: 401, same as an unknown id.
-    let replay = http()
-        .get(format!("{}/auth/me", gate.base))
-        .header("cookie", format!("{COOKIE}={old}"))
-        .send()
-        .await
-        .unwrap();
+    let replay =
+        http().get(format!("{}/auth/me", gate.base)).header("cookie", format!("{COOKIE}={old}")).send().await.unwrap();
     assert_eq!(replay.status(), 401);
     assert!(
         gate.core()
@@ -78,18 +67,9 @@ async fn tokens_are_encrypted_at_rest_and_the_store_never_sees_the_id() {
     let raw = std::fs::read(work.dir.path().join("sessions.redb")).unwrap();
     let has = |needle: &str| raw.windows(needle.len()).any(|w| w == needle.as_bytes());
     assert!(!has(&id), "raw session id in the store file");
-    assert!(
-        !has(&tokens.access_token[..40]),
-        "access token in clear in the store file"
-    );
-    assert!(
-        !has(&tokens.refresh_token.as_ref().unwrap()[..40]),
-        "refresh token in clear"
-    );
-    assert!(
-        has("bob@example.com"),
-        "claims are stored (sanity check that we read the right file)"
-    );
+    assert!(!has(&tokens.access_token[..40]), "access token in clear in the store file");
+    assert!(!has(&tokens.refresh_token.as_ref().unwrap()[..40]), "refresh token in clear");
+    assert!(has("bob@example.com"), "claims are stored (sanity check that we read the right file)");
 }
 
 #[tokio::test]
@@ -162,11 +142,7 @@ async fn idle_and_absolute_expiry_are_enforced_server_side() {
     gate.clock.advance(31 * 60);
     assert_eq!(b.get(&me).await.status, 401, "idle timeout (30m)");
     gate.clock.advance(-31 * 60);
-    assert_eq!(
-        b.get(&me).await.status,
-        401,
-        "an expired session is gone, not merely hidden"
-    );
+    assert_eq!(b.get(&me).await.status, 401, "an expired session is gone, not merely hidden");
     gate.stop().await;
 }
 
@@ -188,40 +164,19 @@ async fn an_expired_access_token_is_refreshed_exactly_once_under_20_concurrent_r
     for _ in 0..20 {
         let (url, cookie) = (format!("{}/auth/me", gate.base), format!("{COOKIE}={id}"));
         handles.push(tokio::spawn(async move {
-            http()
-                .get(url)
-                .header("cookie", cookie)
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
+            http().get(url).header("cookie", cookie).send().await.unwrap().status().as_u16()
         }));
     }
     for h in handles {
         assert_eq!(h.await.unwrap(), 200, "no request fails during the refresh");
     }
-    assert_eq!(
-        admin.refresh_events(&sid).await,
-        1,
-        "exactly one refresh at Keycloak"
-    );
-    assert_eq!(
-        gate.metric("gatehouse_token_refreshes_total{outcome=\"ok\"}")
-            .await,
-        1.0
-    );
+    assert_eq!(admin.refresh_events(&sid).await, 1, "exactly one refresh at Keycloak");
+    assert_eq!(gate.metric("gatehouse_token_refreshes_total{outcome=\"ok\"}").await, 1.0);
     let (after, new_tokens) = session_tokens(&gate, &id).await;
     assert_ne!(new_tokens.access_token, old_tokens.access_token);
-    assert_ne!(
-        new_tokens.refresh_token, old_tokens.refresh_token,
-        "rotated refresh token persisted"
-    );
+    assert_ne!(new_tokens.refresh_token, old_tokens.refresh_token, "rotated refresh token persisted");
     assert!(after.access_expires_at > before.access_expires_at);
-    assert_eq!(
-        after.absolute_expires_at, before.absolute_expires_at,
-        "refresh never extends the absolute lifetime"
-    );
+    assert_eq!(after.absolute_expires_at, before.absolute_expires_at, "refresh never extends the absolute lifetime");
     // The old refresh token was rotated away (revokeRefreshToken): only the stored one works.
     let (status, _) = refresh_at_keycloak(
         "gatehouse-short",
@@ -245,10 +200,7 @@ async fn refresh_invalid_grant_ends_the_session() {
     let r = http()
         .post(format!("{}/protocol/openid-connect/revoke", issuer()))
         .basic_auth("gatehouse-short", Some("gatehouse-short-dev-secret"))
-        .form(&[
-            ("token", tokens.refresh_token.as_deref().unwrap()),
-            ("token_type_hint", "refresh_token"),
-        ])
+        .form(&[("token", tokens.refresh_token.as_deref().unwrap()), ("token_type_hint", "refresh_token")])
         .send()
         .await
         .unwrap();

@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# `make bench`: GET /auth/me with a valid session on the embedded store, keep-alive, measured
+# beside a minimal hyper server answering the same request the same way, in the same run.
+# Server and load generator are pinned to different cores (the machine has 2), the servers run one
+# Tokio worker, so "per core" figures are literal. Results go to docs/benchmarks.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN="${1:-${CARGO_TARGET_DIR:-target}/release/gatehouse}"
+CACHE="${GATEHOUSE_CACHE:-$HOME/.cache/gatehouse}"
+WORK="$CACHE/bench"
+KC_PORT="${KEYCLOAK_TEST_PORT:-18180}"
+PORT=18039            # a redirect-URI port registered in the test realm
+BASE_PORT=18990
+DURATION="${BENCH_DURATION:-10s}"
+CONNS="${BENCH_CONNECTIONS:-32}"
+RATE="${BENCH_RATE:-20000}"
+OUT="${BENCH_OUT:-docs/benchmarks.md}"
+
+command -v oha >/dev/null || { echo "bench: installing the load generator oha (cargo install, cached in ~/.cargo/bin)"; cargo install --locked oha >/dev/null; }
+cargo build --locked --release -p gatehouse --example baseline
+BASELINE="${CARGO_TARGET_DIR:-target}/release/examples/baseline"
+
+pids=()
+started_kc=0
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  [ "$started_kc" = 1 ] && scripts/keycloak.sh stop test || true
+}
+trap cleanup EXIT
+if ! curl -fs "http://localhost:$KC_PORT/realms/gatehouse/.well-known/openid-configuration" >/dev/null; then
+  scripts/keycloak.sh fetch && scripts/keycloak.sh start test "$KC_PORT" && started_kc=1
+fi
+
+rm -rf "$WORK" && mkdir -p "$WORK"
+head -c 32 /dev/urandom | base64 > "$WORK/key" && chmod 600 "$WORK/key"
+cat > "$WORK/gatehouse.toml" <<TOML
+[public]
+listen = "127.0.0.1:$PORT"
+external_url = "http://localhost:$PORT"
+[oidc]
+issuer = "http://localhost:$KC_PORT/realms/gatehouse"
+client_id = "gatehouse"
+client_secret = "gatehouse-dev-secret"
+password_login = true
+[session]
+path = "$WORK/sessions.redb"
+encryption_key_file = "$WORK/key"
+[admin]
+listen = "127.0.0.1:0"
+[log]
+level = "warn"
+TOML
+
+TOKIO_WORKER_THREADS=1 taskset -c 0 "$BIN" serve --config "$WORK/gatehouse.toml" & pids+=($!); GH_PID=$!
+TOKIO_WORKER_THREADS=1 taskset -c 0 "$BASELINE" "$BASE_PORT" & pids+=($!); BL_PID=$!
+for _ in $(seq 1 100); do curl -fs "http://localhost:$PORT/readyz" >/dev/null && break; sleep 0.2; done
+cookie=$(curl -fs -i -X POST "http://localhost:$PORT/auth/login" -H 'X-CSRF: 1' -H "Origin: http://localhost:$PORT" \
+  -H 'content-type: application/json' -d '{"username":"alice","password":"alice-password"}' \
+  | tr -d '\r' | sed -n 's/^set-cookie: \(__Host-Http-gatehouse=[^;]*\).*/\1/Ip')
+[ -n "$cookie" ] || { echo "bench: login failed" >&2; exit 1; }
+curl -fs "http://localhost:$PORT/auth/me" -H "Cookie: $cookie" >/dev/null
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+hz=$(getconf CLK_TCK)
+
+# run NAME PID URL -> prints "rps p50_ms p99_ms cpu_us_per_req"
+run() {
+  local pid=$2 url=$3
+  taskset -c 1 oha -z 2s -c "$CONNS" --no-tui -H "Cookie: $cookie" "$url" >/dev/null
+  local t0; t0=$(cpu_ticks "$pid")
+  local json; json=$(taskset -c 1 oha -z "$DURATION" -c "$CONNS" --no-tui --output-format json -H "Cookie: $cookie" "$url")
+  local t1; t1=$(cpu_ticks "$pid")
+  local fixed; fixed=$(taskset -c 1 oha -z "$DURATION" -c "$CONNS" -q "$RATE" --latency-correction --no-tui --output-format json -H "Cookie: $cookie" "$url")
+  python3 - "$json" "$fixed" "$t0" "$t1" "$hz" <<'PY'
+import json, sys
+j, f = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+t0, t1, hz = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+ok = j["statusCodeDistribution"].get("200", 0)
+total = sum(j["statusCodeDistribution"].values())
+assert ok == total and ok > 0, f"non-200 answers: {j['statusCodeDistribution']}"
+rps = j["summary"]["requestsPerSec"]
+cpu_us = (t1 - t0) / hz / total * 1e6
+p = lambda d, k: d["latencyPercentiles"][k] * 1000
+print(f"{rps:.0f} {p(j,'p50'):.3f} {p(j,'p99'):.3f} {cpu_us:.1f} {f['summary']['requestsPerSec']:.0f} {p(f,'p50'):.3f} {p(f,'p99'):.3f}")
+PY
+}
+
+read -r b_rps b_p50 b_p99 b_cpu b_frps b_fp50 b_fp99 < <(run baseline "$BL_PID" "http://127.0.0.1:$BASE_PORT/auth/me")
+read -r g_rps g_p50 g_p99 g_cpu g_frps g_fp50 g_fp99 < <(run gatehouse "$GH_PID" "http://127.0.0.1:$PORT/auth/me")
+ratio=$(python3 -c "print(f'{$g_rps/$b_rps*100:.0f}')")
+
+cpu_model=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
+result=$(cat <<MD
+### $(date -u +%Y-%m-%d) — \`GET /auth/me\`, embedded store
+
+Machine: $(nproc) cores ($cpu_model), $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -r). Command: \`make bench\`
+(server pinned to core 0 with one Tokio worker, oha pinned to core 1, $CONNS keep-alive connections, $DURATION per run).
+
+| server | requests/s (1 core) | p50 ms | p99 ms | server CPU µs/request | at $RATE req/s: achieved | p50 ms | p99 ms |
+|---|---|---|---|---|---|---|---|
+| minimal hyper baseline | $b_rps | $b_p50 | $b_p99 | $b_cpu | $b_frps | $b_fp50 | $b_fp99 |
+| Gatehouse | $g_rps | $g_p50 | $g_p99 | $g_cpu | $g_frps | $g_fp50 | $g_fp99 |
+
+Gatehouse reaches **$ratio %** of the baseline's rate.
+MD
+)
+echo "$result"
+if [ -n "$OUT" ]; then
+  python3 - "$OUT" "$result" <<'PY'
+import sys, pathlib
+p, block = pathlib.Path(sys.argv[1]), sys.argv[2]
+text = p.read_text() if p.exists() else "# Benchmarks\n"
+marker = "<!-- results: newest first -->"
+if marker not in text:
+    text = text.rstrip() + "\n\n" + marker + "\n"
+text = text.replace(marker, marker + "\n\n" + block + "\n", 1)
+p.write_text(text)
+PY
+  echo "bench: appended to $OUT"
+fi
