@@ -17,8 +17,12 @@ RATE="${BENCH_RATE:-20000}"
 OUT="${BENCH_OUT:-docs/benchmarks.md}"
 
 command -v oha >/dev/null || { echo "bench: installing the load generator oha (cargo install, cached in ~/.cargo/bin)"; cargo install --locked oha >/dev/null; }
-cargo build --locked --release -p gatehouse --example baseline
+cargo build --locked --release -p gatehouse --example baseline --example baseline_mtls
 BASELINE="${CARGO_TARGET_DIR:-target}/release/examples/baseline"
+BASELINE_MTLS="${CARGO_TARGET_DIR:-target}/release/examples/baseline_mtls"
+INT_PORT=18443
+BASE_MTLS_PORT=18991
+XRATE="${BENCH_EXCHANGE_RATE:-10000}"
 
 pids=()
 started_kc=0
@@ -33,6 +37,8 @@ fi
 
 rm -rf "$WORK" && mkdir -p "$WORK"
 head -c 32 /dev/urandom | base64 > "$WORK/key" && chmod 600 "$WORK/key"
+"$BIN" pki init --out "$WORK/pki" >/dev/null
+"$BIN" pki issue --ca "$WORK/pki" --name bench --spiffe spiffe://gatehouse.local/ns/bench/sa/oha --out "$WORK/pki" >/dev/null
 cat > "$WORK/gatehouse.toml" <<TOML
 [public]
 listen = "127.0.0.1:$PORT"
@@ -47,12 +53,20 @@ path = "$WORK/sessions.redb"
 encryption_key_file = "$WORK/key"
 [admin]
 listen = "127.0.0.1:0"
+[internal]
+listen = "127.0.0.1:$INT_PORT"
+cert = "$WORK/pki/gatehouse.crt"
+key = "$WORK/pki/gatehouse.key"
+client_ca = "$WORK/pki/ca.crt"
+allow = ["spiffe://gatehouse.local/ns/bench/sa/oha"]
+rate_limit_per_second = 10000000
 [log]
 level = "warn"
 TOML
 
 TOKIO_WORKER_THREADS=1 taskset -c 0 "$BIN" serve --config "$WORK/gatehouse.toml" & pids+=($!); GH_PID=$!
 TOKIO_WORKER_THREADS=1 taskset -c 0 "$BASELINE" "$BASE_PORT" & pids+=($!); BL_PID=$!
+TOKIO_WORKER_THREADS=1 taskset -c 0 "$BASELINE_MTLS" "$BASE_MTLS_PORT" "$WORK/pki/gatehouse.crt" "$WORK/pki/gatehouse.key" "$WORK/pki/ca.crt" & pids+=($!); BM_PID=$!
 for _ in $(seq 1 100); do curl -fs "http://localhost:$PORT/readyz" >/dev/null && break; sleep 0.2; done
 cookie=$(curl -fs -i -X POST "http://localhost:$PORT/auth/login" -H 'X-CSRF: 1' -H "Origin: http://localhost:$PORT" \
   -H 'content-type: application/json' -d '{"username":"alice","password":"alice-password"}' \
@@ -63,14 +77,14 @@ curl -fs "http://localhost:$PORT/auth/me" -H "Cookie: $cookie" >/dev/null
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 hz=$(getconf CLK_TCK)
 
-# run NAME PID URL -> prints "rps p50_ms p99_ms cpu_us_per_req"
+# run NAME PID URL RATE [oha args...] -> prints "rps p50 p99 cpu_us_per_req fixed_rps fixed_p50 fixed_p99"
 run() {
-  local pid=$2 url=$3
-  taskset -c 1 oha -z 2s -c "$CONNS" --no-tui -H "Cookie: $cookie" "$url" >/dev/null
+  local pid=$2 url=$3 rate=$4; shift 4
+  taskset -c 1 oha -z 2s -c "$CONNS" --no-tui "$@" "$url" >/dev/null
   local t0; t0=$(cpu_ticks "$pid")
-  local json; json=$(taskset -c 1 oha -z "$DURATION" -c "$CONNS" --no-tui --output-format json -H "Cookie: $cookie" "$url")
+  local json; json=$(taskset -c 1 oha -z "$DURATION" -c "$CONNS" --no-tui --output-format json "$@" "$url")
   local t1; t1=$(cpu_ticks "$pid")
-  local fixed; fixed=$(taskset -c 1 oha -z "$DURATION" -c "$CONNS" -q "$RATE" --latency-correction --no-tui --output-format json -H "Cookie: $cookie" "$url")
+  local fixed; fixed=$(taskset -c 1 oha -z "$DURATION" -c "$CONNS" -q "$rate" --latency-correction --no-tui --output-format json "$@" "$url")
   python3 - "$json" "$fixed" "$t0" "$t1" "$hz" <<'PY'
 import json, sys
 j, f = json.loads(sys.argv[1]), json.loads(sys.argv[2])
@@ -85,9 +99,22 @@ print(f"{rps:.0f} {p(j,'p50'):.3f} {p(j,'p99'):.3f} {cpu_us:.1f} {f['summary']['
 PY
 }
 
-read -r b_rps b_p50 b_p99 b_cpu b_frps b_fp50 b_fp99 < <(run baseline "$BL_PID" "http://127.0.0.1:$BASE_PORT/auth/me")
-read -r g_rps g_p50 g_p99 g_cpu g_frps g_fp50 g_fp99 < <(run gatehouse "$GH_PID" "http://127.0.0.1:$PORT/auth/me")
+read -r b_rps b_p50 b_p99 b_cpu b_frps b_fp50 b_fp99 < <(run baseline "$BL_PID" "http://127.0.0.1:$BASE_PORT/auth/me" "$RATE" -H "Cookie: $cookie")
+read -r g_rps g_p50 g_p99 g_cpu g_frps g_fp50 g_fp99 < <(run gatehouse "$GH_PID" "http://127.0.0.1:$PORT/auth/me" "$RATE" -H "Cookie: $cookie")
 ratio=$(python3 -c "print(f'{$g_rps/$b_rps*100:.0f}')")
+
+# East-West: the exchange over mutual TLS (keep-alive), and full handshakes (a new connection each).
+sid=${cookie#*=}
+tls=(--cacert "$WORK/pki/ca.crt" --cert "$WORK/pki/bench.crt" --key "$WORK/pki/bench.key")
+body=(-m POST -H 'content-type: application/json' -d "{\"session_id\":\"$sid\"}")
+read -r xb_rps xb_p50 xb_p99 xb_cpu xb_frps xb_fp50 xb_fp99 < <(run baseline_mtls "$BM_PID" "https://localhost:$BASE_MTLS_PORT/internal/v1/session/exchange" "$XRATE" "${tls[@]}" "${body[@]}")
+read -r x_rps x_p50 x_p99 x_cpu x_frps x_fp50 x_fp99 < <(run exchange "$GH_PID" "https://localhost:$INT_PORT/internal/v1/session/exchange" "$XRATE" "${tls[@]}" "${body[@]}")
+hs() { taskset -c 1 oha -z "$DURATION" -c "$CONNS" --disable-keepalive --no-tui --output-format json "${tls[@]}" "${body[@]}" "$1" \
+  | python3 -c 'import json,sys; j=json.load(sys.stdin); d=j["statusCodeDistribution"]; assert d.get("200",0)==sum(d.values())>0, d; print(f"{j[\"summary\"][\"requestsPerSec\"]:.0f}")'; }
+hb=$(hs "https://localhost:$BASE_MTLS_PORT/internal/v1/session/exchange")
+hg=$(hs "https://localhost:$INT_PORT/internal/v1/session/exchange")
+xratio=$(python3 -c "print(f'{$x_rps/$xb_rps*100:.0f}')")
+hratio=$(python3 -c "print(f'{$hg/$hb*100:.0f}')")
 
 cpu_model=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
 result=$(cat <<MD
@@ -102,6 +129,16 @@ Machine: $(nproc) cores ($cpu_model), $(free -g | awk '/Mem:/{print $2}') GiB, $
 | Gatehouse | $g_rps | $g_p50 | $g_p99 | $g_cpu | $g_frps | $g_fp50 | $g_fp99 |
 
 Gatehouse reaches **$ratio %** of the baseline's rate.
+
+\`POST /internal/v1/session/exchange\` over mutual TLS (keep-alive, ECDSA P-256 certificates from \`gatehouse pki\`):
+
+| server | exchanges/s (1 core) | p50 ms | p99 ms | server CPU µs/exchange | at $XRATE/s: achieved | p50 ms | p99 ms |
+|---|---|---|---|---|---|---|---|
+| rustls + hyper baseline (fixed answer) | $xb_rps | $xb_p50 | $xb_p99 | $xb_cpu | $xb_frps | $xb_fp50 | $xb_fp99 |
+| Gatehouse exchange | $x_rps | $x_p50 | $x_p99 | $x_cpu | $x_frps | $x_fp50 | $x_fp99 |
+
+Exchange rate: **$xratio %** of the baseline. Full mutual-TLS handshakes (new connection per request):
+rustls baseline **$hb/s**, Gatehouse **$hg/s** (**$hratio %**).
 MD
 )
 echo "$result"

@@ -42,17 +42,10 @@ READY_TIMEOUT="${DEMO_READY_TIMEOUT:-90}"
 
 command -v curl >/dev/null 2>&1 || die "'curl' not found on PATH (apt-get install -y curl)"
 
-# Gatehouse reads every GATEHOUSE_* environment variable (any case) as configuration and rejects
-# unknown keys, so the tooling's own variables (GATEHOUSE_BIN, GATEHOUSE_CACHE,
-# GATEHOUSE_REALM_FILE, GATEHOUSE_CONFIG, ...) must not reach it. Real overrides such as
-# GATEHOUSE_SESSION__IDLE_TIMEOUT=5m pass through.
+# Gatehouse reads only nested GATEHOUSE_SECTION__KEY variables as configuration, so tooling
+# variables such as GATEHOUSE_BIN or GATEHOUSE_CACHE pass harmlessly.
 # (An array, not a function: `env ... &` must be a simple command so that `$!` is Gatehouse's pid.)
 GH_ENV=(env)
-for v in $(compgen -e); do
-    if [[ "${v^^}" == GATEHOUSE_* && ! "${v^^}" =~ ^GATEHOUSE_(PUBLIC|OIDC|SESSION|ADMIN|LOG)__ ]]; then
-        GH_ENV+=(-u "$v")
-    fi
-done
 
 # ---------------------------------------------------------------- an earlier demo
 

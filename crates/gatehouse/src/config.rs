@@ -146,9 +146,12 @@ pub struct SessionConfig {
     /// File of the embedded store.
     #[serde(default = "defaults::store_path")]
     pub path: PathBuf,
-    /// Redis URL (used when `store = "redis"`).
+    /// Redis URL (used when `store = "redis"`), e.g. `redis://127.0.0.1:6379` or `rediss://…` for TLS.
     #[serde(default)]
     pub redis_url: Option<String>,
+    /// Timeout of every Redis call.
+    #[serde(default = "defaults::redis_timeout", deserialize_with = "de_duration")]
+    pub redis_timeout: Duration,
     /// A session ends after this long without a request.
     #[serde(default = "defaults::idle_timeout", deserialize_with = "de_duration")]
     pub idle_timeout: Duration,
@@ -181,6 +184,7 @@ impl Default for SessionConfig {
             store: defaults::store(),
             path: defaults::store_path(),
             redis_url: None,
+            redis_timeout: defaults::redis_timeout(),
             idle_timeout: defaults::idle_timeout(),
             absolute_timeout: defaults::absolute_timeout(),
             encryption_key_file: None,
@@ -306,6 +310,9 @@ mod defaults {
     }
     pub fn store_path() -> PathBuf {
         PathBuf::from("data/sessions.redb")
+    }
+    pub fn redis_timeout() -> Duration {
+        Duration::from_secs(2)
     }
     pub fn idle_timeout() -> Duration {
         Duration::from_secs(30 * 60)
@@ -475,10 +482,18 @@ impl Config {
             return Err(invalid("session.encryption_key_file", "tokens are encrypted at rest: a key is required"));
         }
         if s.store == StoreKind::Redis {
-            return Err(invalid(
-                "session.store",
-                "the redis store is not available in this build yet; use \"embedded\"",
-            ));
+            match &s.redis_url {
+                None => return Err(invalid("session.redis_url", "required when session.store = \"redis\"")),
+                Some(u)
+                    if !(u.starts_with("redis://")
+                        || u.starts_with("rediss://")
+                        || u.starts_with("redis+unix://")
+                        || u.starts_with("unix://")) =>
+                {
+                    return Err(invalid("session.redis_url", "must be a redis://, rediss:// or unix:// URL"));
+                }
+                Some(_) => {}
+            }
         }
         if !s.cookie_name.starts_with("__Host-") {
             return Err(invalid(
@@ -606,6 +621,12 @@ impl InternalConfig {
                     format!("`{id}` is neither a valid SPIFFE ID nor a lower-case DNS name (matching is exact)"),
                 ));
             }
+        }
+        if self.reload_interval < Duration::from_secs(1) {
+            return Err(invalid("internal.reload_interval", "must be at least 1s"));
+        }
+        if self.handshake_timeout < Duration::from_millis(100) || self.handshake_timeout > Duration::from_secs(60) {
+            return Err(invalid("internal.handshake_timeout", "must be between 100ms and 60s"));
         }
         if self.rate_limit_per_second == 0 {
             return Err(invalid("internal.rate_limit_per_second", "must be at least 1"));

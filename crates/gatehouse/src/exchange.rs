@@ -73,6 +73,8 @@ pub struct Exchange {
 }
 
 const TOKENS_AAD: &[u8] = b"gatehouse-session-tokens-v1:";
+/// Store mark kind for Keycloak sessions ended by back-channel logout.
+const TOMBSTONE: &str = "sid-ended";
 
 impl Exchange {
     pub fn new(
@@ -157,6 +159,51 @@ impl Exchange {
         Ok(self.open(&key, &record).ok())
     }
 
+    /// End every session of a provider session (`sid`) or, failing that, of a user (`sub`): the
+    /// back-channel logout path. A tombstone for the `sid` stops a login callback that races the
+    /// logout from creating a new session for it afterwards.
+    pub async fn end_provider_session(
+        &self,
+        sid: Option<&str>,
+        sub: Option<&str>,
+        tombstone_for: i64,
+    ) -> Result<usize, ExchangeError> {
+        let now = self.clock.now();
+        let ended = match (sid, sub) {
+            (Some(sid), _) => {
+                self.store.mark(TOMBSTONE, sid, now + tombstone_for).await?;
+                self.store.delete_by_provider_sid(sid).await?
+            }
+            (None, Some(sub)) => {
+                let user = crate::oidc::UserClaims {
+                    iss: self.oidc.issuer().to_string(),
+                    sub: sub.to_string(),
+                    ..Default::default()
+                };
+                self.store.delete_by_user(&user.user_key()).await?
+            }
+            (None, None) => Vec::new(),
+        };
+        Ok(ended.len())
+    }
+
+    /// Whether the provider already logged this Keycloak session out (back-channel).
+    pub async fn provider_session_ended(&self, sid: &str) -> Result<bool, ExchangeError> {
+        Ok(self.store.is_marked(TOMBSTONE, sid, self.clock.now()).await?)
+    }
+
+    /// Revoke the refresh tokens of removed records at the provider (admin revocation).
+    pub async fn revoke_tokens(&self, removed: Vec<(SessionKey, SessionRecord)>) {
+        for (key, record) in removed {
+            if let Ok(tokens) = self.open(&key, &record)
+                && let Some(rt) = tokens.refresh_token.as_deref()
+                && let Err(e) = self.oidc.revoke(rt).await
+            {
+                tracing::warn!(session = %key, error = %e, "refresh token revocation failed");
+            }
+        }
+    }
+
     /// The stored record if it exists and has not expired (expired ones are removed on sight).
     async fn live_record(&self, key: &SessionKey, now: UnixTime) -> Result<SessionRecord, ExchangeError> {
         let record = self.store.get(key).await?.ok_or(ExchangeError::InvalidSession)?;
@@ -172,6 +219,8 @@ impl Exchange {
     async fn refresh(&self, key: &SessionKey, now: UnixTime) -> Result<SessionRecord, ExchangeError> {
         let lock = self.refresh_lock(key);
         let _guard = lock.lock().await;
+        // Then across replicas (a no-op for the single-node embedded store). Re-read only after both.
+        let _remote = self.store.lock_refresh(key).await?;
         let record = self.live_record(key, now).await?;
         if record.access_expires_at - self.settings.refresh_skew > now {
             return Ok(record); // another request refreshed while we waited

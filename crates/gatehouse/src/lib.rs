@@ -124,13 +124,10 @@ impl Core {
         )?);
         let store: Arc<dyn SessionStore> = match config.session.store {
             StoreKind::Embedded => Arc::new(EmbeddedStore::open(&config.session.path)?),
-            StoreKind::Redis => {
-                return Err(ConfigError::Invalid {
-                    key: "session.store",
-                    problem: "redis is not available in this build".into(),
-                }
-                .into());
-            }
+            StoreKind::Redis => Arc::new(session::redis::RedisStore::open(
+                config.session.redis_url.as_deref().unwrap_or_default(),
+                config.session.redis_timeout,
+            )?),
         };
         let metrics = Arc::new(Metrics::default());
         let mut registry = Registry::default();

@@ -25,10 +25,39 @@ enum Command {
         #[arg(long, short, env = "GATEHOUSE_CONFIG", default_value = "gatehouse.toml")]
         config: PathBuf,
     },
+    /// List or revoke sessions through the admin listener.
+    Sessions {
+        /// Base URL of the admin listener.
+        #[arg(long, global = true, env = "GATEHOUSE_ADMIN_URL", default_value = "http://127.0.0.1:9090")]
+        admin: String,
+        #[command(subcommand)]
+        command: SessionsCommand,
+    },
     /// A development PKI for the internal listener (use your real CA in production).
     Pki {
         #[command(subcommand)]
         command: PkiCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum SessionsCommand {
+    /// A user's sessions (hash prefixes, times, client), by Keycloak subject id.
+    List {
+        #[arg(long)]
+        user: String,
+    },
+    /// Revoke sessions (and their refresh tokens at Keycloak).
+    Revoke {
+        /// Every session of this user (Keycloak subject id).
+        #[arg(long, conflicts_with_all = ["session", "all"], required_unless_present_any = ["session", "all"])]
+        user: Option<String>,
+        /// One session, by at least 8 hex characters of its hash.
+        #[arg(long, conflicts_with = "all")]
+        session: Option<String>,
+        /// Every session.
+        #[arg(long)]
+        all: bool,
     },
 }
 
@@ -62,7 +91,50 @@ fn main() -> ExitCode {
         Command::CheckConfig { config } => check_config(&config),
         Command::Serve { config } => serve(&config),
         Command::Pki { command } => pki(command),
+        Command::Sessions { admin, command } => sessions(&admin, command),
     }
+}
+
+fn sessions(admin: &str, command: SessionsCommand) -> ExitCode {
+    let base = admin.trim_end_matches('/');
+    let enc = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+    let (method, url) = match &command {
+        SessionsCommand::List { user } => (reqwest::Method::GET, format!("{base}/admin/v1/sessions?sub={}", enc(user))),
+        SessionsCommand::Revoke { user: Some(u), .. } => {
+            (reqwest::Method::DELETE, format!("{base}/admin/v1/sessions?sub={}", enc(u)))
+        }
+        SessionsCommand::Revoke { session: Some(p), .. } => {
+            (reqwest::Method::DELETE, format!("{base}/admin/v1/sessions/{}", enc(p)))
+        }
+        SessionsCommand::Revoke { all: true, .. } => {
+            (reqwest::Method::DELETE, format!("{base}/admin/v1/sessions?all=true"))
+        }
+        SessionsCommand::Revoke { .. } => {
+            eprintln!("sessions revoke: give --user, --session or --all");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let client = reqwest::Client::new();
+        let resp = match client.request(method, &url).timeout(std::time::Duration::from_secs(30)).send().await {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("sessions: cannot reach the admin listener at {base}: {}", e.without_url());
+                return ExitCode::FAILURE;
+            }
+        };
+        let ok = resp.status().is_success();
+        let body: serde_json::Value = resp.json().await.unwrap_or(serde_json::Value::Null);
+        println!("{}", serde_json::to_string_pretty(&body).unwrap_or_default());
+        if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    })
 }
 
 fn pki(command: PkiCommand) -> ExitCode {

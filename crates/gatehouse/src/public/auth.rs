@@ -51,7 +51,13 @@ pub async fn login_start(
         started_at: core.exchange.now(),
     };
     let url = core.exchange.oidc().authorization_url(&login.state, &login.nonce, &login.verifier).await?;
-    let sealed = login.seal(&core.keyring).ok_or(ApiError::Internal)?;
+    let mut login = login;
+    let mut sealed = login.seal(&core.keyring).ok_or(ApiError::Internal)?;
+    // Keep the cookie under the 4 KB browsers accept (SECURITY 3): a huge return_to becomes `/`.
+    if sealed.len() > 3500 {
+        login.return_to = "/".into();
+        sealed = login.seal(&core.keyring).ok_or(ApiError::Internal)?;
+    }
     let mut resp = if is_fetch(&headers) {
         Json(json!({"login_url": url})).into_response()
     } else {
@@ -121,6 +127,16 @@ async fn finish_login(
     let oidc = core.exchange.oidc();
     oidc.check_response_issuer(q.iss.as_deref()).await?;
     let result = oidc.redeem_code(&code, &login.verifier, &login.nonce).await?;
+    // A back-channel logout for this Keycloak session may have raced the callback.
+    if let Some(sid) = &result.provider_sid
+        && core.exchange.provider_session_ended(sid).await?
+    {
+        tracing::warn!("login callback for a Keycloak session already logged out; refused");
+        return Err(ApiError::bad_request(
+            "login_failed",
+            "this login was ended by the identity provider; sign in again",
+        ));
+    }
     let (id, _) = start_session(st, result, headers, ip).await?;
     let mut resp = match st.cookie.same_site {
         SameSite::Lax => (StatusCode::SEE_OTHER, [(header::LOCATION, login.return_to)]).into_response(),

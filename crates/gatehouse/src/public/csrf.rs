@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use super::PublicState;
 use crate::error::ApiError;
 
-/// Paths exempt from the check. Only this one, deliberately.
+/// `POST` to these paths is exempt from the check. Only this one, deliberately.
 pub const EXEMPT: &[&str] = &["/auth/backchannel-logout"];
 
 pub fn is_safe(method: &Method) -> bool {
@@ -22,7 +22,7 @@ pub fn is_safe(method: &Method) -> bool {
 
 /// Why a request fails the check, or `None` if it passes.
 pub fn violation(method: &Method, path: &str, headers: &HeaderMap, origin: &str) -> Option<&'static str> {
-    if is_safe(method) || EXEMPT.contains(&path) {
+    if is_safe(method) || (*method == Method::POST && EXEMPT.contains(&path)) {
         return None;
     }
     if headers.get("x-csrf").map(|v| v.as_bytes()) != Some(b"1") {

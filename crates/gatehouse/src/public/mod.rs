@@ -2,6 +2,7 @@
 //! logout, `/auth/me`, health, and static files — never an internal route.
 
 mod auth;
+mod backchannel;
 pub mod cookies;
 pub mod csrf;
 mod limits;
@@ -36,6 +37,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/auth/me"),
     ("GET", "/healthz"),
     ("GET", "/readyz"),
+    ("POST", "/auth/backchannel-logout"),
 ];
 
 /// Total size of request headers we accept (SECURITY 24).
@@ -65,6 +67,7 @@ pub fn router(core: Arc<Core>) -> Router {
         .route("/auth/callback", get(auth::callback))
         .route("/auth/logout", post(auth::logout))
         .route("/auth/me", get(auth::me))
+        .route("/auth/backchannel-logout", post(backchannel::backchannel_logout))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz));
     router = match &config.public.static_dir {

@@ -10,13 +10,15 @@ use redb::{
     Database, MultimapTableDefinition, ReadableDatabase, ReadableMultimapTable, ReadableTable, TableDefinition,
 };
 
-use super::{SessionKey, SessionRecord, SessionStore, StoreError};
+use super::{RefreshGuard, SessionKey, SessionRecord, SessionStore, StoreError, key_hex};
 use crate::clock::UnixTime;
 
 const SESSIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("sessions");
 const BY_USER: MultimapTableDefinition<&str, &[u8]> = MultimapTableDefinition::new("sessions_by_user");
 const BY_SID: MultimapTableDefinition<&str, &[u8]> = MultimapTableDefinition::new("sessions_by_provider_sid");
 const EXPIRY: TableDefinition<(i64, &[u8]), ()> = TableDefinition::new("sessions_by_expiry");
+/// `kind:id` → expiry (back-channel `jti` replay cache, logout tombstones).
+const MARKS: TableDefinition<&str, i64> = TableDefinition::new("marks");
 
 pub struct EmbeddedStore {
     db: Arc<Database>,
@@ -39,6 +41,7 @@ impl EmbeddedStore {
             txn.open_multimap_table(BY_USER).map_err(err)?;
             txn.open_multimap_table(BY_SID).map_err(err)?;
             txn.open_table(EXPIRY).map_err(err)?;
+            txn.open_table(MARKS).map_err(err)?;
         }
         txn.commit().map_err(err)?;
         Ok(Self { db: Arc::new(db) })
@@ -95,16 +98,23 @@ fn delete_by_index(
     txn: &redb::WriteTransaction,
     index: MultimapTableDefinition<&str, &[u8]>,
     value: &str,
-) -> Result<Vec<SessionRecord>, StoreError> {
+) -> Result<Vec<(SessionKey, SessionRecord)>, StoreError> {
     let keys: Vec<Vec<u8>> = {
         let t = txn.open_multimap_table(index).map_err(err)?;
         let vals = t.get(value).map_err(err)?;
         vals.map(|v| v.map(|g| g.value().to_vec())).collect::<Result<_, _>>().map_err(err)?
     };
+    remove_all(txn, keys)
+}
+
+fn remove_all(
+    txn: &redb::WriteTransaction,
+    keys: Vec<Vec<u8>>,
+) -> Result<Vec<(SessionKey, SessionRecord)>, StoreError> {
     let mut out = Vec::new();
     for k in keys {
-        if let Some(r) = remove_record(txn, &k)? {
-            out.push(r);
+        if let (Some(r), Ok(key)) = (remove_record(txn, &k)?, <[u8; 32]>::try_from(k.as_slice())) {
+            out.push((SessionKey(key), r));
         }
     }
     Ok(out)
@@ -178,12 +188,12 @@ impl SessionStore for EmbeddedStore {
         Ok(out)
     }
 
-    async fn delete_by_user(&self, user_key: &str) -> Result<Vec<SessionRecord>, StoreError> {
+    async fn delete_by_user(&self, user_key: &str) -> Result<Vec<(SessionKey, SessionRecord)>, StoreError> {
         let user_key = user_key.to_owned();
         self.write(move |txn| delete_by_index(txn, BY_USER, &user_key)).await
     }
 
-    async fn delete_by_provider_sid(&self, sid: &str) -> Result<Vec<SessionRecord>, StoreError> {
+    async fn delete_by_provider_sid(&self, sid: &str) -> Result<Vec<(SessionKey, SessionRecord)>, StoreError> {
         let sid = sid.to_owned();
         self.write(move |txn| delete_by_index(txn, BY_SID, &sid)).await
     }
@@ -202,6 +212,8 @@ impl SessionStore for EmbeddedStore {
                     n += 1;
                 }
             }
+            let mut marks = txn.open_table(MARKS).map_err(err)?;
+            marks.retain(|_, until| until > now).map_err(err)?;
             Ok(n)
         })
         .await
@@ -210,6 +222,61 @@ impl SessionStore for EmbeddedStore {
     async fn ping(&self) -> Result<(), StoreError> {
         self.db.begin_read().map_err(err)?;
         Ok(())
+    }
+
+    async fn find_by_prefix(&self, hex_prefix: &str) -> Result<Vec<(SessionKey, SessionRecord)>, StoreError> {
+        // An admin operation: a scan is fine.
+        let txn = self.db.begin_read().map_err(err)?;
+        let t = txn.open_table(SESSIONS).map_err(err)?;
+        let mut out = Vec::new();
+        for entry in t.iter().map_err(err)? {
+            let (k, v) = entry.map_err(err)?;
+            let Ok(key) = <[u8; 32]>::try_from(k.value()) else { continue };
+            let key = SessionKey(key);
+            if key_hex(&key).starts_with(hex_prefix) {
+                out.push((key, SessionRecord::decode(v.value())?));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn delete_all(&self) -> Result<Vec<(SessionKey, SessionRecord)>, StoreError> {
+        self.write(|txn| {
+            let keys: Vec<Vec<u8>> = {
+                let t = txn.open_table(SESSIONS).map_err(err)?;
+                t.iter()
+                    .map_err(err)?
+                    .map(|e| e.map(|(k, _)| k.value().to_vec()))
+                    .collect::<Result<_, _>>()
+                    .map_err(err)?
+            };
+            remove_all(txn, keys)
+        })
+        .await
+    }
+
+    async fn mark(&self, kind: &str, id: &str, until: UnixTime) -> Result<bool, StoreError> {
+        let name = format!("{kind}:{id}");
+        self.write(move |txn| {
+            let mut t = txn.open_table(MARKS).map_err(err)?;
+            let fresh = t.get(name.as_str()).map_err(err)?.is_none();
+            if fresh {
+                t.insert(name.as_str(), until).map_err(err)?;
+            }
+            Ok(fresh)
+        })
+        .await
+    }
+
+    async fn is_marked(&self, kind: &str, id: &str, now: UnixTime) -> Result<bool, StoreError> {
+        let txn = self.db.begin_read().map_err(err)?;
+        let t = txn.open_table(MARKS).map_err(err)?;
+        Ok(t.get(format!("{kind}:{id}").as_str()).map_err(err)?.is_some_and(|g| g.value() > now))
+    }
+
+    async fn lock_refresh(&self, _key: &SessionKey) -> Result<RefreshGuard, StoreError> {
+        // One process owns the file (exclusive lock), so the exchange's in-process lock suffices.
+        Ok(Box::new(()))
     }
 }
 

@@ -3,6 +3,7 @@
 //! stores see `SHA-256(id)`, so a store dump cannot be replayed.
 
 pub mod embedded;
+pub mod redis;
 
 use std::fmt;
 
@@ -168,13 +169,33 @@ pub trait SessionStore: Send + Sync + 'static {
     async fn delete(&self, key: &SessionKey) -> Result<Option<SessionRecord>, StoreError>;
     /// Every session of a user (`UserClaims::user_key`).
     async fn list_by_user(&self, user_key: &str) -> Result<Vec<(SessionKey, SessionRecord)>, StoreError>;
-    async fn delete_by_user(&self, user_key: &str) -> Result<Vec<SessionRecord>, StoreError>;
+    async fn delete_by_user(&self, user_key: &str) -> Result<Vec<(SessionKey, SessionRecord)>, StoreError>;
     /// Every session of a Keycloak session (`sid`).
-    async fn delete_by_provider_sid(&self, sid: &str) -> Result<Vec<SessionRecord>, StoreError>;
+    async fn delete_by_provider_sid(&self, sid: &str) -> Result<Vec<(SessionKey, SessionRecord)>, StoreError>;
     /// Remove sessions that expired before `now`; returns how many.
     async fn sweep(&self, now: UnixTime) -> Result<usize, StoreError>;
     /// Cheap liveness probe for readiness.
     async fn ping(&self) -> Result<(), StoreError>;
+    /// Sessions whose key's hex form starts with `hex_prefix` (admin revocation by prefix).
+    async fn find_by_prefix(&self, hex_prefix: &str) -> Result<Vec<(SessionKey, SessionRecord)>, StoreError>;
+    /// Remove every session; returns the removed records.
+    async fn delete_all(&self) -> Result<Vec<(SessionKey, SessionRecord)>, StoreError>;
+    /// Remember `(kind, id)` until `until`; `true` if it was not already remembered. Used for the
+    /// back-channel `jti` replay cache and logout tombstones, shared by every replica.
+    async fn mark(&self, kind: &str, id: &str, until: UnixTime) -> Result<bool, StoreError>;
+    async fn is_marked(&self, kind: &str, id: &str, now: UnixTime) -> Result<bool, StoreError>;
+    /// Hold the refresh lock of one session across replicas until the guard is dropped. Waits
+    /// while another holder has it. Backends serving one process may return a no-op guard (the
+    /// exchange already serialises refreshes inside a process).
+    async fn lock_refresh(&self, key: &SessionKey) -> Result<RefreshGuard, StoreError>;
+}
+
+/// Releases a refresh lock when dropped.
+pub type RefreshGuard = Box<dyn std::any::Any + Send>;
+
+/// Hex form of a key, for prefix matching and Redis key names.
+pub fn key_hex(key: &SessionKey) -> String {
+    crypto::hex(&key.0)
 }
 
 #[cfg(test)]
@@ -204,7 +225,8 @@ pub(crate) mod conformance {
     }
 
     pub async fn run(store: &dyn SessionStore) {
-        let now = 1_000_000;
+        // Real time: Redis applies TTLs against its own clock.
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
         let (k1, k2, k3) = (key(), key(), key());
         let r1 = record("alice", "kc-1", now);
         store.insert(&k1, &r1).await.unwrap();
@@ -264,6 +286,29 @@ pub(crate) mod conformance {
         assert!(store.compare_and_swap(&live, moved.version - 1, &moved).await.unwrap());
         assert_eq!(store.sweep(now + 50_000).await.unwrap(), 0);
         assert_eq!(store.sweep(now + 100_001).await.unwrap(), 1);
+
+        // find by prefix, delete all
+        let (a, b) = (key(), key());
+        store.insert(&a, &record("dave", "kc-7", now)).await.unwrap();
+        store.insert(&b, &record("erin", "kc-8", now)).await.unwrap();
+        let found = store.find_by_prefix(&key_hex(&a)[..8]).await.unwrap();
+        assert!(found.iter().any(|(k, _)| *k == a));
+        assert!(found.iter().all(|(k, _)| key_hex(k).starts_with(&key_hex(&a)[..8])));
+        assert_eq!(store.find_by_prefix(&key_hex(&b)).await.unwrap().len(), 1);
+        assert!(store.delete_all().await.unwrap().len() >= 2);
+        assert!(store.get(&a).await.unwrap().is_none() && store.get(&b).await.unwrap().is_none());
+        assert!(store.list_by_user(&record("dave", "", now).claims.user_key()).await.unwrap().is_empty());
+
+        // marks: once only, until they expire
+        assert!(store.mark("jti", "j-1", now + 60).await.unwrap());
+        assert!(!store.mark("jti", "j-1", now + 60).await.unwrap(), "replay detected");
+        assert!(store.is_marked("jti", "j-1", now).await.unwrap());
+        assert!(!store.is_marked("jti", "j-2", now).await.unwrap());
+        assert!(!store.is_marked("tomb", "j-1", now).await.unwrap(), "kinds are separate");
+
+        // the refresh lock can be taken again once released
+        drop(store.lock_refresh(&a).await.unwrap());
+        drop(store.lock_refresh(&a).await.unwrap());
     }
 }
 

@@ -55,6 +55,10 @@ pub struct Options {
     /// Start the internal listener (mTLS with the work dir's dev PKI) with this allow-list.
     pub internal_allow: Option<Vec<String>>,
     pub internal_rate: u32,
+    /// Use this Redis URL as the session store instead of the embedded file.
+    pub redis_url: Option<String>,
+    /// Advertise another replica's URL (replicas behind one load balancer share it).
+    pub external_port: Option<u16>,
 }
 
 impl Default for Options {
@@ -68,6 +72,8 @@ impl Default for Options {
             extra: String::new(),
             internal_allow: None,
             internal_rate: 1000,
+            redis_url: None,
+            external_port: None,
         }
     }
 }
@@ -118,7 +124,7 @@ impl Workdir {
             r#"
 [public]
 listen = "127.0.0.1:{port}"
-external_url = "http://localhost:{port}"
+external_url = "http://localhost:{external_port}"
 [oidc]
 issuer = "{issuer}"
 client_id = "{client_id}"
@@ -128,6 +134,7 @@ refresh_skew = "{skew}"
 http_timeout = "5s"
 [session]
 path = "{path}"
+{redis}
 encryption_key = "{key}"
 same_site = "{same_site}"
 [admin]
@@ -136,6 +143,8 @@ listen = "127.0.0.1:0"
 {extra}
 "#,
             port = self.port,
+            external_port = o.external_port.unwrap_or(self.port),
+            redis = o.redis_url.as_ref().map(|u| format!("store = \"redis\"\nredis_url = \"{u}\"")).unwrap_or_default(),
             issuer = issuer(),
             client_id = o.client_id,
             secret = o.client_secret,
@@ -186,6 +195,15 @@ impl Gate {
         let g = Self { running: Some(running), clock, base, admin };
         g.wait_ready().await;
         g
+    }
+
+    /// Start without waiting for readiness (for dependencies that are down on purpose).
+    pub async fn start_unready(work: &Workdir, o: &Options) -> Self {
+        let clock = Arc::new(SystemClock::default());
+        let running = gatehouse::start(work.config(o), clock.clone()).await.expect("gatehouse starts");
+        let base = format!("http://localhost:{}", running.public_addr.port());
+        let admin = format!("http://{}", running.admin_addr);
+        Self { running: Some(running), clock, base, admin }
     }
 
     pub async fn wait_ready(&self) {
@@ -397,6 +415,34 @@ impl KcAdmin {
             .unwrap()
     }
 
+    pub async fn delete(&self, path: &str) {
+        let r = http()
+            .delete(format!("{}/admin/realms/{REALM}{path}", keycloak_url()))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "DELETE {path}: {}", r.status());
+    }
+
+    /// Point a client's back-channel logout URL at a test replica.
+    pub async fn set_backchannel_url(&self, client_id: &str, url: &str) {
+        let clients = self.get(&format!("/clients?clientId={client_id}")).await;
+        let mut client = clients[0].clone();
+        let id = client["id"].as_str().unwrap().to_string();
+        client["attributes"]["backchannel.logout.url"] = Value::String(url.into());
+        client["attributes"]["backchannel.logout.session.required"] = Value::String("true".into());
+        client["frontchannelLogout"] = Value::Bool(false);
+        let r = http()
+            .put(format!("{}/admin/realms/{REALM}/clients/{id}", keycloak_url()))
+            .bearer_auth(&self.token)
+            .json(&client)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "update client: {}", r.status());
+    }
+
     /// Keycloak's own count of refresh-token grants for one of its sessions.
     pub async fn refresh_events(&self, provider_sid: &str) -> usize {
         let events = self.get("/events?type=REFRESH_TOKEN&max=1000").await;
@@ -481,3 +527,71 @@ pub fn client_cert(ca: &gatehouse::pki::Issued, sans: Vec<gatehouse::pki::San>) 
 }
 
 pub const POCKETBASE: &str = "spiffe://gatehouse.local/ns/data/sa/pocketbase";
+
+/// A real Redis server (Debian's `redis-server`) on a free loopback port, with AOF persistence in
+/// a temporary directory so a restart keeps (and forgets) exactly what was written.
+pub struct Redis {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<std::process::Child>,
+}
+
+impl Redis {
+    pub async fn start() -> Self {
+        let port = StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut r = Self { port, dir: tempfile::tempdir().unwrap(), child: None };
+        r.restart().await;
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub async fn restart(&mut self) {
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (Debian package redis-server) must be installed: scripts/setup.sh does it");
+        self.child = Some(child);
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("redis-server did not start");
+    }
+
+    /// SIGTERM: Redis flushes its AOF and exits.
+    pub async fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = std::process::Command::new("kill").arg(c.id().to_string()).status();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

@@ -258,6 +258,12 @@ async fn csrf_is_enforced_on_every_unsafe_method_of_every_route() {
                     req = req.header(k, v);
                 }
                 let r = req.send().await.unwrap();
+                if method == "POST" && gatehouse::public::csrf::EXEMPT.contains(&path) {
+                    // The one exemption: authenticated by a signed logout token instead, so a
+                    // request without one is refused all the same.
+                    assert_eq!(r.status(), 400, "{method} {path} ({what})");
+                    continue;
+                }
                 assert_eq!(r.status(), 403, "{method} {path} ({what})");
                 let j: serde_json::Value = r.json().await.unwrap();
                 assert_eq!(j["error"], "csrf");

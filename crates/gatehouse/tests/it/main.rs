@@ -6,4 +6,5 @@
 mod harness;
 mod internal;
 mod login;
+mod replicas;
 mod sessions;

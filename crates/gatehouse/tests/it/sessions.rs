@@ -133,7 +133,7 @@ async fn sessions_survive_kill_9() {
 }
 
 #[tokio::test]
-async fn idle_and_absolute_expiry_are_enforced_server_side() {
+async fn idle_expiry_is_enforced_server_side_and_removes_the_record() {
     let work = Workdir::new();
     let gate = Gate::start(&work, &Options::default()).await;
     let me = format!("{}/auth/me", gate.base);

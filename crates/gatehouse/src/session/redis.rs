@@ -1,0 +1,427 @@
+//! The Redis/Valkey store, for many replicas. Every key carries a hash tag of its own (`{…}`) so
+//! each Lua script touches one slot, and a TTL so Redis expires sessions by itself. Index sets
+//! (by user, by Keycloak `sid`) are cleaned lazily and by the sweeper. Every call runs under a
+//! timeout: a slow or dead Redis becomes a clean `StoreError::Unavailable`, never a hang.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::ConnectionManager;
+use redis::{AsyncCommands, Script};
+
+use super::{RefreshGuard, SessionKey, SessionRecord, SessionStore, StoreError, key_hex};
+use crate::clock::UnixTime;
+use crate::crypto;
+
+const PREFIX: &str = "gatehouse";
+/// How long a refresh lock lives unless renewed; renewed every third of it while held.
+const LOCK_LEASE: Duration = Duration::from_secs(5);
+/// Longest a request waits for another replica's refresh.
+const LOCK_WAIT: Duration = Duration::from_secs(20);
+
+pub struct RedisStore {
+    conn: ConnectionManager,
+    timeout: Duration,
+    cas: Script,
+    take: Script,
+    release: Script,
+    renew: Script,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(format!("redis: {e}"))
+}
+
+fn session_key(hex: &str) -> String {
+    format!("{PREFIX}:s:{{{hex}}}")
+}
+fn user_key(user: &str) -> String {
+    format!("{PREFIX}:u:{{{}}}", crypto::hex(&crypto::sha256(user.as_bytes())))
+}
+fn sid_key(sid: &str) -> String {
+    format!("{PREFIX}:sid:{{{}}}", crypto::hex(&crypto::sha256(sid.as_bytes())))
+}
+fn mark_key(kind: &str, id: &str) -> String {
+    format!("{PREFIX}:m:{{{kind}:{}}}", crypto::hex(&crypto::sha256(id.as_bytes())))
+}
+fn lock_key(hex: &str) -> String {
+    format!("{PREFIX}:lock:{{{hex}}}")
+}
+
+fn parse_hex_key(hex: &str) -> Option<SessionKey> {
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(SessionKey(out))
+}
+
+impl RedisStore {
+    /// Connects lazily: Gatehouse starts (not ready) while Redis is unreachable and becomes ready
+    /// when it appears; the connection manager reconnects after errors by itself.
+    pub fn open(url: &str, timeout: Duration) -> Result<Self, StoreError> {
+        let client =
+            redis::Client::open(url).map_err(|e| StoreError::Unavailable(format!("invalid redis URL: {e}")))?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(2));
+        let conn = client.get_connection_manager_lazy(config).map_err(unavailable)?;
+        Ok(Self {
+            conn,
+            timeout,
+            cas: Script::new(
+                "if redis.call('HGET', KEYS[1], 'v') ~= ARGV[1] then return 0 end \
+                 redis.call('HSET', KEYS[1], 'v', ARGV[2], 'd', ARGV[3]) \
+                 redis.call('PEXPIREAT', KEYS[1], ARGV[4]) return 1",
+            ),
+            take: Script::new(
+                "local d = redis.call('HGET', KEYS[1], 'd') if d then redis.call('DEL', KEYS[1]) end return d",
+            ),
+            release: Script::new(
+                "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
+            ),
+            renew: Script::new(
+                "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0",
+            ),
+        })
+    }
+
+    async fn run<T>(&self, f: impl std::future::Future<Output = redis::RedisResult<T>>) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.timeout, f).await {
+            Ok(r) => r.map_err(unavailable),
+            Err(_) => Err(StoreError::Unavailable("redis: timed out".into())),
+        }
+    }
+
+    async fn index(&self, hex: &str, r: &SessionRecord) -> Result<(), StoreError> {
+        let mut c = self.conn.clone();
+        let until = r.absolute_expires_at;
+        let mut p = redis::pipe();
+        let uk = user_key(&r.claims.user_key());
+        p.sadd(&uk, hex).ignore().cmd("EXPIREAT").arg(&uk).arg(until).arg("GT").ignore();
+        // EXPIREAT … GT does not set a TTL on a key that has none: set one for new sets.
+        p.cmd("EXPIREAT").arg(&uk).arg(until).arg("NX").ignore();
+        if let Some(sid) = &r.provider_sid {
+            let sk = sid_key(sid);
+            p.sadd(&sk, hex).ignore().cmd("EXPIREAT").arg(&sk).arg(until).arg("GT").ignore();
+            p.cmd("EXPIREAT").arg(&sk).arg(until).arg("NX").ignore();
+        }
+        self.run(p.query_async::<()>(&mut c)).await
+    }
+
+    async fn unindex(&self, hex: &str, r: &SessionRecord) -> Result<(), StoreError> {
+        let mut c = self.conn.clone();
+        let mut p = redis::pipe();
+        p.srem(user_key(&r.claims.user_key()), hex).ignore();
+        if let Some(sid) = &r.provider_sid {
+            p.srem(sid_key(sid), hex).ignore();
+        }
+        self.run(p.query_async::<()>(&mut c)).await
+    }
+
+    async fn take_hex(&self, hex: &str) -> Result<Option<SessionRecord>, StoreError> {
+        let mut c = self.conn.clone();
+        let data: Option<Vec<u8>> = self.run(self.take.key(session_key(hex)).invoke_async(&mut c)).await?;
+        let Some(data) = data else { return Ok(None) };
+        let r = SessionRecord::decode(&data)?;
+        self.unindex(hex, &r).await?;
+        Ok(Some(r))
+    }
+
+    /// Members of an index set, with entries whose session is gone removed on the way.
+    async fn members(&self, set: &str) -> Result<Vec<(SessionKey, SessionRecord)>, StoreError> {
+        let mut c = self.conn.clone();
+        let hexes: Vec<String> = self.run(c.smembers(set)).await?;
+        let mut out = Vec::new();
+        for hex in hexes {
+            let data: Option<Vec<u8>> = self.run(c.hget(session_key(&hex), "d")).await?;
+            match (data, parse_hex_key(&hex)) {
+                (Some(d), Some(k)) => out.push((k, SessionRecord::decode(&d)?)),
+                _ => {
+                    let _: () = self.run(c.srem(set, &hex)).await?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn scan(&self, pattern: &str) -> Result<Vec<String>, StoreError> {
+        let mut c = self.conn.clone();
+        let mut cursor: u64 = 0;
+        let mut out = Vec::new();
+        loop {
+            let (next, batch): (u64, Vec<String>) = self
+                .run(redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(500).query_async(&mut c))
+                .await?;
+            out.extend(batch);
+            if next == 0 {
+                return Ok(out);
+            }
+            cursor = next;
+        }
+    }
+
+    async fn delete_set(&self, set: &str) -> Result<Vec<(SessionKey, SessionRecord)>, StoreError> {
+        let mut out = Vec::new();
+        for (k, _) in self.members(set).await? {
+            if let Some(r) = self.take_hex(&key_hex(&k)).await? {
+                out.push((k, r));
+            }
+        }
+        let mut c = self.conn.clone();
+        let _: () = self.run(c.del(set)).await?;
+        Ok(out)
+    }
+}
+
+/// Releases the lock (compare-and-delete) and stops renewing it when dropped.
+struct RedisLock {
+    renewer: tokio::task::JoinHandle<()>,
+    release: Option<(ConnectionManager, Script, String, String)>,
+}
+
+impl Drop for RedisLock {
+    fn drop(&mut self) {
+        self.renewer.abort();
+        if let Some((mut c, script, key, token)) = self.release.take() {
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    script.key(key).arg(token).invoke_async::<i64>(&mut c),
+                )
+                .await;
+            });
+        }
+    }
+}
+
+#[async_trait]
+impl SessionStore for RedisStore {
+    async fn insert(&self, key: &SessionKey, record: &SessionRecord) -> Result<(), StoreError> {
+        let hex = key_hex(key);
+        let mut c = self.conn.clone();
+        let mut p = redis::pipe();
+        p.atomic()
+            .hset_multiple(
+                session_key(&hex),
+                &[("v", record.version.to_string().into_bytes()), ("d", record.encode()?)],
+            )
+            .ignore()
+            .cmd("PEXPIREAT")
+            .arg(session_key(&hex))
+            .arg(record.expires_at() * 1000)
+            .ignore();
+        self.run(p.query_async::<()>(&mut c)).await?;
+        self.index(&hex, record).await
+    }
+
+    async fn get(&self, key: &SessionKey) -> Result<Option<SessionRecord>, StoreError> {
+        let mut c = self.conn.clone();
+        let data: Option<Vec<u8>> = self.run(c.hget(session_key(&key_hex(key)), "d")).await?;
+        data.map(|d| SessionRecord::decode(&d)).transpose()
+    }
+
+    async fn compare_and_swap(
+        &self,
+        key: &SessionKey,
+        expected: u64,
+        record: &SessionRecord,
+    ) -> Result<bool, StoreError> {
+        let hex = key_hex(key);
+        let mut c = self.conn.clone();
+        let ok: i64 = self
+            .run(
+                self.cas
+                    .key(session_key(&hex))
+                    .arg(expected.to_string())
+                    .arg(record.version.to_string())
+                    .arg(record.encode()?)
+                    .arg(record.expires_at() * 1000)
+                    .invoke_async(&mut c),
+            )
+            .await?;
+        if ok == 1 {
+            self.index(&hex, record).await?;
+        }
+        Ok(ok == 1)
+    }
+
+    async fn delete(&self, key: &SessionKey) -> Result<Option<SessionRecord>, StoreError> {
+        self.take_hex(&key_hex(key)).await
+    }
+
+    async fn list_by_user(&self, user_key_: &str) -> Result<Vec<(SessionKey, SessionRecord)>, StoreError> {
+        self.members(&user_key(user_key_)).await
+    }
+
+    async fn delete_by_user(&self, user_key_: &str) -> Result<Vec<(SessionKey, SessionRecord)>, StoreError> {
+        self.delete_set(&user_key(user_key_)).await
+    }
+
+    async fn delete_by_provider_sid(&self, sid: &str) -> Result<Vec<(SessionKey, SessionRecord)>, StoreError> {
+        self.delete_set(&sid_key(sid)).await
+    }
+
+    async fn sweep(&self, now: UnixTime) -> Result<usize, StoreError> {
+        // Redis expires records itself (TTL). Here: drop index entries whose session is gone, and
+        // records whose logical expiry passed before their TTL fired (the clock may be ahead in tests).
+        let mut removed = 0;
+        for set in [self.scan(&format!("{PREFIX}:u:*")).await?, self.scan(&format!("{PREFIX}:sid:*")).await?].concat() {
+            for (k, r) in self.members(&set).await? {
+                if r.is_expired(now) && self.take_hex(&key_hex(&k)).await?.is_some() {
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let mut c = self.conn.clone();
+        self.run(redis::cmd("PING").query_async::<String>(&mut c)).await.map(|_| ())
+    }
+
+    async fn find_by_prefix(&self, hex_prefix: &str) -> Result<Vec<(SessionKey, SessionRecord)>, StoreError> {
+        if !hex_prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Ok(Vec::new()); // never let glob characters into the pattern
+        }
+        let mut out = Vec::new();
+        let mut c = self.conn.clone();
+        for name in self.scan(&format!("{PREFIX}:s:{{{hex_prefix}*")).await? {
+            let hex = name.trim_start_matches(&format!("{PREFIX}:s:{{")).trim_end_matches('}').to_string();
+            let data: Option<Vec<u8>> = self.run(c.hget(&name, "d")).await?;
+            if let (Some(d), Some(k)) = (data, parse_hex_key(&hex)) {
+                out.push((k, SessionRecord::decode(&d)?));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn delete_all(&self) -> Result<Vec<(SessionKey, SessionRecord)>, StoreError> {
+        let mut out = Vec::new();
+        for name in self.scan(&format!("{PREFIX}:s:*")).await? {
+            let hex = name.trim_start_matches(&format!("{PREFIX}:s:{{")).trim_end_matches('}').to_string();
+            if let (Some(r), Some(k)) = (self.take_hex(&hex).await?, parse_hex_key(&hex)) {
+                out.push((k, r));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn mark(&self, kind: &str, id: &str, until: UnixTime) -> Result<bool, StoreError> {
+        let mut c = self.conn.clone();
+        let set: Option<String> = self
+            .run(
+                redis::cmd("SET")
+                    .arg(mark_key(kind, id))
+                    .arg(until)
+                    .arg("NX")
+                    .arg("EXAT")
+                    .arg(until.max(1))
+                    .query_async(&mut c),
+            )
+            .await?;
+        Ok(set.is_some())
+    }
+
+    async fn is_marked(&self, kind: &str, id: &str, now: UnixTime) -> Result<bool, StoreError> {
+        let mut c = self.conn.clone();
+        let until: Option<i64> = self.run(c.get(mark_key(kind, id))).await?;
+        Ok(until.is_some_and(|u| u > now))
+    }
+
+    async fn lock_refresh(&self, key: &SessionKey) -> Result<RefreshGuard, StoreError> {
+        let name = lock_key(&key_hex(key));
+        let token = crypto::random_token().map_err(|_| StoreError::Unavailable("random generator failed".into()))?;
+        let lease_ms = LOCK_LEASE.as_millis() as u64;
+        let deadline = tokio::time::Instant::now() + LOCK_WAIT;
+        let mut c = self.conn.clone();
+        loop {
+            let got: Option<String> = self
+                .run(redis::cmd("SET").arg(&name).arg(&token).arg("NX").arg("PX").arg(lease_ms).query_async(&mut c))
+                .await?;
+            if got.is_some() {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(StoreError::Unavailable("timed out waiting for another replica's token refresh".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        // Renew while held, so a slow provider call cannot let a second replica in.
+        let (renew, mut rc, rname, rtoken) = (self.renew.clone(), self.conn.clone(), name.clone(), token.clone());
+        let renewer = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(LOCK_LEASE / 3).await;
+                let r = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    renew.key(&rname).arg(&rtoken).arg(lease_ms).invoke_async::<i64>(&mut rc),
+                )
+                .await;
+                if !matches!(r, Ok(Ok(1))) {
+                    tracing::warn!("could not renew a refresh lock; another replica may refresh too");
+                }
+            }
+        });
+        Ok(Box::new(RedisLock { renewer, release: Some((self.conn.clone(), self.release.clone(), name, token)) }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shared store contract against a real `redis-server` (Debian package) on a free port.
+    #[tokio::test]
+    async fn conformance() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (scripts/setup.sh)");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let store = RedisStore::open(&format!("redis://127.0.0.1:{port}"), Duration::from_secs(2)).unwrap();
+        super::super::conformance::run(&store).await;
+
+        // Keys carry TTLs: Redis expires sessions by itself, not only the sweeper.
+        let key = crate::session::SessionId::generate().unwrap().key();
+        let mut rec = super::super::conformance::record("ttl", "kc-ttl", 0);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+        rec.idle_expires_at = now + 100;
+        rec.absolute_expires_at = now + 200;
+        store.insert(&key, &rec).await.unwrap();
+        let mut c = store.conn.clone();
+        let ttl: i64 = c.ttl(session_key(&key_hex(&key))).await.unwrap();
+        assert!((90..=100).contains(&ttl), "session TTL follows its expiry: {ttl}");
+        let ttl: i64 = c.ttl(user_key(&rec.claims.user_key())).await.unwrap();
+        assert!((190..=200).contains(&ttl), "index TTL follows the absolute expiry: {ttl}");
+
+        // The refresh lock excludes a second holder until released.
+        let guard = store.lock_refresh(&key).await.unwrap();
+        let second = tokio::time::timeout(Duration::from_millis(300), store.lock_refresh(&key)).await;
+        assert!(second.is_err(), "a second holder must wait");
+        drop(guard);
+        let third = tokio::time::timeout(Duration::from_secs(2), store.lock_refresh(&key)).await;
+        assert!(matches!(third, Ok(Ok(_))), "released locks can be taken");
+        let _ = child.kill();
+        let _ = child.wait();
+        // Redis gone: a clean error, quickly.
+        let started = std::time::Instant::now();
+        assert!(matches!(store.get(&key).await, Err(StoreError::Unavailable(_))));
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+}

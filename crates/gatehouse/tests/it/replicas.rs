@@ -1,0 +1,309 @@
+//! Several replicas sharing one real Redis: shared logins, one refresh across replicas,
+//! back-channel logout from the real Keycloak, admin revocation, and Redis faults.
+
+use std::time::Duration;
+
+use gatehouse::pki::San;
+use serde_json::{Value, json};
+
+use crate::harness::*;
+
+async fn pair(redis: &Redis, base: Options) -> (Workdir, Gate, Workdir, Gate) {
+    let wa = Workdir::new();
+    let mut wb = Workdir::new();
+    // Same encryption key and PKI on both replicas (as a Kubernetes Secret would give them).
+    wb.key = wa.key.clone();
+    std::fs::remove_dir_all(wb.pki()).unwrap();
+    copy_dir(&wa.pki(), &wb.pki());
+    let oa = Options { redis_url: Some(redis.url()), ..base.clone() };
+    let ob = Options { redis_url: Some(redis.url()), external_port: Some(wa.port), ..base };
+    let a = Gate::start(&wa, &oa).await;
+    let b = Gate::start(&wb, &ob).await;
+    (wa, a, wb, b)
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_login_started_on_one_replica_finishes_on_another_and_the_session_is_shared() {
+    let redis = Redis::start().await;
+    let (_wa, a, _wb, b) = pair(&redis, Options::default()).await;
+    let mut browser = Browser::default();
+    let start = browser.get(&format!("{}/auth/login?return_to=/x", a.base)).await;
+    let page = browser.get(&start.location()).await;
+    let posted = browser
+        .send(
+            http().post(form_action(&page.body)).form(&[
+                ("username", "bob"),
+                ("password", "bob-password"),
+                ("credentialId", ""),
+            ]),
+            &start.location(),
+        )
+        .await;
+    let callback = posted.location(); // points at replica A's advertised URL
+    let on_b = callback.replacen(&a.base, &b.base, 1);
+    let a_cookies = browser.jar.get(a.base.trim_start_matches("http://")).cloned().unwrap();
+    browser.jar.insert(b.base.trim_start_matches("http://").to_string(), a_cookies);
+    let r = browser.get(&on_b).await;
+    assert_eq!(r.status, 303, "replica B finishes replica A's login: {}", r.body);
+    let sid = browser.cookie(&b.base, COOKIE).unwrap();
+    for gate in [&a, &b] {
+        let me = http()
+            .get(format!("{}/auth/me", gate.base))
+            .header("cookie", format!("{COOKIE}={sid}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(me.status(), 200);
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn fifty_requests_over_two_replicas_refresh_once_and_lose_nothing() {
+    let redis = Redis::start().await;
+    let base = Options { internal_allow: Some(vec![POCKETBASE.into()]), ..Options::short_tokens() };
+    let (wa, a, _wb, b) = pair(&redis, base).await;
+    let mut browser = Browser::default();
+    assert_eq!(
+        browser
+            .post_json(&a.base, "/auth/login", &json!({"username": "alice", "password": "alice-password"}))
+            .await
+            .status,
+        200
+    );
+    let sid = browser.cookie(&a.base, COOKIE).unwrap();
+    let (rec, _) = session_tokens(&a, &sid).await;
+    let admin = KcAdmin::connect().await;
+    let ca = wa.ca();
+    let client = mtls_client(&ca.cert_pem, Some(&client_cert(&ca, vec![San::Uri(POCKETBASE.into())])));
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let gate = if i % 2 == 0 { &a } else { &b };
+        let (public, internal, sid, client) = (gate.base.clone(), gate.internal(), sid.clone(), client.clone());
+        tasks.push(tokio::spawn(async move {
+            if i % 4 < 2 {
+                http()
+                    .get(format!("{public}/auth/me"))
+                    .header("cookie", format!("{COOKIE}={sid}"))
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            } else {
+                client
+                    .post(format!("{internal}/internal/v1/session/exchange"))
+                    .json(&json!({"session_id": sid}))
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            }
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200, "no request fails, no session lost");
+    }
+    assert_eq!(
+        admin.refresh_events(rec.provider_sid.as_deref().unwrap()).await,
+        1,
+        "exactly one refresh at Keycloak across replicas"
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn keycloak_back_channel_logout_ends_the_session_on_every_replica() {
+    let redis = Redis::start().await;
+    let base = Options { internal_allow: Some(vec![POCKETBASE.into()]), ..Options::short_tokens() };
+    let (wa, a, _wb, b) = pair(&redis, base).await;
+    let admin = KcAdmin::connect().await;
+    admin.set_backchannel_url("gatehouse-short", &format!("{}/auth/backchannel-logout", a.base)).await;
+    let mut browser = Browser::default();
+    browser.login(&a.base, "bob").await;
+    let sid = browser.cookie(&a.base, COOKIE).unwrap();
+    let (rec, _) = session_tokens(&a, &sid).await;
+    let ca = wa.ca();
+    let client = mtls_client(&ca.cert_pem, Some(&client_cert(&ca, vec![San::Uri(POCKETBASE.into())])));
+    let exchange = |gate: &Gate| {
+        let (url, client, sid) =
+            (format!("{}/internal/v1/session/exchange", gate.internal()), client.clone(), sid.clone());
+        async move { client.post(url).json(&json!({"session_id": sid})).send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(exchange(&b).await, 200);
+    // End the user's Keycloak session the way an administrator would; Keycloak calls Gatehouse.
+    admin.delete(&format!("/sessions/{}", rec.provider_sid.as_deref().unwrap())).await;
+    let mut gone = false;
+    for _ in 0..100 {
+        let me =
+            http().get(format!("{}/auth/me", b.base)).header("cookie", format!("{COOKIE}={sid}")).send().await.unwrap();
+        if me.status() == 401 {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone, "session ended by Keycloak's back-channel logout");
+    for gate in [&a, &b] {
+        let me = http()
+            .get(format!("{}/auth/me", gate.base))
+            .header("cookie", format!("{COOKIE}={sid}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(me.status(), 401);
+        assert_eq!(exchange(gate).await, 401);
+    }
+    // A forged or replayed logout token is refused.
+    let r = http()
+        .post(format!("{}/auth/backchannel-logout", b.base))
+        .form(&[("logout_token", "eyJhbGciOiJub25lIn0.e30.")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn admin_lists_and_revokes_sessions_and_keycloak_forgets_them() {
+    let redis = Redis::start().await;
+    let w = Workdir::new();
+    let gate = Gate::start(&w, &Options { redis_url: Some(redis.url()), ..Options::default() }).await;
+    let mut one = Browser::default();
+    let mut two = Browser::default();
+    for b in [&mut one, &mut two] {
+        assert_eq!(
+            b.post_json(&gate.base, "/auth/login", &json!({"username": "bob", "password": "bob-password"}))
+                .await
+                .status,
+            200
+        );
+    }
+    let (s1, s2) = (one.cookie(&gate.base, COOKIE).unwrap(), two.cookie(&gate.base, COOKIE).unwrap());
+    let (rec, tokens1) = session_tokens(&gate, &s1).await;
+    let sub = rec.claims.sub.clone();
+    let list: Value =
+        http().get(format!("{}/admin/v1/sessions?sub={sub}", gate.admin)).send().await.unwrap().json().await.unwrap();
+    let sessions = list["sessions"].as_array().unwrap();
+    assert_eq!(sessions.len(), 2);
+    assert!(!list.to_string().contains(&s1) && !list.to_string().contains(&s2), "no session ids in listings");
+    assert!(!looks_like_jwt(&list.to_string()));
+    // The CLI talks to the same API.
+    let out = tokio::process::Command::new(bin())
+        .args(["sessions", "list", "--user", &sub, "--admin", &gate.admin])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{} {}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let prefix1 = gatehouse::session::SessionId::parse(&s1).unwrap().key().prefix();
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&prefix1));
+    let out = tokio::process::Command::new(bin())
+        .args(["sessions", "revoke", "--session", &prefix1, "--admin", &gate.admin])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(one.get(&format!("{}/auth/me", gate.base)).await.status, 401);
+    assert_eq!(two.get(&format!("{}/auth/me", gate.base)).await.status, 200);
+    // Revocation reaches Keycloak too (in the background).
+    let mut dead = false;
+    for _ in 0..50 {
+        if refresh_at_keycloak("gatehouse", "gatehouse-dev-secret", tokens1.refresh_token.as_deref().unwrap()).await.0
+            == 400
+        {
+            dead = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(dead, "refresh token revoked at Keycloak");
+    let r: Value = http()
+        .delete(format!("{}/admin/v1/sessions?sub={sub}", gate.admin))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["revoked"], 1);
+    assert_eq!(two.get(&format!("{}/auth/me", gate.base)).await.status, 401);
+    assert_eq!(http().delete(format!("{}/admin/v1/sessions/zz", gate.admin)).send().await.unwrap().status(), 400);
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn redis_outage_gives_clean_503s_and_recovers_without_losing_or_resurrecting_sessions() {
+    let mut redis = Redis::start().await;
+    let w = Workdir::new();
+    let o =
+        Options { redis_url: Some(redis.url()), internal_allow: Some(vec![POCKETBASE.into()]), ..Options::default() };
+    let gate = Gate::start(&w, &o).await;
+    let ca = w.ca();
+    let client = mtls_client(&ca.cert_pem, Some(&client_cert(&ca, vec![San::Uri(POCKETBASE.into())])));
+    let mut kept = Browser::default();
+    let mut revoked = Browser::default();
+    for b in [&mut kept, &mut revoked] {
+        assert_eq!(
+            b.post_json(&gate.base, "/auth/login", &json!({"username": "alice", "password": "alice-password"}))
+                .await
+                .status,
+            200
+        );
+    }
+    let revoked_id = revoked.cookie(&gate.base, COOKIE).unwrap();
+    assert_eq!(revoked.post(&gate.base, "/auth/logout").await.status, 200);
+
+    redis.stop().await;
+    let me = kept.get(&format!("{}/auth/me", gate.base)).await;
+    assert_eq!(me.status, 503, "{}", me.body);
+    assert_eq!(me.json()["error"], "store_unavailable");
+    let x = client
+        .post(format!("{}/internal/v1/session/exchange", gate.internal()))
+        .json(&json!({"session_id": kept.cookie(&gate.base, COOKIE).unwrap()}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(x.status(), 503);
+    assert_eq!(http().get(format!("{}/readyz", gate.base)).send().await.unwrap().status(), 503);
+    assert_eq!(http().get(format!("{}/healthz", gate.base)).send().await.unwrap().status(), 200);
+
+    // A replica started while Redis is down: alive, not ready.
+    let w2 = Workdir::new();
+    let cold = Gate::start_unready(&w2, &Options { redis_url: Some(redis.url()), ..Options::default() }).await;
+    assert_eq!(http().get(format!("{}/readyz", cold.base)).send().await.unwrap().status(), 503);
+
+    redis.restart().await;
+    let mut back = false;
+    for _ in 0..100 {
+        if kept.get(&format!("{}/auth/me", gate.base)).await.status == 200 {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(back, "recovers by itself, session kept across the Redis restart");
+    let replay = http()
+        .get(format!("{}/auth/me", gate.base))
+        .header("cookie", format!("{COOKIE}={revoked_id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(replay.status(), 401, "a revoked session never comes back");
+    cold.wait_ready().await;
+    cold.stop().await;
+    gate.stop().await;
+}
