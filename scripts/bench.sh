@@ -110,7 +110,7 @@ body=(-m POST -H 'content-type: application/json' -d "{\"session_id\":\"$sid\"}"
 read -r xb_rps xb_p50 xb_p99 xb_cpu xb_frps xb_fp50 xb_fp99 < <(run baseline_mtls "$BM_PID" "https://localhost:$BASE_MTLS_PORT/internal/v1/session/exchange" "$XRATE" "${tls[@]}" "${body[@]}")
 read -r x_rps x_p50 x_p99 x_cpu x_frps x_fp50 x_fp99 < <(run exchange "$GH_PID" "https://localhost:$INT_PORT/internal/v1/session/exchange" "$XRATE" "${tls[@]}" "${body[@]}")
 hs() { taskset -c 1 oha -z "$DURATION" -c "$CONNS" --disable-keepalive --no-tui --output-format json "${tls[@]}" "${body[@]}" "$1" \
-  | python3 -c 'import json,sys; j=json.load(sys.stdin); d=j["statusCodeDistribution"]; assert d.get("200",0)==sum(d.values())>0, d; print(f"{j[\"summary\"][\"requestsPerSec\"]:.0f}")'; }
+  | python3 -c 'import json,sys; j=json.load(sys.stdin); d=j["statusCodeDistribution"]; assert d.get("200",0)==sum(d.values())>0, d; print("%.0f" % j["summary"]["requestsPerSec"])'; }
 hb=$(hs "https://localhost:$BASE_MTLS_PORT/internal/v1/session/exchange")
 hg=$(hs "https://localhost:$INT_PORT/internal/v1/session/exchange")
 xratio=$(python3 -c "print(f'{$x_rps/$xb_rps*100:.0f}')")
