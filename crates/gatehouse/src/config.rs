@@ -149,6 +149,12 @@ pub struct SessionConfig {
     /// Redis URL (used when `store = "redis"`), e.g. `redis://127.0.0.1:6379` or `rediss://…` for TLS.
     #[serde(default)]
     pub redis_url: Option<String>,
+    /// Redis Sentinel nodes (`redis://host:26379`), instead of `redis_url`: Gatehouse follows failovers.
+    #[serde(default)]
+    pub redis_sentinels: Vec<String>,
+    /// The master name Sentinel monitors (with `redis_sentinels`).
+    #[serde(default)]
+    pub redis_master_name: Option<String>,
     /// Timeout of every Redis call.
     #[serde(default = "defaults::redis_timeout", deserialize_with = "de_duration")]
     pub redis_timeout: Duration,
@@ -184,6 +190,8 @@ impl Default for SessionConfig {
             store: defaults::store(),
             path: defaults::store_path(),
             redis_url: None,
+            redis_sentinels: Vec::new(),
+            redis_master_name: None,
             redis_timeout: defaults::redis_timeout(),
             idle_timeout: defaults::idle_timeout(),
             absolute_timeout: defaults::absolute_timeout(),
@@ -482,17 +490,33 @@ impl Config {
             return Err(invalid("session.encryption_key_file", "tokens are encrypted at rest: a key is required"));
         }
         if s.store == StoreKind::Redis {
-            match &s.redis_url {
-                None => return Err(invalid("session.redis_url", "required when session.store = \"redis\"")),
-                Some(u)
-                    if !(u.starts_with("redis://")
-                        || u.starts_with("rediss://")
-                        || u.starts_with("redis+unix://")
-                        || u.starts_with("unix://")) =>
-                {
+            let url_ok =
+                |u: &str| ["redis://", "rediss://", "redis+unix://", "unix://"].iter().any(|p| u.starts_with(p));
+            match (&s.redis_url, s.redis_sentinels.is_empty(), &s.redis_master_name) {
+                (Some(_), false, _) => {
+                    return Err(invalid(
+                        "session.redis_sentinels",
+                        "set either redis_url or redis_sentinels, not both",
+                    ));
+                }
+                (Some(u), true, _) if !url_ok(u) => {
                     return Err(invalid("session.redis_url", "must be a redis://, rediss:// or unix:// URL"));
                 }
-                Some(_) => {}
+                (Some(_), true, _) => {}
+                (None, false, None) => {
+                    return Err(invalid("session.redis_master_name", "required with redis_sentinels"));
+                }
+                (None, false, Some(_)) => {
+                    if let Some(bad) = s.redis_sentinels.iter().find(|u| !url_ok(u)) {
+                        return Err(invalid("session.redis_sentinels", format!("`{bad}` is not a redis:// URL")));
+                    }
+                }
+                (None, true, _) => {
+                    return Err(invalid(
+                        "session.redis_url",
+                        "required when session.store = \"redis\" (or use redis_sentinels)",
+                    ));
+                }
             }
         }
         if !s.cookie_name.starts_with("__Host-") {

@@ -124,10 +124,19 @@ impl Core {
         )?);
         let store: Arc<dyn SessionStore> = match config.session.store {
             StoreKind::Embedded => Arc::new(EmbeddedStore::open(&config.session.path)?),
-            StoreKind::Redis => Arc::new(session::redis::RedisStore::open(
-                config.session.redis_url.as_deref().unwrap_or_default(),
-                config.session.redis_timeout,
-            )?),
+            StoreKind::Redis => match &config.session.redis_master_name {
+                Some(master) if !config.session.redis_sentinels.is_empty() => {
+                    Arc::new(session::redis::RedisStore::open_sentinel(
+                        &config.session.redis_sentinels,
+                        master,
+                        config.session.redis_timeout,
+                    )?)
+                }
+                _ => Arc::new(session::redis::RedisStore::open(
+                    config.session.redis_url.as_deref().unwrap_or_default(),
+                    config.session.redis_timeout,
+                )?),
+            },
         };
         let metrics = Arc::new(Metrics::default());
         let mut registry = Registry::default();

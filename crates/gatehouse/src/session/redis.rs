@@ -6,8 +6,9 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::ConnectionManager;
-use redis::{AsyncCommands, Script};
+use redis::aio::{ConnectionLike, ConnectionManager, MultiplexedConnection};
+use redis::sentinel::{SentinelClient, SentinelServerType};
+use redis::{AsyncCommands, Cmd, Pipeline, RedisFuture, Script, Value};
 
 use super::{RefreshGuard, SessionKey, SessionRecord, SessionStore, StoreError, key_hex};
 use crate::clock::UnixTime;
@@ -19,8 +20,53 @@ const LOCK_LEASE: Duration = Duration::from_secs(5);
 /// Longest a request waits for another replica's refresh.
 const LOCK_WAIT: Duration = Duration::from_secs(20);
 
+/// Where connections come from: one server (the manager reconnects by itself), or the master
+/// that Sentinel names (re-resolved after any connection error, so a failover is followed).
+enum Backend {
+    Direct(ConnectionManager),
+    Sentinel(Box<SentinelBackend>),
+}
+
+struct SentinelBackend {
+    client: tokio::sync::Mutex<SentinelClient>,
+    current: std::sync::Mutex<Option<MultiplexedConnection>>,
+}
+
+/// A connection of either kind; cheap to clone.
+#[derive(Clone)]
+enum Conn {
+    Manager(ConnectionManager),
+    Multiplexed(MultiplexedConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Manager(c) => c.req_packed_command(cmd),
+            Self::Multiplexed(c) => c.req_packed_command(cmd),
+        }
+    }
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Manager(c) => c.req_packed_commands(cmd, offset, count),
+            Self::Multiplexed(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Manager(c) => c.get_db(),
+            Self::Multiplexed(c) => c.get_db(),
+        }
+    }
+}
+
 pub struct RedisStore {
-    conn: ConnectionManager,
+    backend: Backend,
     timeout: Duration,
     cas: Script,
     take: Script,
@@ -71,8 +117,25 @@ impl RedisStore {
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_secs(2));
         let conn = client.get_connection_manager_lazy(config).map_err(unavailable)?;
-        Ok(Self {
-            conn,
+        Ok(Self::with_backend(Backend::Direct(conn), timeout))
+    }
+
+    /// Through Redis Sentinel: `sentinels` are the Sentinel nodes, `master` the monitored name.
+    pub fn open_sentinel(sentinels: &[String], master: &str, timeout: Duration) -> Result<Self, StoreError> {
+        let client = SentinelClient::build(sentinels.to_vec(), master.to_string(), None, SentinelServerType::Master)
+            .map_err(|e| StoreError::Unavailable(format!("invalid sentinel configuration: {e}")))?;
+        Ok(Self::with_backend(
+            Backend::Sentinel(Box::new(SentinelBackend {
+                client: tokio::sync::Mutex::new(client),
+                current: std::sync::Mutex::new(None),
+            })),
+            timeout,
+        ))
+    }
+
+    fn with_backend(backend: Backend, timeout: Duration) -> Self {
+        Self {
+            backend,
             timeout,
             cas: Script::new(
                 "if redis.call('HGET', KEYS[1], 'v') ~= ARGV[1] then return 0 end \
@@ -88,10 +151,56 @@ impl RedisStore {
             renew: Script::new(
                 "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0",
             ),
-        })
+        }
+    }
+
+    /// A connection to the current master.
+    async fn conn(&self) -> Result<Conn, StoreError> {
+        match &self.backend {
+            Backend::Direct(m) => Ok(Conn::Manager(m.clone())),
+            Backend::Sentinel(sb) => {
+                let (client, current) = (&sb.client, &sb.current);
+                if let Some(c) = current.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+                    return Ok(Conn::Multiplexed(c));
+                }
+                let mut client = client.lock().await;
+                let c = self.run_raw(client.get_async_connection()).await?;
+                *current.lock().unwrap_or_else(|p| p.into_inner()) = Some(c.clone());
+                Ok(Conn::Multiplexed(c))
+            }
+        }
+    }
+
+    /// After a connection error (or a READONLY answer from a demoted master), ask Sentinel again.
+    fn forget_connection(&self, e: &redis::RedisError) {
+        if let Backend::Sentinel(sb) = &self.backend
+            && (e.is_io_error()
+                || e.is_connection_dropped()
+                || e.is_connection_refusal()
+                || e.is_timeout()
+                || e.to_string().contains("READONLY"))
+        {
+            *sb.current.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
     }
 
     async fn run<T>(&self, f: impl std::future::Future<Output = redis::RedisResult<T>>) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.timeout, f).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                self.forget_connection(&e);
+                Err(unavailable(e))
+            }
+            Err(_) => {
+                if let Backend::Sentinel(sb) = &self.backend {
+                    *sb.current.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                }
+                Err(StoreError::Unavailable("redis: timed out".into()))
+            }
+        }
+    }
+
+    async fn run_raw<T>(&self, f: impl std::future::Future<Output = redis::RedisResult<T>>) -> Result<T, StoreError> {
         match tokio::time::timeout(self.timeout, f).await {
             Ok(r) => r.map_err(unavailable),
             Err(_) => Err(StoreError::Unavailable("redis: timed out".into())),
@@ -99,7 +208,7 @@ impl RedisStore {
     }
 
     async fn index(&self, hex: &str, r: &SessionRecord) -> Result<(), StoreError> {
-        let mut c = self.conn.clone();
+        let mut c = self.conn().await?;
         let until = r.absolute_expires_at;
         let mut p = redis::pipe();
         let uk = user_key(&r.claims.user_key());
@@ -115,7 +224,7 @@ impl RedisStore {
     }
 
     async fn unindex(&self, hex: &str, r: &SessionRecord) -> Result<(), StoreError> {
-        let mut c = self.conn.clone();
+        let mut c = self.conn().await?;
         let mut p = redis::pipe();
         p.srem(user_key(&r.claims.user_key()), hex).ignore();
         if let Some(sid) = &r.provider_sid {
@@ -125,7 +234,7 @@ impl RedisStore {
     }
 
     async fn take_hex(&self, hex: &str) -> Result<Option<SessionRecord>, StoreError> {
-        let mut c = self.conn.clone();
+        let mut c = self.conn().await?;
         let data: Option<Vec<u8>> = self.run(self.take.key(session_key(hex)).invoke_async(&mut c)).await?;
         let Some(data) = data else { return Ok(None) };
         let r = SessionRecord::decode(&data)?;
@@ -135,7 +244,7 @@ impl RedisStore {
 
     /// Members of an index set, with entries whose session is gone removed on the way.
     async fn members(&self, set: &str) -> Result<Vec<(SessionKey, SessionRecord)>, StoreError> {
-        let mut c = self.conn.clone();
+        let mut c = self.conn().await?;
         let hexes: Vec<String> = self.run(c.smembers(set)).await?;
         let mut out = Vec::new();
         for hex in hexes {
@@ -151,7 +260,7 @@ impl RedisStore {
     }
 
     async fn scan(&self, pattern: &str) -> Result<Vec<String>, StoreError> {
-        let mut c = self.conn.clone();
+        let mut c = self.conn().await?;
         let mut cursor: u64 = 0;
         let mut out = Vec::new();
         loop {
@@ -173,7 +282,7 @@ impl RedisStore {
                 out.push((k, r));
             }
         }
-        let mut c = self.conn.clone();
+        let mut c = self.conn().await?;
         let _: () = self.run(c.del(set)).await?;
         Ok(out)
     }
@@ -182,7 +291,7 @@ impl RedisStore {
 /// Releases the lock (compare-and-delete) and stops renewing it when dropped.
 struct RedisLock {
     renewer: tokio::task::JoinHandle<()>,
-    release: Option<(ConnectionManager, Script, String, String)>,
+    release: Option<(Conn, Script, String, String)>,
 }
 
 impl Drop for RedisLock {
@@ -204,7 +313,7 @@ impl Drop for RedisLock {
 impl SessionStore for RedisStore {
     async fn insert(&self, key: &SessionKey, record: &SessionRecord) -> Result<(), StoreError> {
         let hex = key_hex(key);
-        let mut c = self.conn.clone();
+        let mut c = self.conn().await?;
         let mut p = redis::pipe();
         p.atomic()
             .hset_multiple(
@@ -221,7 +330,7 @@ impl SessionStore for RedisStore {
     }
 
     async fn get(&self, key: &SessionKey) -> Result<Option<SessionRecord>, StoreError> {
-        let mut c = self.conn.clone();
+        let mut c = self.conn().await?;
         let data: Option<Vec<u8>> = self.run(c.hget(session_key(&key_hex(key)), "d")).await?;
         data.map(|d| SessionRecord::decode(&d)).transpose()
     }
@@ -233,7 +342,7 @@ impl SessionStore for RedisStore {
         record: &SessionRecord,
     ) -> Result<bool, StoreError> {
         let hex = key_hex(key);
-        let mut c = self.conn.clone();
+        let mut c = self.conn().await?;
         let ok: i64 = self
             .run(
                 self.cas
@@ -282,7 +391,7 @@ impl SessionStore for RedisStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        let mut c = self.conn.clone();
+        let mut c = self.conn().await?;
         self.run(redis::cmd("PING").query_async::<String>(&mut c)).await.map(|_| ())
     }
 
@@ -291,7 +400,7 @@ impl SessionStore for RedisStore {
             return Ok(Vec::new()); // never let glob characters into the pattern
         }
         let mut out = Vec::new();
-        let mut c = self.conn.clone();
+        let mut c = self.conn().await?;
         for name in self.scan(&format!("{PREFIX}:s:{{{hex_prefix}*")).await? {
             let hex = name.trim_start_matches(&format!("{PREFIX}:s:{{")).trim_end_matches('}').to_string();
             let data: Option<Vec<u8>> = self.run(c.hget(&name, "d")).await?;
@@ -314,7 +423,7 @@ impl SessionStore for RedisStore {
     }
 
     async fn mark(&self, kind: &str, id: &str, until: UnixTime) -> Result<bool, StoreError> {
-        let mut c = self.conn.clone();
+        let mut c = self.conn().await?;
         let set: Option<String> = self
             .run(
                 redis::cmd("SET")
@@ -330,7 +439,7 @@ impl SessionStore for RedisStore {
     }
 
     async fn is_marked(&self, kind: &str, id: &str, now: UnixTime) -> Result<bool, StoreError> {
-        let mut c = self.conn.clone();
+        let mut c = self.conn().await?;
         let until: Option<i64> = self.run(c.get(mark_key(kind, id))).await?;
         Ok(until.is_some_and(|u| u > now))
     }
@@ -340,7 +449,7 @@ impl SessionStore for RedisStore {
         let token = crypto::random_token().map_err(|_| StoreError::Unavailable("random generator failed".into()))?;
         let lease_ms = LOCK_LEASE.as_millis() as u64;
         let deadline = tokio::time::Instant::now() + LOCK_WAIT;
-        let mut c = self.conn.clone();
+        let mut c = self.conn().await?;
         loop {
             let got: Option<String> = self
                 .run(redis::cmd("SET").arg(&name).arg(&token).arg("NX").arg("PX").arg(lease_ms).query_async(&mut c))
@@ -354,7 +463,7 @@ impl SessionStore for RedisStore {
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
         // Renew while held, so a slow provider call cannot let a second replica in.
-        let (renew, mut rc, rname, rtoken) = (self.renew.clone(), self.conn.clone(), name.clone(), token.clone());
+        let (renew, mut rc, rname, rtoken) = (self.renew.clone(), self.conn().await?, name.clone(), token.clone());
         let renewer = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(LOCK_LEASE / 3).await;
@@ -368,7 +477,7 @@ impl SessionStore for RedisStore {
                 }
             }
         });
-        Ok(Box::new(RedisLock { renewer, release: Some((self.conn.clone(), self.release.clone(), name, token)) }))
+        Ok(Box::new(RedisLock { renewer, release: Some((self.conn().await?, self.release.clone(), name, token)) }))
     }
 }
 
@@ -404,7 +513,7 @@ mod tests {
         rec.idle_expires_at = now + 100;
         rec.absolute_expires_at = now + 200;
         store.insert(&key, &rec).await.unwrap();
-        let mut c = store.conn.clone();
+        let mut c = store.conn().await.unwrap();
         let ttl: i64 = c.ttl(session_key(&key_hex(&key))).await.unwrap();
         assert!((90..=100).contains(&ttl), "session TTL follows its expiry: {ttl}");
         let ttl: i64 = c.ttl(user_key(&rec.claims.user_key())).await.unwrap();
