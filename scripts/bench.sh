@@ -65,6 +65,14 @@ level = "warn"
 TOML
 
 TOKIO_WORKER_THREADS=1 taskset -c 0 "$BIN" serve --config "$WORK/gatehouse.toml" & pids+=($!); GH_PID=$!
+# The same Gatehouse on the Redis store (Debian's redis-server, on the server's core as well).
+REDIS_PORT=18992
+RPORT=18038
+mkdir -p "$WORK/redis"
+taskset -c 0 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly yes --appendfsync everysec --dir "$WORK/redis" >/dev/null & pids+=($!)
+sed -e "s/127.0.0.1:$PORT/127.0.0.1:$RPORT/; s/localhost:$PORT/localhost:$RPORT/; s/127.0.0.1:$INT_PORT/127.0.0.1:18444/" \
+    -e "s|^path = .*|store = \"redis\"\nredis_url = \"redis://127.0.0.1:$REDIS_PORT\"|" "$WORK/gatehouse.toml" > "$WORK/gatehouse-redis.toml"
+TOKIO_WORKER_THREADS=1 taskset -c 0 "$BIN" serve --config "$WORK/gatehouse-redis.toml" & pids+=($!); GR_PID=$!
 TOKIO_WORKER_THREADS=1 taskset -c 0 "$BASELINE" "$BASE_PORT" & pids+=($!); BL_PID=$!
 TOKIO_WORKER_THREADS=1 taskset -c 0 "$BASELINE_MTLS" "$BASE_MTLS_PORT" "$WORK/pki/gatehouse.crt" "$WORK/pki/gatehouse.key" "$WORK/pki/ca.crt" & pids+=($!); BM_PID=$!
 for _ in $(seq 1 100); do curl -fs "http://localhost:$PORT/readyz" >/dev/null && break; sleep 0.2; done
@@ -73,6 +81,11 @@ cookie=$(curl -fs -i -X POST "http://localhost:$PORT/auth/login" -H 'X-CSRF: 1' 
   | tr -d '\r' | sed -n 's/^set-cookie: \(__Host-Http-gatehouse=[^;]*\).*/\1/Ip')
 [ -n "$cookie" ] || { echo "bench: login failed" >&2; exit 1; }
 curl -fs "http://localhost:$PORT/auth/me" -H "Cookie: $cookie" >/dev/null
+for _ in $(seq 1 100); do curl -fs "http://localhost:$RPORT/readyz" >/dev/null && break; sleep 0.2; done
+rcookie=$(curl -fs -i -X POST "http://localhost:$RPORT/auth/login" -H 'X-CSRF: 1' -H "Origin: http://localhost:$RPORT" \
+  -H 'content-type: application/json' -d '{"username":"alice","password":"alice-password"}' \
+  | tr -d '\r' | sed -n 's/^set-cookie: \(__Host-Http-gatehouse=[^;]*\).*/\1/Ip')
+[ -n "$rcookie" ] || { echo "bench: login on the Redis store failed" >&2; exit 1; }
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 hz=$(getconf CLK_TCK)
@@ -114,6 +127,13 @@ hs() { taskset -c 1 oha -z "$DURATION" -c "$CONNS" --disable-keepalive --no-tui 
 hb=$(hs "https://localhost:$BASE_MTLS_PORT/internal/v1/session/exchange")
 hg=$(hs "https://localhost:$INT_PORT/internal/v1/session/exchange")
 xratio=$(python3 -c "print(f'{$x_rps/$xb_rps*100:.0f}')")
+# Redis store: /auth/me and the exchange (p99 at 10k/s).
+read -r r_rps r_p50 r_p99 r_cpu r_frps r_fp50 r_fp99 < <(run redis-me "$GR_PID" "http://127.0.0.1:$RPORT/auth/me" "$XRATE" -H "Cookie: $rcookie")
+rsid=${rcookie#*=}
+rbody=(-m POST -H 'content-type: application/json' -d "{\"session_id\":\"$rsid\"}")
+read -r rx_rps rx_p50 rx_p99 rx_cpu rx_frps rx_fp50 rx_fp99 < <(run redis-exchange "$GR_PID" "https://localhost:18444/internal/v1/session/exchange" "$XRATE" "${tls[@]}" "${rbody[@]}")
+rratio=$(python3 -c "print(f'{$r_rps/$g_rps*100:.0f}')")
+rxratio=$(python3 -c "print(f'{$rx_rps/$x_rps*100:.0f}')")
 hratio=$(python3 -c "print(f'{$hg/$hb*100:.0f}')")
 
 cpu_model=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
@@ -139,6 +159,15 @@ Gatehouse reaches **$ratio %** of the baseline's rate.
 
 Exchange rate: **$xratio %** of the baseline. Full mutual-TLS handshakes (new connection per request):
 rustls baseline **$hb/s**, Gatehouse **$hg/s** (**$hratio %**).
+
+Redis store (Debian redis-server 7, AOF every second, on the server's core; CPU column is Gatehouse only):
+
+| endpoint | requests/s | p50 ms | p99 ms | Gatehouse CPU µs/request | at $XRATE/s: achieved | p50 ms | p99 ms |
+|---|---|---|---|---|---|---|---|
+| \`GET /auth/me\` | $r_rps | $r_p50 | $r_p99 | $r_cpu | $r_frps | $r_fp50 | $r_fp99 |
+| exchange (mTLS) | $rx_rps | $rx_p50 | $rx_p99 | $rx_cpu | $rx_frps | $rx_fp50 | $rx_fp99 |
+
+Redis-backed rate vs embedded: \`/auth/me\` **$rratio %**, exchange **$rxratio %**.
 MD
 )
 echo "$result"

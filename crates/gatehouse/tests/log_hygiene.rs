@@ -38,7 +38,8 @@ async fn no_secret_appears_in_any_log_line() {
         .init();
 
     let work = Workdir::new();
-    let gate = Gate::start(&work, &Options::short_tokens()).await;
+    let gate =
+        Gate::start(&work, &Options { internal_allow: Some(vec![POCKETBASE.into()]), ..Options::short_tokens() }).await;
     let mut b = Browser::default();
     b.login(&gate.base, "alice").await;
     let code = url::Url::parse(b.last_callback.as_ref().unwrap())
@@ -53,6 +54,17 @@ async fn no_secret_appears_in_any_log_line() {
     tokio::time::sleep(Duration::from_secs(9)).await;
     assert_eq!(b.get(&format!("{}/auth/me", gate.base)).await.status, 200); // refreshes
     let (_, after) = session_tokens(&gate, &id).await;
+    // One East-West exchange: its audit line names the caller, the user and a hash prefix only.
+    let ca = work.ca();
+    let client = mtls_client(&ca.cert_pem, Some(&client_cert(&ca, vec![gatehouse::pki::San::Uri(POCKETBASE.into())])));
+    let x = client
+        .post(format!("{}/internal/v1/session/exchange", gate.internal()))
+        .json(&json!({"session_id": id}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(x.status(), 200);
+    let exchanged: serde_json::Value = x.json().await.unwrap();
     let mut p = Browser::default();
     assert_eq!(
         p.post_json(&gate.base, "/auth/login", &json!({"username": "bob", "password": "bob-password"})).await.status,
@@ -69,6 +81,13 @@ async fn no_secret_appears_in_any_log_line() {
     gate.stop().await;
 
     let logs = String::from_utf8_lossy(&cap.0.lock().unwrap()).to_string();
+    let audit = logs.lines().find(|l| l.contains("session exchange")).expect("exchange audited");
+    assert!(audit.contains(POCKETBASE) && audit.contains(&exchanged["claims"]["sub"].as_str().unwrap().to_string()));
+    assert!(
+        audit.contains(&gatehouse::session::SessionId::parse(&id).unwrap().key().prefix()),
+        "session hash prefix in the audit line"
+    );
+    assert!(audit.contains("outcome=\"ok\"") || audit.contains("outcome=ok"), "{audit}");
     assert!(logs.contains("login succeeded"), "authentication successes are logged");
     assert!(logs.contains("password login failed"), "authentication failures are logged");
     let mut secrets = vec![
@@ -80,6 +99,7 @@ async fn no_secret_appears_in_any_log_line() {
         ("wrong password", "wrong-password-123".to_string()),
         ("access token", before.access_token.clone()),
         ("refreshed access token", after.access_token.clone()),
+        ("exchanged access token", exchanged["access_token"].as_str().unwrap().to_string()),
     ];
     for (what, t) in [
         ("refresh token", &before.refresh_token),

@@ -20,7 +20,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use tower_http::sensitive_headers::{SetSensitiveRequestHeadersLayer, SetSensitiveResponseHeadersLayer};
 use tower_http::services::ServeDir;
-use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer};
 
 use crate::Core;
 use crate::config::CookieSettings;
@@ -84,7 +84,9 @@ pub fn router(core: Arc<Core>) -> Router {
                     |req: &Request| tracing::debug_span!("public", method = %req.method(), path = %req.uri().path()),
                 )
                 .on_request(())
-                .on_response(DefaultOnResponse::new().level(tracing::Level::DEBUG)),
+                .on_response(DefaultOnResponse::new().level(tracing::Level::DEBUG))
+                // 5xx causes (store, provider) are logged where they happen, with context.
+                .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)),
         )
         .layer(SetSensitiveRequestHeadersLayer::new([header::COOKIE, header::AUTHORIZATION]))
         .layer(SetSensitiveResponseHeadersLayer::new([header::SET_COOKIE]))

@@ -85,7 +85,8 @@ pub struct SessionRecord {
     pub access_expires_at: UnixTime,
     /// When the refresh token expires, if the provider said.
     pub refresh_expires_at: Option<UnixTime>,
-    #[serde(with = "b64")]
+    /// Stored after the JSON metadata as raw bytes (see `encode`), never inside the JSON.
+    #[serde(skip)]
     pub sealed_tokens: Vec<u8>,
     #[serde(default)]
     pub client_ip: Option<String>,
@@ -103,25 +104,38 @@ impl SessionRecord {
         now >= self.expires_at()
     }
 
+    /// `1 ‖ u32 metadata length ‖ metadata JSON ‖ sealed tokens`. The sealed tokens stay out of the
+    /// JSON: the hot path (`/auth/me`) parses only the small metadata, never the token blob.
     pub fn encode(&self) -> Result<Vec<u8>, StoreError> {
-        serde_json::to_vec(self).map_err(|e| StoreError::Corrupt(e.to_string()))
+        let meta = serde_json::to_vec(self).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let len = u32::try_from(meta.len()).map_err(|_| StoreError::Corrupt("record too large".into()))?;
+        let mut out = Vec::with_capacity(5 + meta.len() + self.sealed_tokens.len());
+        out.push(RECORD_FORMAT);
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(&meta);
+        out.extend_from_slice(&self.sealed_tokens);
+        Ok(out)
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
-        serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
+        let corrupt = |why: &str| StoreError::Corrupt(why.to_string());
+        let (&format, rest) = bytes.split_first().ok_or_else(|| corrupt("empty record"))?;
+        if format != RECORD_FORMAT || rest.len() < 4 {
+            return Err(corrupt("unknown record format"));
+        }
+        let (len, rest) = rest.split_at(4);
+        let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+        if rest.len() < len {
+            return Err(corrupt("truncated record"));
+        }
+        let (meta, tokens) = rest.split_at(len);
+        let mut record: Self = serde_json::from_slice(meta).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        record.sealed_tokens = tokens.to_vec();
+        Ok(record)
     }
 }
 
-mod b64 {
-    use super::*;
-    pub fn serialize<S: serde::Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&URL_SAFE_NO_PAD.encode(v))
-    }
-    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        let s = <&str>::deserialize(d)?;
-        URL_SAFE_NO_PAD.decode(s).map_err(serde::de::Error::custom)
-    }
-}
+const RECORD_FORMAT: u8 = 1;
 
 /// The token set, sealed inside the record. Not `Debug`.
 #[derive(Serialize, Deserialize)]
@@ -330,6 +344,26 @@ mod tests {
             "ü",
         ] {
             assert!(SessionId::parse(bad).is_none(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn records_roundtrip_and_malformed_bytes_are_errors_not_panics() {
+        let mut r = conformance::record("alice", "kc", 10);
+        r.sealed_tokens = vec![7; 3000];
+        let bytes = r.encode().unwrap();
+        let back = SessionRecord::decode(&bytes).unwrap();
+        assert_eq!(back.sealed_tokens, r.sealed_tokens);
+        assert_eq!(back.claims, r.claims);
+        for bad in [
+            &[][..],
+            &[1][..],
+            &[2, 0, 0, 0, 1, b'{'][..],
+            &[1, 0, 0, 0, 200, b'{'][..],
+            &[1, 0, 0, 0, 1, b'{'][..],
+            &bytes[..10],
+        ] {
+            assert!(SessionRecord::decode(bad).is_err(), "{bad:?}");
         }
     }
 
