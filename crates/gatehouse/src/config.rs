@@ -146,7 +146,7 @@ pub struct SessionConfig {
     /// File of the embedded store.
     #[serde(default = "defaults::store_path")]
     pub path: PathBuf,
-    /// Redis URL (used when `store = "redis"`), e.g. `redis://127.0.0.1:6379` or `rediss://…` for TLS.
+    /// Redis URL (used when `store = "redis"`), e.g. `redis://127.0.0.1:6379` (no TLS in this build).
     #[serde(default)]
     pub redis_url: Option<String>,
     /// Redis Sentinel nodes (`redis://host:26379`), instead of `redis_url`: Gatehouse follows failovers.
@@ -490,8 +490,8 @@ impl Config {
             return Err(invalid("session.encryption_key_file", "tokens are encrypted at rest: a key is required"));
         }
         if s.store == StoreKind::Redis {
-            let url_ok =
-                |u: &str| ["redis://", "rediss://", "redis+unix://", "unix://"].iter().any(|p| u.starts_with(p));
+            // TLS to Redis (rediss://) is not compiled in: refuse it rather than fail at start-up.
+            let url_ok = |u: &str| ["redis://", "redis+unix://", "unix://"].iter().any(|p| u.starts_with(p));
             match (&s.redis_url, s.redis_sentinels.is_empty(), &s.redis_master_name) {
                 (Some(_), false, _) => {
                     return Err(invalid(
@@ -500,7 +500,10 @@ impl Config {
                     ));
                 }
                 (Some(u), true, _) if !url_ok(u) => {
-                    return Err(invalid("session.redis_url", "must be a redis://, rediss:// or unix:// URL"));
+                    return Err(invalid(
+                        "session.redis_url",
+                        "must be a redis:// or unix:// URL (TLS to Redis is not supported in this build; use a TLS sidecar)",
+                    ));
                 }
                 (Some(_), true, _) => {}
                 (None, false, None) => {

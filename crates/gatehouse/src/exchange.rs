@@ -127,10 +127,12 @@ impl Exchange {
             absolute_expires_at,
             access_expires_at,
             refresh_expires_at,
-            sealed_tokens: self.seal(&key, &tokens)?,
+            sealed_tokens: Vec::new(),
             client_ip: client.ip,
             user_agent: client.user_agent.map(|ua| ua.chars().take(256).collect()),
         };
+        let mut record = record;
+        record.sealed_tokens = self.seal(&key, &record, &tokens)?;
         self.store.insert(&key, &record).await?;
         self.metrics.sessions_created.inc();
         Ok((id, record))
@@ -146,7 +148,9 @@ impl Exchange {
             record = self.refresh(&key, now).await?;
         }
         let record = self.touch(&key, record, now).await;
-        let access_token = if with_token { Some(self.open(&key, &record)?.access_token.clone()) } else { None };
+        // Always open the envelope, even for /auth/me: its AAD authenticates the claims we answer with.
+        let tokens = self.open(&key, &record)?;
+        let access_token = with_token.then(|| tokens.access_token.clone());
         Ok(Resolved { key, record, access_token })
     }
 
@@ -262,7 +266,6 @@ impl Exchange {
             refresh_token: login.tokens.refresh_token.clone().or_else(|| old.refresh_token.clone()),
             id_token: login.tokens.id_token.clone().or_else(|| old.id_token.clone()),
         };
-        let sealed = self.seal(key, &tokens)?;
         let access_expires_at = self.oidc.access_expiry(&login.tokens);
         let refresh_expires_at = refresh_expiry(now, login.tokens.refresh_expires_in).or(record.refresh_expires_at);
         let mut current = record;
@@ -271,10 +274,10 @@ impl Exchange {
             let mut next = current.clone();
             next.version += 1;
             next.claims = login.claims.clone();
-            next.sealed_tokens = sealed.clone();
             next.access_expires_at = access_expires_at;
             next.refresh_expires_at = refresh_expires_at;
             next.idle_expires_at = self.idle_expiry(next.last_seen, next.absolute_expires_at, refresh_expires_at);
+            next.sealed_tokens = self.seal(key, &next, &tokens)?;
             if self.store.compare_and_swap(key, current.version, &next).await? {
                 return Ok(next);
             }
@@ -325,18 +328,40 @@ impl Exchange {
         lock
     }
 
-    fn aad(key: &SessionKey) -> Vec<u8> {
-        [TOKENS_AAD, &key.0].concat()
+    /// The envelope's AAD binds it to its session key and to the record fields someone with write
+    /// access to the store must not change unnoticed: the identity we hand out and the lifetimes
+    /// that are fixed between refreshes. Fields a touch rewrites (last seen, idle expiry, version)
+    /// are not bound; the idle expiry can never pass the bound absolute expiry anyway.
+    fn aad(key: &SessionKey, record: &SessionRecord) -> Result<Vec<u8>, ExchangeError> {
+        #[derive(serde::Serialize)]
+        struct Bound<'a> {
+            claims: &'a crate::oidc::UserClaims,
+            provider_sid: &'a Option<String>,
+            created_at: UnixTime,
+            absolute_expires_at: UnixTime,
+            access_expires_at: UnixTime,
+            refresh_expires_at: Option<UnixTime>,
+        }
+        let bound = serde_json::to_vec(&Bound {
+            claims: &record.claims,
+            provider_sid: &record.provider_sid,
+            created_at: record.created_at,
+            absolute_expires_at: record.absolute_expires_at,
+            access_expires_at: record.access_expires_at,
+            refresh_expires_at: record.refresh_expires_at,
+        })
+        .map_err(|_| ExchangeError::Internal)?;
+        Ok([TOKENS_AAD, &key.0, &crate::crypto::sha256(&bound)].concat())
     }
 
-    fn seal(&self, key: &SessionKey, tokens: &TokenSet) -> Result<Vec<u8>, ExchangeError> {
+    fn seal(&self, key: &SessionKey, record: &SessionRecord, tokens: &TokenSet) -> Result<Vec<u8>, ExchangeError> {
         let plain = zeroize::Zeroizing::new(serde_json::to_vec(tokens).map_err(|_| ExchangeError::Internal)?);
-        self.keyring.seal(&plain, &Self::aad(key)).map_err(|_| ExchangeError::Internal)
+        self.keyring.seal(&plain, &Self::aad(key, record)?).map_err(|_| ExchangeError::Internal)
     }
 
     /// Decrypt the token set. A record we cannot open (key removed, tampering) authenticates nobody.
     pub fn open(&self, key: &SessionKey, record: &SessionRecord) -> Result<TokenSet, ExchangeError> {
-        let plain = self.keyring.open(&record.sealed_tokens, &Self::aad(key)).map_err(|_| {
+        let plain = self.keyring.open(&record.sealed_tokens, &Self::aad(key, record)?).map_err(|_| {
             tracing::error!(session = %key, "cannot decrypt session tokens (key rotated away or record tampered)");
             ExchangeError::InvalidSession
         })?;
@@ -460,5 +485,29 @@ mod tests {
         rec.version += 1;
         assert!(f.ex.store().compare_and_swap(&id.key(), 1, &rec).await.unwrap());
         assert!(matches!(f.ex.resolve(&id, true).await, Err(ExchangeError::InvalidSession)));
+    }
+
+    #[tokio::test]
+    async fn claims_edited_in_the_store_are_detected() {
+        let f = fixture(1800, 43200);
+        let (id, rec) = f.ex.start(login(100_000), ClientInfo::default()).await.unwrap();
+        assert!(f.ex.resolve(&id, false).await.is_ok());
+        for tamper in [
+            |r: &mut SessionRecord| r.claims.realm_roles.push("admin".into()),
+            |r: &mut SessionRecord| r.claims.sub = "someone-else".into(),
+            |r: &mut SessionRecord| r.absolute_expires_at += 86_400,
+        ] {
+            let mut forged = f.ex.store().get(&id.key()).await.unwrap().unwrap();
+            let version = forged.version;
+            tamper(&mut forged);
+            forged.version += 1;
+            assert!(f.ex.store().compare_and_swap(&id.key(), version, &forged).await.unwrap());
+            assert!(matches!(f.ex.resolve(&id, false).await, Err(ExchangeError::InvalidSession)), "/auth/me path");
+            assert!(matches!(f.ex.resolve(&id, true).await, Err(ExchangeError::InvalidSession)), "exchange path");
+            let mut restored = rec.clone();
+            restored.version = forged.version + 1;
+            assert!(f.ex.store().compare_and_swap(&id.key(), forged.version, &restored).await.unwrap());
+            assert!(f.ex.resolve(&id, false).await.is_ok(), "the genuine record still works");
+        }
     }
 }

@@ -13,6 +13,7 @@ pub mod crypto;
 pub mod error;
 pub mod exchange;
 pub mod internal;
+mod listener;
 pub mod metrics;
 pub mod oidc;
 pub mod pki;
@@ -246,40 +247,26 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
     tracing::info!(%public_addr, %admin_addr, "listening");
 
     let mut tasks = vec![
-        serve(public, public::router(core.clone()), rx.clone()),
-        serve(admin, admin::router(core.clone()), rx.clone()),
+        tokio::spawn(listener::serve(public, public::router(core.clone()), None, rx.clone())),
+        tokio::spawn(listener::serve(admin, admin::router(core.clone()), None, rx.clone())),
         tokio::spawn(discovery_loop(core.clone(), rx.clone())),
         tokio::spawn(sweep_loop(core.clone(), clock, sweep_every, rx.clone())),
     ];
     let mut internal_addr = None;
     if let Some(i) = &core.config.internal {
-        let listener = bind(i.listen).await?;
-        internal_addr = Some(listener.local_addr().map_err(|source| StartError::Bind { addr: i.listen, source })?);
+        let sock = bind(i.listen).await?;
+        internal_addr = Some(sock.local_addr().map_err(|source| StartError::Bind { addr: i.listen, source })?);
         tracing::info!(internal_addr = ?internal_addr, mode = ?i.mode, "internal listener");
         let router = internal::router(core.clone(), i);
-        match &internal_tls {
-            Some(t) => {
-                tasks.push(tokio::spawn(tls::serve_mtls(listener, t.clone(), router, i.handshake_timeout, rx.clone())));
-                tasks.push(tokio::spawn(t.clone().watch(i.reload_interval, rx.clone())));
-            }
-            None => tasks.push(serve(listener, router, rx.clone())),
+        let tls = internal_tls
+            .as_ref()
+            .map(|t| listener::TlsSettings { config: t.clone(), handshake_timeout: i.handshake_timeout });
+        if let Some(t) = &internal_tls {
+            tasks.push(tokio::spawn(t.clone().watch(i.reload_interval, rx.clone())));
         }
+        tasks.push(tokio::spawn(listener::serve(sock, router, tls, rx.clone())));
     }
     Ok(Running { core, public_addr, admin_addr, internal_addr, internal_tls, shutdown: tx, tasks })
-}
-
-fn serve(listener: TcpListener, router: axum::Router, mut stop: watch::Receiver<bool>) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let app = router.into_make_service_with_connect_info::<SocketAddr>();
-        let result = axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = stop.wait_for(|s| *s).await;
-            })
-            .await;
-        if let Err(e) = result {
-            tracing::error!(error = %e, "listener failed");
-        }
-    })
 }
 
 /// Load provider metadata at start-up, retrying with backoff until it succeeds once.

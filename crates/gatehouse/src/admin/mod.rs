@@ -27,7 +27,26 @@ pub fn router(core: Arc<Core>) -> Router {
         .route("/admin/v1/sessions", get(list).delete(revoke_many))
         .route("/admin/v1/sessions/{prefix}", delete(revoke_one))
         .fallback(|| async { ApiError::NotFound })
+        .layer(axum::middleware::from_fn_with_state(core.config.admin.listen.ip().is_loopback(), loopback_host))
         .with_state(core)
+}
+
+/// On a loopback listener, only loopback `Host` names are answered: a web page cannot reach the
+/// admin API through DNS rebinding (its requests carry the attacker's host name).
+async fn loopback_host(
+    State(loopback): State<bool>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if loopback {
+        let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+        let name = host.rsplit_once(':').map_or(host, |(n, _)| n);
+        if !matches!(name, "127.0.0.1" | "localhost" | "[::1]" | "::1") {
+            return ApiError::Forbidden("forbidden", "the admin API answers loopback host names only".into())
+                .into_response();
+        }
+    }
+    next.run(req).await
 }
 
 async fn metrics(State(core): State<Arc<Core>>) -> Response {

@@ -10,15 +10,20 @@ const MAX_LEN: usize = 16 * 1024;
 
 pub fn caller(headers: &HeaderMap) -> Result<CallerIdentity, &'static str> {
     let mut values = headers.get_all("x-forwarded-client-cert").iter();
-    let value = values.next_back().ok_or("no x-forwarded-client-cert header")?;
+    let value = values.next().ok_or("no x-forwarded-client-cert header")?;
+    if values.next().is_some() {
+        return Err("more than one x-forwarded-client-cert header");
+    }
     let text = value.to_str().map_err(|_| "x-forwarded-client-cert is not ASCII")?;
     if text.len() > MAX_LEN {
         return Err("x-forwarded-client-cert too long");
     }
-    let elements = split_unquoted(text, ',');
+    // An unbalanced quote could swallow the element Envoy appended and let the client's own
+    // forged element stand as the last one: refuse it outright.
+    let elements = split_unquoted(text, ',').ok_or("unbalanced quotes in x-forwarded-client-cert")?;
     let last = elements.last().ok_or("empty x-forwarded-client-cert")?;
     let mut uri = None;
-    for pair in split_unquoted(last, ';') {
+    for pair in split_unquoted(last, ';').ok_or("unbalanced quotes in x-forwarded-client-cert")? {
         let (k, v) = pair.split_once('=').ok_or("malformed x-forwarded-client-cert")?;
         if k.trim().eq_ignore_ascii_case("uri") {
             if uri.is_some() {
@@ -30,7 +35,7 @@ pub fn caller(headers: &HeaderMap) -> Result<CallerIdentity, &'static str> {
     parse_spiffe_id(&uri.ok_or("no URI in x-forwarded-client-cert")?).map(CallerIdentity::Spiffe)
 }
 
-fn split_unquoted(s: &str, sep: char) -> Vec<&str> {
+fn split_unquoted(s: &str, sep: char) -> Option<Vec<&str>> {
     let (mut out, mut start, mut quoted, mut escaped) = (Vec::new(), 0, false, false);
     for (i, c) in s.char_indices() {
         match c {
@@ -45,7 +50,7 @@ fn split_unquoted(s: &str, sep: char) -> Vec<&str> {
         }
     }
     out.push(&s[start..]);
-    out
+    (!quoted).then_some(out)
 }
 
 fn unquote(v: &str) -> Result<String, &'static str> {
@@ -85,5 +90,9 @@ mod tests {
             assert!(caller(&h(v)).is_err(), "{v}");
         }
         assert!(caller(&HeaderMap::new()).is_err());
+        let mut two = HeaderMap::new();
+        two.append("x-forwarded-client-cert", HeaderValue::from_static("URI=spiffe://c/a"));
+        two.append("x-forwarded-client-cert", HeaderValue::from_static("URI=spiffe://c/b"));
+        assert!(caller(&two).is_err(), "several header lines are ambiguous");
     }
 }

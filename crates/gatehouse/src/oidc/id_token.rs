@@ -62,8 +62,7 @@ pub fn peek(token: &str, exp: &Expectations<'_>) -> Result<Peeked, OidcError> {
     }
     let typ_ok = matches!(
         (exp.kind, header.typ.as_deref().map(str::to_ascii_lowercase).as_deref()),
-        (_, None)
-            | (TokenKind::Id | TokenKind::Access, Some("jwt"))
+        (TokenKind::Id | TokenKind::Access, None | Some("jwt"))
             | (TokenKind::Access, Some("at+jwt"))
             | (TokenKind::Logout, Some("logout+jwt"))
     );
@@ -110,11 +109,18 @@ fn check_claims(c: &Map<String, Value>, alg: Algorithm, exp: &Expectations<'_>) 
         Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),
         _ => Vec::new(),
     };
-    if !auds.contains(&exp.client_id) {
-        return Err(OidcError::InvalidToken("audience does not include this client"));
-    }
-    if auds.iter().any(|a| *a != exp.client_id && !exp.trusted_audiences.iter().any(|t| t == a)) {
-        return Err(OidcError::InvalidToken("untrusted audience"));
+    if exp.kind == TokenKind::Access {
+        // An access token is issued to us (azp) for some resource server (aud): only azp is ours to check.
+        if s("azp") != Some(exp.client_id) {
+            return Err(OidcError::InvalidToken("access token not issued to this client"));
+        }
+    } else {
+        if !auds.contains(&exp.client_id) {
+            return Err(OidcError::InvalidToken("audience does not include this client"));
+        }
+        if auds.iter().any(|a| *a != exp.client_id && !exp.trusted_audiences.iter().any(|t| t == a)) {
+            return Err(OidcError::InvalidToken("untrusted audience"));
+        }
     }
     match s("azp") {
         Some(azp) if azp != exp.client_id => {

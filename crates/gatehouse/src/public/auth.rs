@@ -137,7 +137,18 @@ async fn finish_login(
             "this login was ended by the identity provider; sign in again",
         ));
     }
+    let provider_sid = result.provider_sid.clone();
     let (id, _) = start_session(st, result, headers, ip).await?;
+    // Check again after the insert: a logout that landed in between found nothing to delete.
+    if let Some(sid) = &provider_sid
+        && core.exchange.provider_session_ended(sid).await?
+    {
+        let _ = core.exchange.end(&id).await;
+        return Err(ApiError::bad_request(
+            "login_failed",
+            "this login was ended by the identity provider; sign in again",
+        ));
+    }
     let mut resp = match st.cookie.same_site {
         SameSite::Lax => (StatusCode::SEE_OTHER, [(header::LOCATION, login.return_to)]).into_response(),
         // A Strict cookie set during a cross-site redirect chain is not sent on the next hop, so

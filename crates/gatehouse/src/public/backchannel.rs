@@ -51,10 +51,11 @@ pub async fn backchannel_logout(
     let (Some(jti), exp) = (s("jti"), claims.get("exp").and_then(Value::as_i64).unwrap_or(0)) else {
         return answer(StatusCode::BAD_REQUEST, Some("jti required"));
     };
-    // Replay cache shared through the store: a logout token is accepted once, on any replica.
-    match ex.store().mark("logout-jti", jti, exp + crate::oidc::id_token::LEEWAY).await {
-        Ok(true) => {}
-        Ok(false) => {
+    // Replay cache shared through the store: a logout token is accepted once, on any replica. The
+    // mark is written only after the sessions are gone, so a failed attempt can be retried.
+    match ex.store().is_marked("logout-jti", jti, ex.now()).await {
+        Ok(false) => {}
+        Ok(true) => {
             tracing::warn!("back-channel logout token replayed");
             return answer(StatusCode::BAD_REQUEST, Some("logout token already used"));
         }
@@ -66,6 +67,9 @@ pub async fn backchannel_logout(
     match ex.end_provider_session(s("sid"), s("sub"), TOMBSTONE_SECONDS).await {
         Ok(n) => {
             tracing::info!(sub = s("sub").unwrap_or("-"), sessions = n, "back-channel logout: sessions ended");
+            if let Err(e) = ex.store().mark("logout-jti", jti, exp + crate::oidc::id_token::LEEWAY).await {
+                tracing::warn!(error = %e, "could not record the logout token's jti");
+            }
             answer(StatusCode::OK, None)
         }
         Err(e) => {

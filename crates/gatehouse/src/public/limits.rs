@@ -38,16 +38,17 @@ pub fn client_ip(peer: SocketAddr, headers: &HeaderMap, trusted: &[IpNet]) -> Ip
     if !is_trusted(&ip) {
         return ip;
     }
-    let hops: Vec<IpAddr> = headers
+    let hops: Vec<&str> = headers
         .get_all("x-forwarded-for")
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(str::trim)
-        .map(|h| h.parse::<IpAddr>().ok())
-        .collect::<Option<Vec<_>>>()
-        .unwrap_or_default();
+        .collect();
+    // Walk from the right (the hops our proxies appended); stop at the first unparsable entry
+    // rather than discarding the chain, so one bad hop cannot pool clients into one bucket.
     for hop in hops.into_iter().rev() {
+        let Ok(hop) = hop.parse::<IpAddr>() else { break };
         ip = hop;
         if !is_trusted(&hop) {
             break;

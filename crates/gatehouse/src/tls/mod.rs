@@ -1,10 +1,8 @@
 //! TLS for the East-West listener: a rustls server config that requires and verifies client
 //! certificates against the configured CA bundle (TLS 1.2+, aws-lc-rs only), hot-reloaded when
-//! the PEM files change, plus the accept loop that hands each connection's verified caller
-//! identity to the router.
+//! the PEM files change. The caller identity comes from `identity`; the accept loop is `listener`.
 
 pub mod identity;
-mod server;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -16,8 +14,6 @@ use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::watch;
-
-pub use server::serve_mtls;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {

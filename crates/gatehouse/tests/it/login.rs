@@ -304,3 +304,26 @@ async fn fetch_gets_json_not_a_redirect_and_strict_same_site_lands_via_a_page() 
     assert_eq!(b.get(&format!("{}/auth/me", gate.base)).await.status, 200);
     gate.stop().await;
 }
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_headers_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let work = Workdir::new();
+    let gate = Gate::start(&work, &Options::default()).await;
+    let port = gate.running.as_ref().unwrap().public_addr.port();
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    tcp.write_all(b"GET /auth/me HTTP/1.1\r\nHost: localhost\r\nX-Slow: ").await.unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 512];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(20), tcp.read(&mut buf))
+        .await
+        .expect("server closes the connection");
+    let n = n.unwrap_or(0);
+    assert!(
+        n == 0 || String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 408"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    assert!(started.elapsed() >= std::time::Duration::from_secs(5), "not cut off before the header timeout");
+    gate.stop().await;
+}

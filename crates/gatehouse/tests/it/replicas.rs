@@ -242,6 +242,14 @@ async fn admin_lists_and_revokes_sessions_and_keycloak_forgets_them() {
     assert_eq!(r["revoked"], 1);
     assert_eq!(two.get(&format!("{}/auth/me", gate.base)).await.status, 401);
     assert_eq!(http().delete(format!("{}/admin/v1/sessions/zz", gate.admin)).send().await.unwrap().status(), 400);
+    // DNS rebinding: a browser page reaching 127.0.0.1 under its own host name is refused.
+    let rebound = http()
+        .get(format!("{}/admin/v1/sessions?sub={sub}", gate.admin))
+        .header("host", "evil.example:9090")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rebound.status(), 403);
     gate.stop().await;
 }
 

@@ -1,0 +1,103 @@
+//! The accept loop every listener uses. `axum::serve` has neither TLS nor a header-read timeout,
+//! so: accept TCP (bounded number of connections) → optionally a rustls handshake under a timeout,
+//! with the config current at accept time → per-connection extensions (peer address, and the
+//! verified caller for mutual TLS) → hyper serves the router with a timer (slow-header clients are
+//! cut off) and graceful shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio_rustls::TlsAcceptor;
+
+use crate::tls::ReloadingConfig;
+use crate::tls::identity::{self, Caller};
+
+/// Most connections one listener holds open; more wait in the kernel's accept queue.
+const MAX_CONNECTIONS: usize = 10_000;
+/// A client must finish sending request headers within this (slowloris defence).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct TlsSettings {
+    pub config: Arc<ReloadingConfig>,
+    pub handshake_timeout: Duration,
+}
+
+pub async fn serve(listener: TcpListener, router: Router, tls: Option<TlsSettings>, mut stop: watch::Receiver<bool>) {
+    let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else { break };
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = async { let _ = stop.wait_for(|s| *s).await; } => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let router = router.clone().layer(axum::Extension(ConnectInfo(peer)));
+        let watcher = graceful.watcher();
+        let tls = tls.as_ref().map(|t| (TlsAcceptor::from(t.config.current()), t.handshake_timeout));
+        tokio::spawn(async move {
+            let _permit = permit;
+            match tls {
+                None => serve_connection(TokioIo::new(tcp), router, watcher, peer).await,
+                Some((acceptor, timeout)) => {
+                    let stream = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::info!(%peer, error = %e, "TLS handshake refused");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::info!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let caller = Caller(
+                        stream
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|c| c.first())
+                            .ok_or("no client certificate")
+                            .and_then(|c| identity::from_certificate(c)),
+                    );
+                    serve_connection(TokioIo::new(stream), router.layer(axum::Extension(caller)), watcher, peer).await
+                }
+            }
+        });
+    }
+    // Let in-flight requests finish, but not forever.
+    let _ = tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await;
+}
+
+async fn serve_connection<I>(
+    io: TokioIo<I>,
+    router: Router,
+    watcher: hyper_util::server::graceful::Watcher,
+    peer: SocketAddr,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT).max_buf_size(64 * 1024);
+    builder.http2().timer(TokioTimer::new()).max_concurrent_streams(256);
+    let conn = builder.serve_connection_with_upgrades(io, TowerToHyperService::new(router));
+    if let Err(e) = watcher.watch(conn.into_owned()).await {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
