@@ -40,8 +40,12 @@ async fn loopback_host(
 ) -> Response {
     if loopback {
         let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
-        let name = host.rsplit_once(':').map_or(host, |(n, _)| n);
-        if !matches!(name, "127.0.0.1" | "localhost" | "[::1]" | "::1") {
+        // `[::1]:9090`, `[::1]`, `localhost:9090`, `127.0.0.1`…
+        let name = match host.strip_prefix('[') {
+            Some(v6) => v6.split(']').next().unwrap_or(""),
+            None => host.split(':').next().unwrap_or(""),
+        };
+        if !matches!(name, "127.0.0.1" | "localhost" | "::1") {
             return ApiError::Forbidden("forbidden", "the admin API answers loopback host names only".into())
                 .into_response();
         }

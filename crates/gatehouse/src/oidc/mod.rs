@@ -457,13 +457,15 @@ impl OidcClient {
         Ok(LoginResult { tokens, claims, provider_sid })
     }
 
-    /// Expiry of an access token as the provider stated it, or from its `exp` claim.
+    /// Expiry of an access token: its own `exp` when it is a JWT (Keycloak's are), else `expires_in`
+    /// from now. The token came straight from the token endpoint, so reading `exp` unverified is fine
+    /// for bookkeeping; it is never used to authorize anything.
     pub fn access_expiry(&self, tokens: &TokenResponse) -> UnixTime {
         let now = self.clock.now();
-        match tokens.expires_in {
+        jwt_exp(&tokens.access_token).unwrap_or_else(|| match tokens.expires_in {
             Some(s) if s > 0 => now + s,
-            _ => jwt_exp(&tokens.access_token).unwrap_or(now + 60),
-        }
+            _ => now + 60,
+        })
     }
 }
 

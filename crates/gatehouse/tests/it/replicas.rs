@@ -250,6 +250,11 @@ async fn admin_lists_and_revokes_sessions_and_keycloak_forgets_them() {
         .await
         .unwrap();
     assert_eq!(rebound.status(), 403);
+    for ok in ["127.0.0.1", "localhost:9090", "[::1]", "[::1]:9090"] {
+        let r =
+            http().get(format!("{}/admin/v1/sessions?sub={sub}", gate.admin)).header("host", ok).send().await.unwrap();
+        assert_eq!(r.status(), 200, "Host {ok}");
+    }
     gate.stop().await;
 }
 
