@@ -219,3 +219,27 @@ async fn refresh_invalid_grant_ends_the_session() {
     );
     gate.stop().await;
 }
+
+#[tokio::test]
+async fn check_config_accepts_a_good_file_and_names_the_key_of_a_bad_one() {
+    let work = Workdir::new();
+    let good = work.write_config(&Options::default());
+    let out = tokio::process::Command::new(bin()).args(["check-config", "--config"]).arg(&good).output().await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("configuration is valid"));
+    let text = std::fs::read_to_string(&good).unwrap();
+    for (broken, key) in [
+        (text.replace("[session]\n", "[session]\nidle_timeout = \"soon\"\n"), "idle_timeout"),
+        (text.replace("[session]\n", "[session]\nstore = \"redis\"\n"), "session.redis_url"),
+        (text.replace("[admin]\n", "[admin]\nlisen = 1\n"), "lisen"),
+        (text.replace("http://localhost:", "http://example.com:"), "public.external_url"),
+    ] {
+        std::fs::write(&good, broken).unwrap();
+        let out =
+            tokio::process::Command::new(bin()).args(["check-config", "--config"]).arg(&good).output().await.unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(key), "expected `{key}` in: {err}");
+        assert!(!err.contains("gatehouse-dev-secret") && !err.contains(&work.key), "no secret in the error");
+    }
+}
