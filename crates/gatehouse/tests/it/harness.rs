@@ -59,6 +59,8 @@ pub struct Options {
     pub redis_url: Option<String>,
     /// Advertise another replica's URL (replicas behind one load balancer share it).
     pub external_port: Option<u16>,
+    /// Timeout of each call to Keycloak.
+    pub http_timeout: &'static str,
 }
 
 impl Default for Options {
@@ -74,6 +76,7 @@ impl Default for Options {
             internal_rate: 1000,
             redis_url: None,
             external_port: None,
+            http_timeout: "5s",
         }
     }
 }
@@ -131,7 +134,7 @@ client_id = "{client_id}"
 client_secret = "{secret}"
 password_login = {pw}
 refresh_skew = "{skew}"
-http_timeout = "5s"
+http_timeout = "{http_timeout}"
 [session]
 path = "{path}"
 {redis}
@@ -144,6 +147,7 @@ listen = "127.0.0.1:0"
 "#,
             port = self.port,
             external_port = o.external_port.unwrap_or(self.port),
+            http_timeout = o.http_timeout,
             redis = o.redis_url.as_ref().map(|u| format!("store = \"redis\"\nredis_url = \"{u}\"")).unwrap_or_default(),
             issuer = issuer(),
             client_id = o.client_id,

@@ -1,0 +1,71 @@
+//! The cross-replica refresh lock holds when Keycloak is slower than the lock's initial lease
+//! (its own test binary: it freezes the shared test Keycloak with SIGSTOP, which would disturb
+//! tests running beside it). Two replicas share one Redis; the refresh that holds the lock waits
+//! 8 s for a frozen Keycloak while the lease (5 s) is renewed; the other requests wait and then
+//! use the refreshed token. Keycloak must count exactly one refresh.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests may fail loudly
+
+#[path = "it/harness.rs"]
+mod harness;
+
+use std::process::Command;
+use std::time::Duration;
+
+use harness::*;
+use serde_json::json;
+
+fn signal_keycloak(sig: &str) {
+    let ok = Command::new("pkill").args([sig, "-f", "java.*instances/test/"]).status().unwrap().success();
+    assert!(ok, "test Keycloak's JVM found");
+}
+
+/// Thaws Keycloak even if an assertion fails.
+struct Thaw;
+impl Drop for Thaw {
+    fn drop(&mut self) {
+        let _ = Command::new("pkill").args(["-CONT", "-f", "java.*instances/test/"]).status();
+    }
+}
+
+#[tokio::test]
+async fn a_keycloak_slower_than_the_lock_lease_still_gets_exactly_one_refresh() {
+    let redis = Redis::start().await;
+    let wa = Workdir::new();
+    let mut wb = Workdir::new();
+    wb.key = wa.key.clone();
+    let base = Options { redis_url: Some(redis.url()), http_timeout: "30s", ..Options::short_tokens() };
+    let a = Gate::start(&wa, &base).await;
+    let b = Gate::start(&wb, &Options { external_port: Some(wa.port), ..base.clone() }).await;
+    let mut browser = Browser::default();
+    assert_eq!(
+        browser
+            .post_json(&a.base, "/auth/login", &json!({"username": "alice", "password": "alice-password"}))
+            .await
+            .status,
+        200
+    );
+    let sid = browser.cookie(&a.base, COOKIE).unwrap();
+    let (rec, _) = session_tokens(&a, &sid).await;
+    let admin = KcAdmin::connect().await;
+    tokio::time::sleep(Duration::from_secs(11)).await; // the access token is now expired
+
+    signal_keycloak("-STOP");
+    let thaw = Thaw;
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let (url, sid) = (format!("{}/auth/me", if i % 2 == 0 { &a.base } else { &b.base }), sid.clone());
+        tasks.push(tokio::spawn(async move {
+            http().get(url).header("cookie", format!("{COOKIE}={sid}")).send().await.unwrap().status().as_u16()
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(8)).await; // longer than the 5 s lease
+    signal_keycloak("-CONT");
+    drop(thaw);
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200, "every request answered once Keycloak is back");
+    }
+    assert_eq!(admin.refresh_events(rec.provider_sid.as_deref().unwrap()).await, 1, "exactly one refresh at Keycloak");
+    a.stop().await;
+    b.stop().await;
+}
