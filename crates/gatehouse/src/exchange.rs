@@ -148,9 +148,14 @@ impl Exchange {
             record = self.refresh(&key, now).await?;
         }
         let record = self.touch(&key, record, now).await;
-        // Always open the envelope, even for /auth/me: its AAD authenticates the claims we answer with.
-        let tokens = self.open(&key, &record)?;
-        let access_token = with_token.then(|| tokens.access_token.clone());
+        // Always check the envelope, even for /auth/me: its AAD authenticates the claims we answer
+        // with. Parsing the token set is only paid for when the caller needs the token.
+        let access_token = if with_token {
+            Some(self.open(&key, &record)?.access_token.clone())
+        } else {
+            self.authenticate(&key, &record)?;
+            None
+        };
         Ok(Resolved { key, record, access_token })
     }
 
@@ -357,6 +362,14 @@ impl Exchange {
     fn seal(&self, key: &SessionKey, record: &SessionRecord, tokens: &TokenSet) -> Result<Vec<u8>, ExchangeError> {
         let plain = zeroize::Zeroizing::new(serde_json::to_vec(tokens).map_err(|_| ExchangeError::Internal)?);
         self.keyring.seal(&plain, &Self::aad(key, record)?).map_err(|_| ExchangeError::Internal)
+    }
+
+    /// Check the envelope (and so the bound record fields) without parsing the tokens.
+    fn authenticate(&self, key: &SessionKey, record: &SessionRecord) -> Result<(), ExchangeError> {
+        self.keyring.open(&record.sealed_tokens, &Self::aad(key, record)?).map(drop).map_err(|_| {
+            tracing::error!(session = %key, "session record fails authentication (key rotated away or record tampered)");
+            ExchangeError::InvalidSession
+        })
     }
 
     /// Decrypt the token set. A record we cannot open (key removed, tampering) authenticates nobody.
