@@ -22,6 +22,8 @@ pub enum PkiError {
     BadName(String),
     #[error("invalid SAN `{0}`")]
     BadSan(String),
+    #[error("the operating system's random generator failed")]
+    Random,
 }
 
 /// A certificate and its private key, PEM.
@@ -67,8 +69,7 @@ impl LeafSpec {
 }
 
 fn serial() -> Result<SerialNumber, PkiError> {
-    let mut bytes =
-        crate::crypto::random_bytes::<16>().map_err(|_| PkiError::Generate(rcgen::Error::RingUnspecified))?;
+    let mut bytes = crate::crypto::random_bytes::<16>().map_err(|_| PkiError::Random)?;
     bytes[0] &= 0x7f; // positive INTEGER
     Ok(SerialNumber::from_slice(&bytes))
 }

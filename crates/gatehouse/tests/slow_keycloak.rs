@@ -13,7 +13,6 @@ use std::process::Command;
 use std::time::Duration;
 
 use harness::*;
-use serde_json::json;
 
 fn signal_keycloak(sig: &str) {
     let ok = Command::new("pkill").args([sig, "-f", "java.*instances/test/"]).status().unwrap().success();
@@ -31,21 +30,9 @@ impl Drop for Thaw {
 #[tokio::test]
 async fn a_keycloak_slower_than_the_lock_lease_still_gets_exactly_one_refresh() {
     let redis = Redis::start().await;
-    let wa = Workdir::new();
-    let mut wb = Workdir::new();
-    wb.key = wa.key.clone();
-    let base = Options { redis_url: Some(redis.url()), http_timeout: "30s", ..Options::short_tokens() };
-    let a = Gate::start(&wa, &base).await;
-    let b = Gate::start(&wb, &Options { external_port: Some(wa.port), ..base.clone() }).await;
-    let mut browser = Browser::default();
-    assert_eq!(
-        browser
-            .post_json(&a.base, "/auth/login", &json!({"username": "alice", "password": "alice-password"}))
-            .await
-            .status,
-        200
-    );
-    let sid = browser.cookie(&a.base, COOKIE).unwrap();
+    let base = Options { http_timeout: "30s", ..Options::short_tokens() };
+    let (_wa, a, _wb, b) = replica_pair(&redis, base).await;
+    let sid = logged_in(&a, "alice").await;
     let (rec, _) = session_tokens(&a, &sid).await;
     let admin = KcAdmin::connect().await;
     tokio::time::sleep(Duration::from_secs(11)).await; // the access token is now expired

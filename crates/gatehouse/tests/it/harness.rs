@@ -192,11 +192,7 @@ pub struct Gate {
 
 impl Gate {
     pub async fn start(work: &Workdir, o: &Options) -> Self {
-        let clock = Arc::new(SystemClock::default());
-        let running = gatehouse::start(work.config(o), clock.clone()).await.expect("gatehouse starts");
-        let base = format!("http://localhost:{}", running.public_addr.port());
-        let admin = format!("http://{}", running.admin_addr);
-        let g = Self { running: Some(running), clock, base, admin };
+        let g = Self::start_unready(work, o).await;
         g.wait_ready().await;
         g
     }
@@ -573,13 +569,7 @@ impl Redis {
             .spawn()
             .expect("redis-server (Debian package redis-server) must be installed: scripts/setup.sh does it");
         self.child = Some(child);
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("redis-server did not start");
+        wait_port(self.port).await;
     }
 
     /// SIGTERM: Redis flushes its AOF and exits.
@@ -598,4 +588,48 @@ impl Drop for Redis {
             let _ = c.wait();
         }
     }
+}
+
+/// Wait until something listens on a loopback port.
+pub async fn wait_port(port: u16) {
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("nothing listens on port {port}");
+}
+
+/// Log `user` in with the password grant; returns the session id from the cookie.
+pub async fn logged_in(gate: &Gate, user: &str) -> String {
+    let mut b = Browser::default();
+    let r = b
+        .post_json(
+            &gate.base,
+            "/auth/login",
+            &serde_json::json!({"username": user, "password": format!("{user}-password")}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    b.cookie(&gate.base, COOKIE).unwrap()
+}
+
+/// Two replicas behind one advertised URL, sharing a Redis, the encryption key and the PKI (as one
+/// Kubernetes Secret would give them).
+pub async fn replica_pair(redis: &Redis, base: Options) -> (Workdir, Gate, Workdir, Gate) {
+    let wa = Workdir::new();
+    let mut wb = Workdir::new();
+    wb.key = wa.key.clone();
+    std::fs::remove_dir_all(wb.pki()).unwrap();
+    std::fs::create_dir_all(wb.pki()).unwrap();
+    for e in std::fs::read_dir(wa.pki()).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), wb.pki().join(e.file_name())).unwrap();
+    }
+    let oa = Options { redis_url: Some(redis.url()), ..base.clone() };
+    let ob = Options { redis_url: Some(redis.url()), external_port: Some(wa.port), ..base };
+    let a = Gate::start(&wa, &oa).await;
+    let b = Gate::start(&wb, &ob).await;
+    (wa, a, wb, b)
 }

@@ -19,15 +19,6 @@ async fn exchange(
         .await
 }
 
-async fn logged_in(gate: &Gate, user: &str) -> String {
-    let mut b = Browser::default();
-    let r = b
-        .post_json(&gate.base, "/auth/login", &json!({"username": user, "password": format!("{user}-password")}))
-        .await;
-    assert_eq!(r.status, 200, "{}", r.body);
-    b.cookie(&gate.base, COOKIE).unwrap()
-}
-
 #[tokio::test]
 async fn an_allowed_caller_gets_a_keycloak_token_and_matching_claims_but_never_the_refresh_token() {
     let work = Workdir::new();

@@ -8,32 +8,10 @@ use serde_json::{Value, json};
 
 use crate::harness::*;
 
-async fn pair(redis: &Redis, base: Options) -> (Workdir, Gate, Workdir, Gate) {
-    let wa = Workdir::new();
-    let mut wb = Workdir::new();
-    // Same encryption key and PKI on both replicas (as a Kubernetes Secret would give them).
-    wb.key = wa.key.clone();
-    std::fs::remove_dir_all(wb.pki()).unwrap();
-    copy_dir(&wa.pki(), &wb.pki());
-    let oa = Options { redis_url: Some(redis.url()), ..base.clone() };
-    let ob = Options { redis_url: Some(redis.url()), external_port: Some(wa.port), ..base };
-    let a = Gate::start(&wa, &oa).await;
-    let b = Gate::start(&wb, &ob).await;
-    (wa, a, wb, b)
-}
-
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
-}
-
 #[tokio::test]
 async fn a_login_started_on_one_replica_finishes_on_another_and_the_session_is_shared() {
     let redis = Redis::start().await;
-    let (_wa, a, _wb, b) = pair(&redis, Options::default()).await;
+    let (_wa, a, _wb, b) = replica_pair(&redis, Options::default()).await;
     let mut browser = Browser::default();
     let start = browser.get(&format!("{}/auth/login?return_to=/x", a.base)).await;
     let page = browser.get(&start.location()).await;
@@ -71,16 +49,8 @@ async fn a_login_started_on_one_replica_finishes_on_another_and_the_session_is_s
 async fn fifty_requests_over_two_replicas_refresh_once_and_lose_nothing() {
     let redis = Redis::start().await;
     let base = Options { internal_allow: Some(vec![POCKETBASE.into()]), ..Options::short_tokens() };
-    let (wa, a, _wb, b) = pair(&redis, base).await;
-    let mut browser = Browser::default();
-    assert_eq!(
-        browser
-            .post_json(&a.base, "/auth/login", &json!({"username": "alice", "password": "alice-password"}))
-            .await
-            .status,
-        200
-    );
-    let sid = browser.cookie(&a.base, COOKIE).unwrap();
+    let (wa, a, _wb, b) = replica_pair(&redis, base).await;
+    let sid = logged_in(&a, "alice").await;
     let (rec, _) = session_tokens(&a, &sid).await;
     let admin = KcAdmin::connect().await;
     let ca = wa.ca();
@@ -128,7 +98,7 @@ async fn fifty_requests_over_two_replicas_refresh_once_and_lose_nothing() {
 async fn keycloak_back_channel_logout_ends_the_session_on_every_replica() {
     let redis = Redis::start().await;
     let base = Options { internal_allow: Some(vec![POCKETBASE.into()]), ..Options::short_tokens() };
-    let (wa, a, _wb, b) = pair(&redis, base).await;
+    let (wa, a, _wb, b) = replica_pair(&redis, base).await;
     let admin = KcAdmin::connect().await;
     admin.set_backchannel_url("gatehouse-short", &format!("{}/auth/backchannel-logout", a.base)).await;
     let mut browser = Browser::default();
@@ -342,16 +312,6 @@ impl Drop for SentinelSetup {
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-async fn wait_port(port: u16) {
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("port {port} never opened");
 }
 
 async fn sentinel_setup() -> SentinelSetup {
