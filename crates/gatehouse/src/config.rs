@@ -45,6 +45,39 @@ pub struct Config {
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
+    /// The API proxy: `/api/<name>/...` forwarded to internal services (DESIGN §3).
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+}
+
+/// How a proxied request carries the user to the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Relay {
+    /// `Authorization: Bearer <access token>` (token relay).
+    Bearer,
+    /// `X-Gatehouse-Session: <session_id>`; the service exchanges it on the internal listener.
+    Session,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Path prefix under `/api/`, ending in `/`, e.g. `/api/pb/`. The longest matching prefix wins.
+    pub prefix: String,
+    /// Where matching requests go (`http://host:port/path/`); the prefix is replaced by this URL's path.
+    pub upstream: Url,
+    /// `bearer` or `session`.
+    pub relay: Relay,
+    /// Longest wait for the upstream's response headers (bodies, SSE and WebSockets may then stream on).
+    #[serde(default = "defaults::route_timeout", deserialize_with = "de_duration")]
+    pub timeout: Duration,
+    /// Longest wait for a TCP connection to the upstream.
+    #[serde(default = "defaults::route_connect_timeout", deserialize_with = "de_duration")]
+    pub connect_timeout: Duration,
+    /// Largest request body forwarded (streamed, counted on the way).
+    #[serde(default = "defaults::route_max_body_bytes")]
+    pub max_body_bytes: usize,
 }
 
 #[derive(Debug, Deserialize)]
@@ -358,6 +391,15 @@ mod defaults {
     pub fn log_level() -> String {
         "info".into()
     }
+    pub fn route_timeout() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn route_connect_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn route_max_body_bytes() -> usize {
+        10 * 1024 * 1024
+    }
 }
 
 fn de_networks<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
@@ -382,6 +424,53 @@ fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         Raw::Seconds(s) => Ok(Duration::from_secs(s)),
         Raw::Text(t) => humantime::parse_duration(t.trim())
             .map_err(|e| serde::de::Error::custom(format!("`{t}` is not a duration like 30s, 15m or 12h: {e}"))),
+    }
+}
+
+impl RouteConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let p = &self.prefix;
+        let segments_ok = p.len() > "/api/".len()
+            && p.starts_with("/api/")
+            && p.ends_with('/')
+            && p[1..p.len() - 1].split('/').all(|seg| {
+                !seg.is_empty()
+                    && seg != "."
+                    && seg != ".."
+                    && seg.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b))
+            });
+        if !segments_ok {
+            return Err(invalid(
+                "routes.prefix",
+                format!(
+                    "`{p}` must look like `/api/name/`: under /api/, ending in `/`, plain segments of letters, digits, `-._~`"
+                ),
+            ));
+        }
+        let u = &self.upstream;
+        // Plain http only: TLS to upstreams is not compiled in (in a cluster, a mesh sidecar adds it).
+        if u.scheme() != "http" {
+            return Err(invalid(
+                "routes.upstream",
+                format!("`{u}`: only http:// upstreams are supported in this build (use a mesh sidecar for TLS)"),
+            ));
+        }
+        if u.host_str().is_none() || !u.username().is_empty() || u.password().is_some() {
+            return Err(invalid("routes.upstream", format!("`{u}` needs a host and no user info")));
+        }
+        if u.query().is_some() || u.fragment().is_some() || !u.path().ends_with('/') {
+            return Err(invalid(
+                "routes.upstream",
+                format!("`{u}`: no query or fragment, and the path must end in `/`"),
+            ));
+        }
+        if self.timeout.is_zero() || self.connect_timeout.is_zero() {
+            return Err(invalid("routes.timeout", "timeouts must be above zero"));
+        }
+        if self.max_body_bytes == 0 {
+            return Err(invalid("routes.max_body_bytes", "must be at least 1"));
+        }
+        Ok(())
     }
 }
 
@@ -544,6 +633,12 @@ impl Config {
         }
         if let Some(i) = &self.internal {
             i.validate(self)?;
+        }
+        for (n, route) in self.routes.iter().enumerate() {
+            route.validate()?;
+            if self.routes[..n].iter().any(|r| r.prefix == route.prefix) {
+                return Err(invalid("routes.prefix", format!("`{}` is listed twice", route.prefix)));
+            }
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| invalid("log.level", e.to_string()))?;
         Ok(())

@@ -37,6 +37,10 @@ pub enum ApiError {
     StoreUnavailable,
     #[error("the identity provider answered something unusable")]
     ProviderError,
+    #[error("the upstream service is unreachable or failed")]
+    BadGateway,
+    #[error("the upstream service did not answer in time")]
+    UpstreamTimeout,
     #[error("internal error")]
     Internal,
 }
@@ -55,6 +59,8 @@ impl ApiError {
             Self::ProviderUnavailable => "idp_unavailable",
             Self::StoreUnavailable => "store_unavailable",
             Self::ProviderError => "idp_error",
+            Self::BadGateway => "bad_gateway",
+            Self::UpstreamTimeout => "upstream_timeout",
             Self::Internal => "internal_error",
         }
     }
@@ -69,7 +75,8 @@ impl ApiError {
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
             Self::ProviderUnavailable | Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
-            Self::ProviderError => StatusCode::BAD_GATEWAY,
+            Self::ProviderError | Self::BadGateway => StatusCode::BAD_GATEWAY,
+            Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -16,6 +16,19 @@ impl Outcome {
     }
 }
 
+/// A proxied request: the route's prefix (from config, never the request path) and the outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteOutcome {
+    pub route: String,
+    pub outcome: String,
+}
+
+impl RouteOutcome {
+    pub fn new(route: &str, outcome: &str) -> Self {
+        Self { route: route.to_owned(), outcome: outcome.to_owned() }
+    }
+}
+
 #[derive(Default)]
 pub struct Metrics {
     pub sessions_created: Counter,
@@ -25,6 +38,8 @@ pub struct Metrics {
     pub logins: Family<Outcome, Counter>,
     /// Session exchanges on the internal listener, by outcome.
     pub exchanges: Family<Outcome, Counter>,
+    /// Requests through the API proxy, by route and outcome (`ok`, `4xx`, `5xx`, `upgraded`).
+    pub proxied: Family<RouteOutcome, Counter>,
 }
 
 impl Metrics {
@@ -39,5 +54,10 @@ impl Metrics {
         );
         registry.register("gatehouse_logins", "Login attempts by outcome", self.logins.clone());
         registry.register("gatehouse_exchanges", "Internal session exchanges by outcome", self.exchanges.clone());
+        registry.register(
+            "gatehouse_proxied_requests",
+            "API proxy requests by route and outcome",
+            self.proxied.clone(),
+        );
     }
 }

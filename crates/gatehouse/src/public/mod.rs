@@ -7,6 +7,7 @@ pub mod cookies;
 pub mod csrf;
 mod limits;
 mod login_state;
+mod proxy;
 pub mod return_to;
 
 use std::sync::Arc;
@@ -17,7 +18,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use tower_http::sensitive_headers::{SetSensitiveRequestHeadersLayer, SetSensitiveResponseHeadersLayer};
 use tower_http::services::ServeDir;
 use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer};
@@ -39,6 +40,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/readyz"),
     ("POST", "/auth/backchannel-logout"),
 ];
+// Plus `/api/{*rest}`, the proxy: configured routes, not fixed ones (its CSRF test uses `/api/anything`).
 
 /// Total size of request headers we accept (SECURITY 24).
 const MAX_HEADER_BYTES: usize = 16 * 1024;
@@ -48,6 +50,7 @@ pub struct PublicState {
     pub cookie: CookieSettings,
     pub origin: String,
     pub limits: LoginLimits,
+    pub proxy: proxy::Proxy,
 }
 
 pub fn router(core: Arc<Core>) -> Router {
@@ -59,6 +62,7 @@ pub fn router(core: Arc<Core>) -> Router {
             config.oidc.password_login_per_ip_per_minute,
             config.oidc.password_login_per_user_per_minute,
         ),
+        proxy: proxy::Proxy::new(config),
         core: core.clone(),
     });
     spawn_limit_cleanup(&state);
@@ -69,7 +73,9 @@ pub fn router(core: Arc<Core>) -> Router {
         .route("/auth/me", get(auth::me))
         .route("/auth/backchannel-logout", post(backchannel::backchannel_logout))
         .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz));
+        .route("/readyz", get(readyz))
+        // Everything under /api/ is the proxy's (a JSON 404 for unknown routes), never a static file.
+        .route("/api/{*rest}", any(proxy::handle));
     router = match &config.public.static_dir {
         Some(dir) => router.fallback_service(ServeDir::new(dir).fallback(get(not_found).post(not_found))),
         None => router.fallback(not_found),

@@ -6,5 +6,6 @@
 mod harness;
 mod internal;
 mod login;
+mod proxy;
 mod replicas;
 mod sessions;

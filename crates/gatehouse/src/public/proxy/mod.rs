@@ -1,0 +1,287 @@
+//! The API proxy: `/api/<route>/...` → an internal service, as the signed-in user (DESIGN §3).
+//! The session is resolved through the one exchange core; the upstream gets either the access
+//! token (`relay = "bearer"`) or the session id to exchange itself (`relay = "session"`), never the
+//! browser's cookie. Bodies, SSE and WebSocket upgrades stream through untouched.
+
+mod headers;
+pub mod path;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use http_body_util::{BodyExt, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use ipnet::IpNet;
+
+use super::{PublicState, cookies};
+use crate::config::{Config, Relay, RouteConfig};
+use crate::error::ApiError;
+use crate::metrics::RouteOutcome;
+use crate::session::SessionId;
+
+/// One configured route with its own connection pool.
+struct Route {
+    prefix: String,
+    /// `scheme://authority` of the upstream.
+    origin: String,
+    /// The upstream path that replaces the prefix (ends in `/`).
+    base_path: String,
+    relay: Relay,
+    timeout: Duration,
+    max_body_bytes: usize,
+    client: Client<HttpConnector, Body>,
+}
+
+pub struct Proxy {
+    /// Longest prefix first, so the most specific route wins.
+    routes: Vec<Route>,
+    origin: String,
+    forwarded_host: HeaderValue,
+    forwarded_proto: HeaderValue,
+    trusted_proxies: Vec<IpNet>,
+    our_cookies: Vec<String>,
+}
+
+impl Proxy {
+    pub fn new(config: &Config) -> Self {
+        let mut routes: Vec<Route> = config.routes.iter().map(Route::new).collect();
+        routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
+        let ext = &config.public.external_url;
+        let host = match ext.port() {
+            Some(p) => format!("{}:{p}", ext.host_str().unwrap_or_default()),
+            None => ext.host_str().unwrap_or_default().to_owned(),
+        };
+        let cookie = config.cookie();
+        Self {
+            routes,
+            origin: config.public_origin(),
+            forwarded_host: HeaderValue::from_str(&host).unwrap_or(HeaderValue::from_static("localhost")),
+            forwarded_proto: HeaderValue::from_static(if ext.scheme() == "https" { "https" } else { "http" }),
+            trusted_proxies: config.public.trusted_proxies.clone(),
+            our_cookies: vec![cookie.name, cookie.login_name],
+        }
+    }
+
+    fn route_for(&self, path: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| path.starts_with(&r.prefix))
+    }
+}
+
+impl Route {
+    fn new(c: &RouteConfig) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(c.connect_timeout));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(64)
+            .build(connector);
+        Self {
+            prefix: c.prefix.clone(),
+            origin: c.upstream.origin().ascii_serialization(),
+            base_path: c.upstream.path().to_owned(),
+            relay: c.relay,
+            timeout: c.timeout,
+            max_body_bytes: c.max_body_bytes,
+            client,
+        }
+    }
+}
+
+/// `ANY /api/...`: route, check, authenticate, forward.
+pub async fn handle(
+    State(st): State<Arc<PublicState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: Request,
+) -> Response {
+    let proxy = &st.proxy;
+    let Some(route) = proxy.route_for(req.uri().path()) else {
+        return ApiError::NotFound.into_response();
+    };
+    let outcome = match forward(&st, route, peer, req).await {
+        Ok(resp) => resp,
+        Err(e) => e.into_response(),
+    };
+    let class = match outcome.status().as_u16() {
+        101 => "upgraded",
+        s if s < 400 => "ok",
+        s if s < 500 => "4xx",
+        _ => "5xx",
+    };
+    st.core.metrics.proxied.get_or_create(&RouteOutcome::new(&route.prefix, class)).inc();
+    outcome
+}
+
+async fn forward(st: &PublicState, route: &Route, peer: SocketAddr, mut req: Request) -> Result<Response, ApiError> {
+    let proxy = &st.proxy;
+    let raw_path = req.uri().path();
+    if let Err(why) = path::check(raw_path) {
+        return Err(ApiError::bad_request("bad_path", format!("path refused: {why}")));
+    }
+    let h = req.headers();
+    // Fetch metadata: the API is for our own pages only. A same-site page on another origin
+    // (another port of localhost, a sibling subdomain) still gets the Lax cookie, so refuse it
+    // here rather than rely on CORS alone. Navigations (`none`) and non-browsers pass.
+    if let Some(site) = h.get("sec-fetch-site").map(HeaderValue::as_bytes)
+        && site != b"same-origin"
+        && site != b"none"
+    {
+        return Err(ApiError::Forbidden("cross_origin", "the API answers only pages of this origin".into()));
+    }
+    // CORS preflights are never granted; an upstream's CORS answer would open it to other origins.
+    if req.method() == Method::OPTIONS && h.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD) {
+        return Err(ApiError::Forbidden("cross_origin", "cross-origin requests are not allowed".into()));
+    }
+    let upgrade = headers::wants_upgrade(h);
+    // A WebSocket handshake is a GET, so the CSRF check lets it pass: check its Origin here
+    // (cross-site WebSocket hijacking). Browsers always send Origin on WebSocket handshakes.
+    if upgrade && h.get(header::ORIGIN).is_some_and(|o| o.as_bytes() != proxy.origin.as_bytes()) {
+        return Err(ApiError::Forbidden("cross_origin", "WebSocket from another origin".into()));
+    }
+    if let Some(len) = h.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        && len > route.max_body_bytes as u64
+    {
+        return Err(ApiError::PayloadTooLarge);
+    }
+
+    let id = cookies::read(h, &st.cookie.name).and_then(|v| SessionId::parse(&v)).ok_or(ApiError::Unauthenticated)?;
+    let resolved = st.core.exchange.resolve(&id, route.relay == Relay::Bearer).await?;
+
+    let rest = &raw_path[route.prefix.len()..];
+    let query = req.uri().query().map(|q| format!("?{q}")).unwrap_or_default();
+    let uri: Uri = format!("{}{}{rest}{query}", route.origin, route.base_path)
+        .parse()
+        .map_err(|_| ApiError::bad_request("bad_path", "path cannot be forwarded"))?;
+
+    let mut out = headers::for_upstream(req.headers(), upgrade);
+    let client_ip = super::limits::client_ip(peer, req.headers(), &proxy.trusted_proxies);
+    let xff = forwarded_for(req.headers(), peer, &proxy.trusted_proxies);
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        out.insert("x-forwarded-for", v);
+    }
+    out.insert("x-forwarded-proto", proxy.forwarded_proto.clone());
+    out.insert("x-forwarded-host", proxy.forwarded_host.clone());
+    if let Ok(v) = HeaderValue::from_str(route.prefix.trim_end_matches('/')) {
+        out.insert("x-forwarded-prefix", v);
+    }
+    match route.relay {
+        Relay::Bearer => {
+            let token = resolved.access_token.ok_or(ApiError::Internal)?;
+            let mut v = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| ApiError::Internal)?;
+            v.set_sensitive(true);
+            out.insert(header::AUTHORIZATION, v);
+        }
+        Relay::Session => {
+            let mut v = HeaderValue::from_str(id.expose()).map_err(|_| ApiError::Internal)?;
+            v.set_sensitive(true);
+            out.insert("x-gatehouse-session", v);
+        }
+    }
+
+    // Take the client's side of a possible upgrade before the request is consumed.
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (parts, body) = req.into_parts();
+    let body = Body::new(Limited::new(body, route.max_body_bytes).map_err(axum::Error::new));
+    let mut upstream_req =
+        axum::http::Request::builder().method(parts.method).uri(uri).version(axum::http::Version::HTTP_11);
+    if let Some(hm) = upstream_req.headers_mut() {
+        *hm = out;
+    }
+    let upstream_req = upstream_req.body(body).map_err(|_| ApiError::Internal)?;
+
+    let started = std::time::Instant::now();
+    let mut resp = match tokio::time::timeout(route.timeout, route.client.request(upstream_req)).await {
+        Err(_) => {
+            tracing::warn!(route = %route.prefix, %client_ip, "upstream did not answer in time");
+            return Err(ApiError::UpstreamTimeout);
+        }
+        Ok(Err(e)) => return Err(upstream_error(route, &e)),
+        Ok(Ok(resp)) => resp,
+    };
+    tracing::debug!(route = %route.prefix, status = resp.status().as_u16(), ms = started.elapsed().as_millis() as u64, "proxied");
+
+    let upgraded = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+    let our: Vec<&str> = proxy.our_cookies.iter().map(String::as_str).collect();
+    headers::for_browser(resp.headers_mut(), upgraded, &our);
+    if upgraded {
+        let Some(client_upgrade) = client_upgrade else {
+            // The upstream switched protocols nobody asked for.
+            return Err(ApiError::BadGateway);
+        };
+        let upstream_upgrade = hyper::upgrade::on(&mut resp);
+        let prefix = route.prefix.clone();
+        tokio::spawn(async move {
+            match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                Ok((client, upstream)) => {
+                    let (mut a, mut b) = (TokioIo::new(client), TokioIo::new(upstream));
+                    if let Err(e) = tokio::io::copy_bidirectional(&mut a, &mut b).await {
+                        tracing::debug!(route = %prefix, error = %e, "upgraded connection ended");
+                    }
+                }
+                Err(e) => tracing::info!(route = %prefix, error = %e, "upgrade failed"),
+            }
+        });
+    }
+    Ok(resp.map(Body::new))
+}
+
+/// `X-Forwarded-For` for the upstream: the chain from trusted proxies, plus our peer.
+fn forwarded_for(headers: &axum::http::HeaderMap, peer: SocketAddr, trusted: &[IpNet]) -> String {
+    let peer_ip = peer.ip();
+    if !trusted.iter().any(|n| n.contains(&peer_ip)) {
+        return peer_ip.to_string();
+    }
+    let chain: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|s| s.parse::<std::net::IpAddr>().is_ok())
+        .collect();
+    let mut out = chain.join(", ");
+    if !out.is_empty() {
+        out.push_str(", ");
+    }
+    out.push_str(&peer_ip.to_string());
+    out
+}
+
+/// Who is at fault: the body limit is the client's, anything else the upstream's.
+fn upstream_error(route: &Route, e: &hyper_util::client::legacy::Error) -> ApiError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return ApiError::PayloadTooLarge;
+        }
+        source = err.source();
+    }
+    if e.is_connect() {
+        tracing::warn!(route = %route.prefix, error = %e, "upstream unreachable");
+    } else {
+        tracing::warn!(route = %route.prefix, error = %e, "upstream request failed");
+    }
+    ApiError::BadGateway
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_for_trusts_only_configured_proxies() {
+        let mut h = axum::http::HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4, not-an-ip"));
+        let peer: SocketAddr = "10.0.0.7:5000".parse().unwrap();
+        assert_eq!(forwarded_for(&h, peer, &[]), "10.0.0.7", "untrusted peer: the header is dropped");
+        let trusted = vec!["10.0.0.0/8".parse().unwrap()];
+        assert_eq!(forwarded_for(&h, peer, &trusted), "1.2.3.4, 10.0.0.7");
+    }
+}
