@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
-# Run the Gatehouse demo: Keycloak (realm `gatehouse`) on http://localhost:8180 and Gatehouse
-# serving the demo page from web/ on http://localhost:8080.
+# Run the Gatehouse demo: Keycloak (realm `gatehouse`) on http://localhost:8180, Gatehouse serving
+# the web app from web/ on http://localhost:8080, and PocketBase (integrations/pocketbase) on
+# 127.0.0.1:8090 behind Gatehouse's /api/pb/ route, exchanging sessions over mutual TLS (:8443).
 #
 #   scripts/demo.sh [PATH-TO-GATEHOUSE-BINARY]
 #
 # The binary is $1, else $GATEHOUSE_BIN, else target/release/gatehouse (`make demo` builds it
 # and passes it). Everything the demo writes lives in .demo/ (git-ignored): the session
-# encryption key (created once), the client secret file, gatehouse.toml and the session store.
-# Ctrl-C (or TERM, or any exit) stops Gatehouse and the Keycloak `demo` instance.
+# encryption key (created once), the client secret file, gatehouse.toml, the session store, the
+# dev PKI and PocketBase's data. Ctrl-C (or TERM, or any exit) stops PocketBase, Gatehouse and
+# the Keycloak `demo` instance.
 #
-# Needs: curl, plus what scripts/keycloak.sh needs (a JDK >= 21, unzip, flock; mvn for the
-# first Keycloak download).
+# Needs: curl, Go (PocketBase is built on first use), plus what scripts/keycloak.sh needs (a
+# JDK >= 21, unzip, flock; mvn for the first Keycloak download).
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=scripts/lib/platform.sh
+source "$REPO_ROOT/scripts/lib/platform.sh"
 
 log() { echo "demo.sh: $*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -33,6 +37,7 @@ CONFIG="$DEMO_DIR/gatehouse.toml"
 KEY_FILE="$DEMO_DIR/session-key"
 SECRET_FILE="$DEMO_DIR/oidc-client-secret"
 PID_FILE="$DEMO_DIR/gatehouse.pid"
+PB_PID_FILE="$DEMO_DIR/pocketbase.pid"
 KC_NAME="demo"
 KC_PORT=8180
 PUBLIC_URL="http://localhost:8080"
@@ -78,17 +83,29 @@ rm -f "$PID_FILE"
 
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 port_in_use 8080 && die "port 8080 is in use by another process; the demo needs it (Keycloak only accepts http://localhost:8080/auth/callback)"
+if old="$(live_pid "$PB_PID_FILE" "serve --http 127.0.0.1:8090")" && [[ -n "$old" ]]; then
+    log "stopping the PocketBase left over by an earlier demo (pid $old)"
+    stop_pid "$old" PocketBase
+fi
+rm -f "$PB_PID_FILE"
 port_in_use 9090 && die "port 9090 (Gatehouse admin) is in use by another process"
+port_in_use 8443 && die "port 8443 (Gatehouse internal listener) is in use by another process"
+port_in_use 8090 && die "port 8090 (PocketBase) is in use by another process"
 
 # ---------------------------------------------------------------- stop everything on the way out
 
 GH_PID=""
+PB_PID=""
 CLEANED=0
 # shellcheck disable=SC2317 # invoked by the EXIT trap
 cleanup() {
     ((CLEANED)) && return 0
     CLEANED=1
     trap - INT TERM HUP
+    if [[ -n "$PB_PID" ]]; then
+        log "stopping PocketBase (pid $PB_PID) ..."
+        stop_pid "$PB_PID" PocketBase
+    fi
     if [[ -n "$GH_PID" ]] && kill -0 "$GH_PID" 2>/dev/null; then
         log "stopping Gatehouse (pid $GH_PID) ..."
         kill -TERM "$GH_PID" 2>/dev/null || true
@@ -103,7 +120,7 @@ cleanup() {
         fi
         wait "$GH_PID" 2>/dev/null || true
     fi
-    rm -f "$PID_FILE" "$SCRIPT_PID_FILE"
+    rm -f "$PID_FILE" "$PB_PID_FILE" "$SCRIPT_PID_FILE"
     log "stopping Keycloak instance '$KC_NAME' ..."
     scripts/keycloak.sh stop "$KC_NAME" || true
     log "demo stopped"
@@ -130,30 +147,13 @@ echo "$$" >"$SCRIPT_PID_FILE"
 )
 chmod 600 "$KEY_FILE" "$SECRET_FILE"
 
-cat >"$CONFIG" <<EOF
-# Written by scripts/demo.sh on every run; edit the script, not this file.
-# Relative paths are resolved from the repository root (the script runs from there).
-# Reference: docs/configuration.md
-
-[public]
-listen = "127.0.0.1:8080"
-external_url = "$PUBLIC_URL"
-static_dir = "web"
-
-[oidc]
-issuer = "$ISSUER"
-client_id = "gatehouse"
-client_secret_file = "$SECRET_FILE"
-password_login = true
-
-[session]
-path = "$DEMO_DIR/sessions.redb"
-encryption_key_file = "$KEY_FILE"
-
-[admin]
-listen = "$ADMIN_ADDR"
-EOF
-chmod 600 "$CONFIG"
+PUBLIC_PORT=8080 ADMIN_PORT=9090 INTERNAL_PORT=8443 PB_PORT=8090
+PKI_DIR="$DEMO_DIR/pki" STORE_PATH="$DEMO_DIR/sessions.redb" STATIC_DIR="web"
+mkdir -p "$PKI_DIR"
+platform_pki "$BIN" "$PKI_DIR"
+platform_config "$CONFIG"
+# PocketBase is built (incrementally) before anything starts, so a build error stops nothing.
+PB_BIN="$(scripts/pocketbase.sh build)"
 
 "${GH_ENV[@]}" "$BIN" check-config --config "$CONFIG" || die "the generated $CONFIG is invalid (see above)"
 
@@ -177,6 +177,13 @@ until curl -fsS -o /dev/null --max-time 2 "$PUBLIC_URL/readyz" 2>/dev/null; do
     sleep 0.5
 done
 
+log "starting PocketBase: $PB_BIN serve --http 127.0.0.1:$PB_PORT (data in $DEMO_DIR/pb_data)"
+platform_pocketbase_env
+"${PB_ENV[@]}" "$PB_BIN" serve --http "127.0.0.1:$PB_PORT" --dir "$DEMO_DIR/pb_data" &
+PB_PID=$!
+echo "$PB_PID" >"$PB_PID_FILE"
+wait_http "http://127.0.0.1:$PB_PORT/api/health" "$PB_PID" "$READY_TIMEOUT" PocketBase || { PB_PID=""; exit 1; }
+
 cat >&2 <<EOF
 
   ================================================================
@@ -187,20 +194,21 @@ cat >&2 <<EOF
                     bob   / bob-password    (realm role user)
    Keycloak admin   http://localhost:$KC_PORT  (admin / admin)
    Metrics          http://$ADMIN_ADDR/metrics
+   PocketBase       127.0.0.1:$PB_PORT, reached by the app through $PUBLIC_URL/api/pb/
+                    (it exchanges session ids at https://127.0.0.1:$INTERNAL_PORT over mTLS)
 
    Password login without a browser:
      curl -i -X POST $PUBLIC_URL/auth/login -H 'X-CSRF: 1' \\
        -H 'Origin: $PUBLIC_URL' -H 'content-type: application/json' \\
        -d '{"username":"alice","password":"alice-password"}'
 
-   Press Ctrl-C to stop Gatehouse and Keycloak.
+   Press Ctrl-C to stop PocketBase, Gatehouse and Keycloak.
   ================================================================
 
 EOF
 
-# Wait for Gatehouse; a signal interrupts the wait and the traps stop everything.
+# Wait for either; a signal interrupts the wait and the traps stop everything.
 status=0
-wait "$GH_PID" || status=$?
-GH_PID=""
-log "Gatehouse exited (status $status)"
+wait -n "$GH_PID" "$PB_PID" || status=$?
+log "Gatehouse or PocketBase exited (status $status); stopping the demo"
 exit "$status"

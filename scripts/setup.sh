@@ -11,6 +11,8 @@ command -v mvn >/dev/null || need+=(maven)
 command -v wrk >/dev/null || need+=(wrk)
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v redis-sentinel >/dev/null || need+=(redis-sentinel)
+# Headless Chromium for the browser tests (playwright-core drives it; it cannot download browsers here).
+[ -x /usr/bin/chromium ] || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
@@ -18,3 +20,6 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 command -v cargo >/dev/null || { echo "setup: cargo (Rust) is required: https://rustup.rs" >&2; exit 1; }
+# Go builds PocketBase (integrations/pocketbase); Node.js runs the browser tests. Both come with the machine.
+command -v go >/dev/null || [ -x /usr/local/go/bin/go ] || { echo "setup: Go is required for integrations/pocketbase" >&2; exit 1; }
+command -v node >/dev/null && command -v npm >/dev/null || { echo "setup: Node.js and npm are required for the browser tests" >&2; exit 1; }

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The full suite: start a real Keycloak (test instance), run unit and integration tests, stop it.
+# The full suite: start a real Keycloak (test instance), run the Rust unit and integration tests,
+# PocketBase's Go tests, and the browser tests of the whole platform; stop Keycloak.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 port="${KEYCLOAK_TEST_PORT:-18180}"
@@ -14,3 +15,7 @@ scripts/keycloak.sh start test "$port"
 cargo test --locked --workspace --no-run
 # Integration binaries run one after another; the outage suite stops and restarts Keycloak.
 cargo test --locked --workspace
+
+# PocketBase's Gatehouse middleware (Go), then the whole platform in headless Chromium.
+scripts/pocketbase.sh test
+scripts/e2e.sh
