@@ -869,6 +869,41 @@ mod tests {
     }
 
     #[test]
+    fn routes_are_validated() {
+        Jail::expect_with(|jail| {
+            let route = |prefix: &str, upstream: &str| {
+                format!(
+                    "{MINIMAL}\n[[routes]]\nprefix = \"{prefix}\"\nupstream = \"{upstream}\"\nrelay = \"session\"\n"
+                )
+            };
+            let c = load(jail, &route("/api/pb/", "http://127.0.0.1:8090/")).expect("valid");
+            assert_eq!(c.routes[0].relay, Relay::Session);
+            assert_eq!(c.routes[0].timeout, Duration::from_secs(60));
+            for (prefix, upstream, key) in [
+                ("/pb/", "http://127.0.0.1:8090/", "routes.prefix"),
+                ("/api/pb", "http://127.0.0.1:8090/", "routes.prefix"),
+                ("/api/", "http://127.0.0.1:8090/", "routes.prefix"),
+                ("/api/../auth/", "http://127.0.0.1:8090/", "routes.prefix"),
+                ("/api//pb/", "http://127.0.0.1:8090/", "routes.prefix"),
+                ("/api/p%62/", "http://127.0.0.1:8090/", "routes.prefix"),
+                ("/api/pb/", "https://127.0.0.1:8090/", "routes.upstream"),
+                ("/api/pb/", "http://127.0.0.1:8090/x", "routes.upstream"),
+                ("/api/pb/", "http://u:p@127.0.0.1:8090/", "routes.upstream"),
+                ("/api/pb/", "http://127.0.0.1:8090/?q=1", "routes.upstream"),
+            ] {
+                let err = load(jail, &route(prefix, upstream)).unwrap_err().to_string();
+                assert!(err.contains(key), "{prefix} {upstream}: expected `{key}` in: {err}");
+            }
+            let twice =
+                format!("{}{}", route("/api/pb/", "http://a/"), route("/api/pb/", "http://b/").replace(MINIMAL, ""));
+            assert!(load(jail, &twice).unwrap_err().to_string().contains("listed twice"));
+            let unknown = route("/api/pb/", "http://a/").replace("relay = \"session\"", "relay = \"cookie\"");
+            assert!(load(jail, &unknown).is_err(), "unknown relay");
+            Ok(())
+        });
+    }
+
+    #[test]
     fn insecure_http_drops_prefix_and_secure() {
         Jail::expect_with(|jail| {
             let text = MINIMAL
