@@ -188,6 +188,10 @@ pub struct SessionConfig {
     /// The master name Sentinel monitors (with `redis_sentinels`).
     #[serde(default)]
     pub redis_master_name: Option<String>,
+    /// File holding the password the master and replicas require (`requirepass`), with `redis_sentinels`.
+    /// (With `redis_url`, put credentials in the URL: `redis://:password@host:6379`.)
+    #[serde(default)]
+    pub redis_master_password_file: Option<PathBuf>,
     /// Timeout of every Redis call.
     #[serde(default = "defaults::redis_timeout", deserialize_with = "de_duration")]
     pub redis_timeout: Duration,
@@ -225,6 +229,7 @@ impl Default for SessionConfig {
             redis_url: None,
             redis_sentinels: Vec::new(),
             redis_master_name: None,
+            redis_master_password_file: None,
             redis_timeout: defaults::redis_timeout(),
             idle_timeout: defaults::idle_timeout(),
             absolute_timeout: defaults::absolute_timeout(),

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::registry::Registry;
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -127,9 +127,14 @@ impl Core {
             StoreKind::Embedded => Arc::new(EmbeddedStore::open(&config.session.path)?),
             StoreKind::Redis => match &config.session.redis_master_name {
                 Some(master) if !config.session.redis_sentinels.is_empty() => {
+                    let password = match &config.session.redis_master_password_file {
+                        Some(path) => Some(read_secret_file("session.redis_master_password_file", path)?),
+                        None => None,
+                    };
                     Arc::new(session::redis::RedisStore::open_sentinel(
                         &config.session.redis_sentinels,
                         master,
+                        password.as_ref().map(|p| p.expose_secret()),
                         config.session.redis_timeout,
                     )?)
                 }

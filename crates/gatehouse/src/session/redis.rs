@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::aio::{ConnectionLike, ConnectionManager, MultiplexedConnection};
-use redis::sentinel::{SentinelClient, SentinelServerType};
+use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 use redis::{AsyncCommands, Cmd, Pipeline, RedisFuture, Script, Value};
 
 use super::{RefreshGuard, SessionKey, SessionRecord, SessionStore, StoreError, key_hex};
@@ -120,9 +120,19 @@ impl RedisStore {
         Ok(Self::with_backend(Backend::Direct(conn), timeout))
     }
 
-    /// Through Redis Sentinel: `sentinels` are the Sentinel nodes, `master` the monitored name.
-    pub fn open_sentinel(sentinels: &[String], master: &str, timeout: Duration) -> Result<Self, StoreError> {
-        let client = SentinelClient::build(sentinels.to_vec(), master.to_string(), None, SentinelServerType::Master)
+    /// Through Redis Sentinel: `sentinels` are the Sentinel nodes (their own credentials in their
+    /// URLs), `master` the monitored name, `master_password` what the master requires (`requirepass`).
+    pub fn open_sentinel(
+        sentinels: &[String],
+        master: &str,
+        master_password: Option<&str>,
+        timeout: Duration,
+    ) -> Result<Self, StoreError> {
+        let node = master_password.map(|pw| {
+            SentinelNodeConnectionInfo::default()
+                .set_redis_connection_info(redis::RedisConnectionInfo::default().set_password(pw))
+        });
+        let client = SentinelClient::build(sentinels.to_vec(), master.to_string(), node, SentinelServerType::Master)
             .map_err(|e| StoreError::Unavailable(format!("invalid sentinel configuration: {e}")))?;
         Ok(Self::with_backend(
             Backend::Sentinel(Box::new(SentinelBackend {
