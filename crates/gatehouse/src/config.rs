@@ -188,6 +188,9 @@ pub struct SessionConfig {
     /// The master name Sentinel monitors (with `redis_sentinels`).
     #[serde(default)]
     pub redis_master_name: Option<String>,
+    /// Redis Cluster seed nodes (`redis://host:6379`, a few masters), instead of `redis_url`.
+    #[serde(default)]
+    pub redis_cluster_nodes: Vec<String>,
     /// File holding the password the master and replicas require (`requirepass`), with `redis_sentinels`.
     /// (With `redis_url`, put credentials in the URL: `redis://:password@host:6379`.)
     #[serde(default)]
@@ -230,6 +233,7 @@ impl Default for SessionConfig {
             redis_sentinels: Vec::new(),
             redis_master_name: None,
             redis_master_password_file: None,
+            redis_cluster_nodes: Vec::new(),
             redis_timeout: defaults::redis_timeout(),
             idle_timeout: defaults::idle_timeout(),
             absolute_timeout: defaults::absolute_timeout(),
@@ -586,34 +590,38 @@ impl Config {
         if s.store == StoreKind::Redis {
             // TLS to Redis (rediss://) is not compiled in: refuse it rather than fail at start-up.
             let url_ok = |u: &str| ["redis://", "redis+unix://", "unix://"].iter().any(|p| u.starts_with(p));
-            match (&s.redis_url, s.redis_sentinels.is_empty(), &s.redis_master_name) {
-                (Some(_), false, _) => {
-                    return Err(invalid(
-                        "session.redis_sentinels",
-                        "set either redis_url or redis_sentinels, not both",
-                    ));
-                }
-                (Some(u), true, _) if !url_ok(u) => {
+            let modes = [s.redis_url.is_some(), !s.redis_sentinels.is_empty(), !s.redis_cluster_nodes.is_empty()];
+            match modes.iter().filter(|m| **m).count() {
+                0 => {
                     return Err(invalid(
                         "session.redis_url",
-                        "must be a redis:// or unix:// URL (TLS to Redis is not supported in this build; use a TLS sidecar)",
+                        "required when session.store = \"redis\" (or redis_sentinels, or redis_cluster_nodes)",
                     ));
                 }
-                (Some(_), true, _) => {}
-                (None, false, None) => {
-                    return Err(invalid("session.redis_master_name", "required with redis_sentinels"));
-                }
-                (None, false, Some(_)) => {
-                    if let Some(bad) = s.redis_sentinels.iter().find(|u| !url_ok(u)) {
-                        return Err(invalid("session.redis_sentinels", format!("`{bad}` is not a redis:// URL")));
-                    }
-                }
-                (None, true, _) => {
+                1 => {}
+                _ => {
                     return Err(invalid(
                         "session.redis_url",
-                        "required when session.store = \"redis\" (or use redis_sentinels)",
+                        "set exactly one of redis_url, redis_sentinels and redis_cluster_nodes",
                     ));
                 }
+            }
+            if let Some(u) = &s.redis_url
+                && !url_ok(u)
+            {
+                return Err(invalid(
+                    "session.redis_url",
+                    "must be a redis:// or unix:// URL (TLS to Redis is not supported in this build; use a TLS sidecar)",
+                ));
+            }
+            if !s.redis_sentinels.is_empty() && s.redis_master_name.is_none() {
+                return Err(invalid("session.redis_master_name", "required with redis_sentinels"));
+            }
+            if let Some(bad) = s.redis_sentinels.iter().find(|u| !url_ok(u)) {
+                return Err(invalid("session.redis_sentinels", format!("`{bad}` is not a redis:// URL")));
+            }
+            if let Some(bad) = s.redis_cluster_nodes.iter().find(|u| !u.starts_with("redis://")) {
+                return Err(invalid("session.redis_cluster_nodes", format!("`{bad}` is not a redis:// URL")));
             }
         }
         if !s.cookie_name.starts_with("__Host-") {

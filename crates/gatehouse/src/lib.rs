@@ -138,6 +138,12 @@ impl Core {
                         config.session.redis_timeout,
                     )?)
                 }
+                _ if !config.session.redis_cluster_nodes.is_empty() => {
+                    Arc::new(session::redis::RedisStore::open_cluster(
+                        &config.session.redis_cluster_nodes,
+                        config.session.redis_timeout,
+                    )?)
+                }
                 _ => Arc::new(session::redis::RedisStore::open(
                     config.session.redis_url.as_deref().unwrap_or_default(),
                     config.session.redis_timeout,

@@ -1,5 +1,6 @@
-//! The Redis/Valkey store, for many replicas. Every key carries a hash tag of its own (`{…}`) so
-//! each Lua script touches one slot, and a TTL so Redis expires sessions by itself. Index sets
+//! The Redis/Valkey store, for many replicas: one server, Sentinel, or Cluster. Every key carries
+//! a hash tag of its own (`{…}`) and every script and pipeline touches one key, so all of it works
+//! on a Cluster; keys have a TTL so Redis expires sessions by itself. Index sets
 //! (by user, by Keycloak `sid`) are cleaned lazily and by the sweeper. Every call runs under a
 //! timeout: a slow or dead Redis becomes a clean `StoreError::Unavailable`, never a hang.
 
@@ -7,6 +8,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::aio::{ConnectionLike, ConnectionManager, MultiplexedConnection};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 use redis::{AsyncCommands, Cmd, Pipeline, RedisFuture, Script, Value};
 
@@ -25,6 +29,13 @@ const LOCK_WAIT: Duration = Duration::from_secs(20);
 enum Backend {
     Direct(ConnectionManager),
     Sentinel(Box<SentinelBackend>),
+    /// The cluster connection follows slot moves and failovers by itself; made on first use.
+    Cluster(Box<ClusterBackend>),
+}
+
+struct ClusterBackend {
+    client: ClusterClient,
+    current: tokio::sync::Mutex<Option<ClusterConnection>>,
 }
 
 struct SentinelBackend {
@@ -37,6 +48,7 @@ struct SentinelBackend {
 enum Conn {
     Manager(ConnectionManager),
     Multiplexed(MultiplexedConnection),
+    Cluster(ClusterConnection),
 }
 
 impl ConnectionLike for Conn {
@@ -44,6 +56,7 @@ impl ConnectionLike for Conn {
         match self {
             Self::Manager(c) => c.req_packed_command(cmd),
             Self::Multiplexed(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => c.req_packed_command(cmd),
         }
     }
     fn req_packed_commands<'a>(
@@ -55,12 +68,14 @@ impl ConnectionLike for Conn {
         match self {
             Self::Manager(c) => c.req_packed_commands(cmd, offset, count),
             Self::Multiplexed(c) => c.req_packed_commands(cmd, offset, count),
+            Self::Cluster(c) => c.req_packed_commands(cmd, offset, count),
         }
     }
     fn get_db(&self) -> i64 {
         match self {
             Self::Manager(c) => c.get_db(),
             Self::Multiplexed(c) => c.get_db(),
+            Self::Cluster(c) => c.get_db(),
         }
     }
 }
@@ -143,6 +158,19 @@ impl RedisStore {
         ))
     }
 
+    /// A Redis Cluster: `nodes` are seed nodes (any few masters); the topology is discovered.
+    pub fn open_cluster(nodes: &[String], timeout: Duration) -> Result<Self, StoreError> {
+        let client = ClusterClient::builder(nodes.to_vec())
+            .connection_timeout(timeout)
+            .response_timeout(timeout)
+            .build()
+            .map_err(|e| StoreError::Unavailable(format!("invalid cluster configuration: {e}")))?;
+        Ok(Self::with_backend(
+            Backend::Cluster(Box::new(ClusterBackend { client, current: tokio::sync::Mutex::new(None) })),
+            timeout,
+        ))
+    }
+
     fn with_backend(backend: Backend, timeout: Duration) -> Self {
         Self {
             backend,
@@ -177,6 +205,15 @@ impl RedisStore {
                 let c = self.run_raw(client.get_async_connection()).await?;
                 *current.lock().unwrap_or_else(|p| p.into_inner()) = Some(c.clone());
                 Ok(Conn::Multiplexed(c))
+            }
+            Backend::Cluster(cb) => {
+                let mut current = cb.current.lock().await;
+                if let Some(c) = current.as_ref() {
+                    return Ok(Conn::Cluster(c.clone()));
+                }
+                let c = self.run_raw(cb.client.get_async_connection()).await?;
+                *current = Some(c.clone());
+                Ok(Conn::Cluster(c))
             }
         }
     }
@@ -217,30 +254,33 @@ impl RedisStore {
         }
     }
 
+    /// Index sets of a record: by user, and by Keycloak session when it has one.
+    fn index_sets(r: &SessionRecord) -> Vec<String> {
+        let mut sets = vec![user_key(&r.claims.user_key())];
+        sets.extend(r.provider_sid.as_deref().map(sid_key));
+        sets
+    }
+
     async fn index(&self, hex: &str, r: &SessionRecord) -> Result<(), StoreError> {
         let mut c = self.conn().await?;
         let until = r.absolute_expires_at;
-        let mut p = redis::pipe();
-        let uk = user_key(&r.claims.user_key());
-        p.sadd(&uk, hex).ignore().cmd("EXPIREAT").arg(&uk).arg(until).arg("GT").ignore();
-        // EXPIREAT … GT does not set a TTL on a key that has none: set one for new sets.
-        p.cmd("EXPIREAT").arg(&uk).arg(until).arg("NX").ignore();
-        if let Some(sid) = &r.provider_sid {
-            let sk = sid_key(sid);
-            p.sadd(&sk, hex).ignore().cmd("EXPIREAT").arg(&sk).arg(until).arg("GT").ignore();
-            p.cmd("EXPIREAT").arg(&sk).arg(until).arg("NX").ignore();
+        // One pipeline per set: each set is its own slot on a cluster.
+        for set in Self::index_sets(r) {
+            let mut p = redis::pipe();
+            p.sadd(&set, hex).ignore().cmd("EXPIREAT").arg(&set).arg(until).arg("GT").ignore();
+            // EXPIREAT … GT does not set a TTL on a key that has none: set one for new sets.
+            p.cmd("EXPIREAT").arg(&set).arg(until).arg("NX").ignore();
+            self.run(p.query_async::<()>(&mut c)).await?;
         }
-        self.run(p.query_async::<()>(&mut c)).await
+        Ok(())
     }
 
     async fn unindex(&self, hex: &str, r: &SessionRecord) -> Result<(), StoreError> {
         let mut c = self.conn().await?;
-        let mut p = redis::pipe();
-        p.srem(user_key(&r.claims.user_key()), hex).ignore();
-        if let Some(sid) = &r.provider_sid {
-            p.srem(sid_key(sid), hex).ignore();
+        for set in Self::index_sets(r) {
+            let _: () = self.run(c.srem(set, hex)).await?;
         }
-        self.run(p.query_async::<()>(&mut c)).await
+        Ok(())
     }
 
     async fn take_hex(&self, hex: &str) -> Result<Option<SessionRecord>, StoreError> {
@@ -269,14 +309,40 @@ impl RedisStore {
         Ok(out)
     }
 
+    /// Key names matching `pattern`; on a cluster, from every master (SCAN is per node).
     async fn scan(&self, pattern: &str) -> Result<Vec<String>, StoreError> {
         let mut c = self.conn().await?;
+        let Conn::Cluster(cluster) = &mut c else {
+            return self.scan_node(&mut c, None, pattern).await;
+        };
+        let mut cluster = cluster.clone();
+        let nodes: String = self.run(redis::cmd("CLUSTER").arg("NODES").query_async(&mut cluster)).await?;
+        let mut out = Vec::new();
+        for (host, port) in cluster_masters(&nodes) {
+            let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port });
+            out.extend(self.scan_node(&mut c, Some(route), pattern).await?);
+        }
+        Ok(out)
+    }
+
+    async fn scan_node(
+        &self,
+        c: &mut Conn,
+        node: Option<RoutingInfo>,
+        pattern: &str,
+    ) -> Result<Vec<String>, StoreError> {
         let mut cursor: u64 = 0;
         let mut out = Vec::new();
         loop {
-            let (next, batch): (u64, Vec<String>) = self
-                .run(redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(500).query_async(&mut c))
-                .await?;
+            let mut cmd = redis::cmd("SCAN");
+            cmd.arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(500);
+            let (next, batch): (u64, Vec<String>) = match (&node, &mut *c) {
+                (Some(route), Conn::Cluster(cluster)) => {
+                    let v = self.run(cluster.route_command(cmd, route.clone())).await?;
+                    redis::from_redis_value(v).map_err(unavailable)?
+                }
+                _ => self.run(cmd.query_async(c)).await?,
+            };
             out.extend(batch);
             if next == 0 {
                 return Ok(out);
@@ -296,6 +362,25 @@ impl RedisStore {
         let _: () = self.run(c.del(set)).await?;
         Ok(out)
     }
+}
+
+/// `(host, port)` of every master that is up, from `CLUSTER NODES` output
+/// (`<id> <host:port@cport[,hostname]> <flags> <master-id> ...`).
+fn cluster_masters(nodes: &str) -> Vec<(String, u16)> {
+    nodes
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let (_id, addr, flags) = (fields.next()?, fields.next()?, fields.next()?);
+            let flags: Vec<&str> = flags.split(',').collect();
+            if !flags.contains(&"master") || flags.iter().any(|f| f.starts_with("fail") || *f == "noaddr") {
+                return None;
+            }
+            let hostport = addr.split(['@', ',']).next()?;
+            let (host, port) = hostport.rsplit_once(':')?;
+            Some((host.trim_matches(['[', ']']).to_owned(), port.parse().ok()?))
+        })
+        .collect()
 }
 
 /// Releases the lock (compare-and-delete) and stops renewing it when dropped.
@@ -542,5 +627,100 @@ mod tests {
         let started = std::time::Instant::now();
         assert!(matches!(store.get(&key).await, Err(StoreError::Unavailable(_))));
         assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    /// The same contract on a three-master Redis Cluster: keys spread over slots on different
+    /// nodes, so cross-slot pipelines or a single-node SCAN would fail it.
+    #[tokio::test]
+    async fn cluster_conformance() {
+        let dir = tempfile::tempdir().unwrap();
+        let ports: Vec<u16> =
+            (0..3).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()).collect();
+        /// Kills the nodes even when an assertion fails.
+        struct Nodes(Vec<std::process::Child>);
+        impl Drop for Nodes {
+            fn drop(&mut self) {
+                for c in &mut self.0 {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+            }
+        }
+        let mut children = Nodes(Vec::new());
+        for port in &ports {
+            let d = dir.path().join(port.to_string());
+            std::fs::create_dir_all(&d).unwrap();
+            children.0.push(
+                std::process::Command::new("redis-server")
+                    .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                    .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
+                    .arg("--dir")
+                    .arg(&d)
+                    .stdout(std::process::Stdio::null())
+                    .spawn()
+                    .expect("redis-server must be installed (scripts/setup.sh)"),
+            );
+        }
+        for port in &ports {
+            for _ in 0..100 {
+                if std::net::TcpStream::connect(("127.0.0.1", *port)).is_ok() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let created = std::process::Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(ports.iter().map(|p| format!("127.0.0.1:{p}")))
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .unwrap();
+        assert!(created.status.success(), "cluster create: {}", String::from_utf8_lossy(&created.stdout));
+        let mut ok = false;
+        for _ in 0..100 {
+            let info = std::process::Command::new("redis-cli")
+                .args(["-p", &ports[0].to_string(), "cluster", "info"])
+                .output()
+                .unwrap();
+            if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+                ok = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(ok, "cluster became ok");
+        let store =
+            RedisStore::open_cluster(&[format!("redis://127.0.0.1:{}", ports[0])], Duration::from_secs(2)).unwrap();
+        super::super::conformance::run(&store).await;
+
+        // Sessions land on more than one node, and listing still finds them all.
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+        for n in 0..12 {
+            let key = crate::session::SessionId::generate().unwrap().key();
+            store.insert(&key, &super::super::conformance::record("spread", &format!("kc-{n}"), now)).await.unwrap();
+        }
+        let nodes_with_sessions = ports
+            .iter()
+            .filter(|p| {
+                let out = std::process::Command::new("redis-cli")
+                    .args(["-p", &p.to_string(), "--scan", "--pattern", "gatehouse:s:*"])
+                    .output()
+                    .unwrap();
+                !String::from_utf8_lossy(&out.stdout).trim().is_empty()
+            })
+            .count();
+        assert!(nodes_with_sessions >= 2, "sessions spread over the cluster: {nodes_with_sessions} node(s)");
+        assert_eq!(
+            store
+                .list_by_user(&super::super::conformance::record("spread", "x", 0).claims.user_key())
+                .await
+                .unwrap()
+                .len(),
+            12
+        );
+        let all = store.delete_all().await.unwrap();
+        assert_eq!(all.len(), 12, "delete_all reaches every node");
+        drop(children);
     }
 }
