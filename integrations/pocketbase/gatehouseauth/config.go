@@ -1,0 +1,222 @@
+package gatehouseauth
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"net"
+	"net/url"
+	"os"
+	"strings"
+	"time"
+)
+
+// Environment variable names read by [ConfigFromEnv].
+const (
+	EnvExchangeURL = "GATEHOUSE_EXCHANGE_URL"
+	EnvClientCert  = "GATEHOUSE_CLIENT_CERT"
+	EnvClientKey   = "GATEHOUSE_CLIENT_KEY"
+	EnvCA          = "GATEHOUSE_CA"
+	EnvServerName  = "GATEHOUSE_SERVER_NAME"
+	EnvIssuer      = "GATEHOUSE_ISSUER"
+	EnvJWKSURL     = "GATEHOUSE_JWKS_URL"
+	EnvTimeout     = "GATEHOUSE_TIMEOUT"
+	EnvCacheMaxAge = "GATEHOUSE_CACHE_MAX_AGE"
+)
+
+// Defaults.
+const (
+	DefaultExchangeURL     = "https://127.0.0.1:8443/internal/v1/session/exchange"
+	DefaultTimeout         = 5 * time.Second
+	DefaultCacheMaxAge     = 60 * time.Second
+	DefaultCacheMaxEntries = 10000
+	DefaultJWKSMinRefresh  = 30 * time.Second
+	DefaultJWKSMaxAge      = 10 * time.Minute
+	DefaultLeeway          = 10 * time.Second
+
+	// MaxCacheMaxAge bounds how long a logout at Gatehouse can go unnoticed here.
+	MaxCacheMaxAge = 60 * time.Second
+)
+
+// Config configures the integration. Zero durations and sizes take the defaults above.
+type Config struct {
+	// ExchangeURL is Gatehouse's internal session exchange endpoint (https only).
+	ExchangeURL string
+	// ClientCertFile and ClientKeyFile are this service's mTLS identity (PEM).
+	ClientCertFile string
+	ClientKeyFile  string
+	// CAFile is the CA bundle that Gatehouse's server certificate must chain to (PEM). It is the
+	// only trust anchor for the exchange: the system roots are not used.
+	CAFile string
+	// ServerName overrides the name checked in Gatehouse's certificate (default: URL host).
+	ServerName string
+
+	// Issuer is the Keycloak issuer every access token must carry in `iss`.
+	Issuer string
+	// JWKSURL defaults to Issuer + "/protocol/openid-connect/certs".
+	JWKSURL string
+
+	// Timeout bounds one call to Gatehouse or to the JWKS endpoint.
+	Timeout time.Duration
+	// CacheMaxAge is the longest an exchange result is reused (at most [MaxCacheMaxAge]).
+	CacheMaxAge time.Duration
+	// CacheMaxEntries bounds the memory the cache can take.
+	CacheMaxEntries int
+	// JWKSMinRefresh rate-limits refetching the key set when a token names an unknown key id.
+	JWKSMinRefresh time.Duration
+	// JWKSMaxAge is how long a fetched key set is used before it is refetched (so that a key
+	// removed in Keycloak stops being accepted).
+	JWKSMaxAge time.Duration
+	// Leeway is the clock skew tolerated when checking the token's exp/nbf/iat.
+	Leeway time.Duration
+
+	// UsersCollection is the auth collection that holds Gatehouse users (default "users").
+	UsersCollection string
+}
+
+// ConfigFromEnv reads the configuration from the GATEHOUSE_* environment variables.
+func ConfigFromEnv() (Config, error) {
+	c := Config{
+		ExchangeURL:    strings.TrimSpace(os.Getenv(EnvExchangeURL)),
+		ClientCertFile: strings.TrimSpace(os.Getenv(EnvClientCert)),
+		ClientKeyFile:  strings.TrimSpace(os.Getenv(EnvClientKey)),
+		CAFile:         strings.TrimSpace(os.Getenv(EnvCA)),
+		ServerName:     strings.TrimSpace(os.Getenv(EnvServerName)),
+		Issuer:         strings.TrimSpace(os.Getenv(EnvIssuer)),
+		JWKSURL:        strings.TrimSpace(os.Getenv(EnvJWKSURL)),
+	}
+	var errs []error
+	for _, d := range []struct {
+		env string
+		dst *time.Duration
+	}{{EnvTimeout, &c.Timeout}, {EnvCacheMaxAge, &c.CacheMaxAge}} {
+		raw := strings.TrimSpace(os.Getenv(d.env))
+		if raw == "" {
+			continue
+		}
+		v, err := time.ParseDuration(raw)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s: %q is not a duration like 5s", d.env, raw))
+			continue
+		}
+		*d.dst = v
+	}
+	if len(errs) > 0 {
+		return c, errors.Join(errs...)
+	}
+	return c, nil
+}
+
+// withDefaults fills unset fields and checks everything that can be checked without I/O. All
+// problems are reported at once so an operator can fix the configuration in one go.
+func (c Config) withDefaults() (Config, error) {
+	if c.ExchangeURL == "" {
+		c.ExchangeURL = DefaultExchangeURL
+	}
+	if c.Timeout == 0 {
+		c.Timeout = DefaultTimeout
+	}
+	if c.CacheMaxAge == 0 {
+		c.CacheMaxAge = DefaultCacheMaxAge
+	}
+	if c.CacheMaxEntries == 0 {
+		c.CacheMaxEntries = DefaultCacheMaxEntries
+	}
+	if c.JWKSMinRefresh == 0 {
+		c.JWKSMinRefresh = DefaultJWKSMinRefresh
+	}
+	if c.JWKSMaxAge == 0 {
+		c.JWKSMaxAge = DefaultJWKSMaxAge
+	}
+	if c.Leeway == 0 {
+		c.Leeway = DefaultLeeway
+	}
+	if c.UsersCollection == "" {
+		c.UsersCollection = "users"
+	}
+	c.Issuer = strings.TrimRight(c.Issuer, "/")
+	if c.JWKSURL == "" && c.Issuer != "" {
+		c.JWKSURL = c.Issuer + "/protocol/openid-connect/certs"
+	}
+
+	var errs []error
+	if u, err := url.Parse(c.ExchangeURL); err != nil || u.Scheme != "https" || u.Host == "" {
+		// Plain http would send session ids and tokens in the clear and skip mTLS entirely.
+		errs = append(errs, fmt.Errorf("%s must be an https:// URL, got %q", EnvExchangeURL, c.ExchangeURL))
+	}
+	if c.ClientCertFile == "" {
+		errs = append(errs, fmt.Errorf("%s is required (client certificate for mTLS, PEM)", EnvClientCert))
+	}
+	if c.ClientKeyFile == "" {
+		errs = append(errs, fmt.Errorf("%s is required (client certificate key, PEM)", EnvClientKey))
+	}
+	if c.CAFile == "" {
+		errs = append(errs, fmt.Errorf("%s is required (CA that signed Gatehouse's certificate, PEM)", EnvCA))
+	}
+	if c.Issuer == "" {
+		errs = append(errs, fmt.Errorf("%s is required (Keycloak issuer, e.g. http://localhost:18180/realms/gatehouse)", EnvIssuer))
+	} else if u, err := url.Parse(c.Issuer); err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
+		errs = append(errs, fmt.Errorf("%s must be an http(s):// URL, got %q", EnvIssuer, c.Issuer))
+	}
+	if c.JWKSURL != "" {
+		if u, err := url.Parse(c.JWKSURL); err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
+			errs = append(errs, fmt.Errorf("%s must be an http(s):// URL, got %q", EnvJWKSURL, c.JWKSURL))
+		}
+	}
+	if c.Timeout < 0 || c.Timeout > time.Minute {
+		errs = append(errs, fmt.Errorf("%s must be between 0 and 1m, got %s", EnvTimeout, c.Timeout))
+	}
+	if c.CacheMaxAge < 0 || c.CacheMaxAge > MaxCacheMaxAge {
+		errs = append(errs, fmt.Errorf("%s must be between 0 and %s (logouts must reach PocketBase within a minute), got %s",
+			EnvCacheMaxAge, MaxCacheMaxAge, c.CacheMaxAge))
+	}
+	if c.CacheMaxEntries < 0 {
+		errs = append(errs, errors.New("CacheMaxEntries must not be negative"))
+	}
+	return c, errors.Join(errs...)
+}
+
+// jwksIsPlainRemote reports whether the key set would be fetched over plain http from a host
+// that is not loopback, where a network attacker could swap the keys.
+func (c Config) jwksIsPlainRemote() bool {
+	u, err := url.Parse(c.JWKSURL)
+	if err != nil || u.Scheme != "http" {
+		return false
+	}
+	host := u.Hostname()
+	if host == "localhost" {
+		return false
+	}
+	ip := net.ParseIP(host)
+	return ip == nil || !ip.IsLoopback()
+}
+
+// loadTLS builds the client TLS configuration for the exchange. Errors name the file and the
+// environment variable so a start-up failure says exactly what to fix.
+func (c Config) loadTLS() (*tls.Config, error) {
+	cert, err := tls.LoadX509KeyPair(c.ClientCertFile, c.ClientKeyFile)
+	if err != nil {
+		return nil, fmt.Errorf("cannot load the client certificate (%s=%q, %s=%q): %w",
+			EnvClientCert, c.ClientCertFile, EnvClientKey, c.ClientKeyFile, err)
+	}
+	caPEM, err := os.ReadFile(c.CAFile)
+	if err != nil {
+		return nil, fmt.Errorf("cannot read the CA bundle (%s=%q): %w", EnvCA, c.CAFile, err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(caPEM) {
+		return nil, fmt.Errorf("the CA bundle (%s=%q) holds no PEM certificate", EnvCA, c.CAFile)
+	}
+	return &tls.Config{
+		MinVersion: tls.VersionTLS12,
+		// Always present our certificate: with tls.Config.Certificates Go silently sends none
+		// when the server's list of acceptable CAs does not match, which would turn a CA
+		// mix-up into a confusing handshake failure instead of a clear refusal by Gatehouse.
+		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
+			return &cert, nil
+		},
+		RootCAs:    pool,
+		ServerName: c.ServerName, // empty: Go checks the URL host
+	}, nil
+}

@@ -1,0 +1,171 @@
+package gatehouseauth
+
+import (
+	"crypto/rand"
+	"crypto/rsa"
+	"encoding/base64"
+	"fmt"
+	"math/big"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestValidSessionID(t *testing.T) {
+	for s, want := range map[string]bool{
+		"Jx3w0d4b3Q5Y3k2m9q8T1uV7wX0yZ2aB4cD6eF8gH0i": true, // Gatehouse's 43-character shape
+		"abc":                        true,
+		"abc=":                       true,
+		"abc==":                      true,
+		strings.Repeat("A", 256):     true,
+		"":                           false,
+		strings.Repeat("A", 257):     false,
+		"=":                          false,
+		"ab=c":                       false,
+		"a+b":                        false,
+		"a/b":                        false,
+		"a b":                        false,
+		"a\x00b":                     false,
+		"ä":                          false,
+		"eyJhbGciOi.eyJzdWIi.sig-ab": false, // a JWT is not a session id
+	} {
+		if got := validSessionID(s); got != want {
+			t.Errorf("validSessionID(%q) = %v, want %v", s, got, want)
+		}
+	}
+}
+
+func TestCacheExpiryAndBound(t *testing.T) {
+	now := time.Unix(1_000_000, 0)
+	c := newIdentityCache(3)
+	id := &Identity{Subject: "s"}
+
+	c.put(keyOf("a"), id, now.Add(time.Second), now)
+	if c.get(keyOf("a"), now) != id {
+		t.Fatal("fresh entry not returned")
+	}
+	if c.get(keyOf("a"), now.Add(time.Second)) != nil {
+		t.Error("entry returned at its expiry instant")
+	}
+	if c.len() != 0 {
+		t.Error("expired entry not removed on access")
+	}
+
+	// An already-expired result is not stored at all.
+	c.put(keyOf("late"), id, now, now)
+	if c.len() != 0 {
+		t.Error("entry with until <= now was stored")
+	}
+
+	for i := 0; i < 10; i++ {
+		c.put(keyOf(fmt.Sprint(i)), id, now.Add(time.Minute), now)
+		if c.len() > 3 {
+			t.Fatalf("cache grew to %d entries, bound is 3", c.len())
+		}
+	}
+	// Expired entries are evicted before live ones.
+	c = newIdentityCache(2)
+	c.put(keyOf("old"), id, now.Add(time.Second), now)
+	c.put(keyOf("live"), id, now.Add(time.Hour), now)
+	later := now.Add(time.Minute)
+	c.put(keyOf("new"), id, later.Add(time.Hour), later)
+	if c.get(keyOf("live"), later) == nil || c.get(keyOf("new"), later) == nil {
+		t.Error("a live entry was evicted while an expired one could go")
+	}
+}
+
+func TestCacheKeysAreHashes(t *testing.T) {
+	c := newIdentityCache(10)
+	sid := "Jx3w0d4b3Q5Y3k2m9q8T1uV7wX0yZ2aB4cD6eF8gH0i"
+	c.put(keyOf(sid), &Identity{}, time.Now().Add(time.Minute), time.Now())
+	for k := range c.entries {
+		if strings.Contains(string(k[:]), sid) {
+			t.Error("the raw session id is part of the cache key")
+		}
+	}
+	if p := keyOf(sid).prefix(); len(p) != 8 || strings.Contains(sid, p) {
+		t.Errorf("log prefix %q is not an 8-hex hash prefix", p)
+	}
+}
+
+func TestIdentityFromClaims(t *testing.T) {
+	email, verified, name := "a@example.com", true, "A"
+	id := identityFrom("https://kc/realms/r", &exchangeClaims{
+		Sub: "s", Email: &email, EmailVerified: &verified, Name: &name,
+		RealmRoles:  []string{"user", "admin", "user"},
+		ClientRoles: map[string][]string{"app": {"editor"}, "other": {"viewer", ""}},
+		Groups:      []string{"/b", "/a"},
+	})
+	if id.Issuer != "https://kc/realms/r" || id.Subject != "s" || id.Email != email || !id.EmailVerified || id.Name != "A" {
+		t.Errorf("identity = %+v", id)
+	}
+	if want := []string{"admin", "app:editor", "other:viewer", "user"}; !slices.Equal(id.Roles, want) {
+		t.Errorf("roles = %v, want %v", id.Roles, want)
+	}
+	if want := []string{"/a", "/b"}; !slices.Equal(id.Groups, want) {
+		t.Errorf("groups = %v, want %v", id.Groups, want)
+	}
+	// Absent optional claims.
+	id = identityFrom("i", &exchangeClaims{Sub: "s"})
+	if id.Email != "" || id.EmailVerified || id.Name != "" || len(id.Roles) != 0 || len(id.Groups) != 0 {
+		t.Errorf("identity from minimal claims = %+v", id)
+	}
+}
+
+func TestSameStrings(t *testing.T) {
+	for _, tc := range []struct {
+		stored any
+		want   []string
+		same   bool
+	}{
+		{nil, nil, true},
+		{nil, []string{}, true},
+		{"[]", nil, true},
+		{"null", nil, true},
+		{`["a","b"]`, []string{"a", "b"}, true},
+		{`["b","a"]`, []string{"a", "b"}, false},
+		{`["a"]`, []string{"a", "b"}, false},
+		{`{"a":1}`, []string{"a"}, false},
+	} {
+		if got := sameStrings(tc.stored, tc.want); got != tc.same {
+			t.Errorf("sameStrings(%v, %v) = %v", tc.stored, tc.want, got)
+		}
+	}
+}
+
+func TestRSAKeyRejectsWeakKeys(t *testing.T) {
+	enc := func(b []byte) string { return base64.RawURLEncoding.EncodeToString(b) }
+	e := enc(big.NewInt(65537).Bytes())
+
+	weak, err := rsa.GenerateKey(rand.Reader, 1024)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := rsaKey(enc(weak.N.Bytes()), e); err == nil {
+		t.Error("a 1024-bit key was accepted")
+	}
+	strong, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		t.Fatal(err)
+	}
+	k, err := rsaKey(enc(strong.N.Bytes()), e)
+	if err != nil || k.N.Cmp(strong.N) != 0 || k.E != 65537 {
+		t.Errorf("a 2048-bit key was not parsed: %v", err)
+	}
+	if _, err := rsaKey(enc(strong.N.Bytes()), enc([]byte{1})); err == nil {
+		t.Error("exponent 1 was accepted")
+	}
+	if _, err := rsaKey("not base64!", e); err == nil {
+		t.Error("a malformed modulus was accepted")
+	}
+}
+
+func TestErrorCodeQuotesOnlyTheCode(t *testing.T) {
+	if got := errorCode([]byte(`{"error":"invalid_session","error_description":"secret detail"}`)); got != `"invalid_session"` {
+		t.Errorf("errorCode = %s", got)
+	}
+	if got := errorCode([]byte(`not json with a token eyJ...`)); got != "" {
+		t.Errorf("errorCode of a non-JSON body = %q, want empty", got)
+	}
+}
