@@ -264,6 +264,9 @@ fn me_body(r: &SessionRecord) -> serde_json::Value {
 
 /// `GET /auth/me`: who the session belongs to. Never a token.
 pub async fn me(State(st): State<Arc<PublicState>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    if let Some(refused) = super::csrf::cross_origin_read(&headers) {
+        return Err(refused);
+    }
     let id = session_id(&st, &headers).ok_or(ApiError::Unauthenticated)?;
     let resolved = st.core.exchange.resolve(&id, false).await?;
     let mut resp = Json(me_body(&resolved.record)).into_response();

@@ -41,6 +41,17 @@ pub fn violation(method: &Method, path: &str, headers: &HeaderMap, origin: &str)
     }
 }
 
+/// Fetch metadata (resource isolation): a read of user data from a page of another origin is
+/// refused, even a same-site one (another port of localhost, a sibling subdomain) that the Lax
+/// cookie still reaches. Our own pages send `same-origin`, address-bar navigations `none`, and
+/// non-browser clients nothing.
+pub fn cross_origin_read(headers: &HeaderMap) -> Option<ApiError> {
+    match headers.get("sec-fetch-site").map(|v| v.as_bytes()) {
+        None | Some(b"same-origin") | Some(b"none") => None,
+        Some(_) => Some(ApiError::Forbidden("cross_origin", "the API answers only pages of this origin".into())),
+    }
+}
+
 pub async fn check(State(state): State<Arc<PublicState>>, req: Request, next: Next) -> Response {
     if let Some(why) = violation(req.method(), req.uri().path(), req.headers(), &state.origin) {
         tracing::warn!(path = req.uri().path(), method = %req.method(), reason = why, "CSRF check failed");

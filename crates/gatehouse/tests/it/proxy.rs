@@ -325,6 +325,10 @@ async fn csrf_and_cross_origin_rules_hold_on_proxied_routes() {
         assert_eq!(r.status(), 403, "{site}");
         assert_eq!(r.json::<Value>().await.unwrap()["error"], "cross_origin");
     }
+    // The same for the user's profile.
+    let r = e.get("/auth/me").header("sec-fetch-site", "same-site").send().await.unwrap();
+    assert_eq!(r.status(), 403, "/auth/me from another origin");
+    assert_eq!(e.get("/auth/me").header("sec-fetch-site", "same-origin").send().await.unwrap().status(), 200);
     // CORS preflights are never granted.
     let r = http()
         .request(reqwest::Method::OPTIONS, &url)

@@ -126,14 +126,8 @@ async fn forward(st: &PublicState, route: &Route, peer: SocketAddr, mut req: Req
         return Err(ApiError::bad_request("bad_path", format!("path refused: {why}")));
     }
     let h = req.headers();
-    // Fetch metadata: the API is for our own pages only. A same-site page on another origin
-    // (another port of localhost, a sibling subdomain) still gets the Lax cookie, so refuse it
-    // here rather than rely on CORS alone. Navigations (`none`) and non-browsers pass.
-    if let Some(site) = h.get("sec-fetch-site").map(HeaderValue::as_bytes)
-        && site != b"same-origin"
-        && site != b"none"
-    {
-        return Err(ApiError::Forbidden("cross_origin", "the API answers only pages of this origin".into()));
+    if let Some(refused) = super::csrf::cross_origin_read(h) {
+        return Err(refused);
     }
     // CORS preflights are never granted; an upstream's CORS answer would open it to other origins.
     if req.method() == Method::OPTIONS && h.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD) {
