@@ -177,6 +177,16 @@ until curl -fsS -o /dev/null --max-time 2 "$PUBLIC_URL/readyz" 2>/dev/null; do
     sleep 0.5
 done
 
+# A PocketBase superuser for its admin UI, so PocketBase does not print a one-time installer link
+# (a JWT) to the terminal. Its password is made once and kept in .demo/.
+PB_ADMIN="admin@gatehouse.local"
+PB_ADMIN_PW_FILE="$DEMO_DIR/pocketbase-admin-password"
+if [[ ! -s "$PB_ADMIN_PW_FILE" ]]; then
+    (umask 077; head -c 18 /dev/urandom | base64 | tr -d '/+=' >"$PB_ADMIN_PW_FILE")
+fi
+"$PB_BIN" superuser upsert "$PB_ADMIN" "$(cat "$PB_ADMIN_PW_FILE")" --dir "$DEMO_DIR/pb_data" >/dev/null ||
+    die "could not create the PocketBase superuser"
+
 log "starting PocketBase: $PB_BIN serve --http 127.0.0.1:$PB_PORT (data in $DEMO_DIR/pb_data)"
 platform_pocketbase_env
 "${PB_ENV[@]}" "$PB_BIN" serve --http "127.0.0.1:$PB_PORT" --dir "$DEMO_DIR/pb_data" &
@@ -196,6 +206,7 @@ cat >&2 <<EOF
    Metrics          http://$ADMIN_ADDR/metrics
    PocketBase       127.0.0.1:$PB_PORT, reached by the app through $PUBLIC_URL/api/pb/
                     (it exchanges session ids at https://127.0.0.1:$INTERNAL_PORT over mTLS)
+   PocketBase admin http://127.0.0.1:$PB_PORT/_/  ($PB_ADMIN, password in $PB_ADMIN_PW_FILE)
 
    Password login without a browser:
      curl -i -X POST $PUBLIC_URL/auth/login -H 'X-CSRF: 1' \\

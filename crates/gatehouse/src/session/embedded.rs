@@ -82,11 +82,22 @@ fn index_remove(txn: &redb::WriteTransaction, key: &[u8], r: &SessionRecord) -> 
     Ok(())
 }
 
+/// Remove a record and its index entries. A record that no longer decodes (an older format, a
+/// damaged file) is removed all the same: it authenticates nobody, and keeping it would make
+/// every sweep fail. Its index entries are left to the sweeper and to readers, which skip keys
+/// without a record.
 fn remove_record(txn: &redb::WriteTransaction, key: &[u8]) -> Result<Option<SessionRecord>, StoreError> {
     let old = {
         let mut t = txn.open_table(SESSIONS).map_err(err)?;
         let removed = t.remove(key).map_err(err)?;
-        removed.map(|g| SessionRecord::decode(g.value())).transpose()?
+        match removed.map(|g| SessionRecord::decode(g.value())) {
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "removed an unreadable session record");
+                None
+            }
+            Some(Ok(r)) => Some(r),
+            None => None,
+        }
     };
     if let Some(r) = &old {
         index_remove(txn, key, r)?;
@@ -212,6 +223,8 @@ impl SessionStore for EmbeddedStore {
                     n += 1;
                 }
             }
+            // Entries whose record was unreadable (so not cleaned by remove_record) go too.
+            txn.open_table(EXPIRY).map_err(err)?.retain(|(at, _), _| at > now).map_err(err)?;
             let mut marks = txn.open_table(MARKS).map_err(err)?;
             marks.retain(|_, until| until > now).map_err(err)?;
             Ok(n)
@@ -234,7 +247,10 @@ impl SessionStore for EmbeddedStore {
             let Ok(key) = <[u8; 32]>::try_from(k.value()) else { continue };
             let key = SessionKey(key);
             if key_hex(&key).starts_with(hex_prefix) {
-                out.push((key, SessionRecord::decode(v.value())?));
+                match SessionRecord::decode(v.value()) {
+                    Ok(r) => out.push((key, r)),
+                    Err(e) => tracing::warn!(error = %e, "skipped an unreadable session record"),
+                }
             }
         }
         Ok(out)
@@ -310,5 +326,36 @@ mod tests {
         let path = dir.path().join("s.redb");
         let _first = EmbeddedStore::open(&path).unwrap();
         assert!(EmbeddedStore::open(&path).is_err());
+    }
+
+    /// A record in an older format (or damaged) must not wedge the sweeper or the admin API.
+    #[tokio::test]
+    async fn unreadable_records_are_swept_and_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("s.redb")).unwrap();
+        let good = crate::session::SessionId::generate().unwrap().key();
+        store.insert(&good, &super::super::conformance::record("alice", "kc", 1000)).await.unwrap();
+        let bad = crate::session::SessionId::generate().unwrap().key();
+        let bad_key = bad.0.to_vec();
+        store
+            .write(move |txn| {
+                txn.open_table(SESSIONS)
+                    .map_err(err)?
+                    .insert(bad_key.as_slice(), b"\x00garbage".as_slice())
+                    .map_err(err)?;
+                txn.open_table(EXPIRY).map_err(err)?.insert((5, bad_key.as_slice()), ()).map_err(err)?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        assert!(matches!(store.get(&bad).await, Err(StoreError::Corrupt(_))), "reads fail closed");
+        let listed = store.find_by_prefix("").await.unwrap();
+        assert_eq!(listed.len(), 1, "the admin listing skips it");
+        store.sweep(10).await.expect("the sweep is not wedged by it");
+        assert!(store.get(&bad).await.unwrap().is_none(), "and removes it");
+        assert!(store.get(&good).await.unwrap().is_some(), "the good record stays");
+        let stale =
+            store.write(|txn| Ok(txn.open_table(EXPIRY).map_err(err)?.iter().map_err(err)?.count())).await.unwrap();
+        assert_eq!(stale, 1, "only the good record's expiry entry remains");
     }
 }

@@ -287,7 +287,15 @@ impl RedisStore {
         let mut c = self.conn().await?;
         let data: Option<Vec<u8>> = self.run(self.take.key(session_key(hex)).invoke_async(&mut c)).await?;
         let Some(data) = data else { return Ok(None) };
-        let r = SessionRecord::decode(&data)?;
+        // Already deleted; an unreadable record (older format) authenticated nobody anyway, and its
+        // index entries are dropped lazily by `members`.
+        let r = match SessionRecord::decode(&data) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "removed an unreadable session record");
+                return Ok(None);
+            }
+        };
         self.unindex(hex, &r).await?;
         Ok(Some(r))
     }
@@ -299,8 +307,9 @@ impl RedisStore {
         let mut out = Vec::new();
         for hex in hexes {
             let data: Option<Vec<u8>> = self.run(c.hget(session_key(&hex), "d")).await?;
-            match (data, parse_hex_key(&hex)) {
-                (Some(d), Some(k)) => out.push((k, SessionRecord::decode(&d)?)),
+            match (data.map(|d| SessionRecord::decode(&d)), parse_hex_key(&hex)) {
+                (Some(Ok(r)), Some(k)) => out.push((k, r)),
+                (Some(Err(e)), _) => tracing::warn!(error = %e, "skipped an unreadable session record"),
                 _ => {
                     let _: () = self.run(c.srem(set, &hex)).await?;
                 }
@@ -499,8 +508,10 @@ impl SessionStore for RedisStore {
         for name in self.scan(&format!("{PREFIX}:s:{{{hex_prefix}*")).await? {
             let hex = name.trim_start_matches(&format!("{PREFIX}:s:{{")).trim_end_matches('}').to_string();
             let data: Option<Vec<u8>> = self.run(c.hget(&name, "d")).await?;
-            if let (Some(d), Some(k)) = (data, parse_hex_key(&hex)) {
-                out.push((k, SessionRecord::decode(&d)?));
+            match (data.map(|d| SessionRecord::decode(&d)), parse_hex_key(&hex)) {
+                (Some(Ok(r)), Some(k)) => out.push((k, r)),
+                (Some(Err(e)), _) => tracing::warn!(error = %e, "skipped an unreadable session record"),
+                _ => {}
             }
         }
         Ok(out)
