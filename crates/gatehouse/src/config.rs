@@ -78,6 +78,9 @@ pub struct RouteConfig {
     /// Largest request body forwarded (streamed, counted on the way).
     #[serde(default = "defaults::route_max_body_bytes")]
     pub max_body_bytes: usize,
+    /// Requests, streams (SSE) and WebSocket tunnels open at once to this upstream; over it, 503.
+    #[serde(default = "defaults::route_max_in_flight")]
+    pub max_in_flight: usize,
 }
 
 #[derive(Debug, Deserialize)]
@@ -409,6 +412,9 @@ mod defaults {
     pub fn route_max_body_bytes() -> usize {
         10 * 1024 * 1024
     }
+    pub fn route_max_in_flight() -> usize {
+        1024
+    }
 }
 
 fn de_networks<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
@@ -478,6 +484,9 @@ impl RouteConfig {
         }
         if self.max_body_bytes == 0 {
             return Err(invalid("routes.max_body_bytes", "must be at least 1"));
+        }
+        if self.max_in_flight == 0 || self.max_in_flight > 1_000_000 {
+            return Err(invalid("routes.max_in_flight", "must be between 1 and 1000000"));
         }
         Ok(())
     }

@@ -41,6 +41,8 @@ pub enum ApiError {
     BadGateway,
     #[error("the upstream service did not answer in time")]
     UpstreamTimeout,
+    #[error("too many requests in flight to the upstream service; retry shortly")]
+    UpstreamBusy,
     #[error("internal error")]
     Internal,
 }
@@ -61,6 +63,7 @@ impl ApiError {
             Self::ProviderError => "idp_error",
             Self::BadGateway => "bad_gateway",
             Self::UpstreamTimeout => "upstream_timeout",
+            Self::UpstreamBusy => "upstream_busy",
             Self::Internal => "internal_error",
         }
     }
@@ -74,7 +77,7 @@ impl ApiError {
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
-            Self::ProviderUnavailable | Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::ProviderUnavailable | Self::StoreUnavailable | Self::UpstreamBusy => StatusCode::SERVICE_UNAVAILABLE,
             Self::ProviderError | Self::BadGateway => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -92,7 +95,10 @@ impl IntoResponse for ApiError {
         let mut resp = (status, Json(json!({"error": self.code(), "message": self.to_string()}))).into_response();
         let h = resp.headers_mut();
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        if matches!(self, Self::ProviderUnavailable | Self::StoreUnavailable | Self::TooManyRequests) {
+        if matches!(
+            self,
+            Self::ProviderUnavailable | Self::StoreUnavailable | Self::TooManyRequests | Self::UpstreamBusy
+        ) {
             h.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
         }
         resp

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"net/url"
 	"os"
 	"strings"
@@ -14,15 +15,16 @@ import (
 
 // Environment variable names read by [ConfigFromEnv].
 const (
-	EnvExchangeURL = "GATEHOUSE_EXCHANGE_URL"
-	EnvClientCert  = "GATEHOUSE_CLIENT_CERT"
-	EnvClientKey   = "GATEHOUSE_CLIENT_KEY"
-	EnvCA          = "GATEHOUSE_CA"
-	EnvServerName  = "GATEHOUSE_SERVER_NAME"
-	EnvIssuer      = "GATEHOUSE_ISSUER"
-	EnvJWKSURL     = "GATEHOUSE_JWKS_URL"
-	EnvTimeout     = "GATEHOUSE_TIMEOUT"
-	EnvCacheMaxAge = "GATEHOUSE_CACHE_MAX_AGE"
+	EnvExchangeURL  = "GATEHOUSE_EXCHANGE_URL"
+	EnvClientCert   = "GATEHOUSE_CLIENT_CERT"
+	EnvClientKey    = "GATEHOUSE_CLIENT_KEY"
+	EnvCA           = "GATEHOUSE_CA"
+	EnvServerName   = "GATEHOUSE_SERVER_NAME"
+	EnvIssuer       = "GATEHOUSE_ISSUER"
+	EnvJWKSURL      = "GATEHOUSE_JWKS_URL"
+	EnvTimeout      = "GATEHOUSE_TIMEOUT"
+	EnvCacheMaxAge  = "GATEHOUSE_CACHE_MAX_AGE"
+	EnvTrustedPeers = "GATEHOUSE_TRUSTED_PEERS"
 )
 
 // Defaults.
@@ -73,6 +75,12 @@ type Config struct {
 
 	// UsersCollection is the auth collection that holds Gatehouse users (default "users").
 	UsersCollection string
+
+	// TrustedPeers are the addresses Gatehouse's proxy connects from. A session header from any
+	// other peer is refused before it costs an exchange: only Gatehouse relays sessions, and a
+	// stranger spraying guesses would otherwise spend Gatehouse's rate limit for this service.
+	// Default: loopback only.
+	TrustedPeers []netip.Prefix
 }
 
 // ConfigFromEnv reads the configuration from the GATEHOUSE_* environment variables.
@@ -87,6 +95,22 @@ func ConfigFromEnv() (Config, error) {
 		JWKSURL:        strings.TrimSpace(os.Getenv(EnvJWKSURL)),
 	}
 	var errs []error
+	for _, raw := range strings.Split(os.Getenv(EnvTrustedPeers), ",") {
+		raw = strings.TrimSpace(raw)
+		if raw == "" {
+			continue
+		}
+		prefix, err := netip.ParsePrefix(raw)
+		if err != nil {
+			addr, aerr := netip.ParseAddr(raw)
+			if aerr != nil {
+				errs = append(errs, fmt.Errorf("%s: %q is neither an IP address nor a CIDR block", EnvTrustedPeers, raw))
+				continue
+			}
+			prefix = netip.PrefixFrom(addr, addr.BitLen())
+		}
+		c.TrustedPeers = append(c.TrustedPeers, prefix.Masked())
+	}
 	for _, d := range []struct {
 		env string
 		dst *time.Duration
@@ -134,6 +158,9 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if c.UsersCollection == "" {
 		c.UsersCollection = "users"
+	}
+	if len(c.TrustedPeers) == 0 {
+		c.TrustedPeers = []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8"), netip.MustParsePrefix("::1/128")}
 	}
 	c.Issuer = strings.TrimRight(c.Issuer, "/")
 	if c.JWKSURL == "" && c.Issuer != "" {

@@ -76,8 +76,10 @@ func newExchangeClient(url string, tlsConf *tls.Config, timeout time.Duration) *
 		ResponseHeaderTimeout: timeout,
 	}
 	return &exchangeClient{
-		url:    url,
-		client: &http.Client{Transport: transport, Timeout: timeout},
+		url: url,
+		client: &http.Client{Transport: transport, Timeout: timeout,
+			// Never follow a redirect: a 307 would re-send the session id (or fetch keys) elsewhere.
+			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }},
 	}
 }
 

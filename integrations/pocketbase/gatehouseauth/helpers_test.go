@@ -251,8 +251,9 @@ type user struct {
 }
 
 type answer struct {
-	status int
-	body   []byte
+	status   int
+	body     []byte
+	location string // sent as Location when set (redirect tests)
 }
 
 type stubGatehouse struct {
@@ -309,6 +310,9 @@ func (g *stubGatehouse) serve(w http.ResponseWriter, r *http.Request) {
 	g.mu.Unlock()
 	if !ok {
 		a = answer{status: http.StatusUnauthorized, body: []byte(`{"error":"invalid_session","error_description":"session not found"}`)}
+	}
+	if a.location != "" {
+		w.Header().Set("Location", a.location)
 	}
 	w.WriteHeader(a.status)
 	w.Write(a.body)

@@ -48,8 +48,10 @@ type jwksCache struct {
 func newJWKSCache(url string, timeout, minRefresh, maxAge time.Duration, now func() time.Time) *jwksCache {
 	transport := http.DefaultTransport.(*http.Transport).Clone()
 	return &jwksCache{
-		url:        url,
-		client:     &http.Client{Transport: transport, Timeout: timeout},
+		url: url,
+		client: &http.Client{Transport: transport, Timeout: timeout,
+			// Never follow a redirect: a 307 would re-send the session id (or fetch keys) elsewhere.
+			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }},
 		minRefresh: minRefresh,
 		maxAge:     maxAge,
 		now:        now,

@@ -12,7 +12,9 @@ import (
 	"errors"
 	"log/slog"
 	"net/http"
+	"net/netip"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/pocketbase/pocketbase/apis"
@@ -154,6 +156,16 @@ func (g *Gatehouse) handle(e *core.RequestEvent) error {
 	e.Request.Header.Del("Authorization")
 	e.Auth = nil
 
+	if !g.trustedPeer(e.Request.RemoteAddr) {
+		logf(e.App, slog.LevelWarn, "gatehouse: session header from a peer not in GATEHOUSE_TRUSTED_PEERS", "peer", e.Request.RemoteAddr)
+		return e.ForbiddenError("Gatehouse sessions are accepted only from Gatehouse.", nil)
+	}
+	// Requests relayed by Gatehouse come from browsers: PocketBase's superuser login and admin UI
+	// are not for them (password guessing from the public origin, a superuser token in page script).
+	if adminSurface(e.Request.URL.Path) {
+		return e.NotFoundError("", nil)
+	}
+
 	if len(values) != 1 || !validSessionID(values[0]) {
 		logf(e.App, slog.LevelInfo, "gatehouse: malformed session header", "count", len(values))
 		return e.UnauthorizedError("Invalid Gatehouse session.", nil)
@@ -174,6 +186,22 @@ func (g *Gatehouse) handle(e *core.RequestEvent) error {
 	e.Auth = rec
 	e.Set(storeKeyViaSession, true)
 	return e.Next()
+}
+
+// trustedPeer reports whether the TCP peer is one Gatehouse connects from.
+func (g *Gatehouse) trustedPeer(remoteAddr string) bool {
+	ap, err := netip.ParseAddrPort(remoteAddr)
+	if err != nil {
+		return false
+	}
+	addr := ap.Addr().Unmap()
+	return slices.ContainsFunc(g.cfg.TrustedPeers, func(p netip.Prefix) bool { return p.Contains(addr) })
+}
+
+// adminSurface: PocketBase's admin UI and superuser endpoints.
+func adminSurface(path string) bool {
+	return path == "/_" || strings.HasPrefix(path, "/_/") ||
+		strings.HasPrefix(path, "/api/collections/_superusers/") || path == "/api/collections/_superusers"
 }
 
 // refusal logs a failed lookup (without secrets) and returns the PocketBase-shaped API error.

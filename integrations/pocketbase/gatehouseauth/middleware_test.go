@@ -7,10 +7,13 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/http/httptest"
+	"net/netip"
 	"os"
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -790,5 +793,61 @@ func TestConfigIsValidatedAtStartup(t *testing.T) {
 	c, err := gatehouseauth.ConfigFromEnv()
 	if err != nil || c.Timeout != 3*time.Second || c.CacheMaxAge != 20*time.Second || c.Issuer != "https://kc.example/realms/x/" {
 		t.Errorf("ConfigFromEnv = %+v, %v", c, err)
+	}
+}
+
+func TestSessionHeaderFromAnUntrustedPeerIsRefusedWithoutExchange(t *testing.T) {
+	// The test client connects from loopback; trust only another network.
+	e := newEnv(t, func(c *gatehouseauth.Config, _ *pkiFiles) {
+		c.TrustedPeers = []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8")}
+	})
+	sid := e.login(alice)
+	calls := e.gh.calls.Load()
+	if r := e.do("GET", "/api/collections/notes/records", sid, nil); r.status != 403 {
+		t.Errorf("status %d, want 403: %s", r.status, r.body)
+	}
+	if e.gh.calls.Load() != calls {
+		t.Error("Gatehouse was called for a session header from an untrusted peer")
+	}
+	// Without the header the request is plain PocketBase, as before.
+	if r := e.do("GET", "/api/health", "", nil); r.status != 200 {
+		t.Errorf("health: %d", r.status)
+	}
+}
+
+func TestRelayedRequestsNeverReachTheAdminSurface(t *testing.T) {
+	e := newEnv(t)
+	sid := e.login(alice)
+	for _, c := range []struct{ method, path string }{
+		{"POST", "/api/collections/_superusers/auth-with-password"},
+		{"GET", "/api/collections/_superusers/records"},
+		{"GET", "/_/"},
+		{"GET", "/_/images/logo.svg"},
+	} {
+		r := e.do(c.method, c.path, sid, map[string]any{"identity": "admin@example.com", "password": "guess"})
+		if r.status != 404 {
+			t.Errorf("%s %s with a session: status %d, want 404", c.method, c.path, r.status)
+		}
+	}
+	// Without a session header the superuser login is PocketBase's own, as before (operators
+	// reach PocketBase directly): a wrong password is its 400, not our 404.
+	r := e.do("POST", "/api/collections/_superusers/auth-with-password", "", map[string]any{"identity": "admin@example.com", "password": "guess"})
+	if r.status != 400 {
+		t.Errorf("direct superuser login: status %d, want PocketBase's 400: %s", r.status, r.body)
+	}
+}
+
+func TestTheExchangeClientNeverFollowsRedirects(t *testing.T) {
+	e := newEnv(t)
+	sid := e.login(alice)
+	var followed atomic.Int64
+	elsewhere := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { followed.Add(1) }))
+	t.Cleanup(elsewhere.Close)
+	e.gh.force(&answer{status: 307, body: nil, location: elsewhere.URL + "/steal"})
+	if r := e.do("GET", "/api/collections/notes/records", sid, nil); r.status != 503 {
+		t.Errorf("status %d, want 503", r.status)
+	}
+	if followed.Load() != 0 {
+		t.Error("the session id was re-sent to the redirect target")
 	}
 }

@@ -137,6 +137,11 @@ relay = "bearer"
 prefix = "/api/down/"
 upstream = "http://127.0.0.1:1/"
 relay = "session"
+[[routes]]
+prefix = "/api/tight/"
+upstream = "http://127.0.0.1:{port}/base/"
+relay = "session"
+max_in_flight = 1
 "#
     )
 }
@@ -184,6 +189,8 @@ async fn the_upstream_sees_the_session_relay_and_nothing_the_browser_could_forge
         .header("x-forwarded-host", "evil.example")
         .header("x-auth-request-email", "admin@example.com")
         .header("x-http-method-override", "DELETE")
+        .header("x_forwarded_user", "admin")
+        .header("x_gatehouse_session", "forged")
         .header("x-keep-me", "yes")
         .send()
         .await
@@ -191,7 +198,8 @@ async fn the_upstream_sees_the_session_relay_and_nothing_the_browser_could_forge
     assert_eq!(r.status(), 200);
     let cookies: Vec<String> =
         r.headers().get_all("set-cookie").iter().map(|v| v.to_str().unwrap().to_owned()).collect();
-    assert_eq!(cookies, ["theme=dark; Path=/"], "the upstream cannot set our cookie");
+    assert!(cookies.is_empty(), "the upstream sets no cookie on our origin: {cookies:?}");
+    assert_eq!(r.headers()["cache-control"], "no-store", "user data is not cached");
     assert!(r.headers().get("access-control-allow-origin").is_none(), "upstream CORS is dropped");
     assert!(r.headers().get("access-control-allow-credentials").is_none());
     let j: Value = r.json().await.unwrap();
@@ -203,6 +211,7 @@ async fn the_upstream_sees_the_session_relay_and_nothing_the_browser_could_forge
     assert!(h.get("authorization").is_none(), "browser Authorization stripped: {h}");
     assert!(h.get("x-forwarded-user").is_none() && h.get("x-auth-request-email").is_none(), "{h}");
     assert!(h.get("x-http-method-override").is_none(), "{h}");
+    assert!(h.get("x_forwarded_user").is_none() && h.get("x_gatehouse_session").is_none(), "underscore names: {h}");
     assert_eq!(h["x-forwarded-for"], "127.0.0.1", "spoofed XFF from an untrusted peer replaced: {h}");
     let port = e.gate.base.rsplit(':').next().unwrap();
     assert_eq!(h["x-forwarded-host"], format!("localhost:{port}"));
@@ -210,6 +219,17 @@ async fn the_upstream_sees_the_session_relay_and_nothing_the_browser_could_forge
     assert_eq!(h["x-forwarded-prefix"], "/api/echo");
     assert_eq!(h["x-keep-me"], "yes", "ordinary headers pass");
     assert!(h["host"].as_str().unwrap().starts_with("127.0.0.1:"), "Host is the upstream's: {h}");
+
+    // TRACE would echo the relay header to page script.
+    let r = http()
+        .request(reqwest::Method::from_bytes(b"TRACE").unwrap(), format!("{}/api/echo/x", e.gate.base))
+        .header("cookie", format!("{COOKIE}={}", e.sid))
+        .header("x-csrf", "1")
+        .header("origin", &e.gate.base)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405, "TRACE with a valid CSRF proof is still refused");
 
     // The longest prefix wins.
     let j: Value = e.get("/api/echo/deeper/x").send().await.unwrap().json().await.unwrap();
@@ -388,6 +408,33 @@ async fn server_sent_events_stream_through_unbuffered() {
 }
 
 #[tokio::test]
+async fn open_streams_count_against_the_routes_in_flight_limit() {
+    let e = env().await;
+    // max_in_flight = 1 on /api/tight/: an open SSE stream holds the one slot.
+    let mut stream = e.get("/api/tight/sse").send().await.unwrap();
+    assert_eq!(stream.status(), 200);
+    let first = tokio::time::timeout(Duration::from_secs(5), stream.chunk()).await.unwrap().unwrap();
+    assert!(first.is_some());
+    let r = e.get("/api/tight/x").send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "upstream_busy");
+    // Other routes are not affected, and the slot frees when the stream ends.
+    assert_eq!(e.get("/api/echo/x").send().await.unwrap().status(), 200);
+    e.up.sse_go.notify_one();
+    while stream.chunk().await.unwrap().is_some() {}
+    drop(stream);
+    let mut ok = false;
+    for _ in 0..50 {
+        if e.get("/api/tight/x").send().await.unwrap().status() == 200 {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ok, "the slot is released when the stream ends");
+}
+
+#[tokio::test]
 async fn websocket_upgrades_pass_through_and_foreign_origins_do_not() {
     let e = env().await;
     let port = e.gate.base.rsplit(':').next().unwrap().parse::<u16>().unwrap();
@@ -407,6 +454,14 @@ async fn websocket_upgrades_pass_through_and_foreign_origins_do_not() {
     let mut echoed = vec![0u8; 23];
     tokio::time::timeout(Duration::from_secs(5), tcp.read_exact(&mut echoed)).await.unwrap().unwrap();
     assert_eq!(&echoed, b"ping through the tunnel");
+
+    // Only WebSocket is tunnelled: an h2c upgrade reaches the upstream as a plain request.
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let h2c = handshake(&e.gate.base).replace("Upgrade: websocket", "Upgrade: h2c");
+    tcp.write_all(h2c.as_bytes()).await.unwrap();
+    let n = tcp.read(&mut buf).await.unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(head.starts_with("HTTP/1.1 400"), "the upstream saw no upgrade: {head}");
 
     // Cross-site WebSocket hijacking: the cookie rides along, the Origin gives it away.
     let before = e.hits();

@@ -1,7 +1,7 @@
 //! What crosses the proxy in each direction. Towards the upstream: nothing the browser could use
 //! to claim an identity (cookies, `Authorization`, identity and forwarding headers, method
-//! overrides) — Gatehouse adds its own. Towards the browser: nothing that could plant our cookies
-//! or open the API to other origins.
+//! overrides) — Gatehouse adds its own. Towards the browser: nothing that could set cookies on our
+//! origin, open the API to other origins, or act on the whole origin; user data is never cached.
 
 use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
@@ -31,18 +31,42 @@ const STRIPPED_REQUEST: &[&str] = &[
     "x-original-uri",
     "x-rewrite-url",
     "x-csrf",
+    // Client-address and identity headers set by CDNs and other proxies.
+    "true-client-ip",
+    "cf-connecting-ip",
+    "x-client-ip",
+    "x-cluster-client-ip",
+    "x-authenticated-user",
+    "x-webauth-user",
 ];
 
 /// Request header prefixes never forwarded.
-const STRIPPED_REQUEST_PREFIXES: &[&str] =
-    &["x-gatehouse-", "x-forwarded-", "x-auth-request-", "x-remote-", "x-ssl-", "ssl-client-", "x-amzn-oidc-"];
+const STRIPPED_REQUEST_PREFIXES: &[&str] = &[
+    "x-gatehouse-",
+    "x-forwarded-",
+    "x-auth-request-",
+    "x-remote-",
+    "x-ssl-",
+    "ssl-client-",
+    "x-amzn-oidc-",
+    "x-envoy-",
+    "x-ms-client-principal",
+];
+
+/// Response headers that act on the whole origin, not on one API answer.
+const STRIPPED_RESPONSE: &[&str] =
+    &["set-cookie", "clear-site-data", "service-worker-allowed", "refresh", "alt-svc", "strict-transport-security"];
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1): they describe one connection, never the next.
 const HOP_BY_HOP: &[&str] =
     &["connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "host"];
 
 fn is_stripped_request(name: &str) -> bool {
-    STRIPPED_REQUEST.contains(&name) || STRIPPED_REQUEST_PREFIXES.iter().any(|p| name.starts_with(p))
+    // CGI-style servers (WSGI, Rack, PHP) read `X_Forwarded_User` as `X-Forwarded-User`: names
+    // with `_` are dropped outright (nginx does the same by default).
+    name.contains('_')
+        || STRIPPED_REQUEST.contains(&name)
+        || STRIPPED_REQUEST_PREFIXES.iter().any(|p| name.starts_with(p))
 }
 
 /// Names listed in `Connection` are hop-by-hop too.
@@ -75,14 +99,16 @@ pub fn for_upstream(incoming: &HeaderMap, upgrade: bool) -> HeaderMap {
     out
 }
 
-/// Whether the request asks for a protocol upgrade (WebSocket).
-pub fn wants_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE) && connection_listed(headers).iter().any(|t| t == "upgrade")
+/// Whether the request is a WebSocket handshake. Only WebSocket is tunnelled: an `h2c` upgrade
+/// would let the client speak HTTP/2 to the upstream past every check here.
+pub fn wants_websocket(headers: &HeaderMap) -> bool {
+    headers.get(header::UPGRADE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
+        && connection_listed(headers).iter().any(|t| t == "upgrade")
 }
 
-/// Clean the upstream's response headers in place. `our_cookies` are the session and login
-/// cookie names: an upstream must not set, replace or clear them (session fixation).
-pub fn for_browser(headers: &mut HeaderMap, upgraded: bool, our_cookies: &[&str]) {
+/// Clean the upstream's response headers in place. No `Set-Cookie` at all: the upstream never
+/// gets the browser's cookies, so its own would only be a way to plant or overflow ours.
+pub fn for_browser(headers: &mut HeaderMap, upgraded: bool) {
     let listed = connection_listed(headers);
     let hop: Vec<HeaderName> = headers
         .keys()
@@ -91,26 +117,21 @@ pub fn for_browser(headers: &mut HeaderMap, upgraded: bool, our_cookies: &[&str]
             let hop = (HOP_BY_HOP.contains(&n) || listed.iter().any(|l| l == n))
                 && !(upgraded && (n == "connection" || n == "upgrade"));
             // CORS is Gatehouse's decision, not the upstream's: the API is same-origin only.
-            hop || n.starts_with("access-control-") || n.starts_with("x-gatehouse-")
+            hop || STRIPPED_RESPONSE.contains(&n) || n.starts_with("access-control-") || n.starts_with("x-gatehouse-")
         })
         .cloned()
         .collect();
     for name in hop {
         headers.remove(name);
     }
-    let cookies: Vec<HeaderValue> = headers.get_all(header::SET_COOKIE).iter().cloned().collect();
-    if cookies.is_empty() {
-        return;
-    }
-    headers.remove(header::SET_COOKIE);
-    for value in cookies {
-        let name = value.to_str().ok().and_then(|v| v.split('=').next()).map(str::trim).unwrap_or("");
-        // Case-insensitive: some browsers treat `__host-` like `__Host-`.
-        if !name.is_empty() && !our_cookies.iter().any(|c| c.eq_ignore_ascii_case(name)) {
-            headers.append(header::SET_COOKIE, value);
-        } else {
-            tracing::warn!(cookie = name, "upstream tried to set a Gatehouse cookie; dropped");
-        }
+    // User data must not outlive the session in a browser or shared cache (SECURITY 8), unless
+    // the upstream already said so itself.
+    let cacheable = headers
+        .get(header::CACHE_CONTROL)
+        .and_then(|v| v.to_str().ok())
+        .is_none_or(|v| !v.to_ascii_lowercase().contains("no-store"));
+    if cacheable && !upgraded {
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     }
 }
 
@@ -146,6 +167,10 @@ mod tests {
             ("te", "trailers"),
             ("host", "evil.example"),
             ("upgrade", "websocket"),
+            ("x_forwarded_user", "admin"),
+            ("x_gatehouse_session", "forged"),
+            ("cf-connecting-ip", "6.6.6.6"),
+            ("x-envoy-original-path", "/admin"),
             ("accept", "application/json"),
             ("content-type", "application/json"),
             ("x-request-id", "abc"),
@@ -158,31 +183,38 @@ mod tests {
     #[test]
     fn websocket_upgrade_keeps_only_its_own_hop_headers() {
         let h = map(&[("connection", "Upgrade"), ("upgrade", "websocket"), ("sec-websocket-key", "k")]);
-        assert!(wants_upgrade(&h));
+        assert!(wants_websocket(&h));
+        assert!(!wants_websocket(&map(&[("connection", "Upgrade"), ("upgrade", "h2c")])), "h2c is never tunnelled");
         let out = for_upstream(&h, true);
         assert_eq!(out.get("connection").unwrap(), "upgrade");
         assert_eq!(out.get("upgrade").unwrap(), "websocket");
         assert_eq!(out.get("sec-websocket-key").unwrap(), "k");
-        assert!(!wants_upgrade(&map(&[("upgrade", "websocket")])), "Upgrade without Connection: upgrade");
+        assert!(!wants_websocket(&map(&[("upgrade", "websocket")])), "Upgrade without Connection: upgrade");
     }
 
     #[test]
-    fn upstream_cannot_plant_our_cookies_or_cors() {
+    fn upstream_cannot_set_cookies_open_cors_or_cache_user_data() {
         let mut h = map(&[
             ("set-cookie", "__Host-Http-gatehouse=fixated; Path=/"),
-            ("set-cookie", "__host-http-gatehouse=fixated; Path=/"),
-            ("set-cookie", "__Host-Http-gatehouse-login=x"),
             ("set-cookie", "theme=dark; Path=/"),
             ("access-control-allow-origin", "https://evil.example"),
             ("access-control-allow-credentials", "true"),
             ("x-gatehouse-session", "leak"),
+            ("clear-site-data", "\"cookies\""),
+            ("service-worker-allowed", "/"),
             ("connection", "close"),
             ("content-type", "text/plain"),
         ]);
-        for_browser(&mut h, false, &["__Host-Http-gatehouse", "__Host-Http-gatehouse-login"]);
-        let cookies: Vec<&str> = h.get_all("set-cookie").iter().map(|v| v.to_str().unwrap()).collect();
-        assert_eq!(cookies, ["theme=dark; Path=/"]);
-        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
-        assert_eq!(names, ["set-cookie", "content-type"]);
+        for_browser(&mut h, false);
+        let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["cache-control", "content-type"]);
+        assert_eq!(h["cache-control"], "no-store", "user data is not cached by default");
+        let mut h = map(&[("cache-control", "private, no-store, max-age=0")]);
+        for_browser(&mut h, false);
+        assert_eq!(h["cache-control"], "private, no-store, max-age=0", "the upstream's own no-store stays");
+        let mut h = map(&[("cache-control", "public, max-age=3600")]);
+        for_browser(&mut h, false);
+        assert_eq!(h["cache-control"], "no-store");
     }
 }

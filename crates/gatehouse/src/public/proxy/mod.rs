@@ -36,6 +36,9 @@ struct Route {
     relay: Relay,
     timeout: Duration,
     max_body_bytes: usize,
+    /// Requests (and streams, and tunnels) in flight at once; over it, 503 rather than letting one
+    /// user's SSE streams exhaust file descriptors here and upstream.
+    in_flight: Arc<tokio::sync::Semaphore>,
     client: Client<HttpConnector, Body>,
 }
 
@@ -46,7 +49,6 @@ pub struct Proxy {
     forwarded_host: HeaderValue,
     forwarded_proto: HeaderValue,
     trusted_proxies: Vec<IpNet>,
-    our_cookies: Vec<String>,
 }
 
 impl Proxy {
@@ -58,14 +60,12 @@ impl Proxy {
             Some(p) => format!("{}:{p}", ext.host_str().unwrap_or_default()),
             None => ext.host_str().unwrap_or_default().to_owned(),
         };
-        let cookie = config.cookie();
         Self {
             routes,
             origin: config.public_origin(),
             forwarded_host: HeaderValue::from_str(&host).unwrap_or(HeaderValue::from_static("localhost")),
             forwarded_proto: HeaderValue::from_static(if ext.scheme() == "https" { "https" } else { "http" }),
             trusted_proxies: config.public.trusted_proxies.clone(),
-            our_cookies: vec![cookie.name, cookie.login_name],
         }
     }
 
@@ -90,6 +90,7 @@ impl Route {
             relay: c.relay,
             timeout: c.timeout,
             max_body_bytes: c.max_body_bytes,
+            in_flight: Arc::new(tokio::sync::Semaphore::new(c.max_in_flight)),
             client,
         }
     }
@@ -119,8 +120,15 @@ pub async fn handle(
     outcome
 }
 
+/// How often a WebSocket tunnel re-checks its session, so a logout or revocation closes it.
+const TUNNEL_RECHECK: Duration = Duration::from_secs(30);
+
 async fn forward(st: &PublicState, route: &Route, peer: SocketAddr, mut req: Request) -> Result<Response, ApiError> {
     let proxy = &st.proxy;
+    // TRACE would echo the relay header back to page script; CONNECT makes a tunnel to anywhere.
+    if matches!(req.method().as_str(), "TRACE" | "TRACK" | "CONNECT") {
+        return Err(ApiError::MethodNotAllowed);
+    }
     let raw_path = req.uri().path();
     if let Err(why) = path::check(raw_path) {
         return Err(ApiError::bad_request("bad_path", format!("path refused: {why}")));
@@ -133,7 +141,7 @@ async fn forward(st: &PublicState, route: &Route, peer: SocketAddr, mut req: Req
     if req.method() == Method::OPTIONS && h.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD) {
         return Err(ApiError::Forbidden("cross_origin", "cross-origin requests are not allowed".into()));
     }
-    let upgrade = headers::wants_upgrade(h);
+    let upgrade = req.method() == Method::GET && headers::wants_websocket(h);
     // A WebSocket handshake is a GET, so the CSRF check lets it pass: check its Origin here
     // (cross-site WebSocket hijacking). Browsers always send Origin on WebSocket handshakes.
     if upgrade && h.get(header::ORIGIN).is_some_and(|o| o.as_bytes() != proxy.origin.as_bytes()) {
@@ -147,6 +155,10 @@ async fn forward(st: &PublicState, route: &Route, peer: SocketAddr, mut req: Req
 
     let id = cookies::read(h, &st.cookie.name).and_then(|v| SessionId::parse(&v)).ok_or(ApiError::Unauthenticated)?;
     let resolved = st.core.exchange.resolve(&id, route.relay == Relay::Bearer).await?;
+    let permit = route.in_flight.clone().try_acquire_owned().map_err(|_| {
+        tracing::warn!(route = %route.prefix, "too many requests in flight to this upstream");
+        ApiError::UpstreamBusy
+    })?;
 
     let rest = &raw_path[route.prefix.len()..];
     let query = req.uri().query().map(|q| format!("?{q}")).unwrap_or_default();
@@ -202,8 +214,7 @@ async fn forward(st: &PublicState, route: &Route, peer: SocketAddr, mut req: Req
     tracing::debug!(route = %route.prefix, status = resp.status().as_u16(), ms = started.elapsed().as_millis() as u64, "proxied");
 
     let upgraded = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-    let our: Vec<&str> = proxy.our_cookies.iter().map(String::as_str).collect();
-    headers::for_browser(resp.headers_mut(), upgraded, &our);
+    headers::for_browser(resp.headers_mut(), upgraded);
     if upgraded {
         let Some(client_upgrade) = client_upgrade else {
             // The upstream switched protocols nobody asked for.
@@ -211,19 +222,49 @@ async fn forward(st: &PublicState, route: &Route, peer: SocketAddr, mut req: Req
         };
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
         let prefix = route.prefix.clone();
+        let exchange = st.core.exchange.clone();
         tokio::spawn(async move {
-            match tokio::try_join!(client_upgrade, upstream_upgrade) {
-                Ok((client, upstream)) => {
-                    let (mut a, mut b) = (TokioIo::new(client), TokioIo::new(upstream));
-                    if let Err(e) = tokio::io::copy_bidirectional(&mut a, &mut b).await {
-                        tracing::debug!(route = %prefix, error = %e, "upgraded connection ended");
+            let _permit = permit;
+            let (client, upstream) = match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::info!(route = %prefix, error = %e, "upgrade failed");
+                    return;
+                }
+            };
+            let (mut a, mut b) = (TokioIo::new(client), TokioIo::new(upstream));
+            let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
+            tokio::pin!(copy);
+            let mut recheck = tokio::time::interval(TUNNEL_RECHECK);
+            recheck.tick().await;
+            loop {
+                tokio::select! {
+                    ended = &mut copy => {
+                        if let Err(e) = ended {
+                            tracing::debug!(route = %prefix, error = %e, "tunnel ended");
+                        }
+                        return;
+                    }
+                    _ = recheck.tick() => {
+                        // A logout, expiry or revocation closes the tunnel; a store outage does not.
+                        if matches!(exchange.resolve(&id, false).await, Err(crate::exchange::ExchangeError::InvalidSession)) {
+                            tracing::info!(route = %prefix, "session ended: tunnel closed");
+                            return;
+                        }
                     }
                 }
-                Err(e) => tracing::info!(route = %prefix, error = %e, "upgrade failed"),
             }
         });
+        return Ok(resp.map(Body::new));
     }
-    Ok(resp.map(Body::new))
+    // The permit lives as long as the response body (an SSE stream holds it until it ends).
+    Ok(resp.map(move |body| {
+        let permit = permit;
+        Body::new(body.map_frame(move |frame| {
+            let _held = &permit;
+            frame
+        }))
+    }))
 }
 
 /// `X-Forwarded-For` for the upstream: the chain from trusted proxies, plus our peer.
