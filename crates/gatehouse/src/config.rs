@@ -81,6 +81,9 @@ pub struct RouteConfig {
     /// Requests, streams (SSE) and WebSocket tunnels open at once to this upstream; over it, 503.
     #[serde(default = "defaults::route_max_in_flight")]
     pub max_in_flight: usize,
+    /// How often an open WebSocket tunnel re-checks its session (a logout or revocation closes it).
+    #[serde(default = "defaults::route_session_recheck", deserialize_with = "de_duration")]
+    pub session_recheck: Duration,
 }
 
 #[derive(Debug, Deserialize)]
@@ -415,6 +418,9 @@ mod defaults {
     pub fn route_max_in_flight() -> usize {
         1024
     }
+    pub fn route_session_recheck() -> Duration {
+        Duration::from_secs(30)
+    }
 }
 
 fn de_networks<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
@@ -484,6 +490,9 @@ impl RouteConfig {
         }
         if self.max_body_bytes == 0 {
             return Err(invalid("routes.max_body_bytes", "must be at least 1"));
+        }
+        if self.session_recheck < Duration::from_secs(1) {
+            return Err(invalid("routes.session_recheck", "must be at least 1s"));
         }
         if self.max_in_flight == 0 || self.max_in_flight > 1_000_000 {
             return Err(invalid("routes.max_in_flight", "must be between 1 and 1000000"));

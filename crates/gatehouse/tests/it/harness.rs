@@ -26,17 +26,18 @@ pub fn issuer() -> String {
     format!("{}/realms/{REALM}", keycloak_url())
 }
 
-/// Keycloak's client registration has exact redirect URIs for ports 18000–18039; hand them out.
-static NEXT_PORT: AtomicU16 = AtomicU16::new(18000);
+/// Keycloak's client registration has exact redirect URIs for ports 18000–18039; hand them out
+/// round-robin (there are more tests than ports), skipping any still bound by a running test.
+static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
 
 pub fn free_registered_port() -> u16 {
-    loop {
-        let p = NEXT_PORT.fetch_add(1, Ordering::SeqCst);
-        assert!(p < 18040, "out of registered test ports");
+    for _ in 0..400 {
+        let p = 18000 + NEXT_PORT.fetch_add(1, Ordering::SeqCst) % 40;
         if StdListener::bind(("127.0.0.1", p)).is_ok() {
             return p;
         }
     }
+    panic!("no free registered test port in 18000-18039");
 }
 
 pub fn test_key() -> String {

@@ -125,6 +125,7 @@ upstream = "http://127.0.0.1:{port}/base/"
 relay = "session"
 timeout = "1s"
 max_body_bytes = 2097152
+session_recheck = "1s"
 [[routes]]
 prefix = "/api/echo/deeper/"
 upstream = "http://127.0.0.1:{port}/other/"
@@ -454,6 +455,7 @@ async fn websocket_upgrades_pass_through_and_foreign_origins_do_not() {
     let mut echoed = vec![0u8; 23];
     tokio::time::timeout(Duration::from_secs(5), tcp.read_exact(&mut echoed)).await.unwrap().unwrap();
     assert_eq!(&echoed, b"ping through the tunnel");
+    let tunnel = tcp;
 
     // Only WebSocket is tunnelled: an h2c upgrade reaches the upstream as a plain request.
     let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
@@ -471,4 +473,11 @@ async fn websocket_upgrades_pass_through_and_foreign_origins_do_not() {
     let head = String::from_utf8_lossy(&buf[..n]).to_string();
     assert!(head.starts_with("HTTP/1.1 403"), "{head}");
     assert_eq!(e.hits(), before);
+
+    // Signing out closes the open tunnel (re-checked every second on this route).
+    let mut tunnel = tunnel;
+    assert_eq!(e.post("/auth/logout").send().await.unwrap().status(), 200);
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), tunnel.read_to_end(&mut rest)).await;
+    assert!(matches!(closed, Ok(Ok(_))), "the tunnel is closed after logout");
 }

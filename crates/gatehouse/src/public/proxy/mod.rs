@@ -39,6 +39,8 @@ struct Route {
     /// Requests (and streams, and tunnels) in flight at once; over it, 503 rather than letting one
     /// user's SSE streams exhaust file descriptors here and upstream.
     in_flight: Arc<tokio::sync::Semaphore>,
+    /// How often a WebSocket tunnel re-checks its session, so a logout or revocation closes it.
+    session_recheck: Duration,
     client: Client<HttpConnector, Body>,
 }
 
@@ -91,6 +93,7 @@ impl Route {
             timeout: c.timeout,
             max_body_bytes: c.max_body_bytes,
             in_flight: Arc::new(tokio::sync::Semaphore::new(c.max_in_flight)),
+            session_recheck: c.session_recheck,
             client,
         }
     }
@@ -119,9 +122,6 @@ pub async fn handle(
     st.core.metrics.proxied.get_or_create(&RouteOutcome::new(&route.prefix, class)).inc();
     outcome
 }
-
-/// How often a WebSocket tunnel re-checks its session, so a logout or revocation closes it.
-const TUNNEL_RECHECK: Duration = Duration::from_secs(30);
 
 async fn forward(st: &PublicState, route: &Route, peer: SocketAddr, mut req: Request) -> Result<Response, ApiError> {
     let proxy = &st.proxy;
@@ -223,6 +223,7 @@ async fn forward(st: &PublicState, route: &Route, peer: SocketAddr, mut req: Req
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
         let prefix = route.prefix.clone();
         let exchange = st.core.exchange.clone();
+        let every = route.session_recheck;
         tokio::spawn(async move {
             let _permit = permit;
             let (client, upstream) = match tokio::try_join!(client_upgrade, upstream_upgrade) {
@@ -235,7 +236,7 @@ async fn forward(st: &PublicState, route: &Route, peer: SocketAddr, mut req: Req
             let (mut a, mut b) = (TokioIo::new(client), TokioIo::new(upstream));
             let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
             tokio::pin!(copy);
-            let mut recheck = tokio::time::interval(TUNNEL_RECHECK);
+            let mut recheck = tokio::time::interval(every);
             recheck.tick().await;
             loop {
                 tokio::select! {
