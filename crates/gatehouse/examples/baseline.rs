@@ -1,6 +1,7 @@
 //! The benchmark baseline: a minimal hyper server answering `GET /auth/me` the way Gatehouse
 //! does (find the session cookie, answer the same JSON body and headers), but with no session
-//! store, no crypto and no router. `make bench` reports Gatehouse as a ratio of this.
+//! store, no crypto and no router. `make bench` reports Gatehouse as a ratio of this, and also
+//! uses it as the upstream behind Gatehouse's `/api/*` proxy (it then sees `X-Gatehouse-Session`).
 //!
 //! Usage: `baseline PORT`
 
@@ -16,8 +17,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 const BODY: &str = r#"{"sub":"0b6f2f46-8d2e-4f8e-9d7a-3c9a1a2b3c4d","email":"alice@example.com","preferred_username":"alice","name":"Alice Liddell","realm_roles":["admin","user"],"client_roles":{"gatehouse":["notes-writer","notes-reader"]},"groups":["/staff/engineering"],"session":{"expires_at":1767268800,"idle_expires_at":1767227400}}"#;
 
 async fn handle(req: Request<Incoming>) -> Result<Response<http_body_util::Full<Bytes>>, Infallible> {
-    let has_session =
-        req.headers().get_all(http::header::COOKIE).iter().any(|v| {
+    // The cookie when called directly; the relayed session when called through Gatehouse's proxy.
+    let has_session = req.headers().contains_key("x-gatehouse-session")
+        || req.headers().get_all(http::header::COOKIE).iter().any(|v| {
             v.to_str().is_ok_and(|s| s.split(';').any(|c| c.trim_start().starts_with("__Host-Http-gatehouse=")))
         });
     let (status, body) = if req.uri().path() == "/auth/me" && has_session {
