@@ -37,9 +37,21 @@ async fn no_secret_appears_in_any_log_line() {
         .with_ansi(false)
         .init();
 
+    // An upstream for the proxy: both relays carry a secret (the session id, the access token) in
+    // a header, and hyper's client logs at TRACE.
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up_port = upstream.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(upstream, axum::Router::new().fallback(|| async { "ok" })).await });
+    let routes = format!(
+        "[[routes]]\nprefix = \"/api/s/\"\nupstream = \"http://127.0.0.1:{up_port}/\"\nrelay = \"session\"\n\
+         [[routes]]\nprefix = \"/api/b/\"\nupstream = \"http://127.0.0.1:{up_port}/\"\nrelay = \"bearer\"\n"
+    );
     let work = Workdir::new();
-    let gate =
-        Gate::start(&work, &Options { internal_allow: Some(vec![POCKETBASE.into()]), ..Options::short_tokens() }).await;
+    let gate = Gate::start(
+        &work,
+        &Options { internal_allow: Some(vec![POCKETBASE.into()]), extra: routes, ..Options::short_tokens() },
+    )
+    .await;
     let mut b = Browser::default();
     b.login(&gate.base, "alice").await;
     let code = url::Url::parse(b.last_callback.as_ref().unwrap())
@@ -65,6 +77,9 @@ async fn no_secret_appears_in_any_log_line() {
         .unwrap();
     assert_eq!(x.status(), 200);
     let exchanged: serde_json::Value = x.json().await.unwrap();
+    // Proxied requests with each relay.
+    assert_eq!(b.get(&format!("{}/api/s/notes", gate.base)).await.status, 200);
+    assert_eq!(b.get(&format!("{}/api/b/notes", gate.base)).await.status, 200);
     let mut p = Browser::default();
     assert_eq!(
         p.post_json(&gate.base, "/auth/login", &json!({"username": "bob", "password": "bob-password"})).await.status,
