@@ -197,6 +197,16 @@ pub struct SessionConfig {
     /// Redis Cluster seed nodes (`redis://host:6379`, a few masters), instead of `redis_url`.
     #[serde(default)]
     pub redis_cluster_nodes: Vec<String>,
+    /// With `rediss://` URLs: the CA bundle (PEM) the server certificate must chain to, instead
+    /// of the system's roots.
+    #[serde(default)]
+    pub redis_ca_file: Option<PathBuf>,
+    /// With `rediss://` URLs: a client certificate (PEM) for servers that require one (`tls-auth-clients`).
+    #[serde(default)]
+    pub redis_client_cert_file: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[serde(default)]
+    pub redis_client_key_file: Option<PathBuf>,
     /// File holding the password the master and replicas require (`requirepass`), with `redis_sentinels`.
     /// (With `redis_url`, put credentials in the URL: `redis://:password@host:6379`.)
     #[serde(default)]
@@ -240,6 +250,9 @@ impl Default for SessionConfig {
             redis_master_name: None,
             redis_master_password_file: None,
             redis_cluster_nodes: Vec::new(),
+            redis_ca_file: None,
+            redis_client_cert_file: None,
+            redis_client_key_file: None,
             redis_timeout: defaults::redis_timeout(),
             idle_timeout: defaults::idle_timeout(),
             absolute_timeout: defaults::absolute_timeout(),
@@ -606,8 +619,10 @@ impl Config {
             return Err(invalid("session.encryption_key_file", "tokens are encrypted at rest: a key is required"));
         }
         if s.store == StoreKind::Redis {
-            // TLS to Redis (rediss://) is not compiled in: refuse it rather than fail at start-up.
-            let url_ok = |u: &str| ["redis://", "redis+unix://", "unix://"].iter().any(|p| u.starts_with(p));
+            let url_ok =
+                |u: &str| ["redis://", "rediss://", "redis+unix://", "unix://"].iter().any(|p| u.starts_with(p));
+            // TLS through Sentinel is not wired: the master's address comes from Sentinel.
+            let plain_ok = |u: &str| ["redis://", "redis+unix://", "unix://"].iter().any(|p| u.starts_with(p));
             let modes = [s.redis_url.is_some(), !s.redis_sentinels.is_empty(), !s.redis_cluster_nodes.is_empty()];
             match modes.iter().filter(|m| **m).count() {
                 0 => {
@@ -627,19 +642,34 @@ impl Config {
             if let Some(u) = &s.redis_url
                 && !url_ok(u)
             {
-                return Err(invalid(
-                    "session.redis_url",
-                    "must be a redis:// or unix:// URL (TLS to Redis is not supported in this build; use a TLS sidecar)",
-                ));
+                return Err(invalid("session.redis_url", "must be a redis://, rediss:// or unix:// URL"));
             }
             if !s.redis_sentinels.is_empty() && s.redis_master_name.is_none() {
                 return Err(invalid("session.redis_master_name", "required with redis_sentinels"));
             }
-            if let Some(bad) = s.redis_sentinels.iter().find(|u| !url_ok(u)) {
-                return Err(invalid("session.redis_sentinels", format!("`{bad}` is not a redis:// URL")));
+            if let Some(bad) = s.redis_sentinels.iter().find(|u| !plain_ok(u)) {
+                return Err(invalid(
+                    "session.redis_sentinels",
+                    format!("`{bad}` is not a redis:// URL (TLS through Sentinel is not supported)"),
+                ));
             }
-            if let Some(bad) = s.redis_cluster_nodes.iter().find(|u| !u.starts_with("redis://")) {
-                return Err(invalid("session.redis_cluster_nodes", format!("`{bad}` is not a redis:// URL")));
+            let tls_nodes = s.redis_cluster_nodes.iter().filter(|u| u.starts_with("rediss://")).count();
+            if let Some(bad) =
+                s.redis_cluster_nodes.iter().find(|u| !u.starts_with("redis://") && !u.starts_with("rediss://"))
+            {
+                return Err(invalid(
+                    "session.redis_cluster_nodes",
+                    format!("`{bad}` is not a redis:// or rediss:// URL"),
+                ));
+            }
+            if tls_nodes != 0 && tls_nodes != s.redis_cluster_nodes.len() {
+                return Err(invalid("session.redis_cluster_nodes", "use rediss:// for all nodes or for none"));
+            }
+            if s.redis_client_cert_file.is_some() != s.redis_client_key_file.is_some() {
+                return Err(invalid(
+                    "session.redis_client_cert_file",
+                    "set redis_client_cert_file and redis_client_key_file together",
+                ));
             }
         }
         if !s.cookie_name.starts_with("__Host-") {
@@ -894,6 +924,27 @@ mod tests {
             for (text, key) in cases {
                 let err = load(jail, &text).unwrap_err().to_string();
                 assert!(err.contains(key), "expected `{key}` in: {err}");
+            }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn redis_modes_and_tls_files_are_validated() {
+        Jail::expect_with(|jail| {
+            let redis = |extra: &str| MINIMAL.replace("[session]", &format!("[session]\nstore = \"redis\"\n{extra}"));
+            assert!(load(jail, &redis("redis_url = \"rediss://r:6380\"\nredis_ca_file = \"ca.pem\"")).is_ok());
+            for (extra, key) in [
+                ("", "session.redis_url"),
+                ("redis_url = \"http://r\"", "session.redis_url"),
+                ("redis_url = \"redis://r\"\nredis_cluster_nodes = [\"redis://a\"]", "exactly one"),
+                ("redis_sentinels = [\"rediss://s\"]\nredis_master_name = \"m\"", "session.redis_sentinels"),
+                ("redis_sentinels = [\"redis://s\"]", "session.redis_master_name"),
+                ("redis_cluster_nodes = [\"rediss://a\", \"redis://b\"]", "all nodes or for none"),
+                ("redis_url = \"rediss://r\"\nredis_client_cert_file = \"c.pem\"", "together"),
+            ] {
+                let err = load(jail, &redis(extra)).unwrap_err().to_string();
+                assert!(err.contains(key), "{extra}: expected `{key}` in: {err}");
             }
             Ok(())
         });

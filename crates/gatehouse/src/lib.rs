@@ -88,6 +88,23 @@ pub fn load_secrets(config: &Config) -> Result<Secrets, StartError> {
     Ok(Secrets { keyring, client_secret })
 }
 
+/// The PEM files for TLS to Redis, read once at start-up (a missing file fails start-up).
+fn redis_tls(config: &Config) -> Result<session::redis::RedisTls, StartError> {
+    let s = &config.session;
+    let read = |key: &'static str, path: &std::path::Path| {
+        std::fs::read(path)
+            .map_err(|e| StartError::from(ConfigError::Invalid { key, problem: format!("{}: {e}", path.display()) }))
+    };
+    let ca = s.redis_ca_file.as_deref().map(|p| read("session.redis_ca_file", p)).transpose()?;
+    let client_cert_and_key = match (&s.redis_client_cert_file, &s.redis_client_key_file) {
+        (Some(c), Some(k)) => {
+            Some((read("session.redis_client_cert_file", c)?, read("session.redis_client_key_file", k)?))
+        }
+        _ => None,
+    };
+    Ok(session::redis::RedisTls { ca, client_cert_and_key })
+}
+
 /// Everything the faces share.
 pub struct Core {
     pub config: Config,
@@ -123,6 +140,7 @@ impl Core {
             },
             clock.clone(),
         )?);
+        let redis_tls = redis_tls(&config)?;
         let store: Arc<dyn SessionStore> = match config.session.store {
             StoreKind::Embedded => Arc::new(EmbeddedStore::open(&config.session.path)?),
             StoreKind::Redis => match &config.session.redis_master_name {
@@ -141,11 +159,13 @@ impl Core {
                 _ if !config.session.redis_cluster_nodes.is_empty() => {
                     Arc::new(session::redis::RedisStore::open_cluster(
                         &config.session.redis_cluster_nodes,
+                        &redis_tls,
                         config.session.redis_timeout,
                     )?)
                 }
                 _ => Arc::new(session::redis::RedisStore::open(
                     config.session.redis_url.as_deref().unwrap_or_default(),
+                    &redis_tls,
                     config.session.redis_timeout,
                 )?),
             },

@@ -120,12 +120,35 @@ fn parse_hex_key(hex: &str) -> Option<SessionKey> {
     Some(SessionKey(out))
 }
 
+/// TLS material for `rediss://` (PEM bytes); without it the system's roots are used.
+#[derive(Default)]
+pub struct RedisTls {
+    pub ca: Option<Vec<u8>>,
+    pub client_cert_and_key: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl RedisTls {
+    fn certificates(&self) -> redis::TlsCertificates {
+        redis::TlsCertificates {
+            client_tls: self
+                .client_cert_and_key
+                .as_ref()
+                .map(|(cert, key)| redis::ClientTlsConfig { client_cert: cert.clone(), client_key: key.clone() }),
+            root_cert: self.ca.clone(),
+        }
+    }
+}
+
 impl RedisStore {
     /// Connects lazily: Gatehouse starts (not ready) while Redis is unreachable and becomes ready
     /// when it appears; the connection manager reconnects after errors by itself.
-    pub fn open(url: &str, timeout: Duration) -> Result<Self, StoreError> {
-        let client =
-            redis::Client::open(url).map_err(|e| StoreError::Unavailable(format!("invalid redis URL: {e}")))?;
+    pub fn open(url: &str, tls: &RedisTls, timeout: Duration) -> Result<Self, StoreError> {
+        let client = if url.starts_with("rediss://") {
+            redis::Client::build_with_tls(url, tls.certificates())
+        } else {
+            redis::Client::open(url)
+        }
+        .map_err(|e| StoreError::Unavailable(format!("invalid redis URL or TLS files: {e}")))?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout))
@@ -147,7 +170,7 @@ impl RedisStore {
             SentinelNodeConnectionInfo::default()
                 .set_redis_connection_info(redis::RedisConnectionInfo::default().set_password(pw))
         });
-        let client = SentinelClient::build(sentinels.to_vec(), master.to_string(), node, SentinelServerType::Master)
+        let client = SentinelClient::build(sentinels.to_vec(), master, node, SentinelServerType::Master)
             .map_err(|e| StoreError::Unavailable(format!("invalid sentinel configuration: {e}")))?;
         Ok(Self::with_backend(
             Backend::Sentinel(Box::new(SentinelBackend {
@@ -159,12 +182,13 @@ impl RedisStore {
     }
 
     /// A Redis Cluster: `nodes` are seed nodes (any few masters); the topology is discovered.
-    pub fn open_cluster(nodes: &[String], timeout: Duration) -> Result<Self, StoreError> {
-        let client = ClusterClient::builder(nodes.to_vec())
-            .connection_timeout(timeout)
-            .response_timeout(timeout)
-            .build()
-            .map_err(|e| StoreError::Unavailable(format!("invalid cluster configuration: {e}")))?;
+    pub fn open_cluster(nodes: &[String], tls: &RedisTls, timeout: Duration) -> Result<Self, StoreError> {
+        let mut builder = ClusterClient::builder(nodes.to_vec()).connection_timeout(timeout).response_timeout(timeout);
+        if nodes.iter().any(|n| n.starts_with("rediss://")) {
+            builder = builder.certs(tls.certificates());
+        }
+        let client =
+            builder.build().map_err(|e| StoreError::Unavailable(format!("invalid cluster configuration: {e}")))?;
         Ok(Self::with_backend(
             Backend::Cluster(Box::new(ClusterBackend { client, current: tokio::sync::Mutex::new(None) })),
             timeout,
@@ -609,7 +633,9 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let store = RedisStore::open(&format!("redis://127.0.0.1:{port}"), Duration::from_secs(2)).unwrap();
+        let store =
+            RedisStore::open(&format!("redis://127.0.0.1:{port}"), &RedisTls::default(), Duration::from_secs(2))
+                .unwrap();
         super::super::conformance::run(&store).await;
 
         // Keys carry TTLs: Redis expires sessions by itself, not only the sweeper.
@@ -701,8 +727,12 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         assert!(ok, "cluster became ok");
-        let store =
-            RedisStore::open_cluster(&[format!("redis://127.0.0.1:{}", ports[0])], Duration::from_secs(2)).unwrap();
+        let store = RedisStore::open_cluster(
+            &[format!("redis://127.0.0.1:{}", ports[0])],
+            &RedisTls::default(),
+            Duration::from_secs(2),
+        )
+        .unwrap();
         super::super::conformance::run(&store).await;
 
         // Sessions land on more than one node, and listing still finds them all.
@@ -733,5 +763,53 @@ mod tests {
         let all = store.delete_all().await.unwrap();
         assert_eq!(all.len(), 12, "delete_all reaches every node");
         drop(children);
+    }
+
+    /// TLS to Redis (`rediss://`) with a private CA and a client certificate, against a real
+    /// `redis-server --tls-port` that requires client certificates.
+    #[tokio::test]
+    async fn tls_conformance() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = dir.path();
+        crate::pki::init(pki).unwrap();
+        crate::pki::issue_to_dir(pki, "client", crate::pki::San::Dns("gatehouse.local".into()), pki).unwrap();
+        let other = dir.path().join("other");
+        crate::pki::init(&other).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let p = |f: &str| pki.join(f).display().to_string();
+        let mut child = std::process::Command::new("redis-server")
+            .args(["--port", "0", "--tls-port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args(["--tls-cert-file", &p("gatehouse.crt"), "--tls-key-file", &p("gatehouse.key")])
+            .args(["--tls-ca-cert-file", &p("ca.crt"), "--tls-auth-clients", "yes"])
+            .arg("--dir")
+            .arg(pki)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (scripts/setup.sh)");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let read = |f: &str| std::fs::read(pki.join(f)).unwrap();
+        let url = format!("rediss://localhost:{port}");
+        let good =
+            RedisTls { ca: Some(read("ca.crt")), client_cert_and_key: Some((read("client.crt"), read("client.key"))) };
+        let store = RedisStore::open(&url, &good, Duration::from_secs(2)).unwrap();
+        super::super::conformance::run(&store).await;
+
+        // No client certificate, or a server we do not trust: no connection, a clean error.
+        let no_cert = RedisTls { ca: Some(read("ca.crt")), client_cert_and_key: None };
+        let store = RedisStore::open(&url, &no_cert, Duration::from_secs(2)).unwrap();
+        assert!(matches!(store.ping().await, Err(StoreError::Unavailable(_))), "a client certificate is required");
+        let wrong_ca = RedisTls {
+            ca: Some(std::fs::read(other.join("ca.crt")).unwrap()),
+            client_cert_and_key: Some((read("client.crt"), read("client.key"))),
+        };
+        let store = RedisStore::open(&url, &wrong_ca, Duration::from_secs(2)).unwrap();
+        assert!(matches!(store.ping().await, Err(StoreError::Unavailable(_))), "the server's CA is checked");
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
