@@ -106,6 +106,12 @@ pub struct PublicConfig {
     /// Largest request body accepted on `/auth/*` routes.
     #[serde(default = "defaults::max_body_bytes")]
     pub max_body_bytes: usize,
+    /// Requests per second each client IP may make (sustained); 0 (the default) turns the limit off.
+    #[serde(default = "defaults::rate_limit_per_second")]
+    pub rate_limit_per_second: u32,
+    /// Requests a client IP may make in a burst above the sustained rate.
+    #[serde(default = "defaults::rate_limit_burst")]
+    pub rate_limit_burst: u32,
 }
 
 #[derive(Deserialize)]
@@ -356,6 +362,14 @@ mod defaults {
     pub fn max_body_bytes() -> usize {
         16 * 1024
     }
+    pub fn rate_limit_per_second() -> u32 {
+        // Off by default: behind a load balancer whose address is not in `trusted_proxies`, every
+        // client shares one IP, and a default limit would turn into an outage.
+        0
+    }
+    pub fn rate_limit_burst() -> u32 {
+        200
+    }
     pub fn scopes() -> Vec<String> {
         vec!["openid".into(), "profile".into(), "email".into()]
     }
@@ -595,6 +609,9 @@ impl Config {
         }
         if self.oidc.refresh_skew > Duration::from_secs(3600) {
             return Err(invalid("oidc.refresh_skew", "must be at most 1h"));
+        }
+        if self.public.rate_limit_per_second > 0 && self.public.rate_limit_burst < self.public.rate_limit_per_second {
+            return Err(invalid("public.rate_limit_burst", "must be at least public.rate_limit_per_second"));
         }
         if self.oidc.password_login_per_ip_per_minute == 0 {
             return Err(invalid("oidc.password_login_per_ip_per_minute", "must be at least 1"));

@@ -1,5 +1,7 @@
-//! Rate limits for password logins (SECURITY 18) and the client IP they key on. The IP comes from
-//! `X-Forwarded-For` only when the direct peer is a configured trusted proxy.
+//! Rate limits: every public request per client IP, password logins per IP and per username
+//! (SECURITY 18). The IP comes from `X-Forwarded-For` only when the direct peer is a configured
+//! trusted proxy. Keyed by IP, not by the session cookie: a client could mint fresh cookie values
+//! at will, never fresh addresses.
 
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
@@ -29,6 +31,51 @@ impl LoginLimits {
         self.per_ip.retain_recent();
         self.per_user.retain_recent();
     }
+}
+
+/// All public requests, per client IP (health checks and Keycloak's back-channel call excepted).
+pub struct RequestLimits {
+    per_ip: Option<DefaultKeyedRateLimiter<IpAddr>>,
+}
+
+impl RequestLimits {
+    pub fn new(per_second: u32, burst: u32) -> Self {
+        let per_ip = NonZeroU32::new(per_second).map(|rate| {
+            let burst = NonZeroU32::new(burst.max(per_second)).unwrap_or(rate);
+            RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst))
+        });
+        Self { per_ip }
+    }
+
+    pub fn check(&self, ip: IpAddr) -> bool {
+        self.per_ip.as_ref().is_none_or(|l| l.check_key(&ip).is_ok())
+    }
+
+    pub fn retain_recent(&self) {
+        if let Some(l) = &self.per_ip {
+            l.retain_recent();
+        }
+    }
+}
+
+/// Paths the per-IP limit leaves alone: probes, and the server-to-server logout from Keycloak.
+pub const UNLIMITED: &[&str] = &["/healthz", "/readyz", "/auth/backchannel-logout"];
+
+pub async fn limit(
+    axum::extract::State(st): axum::extract::State<std::sync::Arc<super::PublicState>>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<SocketAddr>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if !UNLIMITED.contains(&req.uri().path()) {
+        let ip = client_ip(peer, req.headers(), &st.core.config.public.trusted_proxies);
+        if !st.requests.check(ip) {
+            tracing::debug!(%ip, "request rate limit hit");
+            return crate::error::ApiError::TooManyRequests.into_response();
+        }
+    }
+    next.run(req).await
 }
 
 /// The client's IP: the peer, or the right-most untrusted `X-Forwarded-For` hop behind trusted proxies.
@@ -74,6 +121,17 @@ mod tests {
             "1.2.3.4".parse::<IpAddr>().unwrap(),
             "right-most hop, not the spoofable left"
         );
+    }
+
+    #[test]
+    fn request_limit_per_ip_with_burst() {
+        let l = RequestLimits::new(1, 3);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        assert!((0..3).all(|_| l.check(a)), "the burst passes");
+        assert!(!l.check(a), "then the rate holds");
+        assert!(l.check("10.0.0.2".parse().unwrap()), "other clients have their own bucket");
+        let off = RequestLimits::new(0, 0);
+        assert!((0..10_000).all(|_| off.check(a)), "0 turns it off");
     }
 
     #[test]

@@ -26,7 +26,7 @@ use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer};
 use crate::Core;
 use crate::config::CookieSettings;
 use crate::error::ApiError;
-pub use limits::LoginLimits;
+pub use limits::{LoginLimits, RequestLimits};
 
 /// Every public route: (method, path). The router is checked against this table in tests, and
 /// the CSRF test walks it, so a new route cannot skip CSRF by accident.
@@ -50,6 +50,7 @@ pub struct PublicState {
     pub cookie: CookieSettings,
     pub origin: String,
     pub limits: LoginLimits,
+    pub requests: RequestLimits,
     pub proxy: proxy::Proxy,
 }
 
@@ -62,6 +63,7 @@ pub fn router(core: Arc<Core>) -> Router {
             config.oidc.password_login_per_ip_per_minute,
             config.oidc.password_login_per_user_per_minute,
         ),
+        requests: RequestLimits::new(config.public.rate_limit_per_second, config.public.rate_limit_burst),
         proxy: proxy::Proxy::new(config),
         core: core.clone(),
     });
@@ -83,6 +85,7 @@ pub fn router(core: Arc<Core>) -> Router {
     router
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn_with_state(state.clone(), csrf::check))
+        .layer(middleware::from_fn_with_state(state.clone(), limits::limit))
         // Spans carry the method and path only: the query string may hold an authorization code.
         .layer(
             TraceLayer::new_for_http()
@@ -109,6 +112,7 @@ fn spawn_limit_cleanup(state: &Arc<PublicState>) {
             tick.tick().await;
             let Some(state) = weak.upgrade() else { break };
             state.limits.retain_recent();
+            state.requests.retain_recent();
         }
     });
 }

@@ -53,6 +53,8 @@ pub struct Options {
     pub refresh_skew: &'static str,
     pub same_site: &'static str,
     pub extra: String,
+    /// Extra keys for the `[public]` table.
+    pub public_extra: String,
     /// Start the internal listener (mTLS with the work dir's dev PKI) with this allow-list.
     pub internal_allow: Option<Vec<String>>,
     pub internal_rate: u32,
@@ -73,6 +75,7 @@ impl Default for Options {
             refresh_skew: "30s",
             same_site: "lax",
             extra: String::new(),
+            public_extra: String::new(),
             internal_allow: None,
             internal_rate: 1000,
             redis_url: None,
@@ -129,6 +132,7 @@ impl Workdir {
 [public]
 listen = "127.0.0.1:{port}"
 external_url = "http://localhost:{external_port}"
+{public_extra}
 [oidc]
 issuer = "{issuer}"
 client_id = "{client_id}"
@@ -159,6 +163,7 @@ listen = "127.0.0.1:0"
             key = self.key,
             same_site = o.same_site,
             extra = o.extra,
+            public_extra = o.public_extra,
             internal = match &o.internal_allow {
                 None => String::new(),
                 Some(allow) => format!(

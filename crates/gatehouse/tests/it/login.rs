@@ -332,3 +332,29 @@ async fn a_client_that_never_finishes_its_headers_is_cut_off() {
     assert!(started.elapsed() >= std::time::Duration::from_secs(5), "not cut off before the header timeout");
     gate.stop().await;
 }
+
+#[tokio::test]
+async fn public_requests_are_rate_limited_per_client_ip_when_configured() {
+    let work = Workdir::new();
+    let o = Options {
+        public_extra: "rate_limit_per_second = 2\nrate_limit_burst = 5\ntrusted_proxies = [\"127.0.0.1\"]".into(),
+        ..Options::default()
+    };
+    let gate = Gate::start(&work, &o).await;
+    let me = format!("{}/auth/me", gate.base);
+    let mut statuses = Vec::new();
+    for _ in 0..12 {
+        statuses.push(http().get(&me).send().await.unwrap().status().as_u16());
+    }
+    assert!(statuses.iter().filter(|s| **s == 401).count() <= 6, "the burst and a little refill pass: {statuses:?}");
+    assert!(statuses.contains(&429), "then 429: {statuses:?}");
+    let r = http().get(&me).send().await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["retry-after"], "5");
+    assert_eq!(r.json::<serde_json::Value>().await.unwrap()["error"], "rate_limited");
+    // Probes are never limited; another client (behind the trusted proxy) has its own bucket.
+    assert_eq!(http().get(format!("{}/healthz", gate.base)).send().await.unwrap().status(), 200);
+    let other = http().get(&me).header("x-forwarded-for", "203.0.113.9").send().await.unwrap();
+    assert_eq!(other.status(), 401, "another client IP is not limited by the first one's use");
+    gate.stop().await;
+}
