@@ -99,4 +99,44 @@ mod tests {
             assert!(check(p).is_err(), "{p} must be refused");
         }
     }
+
+    /// Randomised: for any path `check` accepts, the decoded path has the same segments as the raw
+    /// one (so a prefix match on either agrees), no dot segments, and no decoded separators. The
+    /// alphabet is biased towards the characters that make paths ambiguous.
+    #[test]
+    fn accepted_paths_mean_the_same_raw_and_decoded() {
+        const PIECES: &[&str] = &[
+            "/", "/", "a", "b", "api", "pb", ".", "..", "%2e", "%2E", "%2f", "%2F", "%5c", "%25", "%41", "%20",
+            "%C3%A9", ";", "\\", "%", "%0", "x%y", "~", "-", "_", "%7e", "//", "%00", "%3B", "?",
+        ];
+        // xorshift: deterministic, no extra dependency.
+        let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut accepted = 0;
+        for _ in 0..200_000 {
+            let len = 1 + (next() % 8) as usize;
+            let mut path = String::from("/api/pb/");
+            for _ in 0..len {
+                path.push_str(PIECES[(next() % PIECES.len() as u64) as usize]);
+            }
+            if check(&path).is_err() {
+                continue;
+            }
+            accepted += 1;
+            let decoded: Vec<u8> = percent_encoding::percent_decode_str(&path).collect();
+            let decoded = String::from_utf8_lossy(&decoded).to_string();
+            let raw_segments: Vec<&str> = path.split('/').collect();
+            let decoded_segments: Vec<&str> = decoded.split('/').collect();
+            assert_eq!(raw_segments.len(), decoded_segments.len(), "{path} → {decoded}");
+            assert!(decoded.starts_with("/api/pb/"), "{path} → {decoded}");
+            assert!(!decoded_segments.iter().any(|s| *s == "." || *s == ".."), "{path} → {decoded}");
+            assert!(!decoded.contains('\\') && !decoded.contains(';') && !decoded.contains('\0'), "{path} → {decoded}");
+        }
+        assert!(accepted > 1_000, "the generator must also produce accepted paths ({accepted})");
+    }
 }
