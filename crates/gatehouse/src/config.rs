@@ -65,8 +65,18 @@ pub enum Relay {
 pub struct RouteConfig {
     /// Path prefix under `/api/`, ending in `/`, e.g. `/api/pb/`. The longest matching prefix wins.
     pub prefix: String,
-    /// Where matching requests go (`http://host:port/path/`); the prefix is replaced by this URL's path.
+    /// Where matching requests go (`http://` or `https://host:port/path/`); the prefix is replaced by this URL's path.
     pub upstream: Url,
+    /// With an `https://` upstream: the CA bundle (PEM) its certificate must chain to (required;
+    /// the system's roots are not used for internal services).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// With an `https://` upstream: Gatehouse's client certificate (PEM) for upstreams that require one.
+    #[serde(default)]
+    pub client_cert_file: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[serde(default)]
+    pub client_key_file: Option<PathBuf>,
     /// `bearer` or `session`.
     pub relay: Relay,
     /// Longest wait for the upstream's response headers (bodies, SSE and WebSockets may then stream on).
@@ -496,12 +506,25 @@ impl RouteConfig {
             ));
         }
         let u = &self.upstream;
-        // Plain http only: TLS to upstreams is not compiled in (in a cluster, a mesh sidecar adds it).
-        if u.scheme() != "http" {
-            return Err(invalid(
-                "routes.upstream",
-                format!("`{u}`: only http:// upstreams are supported in this build (use a mesh sidecar for TLS)"),
-            ));
+        match u.scheme() {
+            "http" if self.ca_file.is_some() || self.client_cert_file.is_some() => {
+                return Err(invalid(
+                    "routes.ca_file",
+                    format!("`{u}` is plain http: TLS files need an https:// upstream"),
+                ));
+            }
+            "http" => {}
+            "https" if self.ca_file.is_none() => {
+                return Err(invalid(
+                    "routes.ca_file",
+                    format!("`{u}` is https: set ca_file, the CA its certificate chains to"),
+                ));
+            }
+            "https" => {}
+            other => return Err(invalid("routes.upstream", format!("`{u}`: scheme `{other}` is not http or https"))),
+        }
+        if self.client_cert_file.is_some() != self.client_key_file.is_some() {
+            return Err(invalid("routes.client_cert_file", "set client_cert_file and client_key_file together"));
         }
         if u.host_str().is_none() || !u.username().is_empty() || u.password().is_some() {
             return Err(invalid("routes.upstream", format!("`{u}` needs a host and no user info")));
@@ -985,7 +1008,8 @@ mod tests {
                 ("/api/../auth/", "http://127.0.0.1:8090/", "routes.prefix"),
                 ("/api//pb/", "http://127.0.0.1:8090/", "routes.prefix"),
                 ("/api/p%62/", "http://127.0.0.1:8090/", "routes.prefix"),
-                ("/api/pb/", "https://127.0.0.1:8090/", "routes.upstream"),
+                ("/api/pb/", "https://127.0.0.1:8090/", "routes.ca_file"),
+                ("/api/pb/", "ftp://127.0.0.1:8090/", "routes.upstream"),
                 ("/api/pb/", "http://127.0.0.1:8090/x", "routes.upstream"),
                 ("/api/pb/", "http://u:p@127.0.0.1:8090/", "routes.upstream"),
                 ("/api/pb/", "http://127.0.0.1:8090/?q=1", "routes.upstream"),

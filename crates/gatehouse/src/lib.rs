@@ -52,6 +52,8 @@ pub enum StartError {
     Tls(#[from] tls::TlsError),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Route(#[from] public::proxy::RouteError),
 }
 
 /// Secrets read from files or config, checked (used by `check-config` too).
@@ -269,6 +271,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
         })?),
         _ => None,
     };
+    let public_router = public::router(core.clone())?;
     let (tx, rx) = watch::channel(false);
     let bind = |addr| async move { TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source }) };
     let public = bind(public_listen).await?;
@@ -278,7 +281,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
     tracing::info!(%public_addr, %admin_addr, "listening");
 
     let mut tasks = vec![
-        tokio::spawn(listener::serve(public, public::router(core.clone()), None, rx.clone())),
+        tokio::spawn(listener::serve(public, public_router, None, rx.clone())),
         tokio::spawn(listener::serve(admin, admin::router(core.clone()), None, rx.clone())),
         tokio::spawn(discovery_loop(core.clone(), rx.clone())),
         tokio::spawn(sweep_loop(core.clone(), clock, sweep_every, rx.clone())),

@@ -185,6 +185,11 @@ fn check_config(path: &Path) -> ExitCode {
         eprintln!("{}: invalid configuration: {e}", path.display());
         return ExitCode::from(2);
     }
+    // Route TLS files (CA, client certificate) are loaded the way `serve` loads them.
+    if let Err(e) = gatehouse::public::proxy::Proxy::new(&config) {
+        eprintln!("{}: invalid configuration: {e}", path.display());
+        return ExitCode::from(2);
+    }
     println!("{}: configuration is valid", path.display());
     println!("  public listener   {} (external URL {})", config.public.listen, config.public_origin());
     println!("  redirect URI      {}", config.redirect_uri());
@@ -192,6 +197,9 @@ fn check_config(path: &Path) -> ExitCode {
     println!("  identity provider {} (client `{}`)", config.oidc.issuer, config.oidc.client_id);
     println!("  session store     {:?} {}", config.session.store, config.session.path.display());
     println!("  admin listener    {}", config.admin.listen);
+    for r in &config.routes {
+        println!("  route             {} -> {} (relay {:?})", r.prefix, r.upstream, r.relay);
+    }
     if let Some(i) = &config.internal {
         println!("  internal listener {} ({:?}), {} allowed caller(s)", i.listen, i.mode, i.allow.len());
         if i.mode == gatehouse::config::InternalMode::Mtls {

@@ -7,7 +7,7 @@ pub mod cookies;
 pub mod csrf;
 mod limits;
 mod login_state;
-mod proxy;
+pub mod proxy;
 pub mod return_to;
 
 use std::sync::Arc;
@@ -54,8 +54,10 @@ pub struct PublicState {
     pub proxy: proxy::Proxy,
 }
 
-pub fn router(core: Arc<Core>) -> Router {
+/// The public router; fails if a route's TLS files cannot be used.
+pub fn router(core: Arc<Core>) -> Result<Router, proxy::RouteError> {
     let config = &core.config;
+    let proxy = proxy::Proxy::new(config)?;
     let state = Arc::new(PublicState {
         cookie: config.cookie(),
         origin: config.public_origin(),
@@ -64,7 +66,7 @@ pub fn router(core: Arc<Core>) -> Router {
             config.oidc.password_login_per_user_per_minute,
         ),
         requests: RequestLimits::new(config.public.rate_limit_per_second, config.public.rate_limit_burst),
-        proxy: proxy::Proxy::new(config),
+        proxy,
         core: core.clone(),
     });
     spawn_limit_cleanup(&state);
@@ -82,7 +84,7 @@ pub fn router(core: Arc<Core>) -> Router {
         Some(dir) => router.fallback_service(ServeDir::new(dir).fallback(get(not_found).post(not_found))),
         None => router.fallback(not_found),
     };
-    router
+    Ok(router
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn_with_state(state.clone(), csrf::check))
         .layer(middleware::from_fn_with_state(state.clone(), limits::limit))
@@ -101,7 +103,7 @@ pub fn router(core: Arc<Core>) -> Router {
         .layer(SetSensitiveResponseHeadersLayer::new([header::SET_COOKIE]))
         .layer(axum::extract::DefaultBodyLimit::max(config.public.max_body_bytes))
         .layer(middleware::from_fn(guard_headers))
-        .with_state(state)
+        .with_state(state))
 }
 
 fn spawn_limit_cleanup(state: &Arc<PublicState>) {

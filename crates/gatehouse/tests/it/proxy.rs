@@ -481,3 +481,118 @@ async fn websocket_upgrades_pass_through_and_foreign_origins_do_not() {
     let closed = tokio::time::timeout(Duration::from_secs(5), tunnel.read_to_end(&mut rest)).await;
     assert!(matches!(closed, Ok(Ok(_))), "the tunnel is closed after logout");
 }
+
+/// An upstream that speaks TLS only and requires a client certificate from the work dir's CA.
+async fn start_tls_upstream(work: &Workdir) -> u16 {
+    use rustls_pki_types::pem::PemObject;
+    let pki = work.pki();
+    let certs: Vec<rustls_pki_types::CertificateDer<'static>> =
+        rustls_pki_types::CertificateDer::pem_file_iter(pki.join("gatehouse.crt"))
+            .unwrap()
+            .map(|c| c.unwrap())
+            .collect();
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(pki.join("gatehouse.key")).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_file_iter(pki.join("ca.crt")).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build().unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let app = Router::new().fallback(|req: Request| async move {
+        axum::Json(json!({"path": req.uri().path(), "session": req.headers().get("x-gatehouse-session").is_some()}))
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { break };
+            let (acceptor, app) = (acceptor.clone(), app.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(
+                        hyper_util::rt::TokioIo::new(tls),
+                        hyper_util::service::TowerToHyperService::new(app),
+                    )
+                    .await;
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn https_upstreams_are_verified_against_their_ca_and_get_a_client_certificate() {
+    let work = Workdir::new();
+    let port = start_tls_upstream(&work).await;
+    let client = client_cert(&work.ca(), vec![gatehouse::pki::San::Dns("gatehouse.local".into())]);
+    let dir = work.dir.path();
+    std::fs::write(dir.join("gh-client.crt"), &client.cert_pem).unwrap();
+    std::fs::write(dir.join("gh-client.key"), &client.key_pem).unwrap();
+    let other = tempfile::tempdir().unwrap();
+    gatehouse::pki::init(other.path()).unwrap();
+    let pki = work.pki();
+    let routes = format!(
+        r#"
+[[routes]]
+prefix = "/api/tls/"
+upstream = "https://localhost:{port}/svc/"
+relay = "session"
+ca_file = "{ca}"
+client_cert_file = "{cert}"
+client_key_file = "{key}"
+[[routes]]
+prefix = "/api/nocert/"
+upstream = "https://localhost:{port}/svc/"
+relay = "session"
+ca_file = "{ca}"
+[[routes]]
+prefix = "/api/wrongca/"
+upstream = "https://localhost:{port}/svc/"
+relay = "session"
+ca_file = "{other_ca}"
+client_cert_file = "{cert}"
+client_key_file = "{key}"
+"#,
+        ca = pki.join("ca.crt").display(),
+        cert = dir.join("gh-client.crt").display(),
+        key = dir.join("gh-client.key").display(),
+        other_ca = other.path().join("ca.crt").display(),
+    );
+    let gate = Gate::start(&work, &Options { extra: routes, ..Options::default() }).await;
+    let sid = logged_in(&gate, "alice").await;
+    let get =
+        |path: &str| http().get(format!("{}{path}", gate.base)).header("cookie", format!("{COOKIE}={sid}")).send();
+    let r = get("/api/tls/notes").await.unwrap();
+    assert_eq!(r.status(), 200, "mutual TLS to the upstream");
+    let j: Value = r.json().await.unwrap();
+    assert_eq!(j["path"], "/svc/notes");
+    assert_eq!(j["session"], true, "the relay header crossed the TLS hop");
+    assert_eq!(get("/api/nocert/notes").await.unwrap().status(), 502, "the upstream requires our certificate");
+    assert_eq!(get("/api/wrongca/notes").await.unwrap().status(), 502, "an upstream we do not trust is refused");
+
+    // A route whose CA file is missing stops start-up (and check-config) with the route named.
+    let bad = Workdir::new();
+    let text = bad.config_text(&Options {
+        extra: format!(
+            "[[routes]]\nprefix = \"/api/x/\"\nupstream = \"https://localhost:{port}/\"\nrelay = \"session\"\nca_file = \"/nonexistent/ca.crt\"\n"
+        ),
+        ..Options::default()
+    });
+    let config = gatehouse::config::Config::from_figment(
+        figment::Figment::new().merge(<figment::providers::Toml as figment::providers::Format>::string(&text)),
+    )
+    .unwrap();
+    let err =
+        gatehouse::start(config, Arc::new(gatehouse::clock::SystemClock::default())).await.err().expect("refused");
+    assert!(err.to_string().contains("/api/x/") && err.to_string().contains("ca_file"), "{err}");
+    gate.stop().await;
+}

@@ -15,10 +15,13 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use http_body_util::{BodyExt, Limited};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use ipnet::IpNet;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use super::{PublicState, cookies};
 use crate::config::{Config, Relay, RouteConfig};
@@ -41,7 +44,15 @@ struct Route {
     in_flight: Arc<tokio::sync::Semaphore>,
     /// How often a WebSocket tunnel re-checks its session, so a logout or revocation closes it.
     session_recheck: Duration,
-    client: Client<HttpConnector, Body>,
+    client: Client<HttpsConnector<HttpConnector>, Body>,
+}
+
+/// A route whose TLS files cannot be used; start-up stops on it.
+#[derive(Debug, thiserror::Error)]
+#[error("route {prefix}: {problem}")]
+pub struct RouteError {
+    prefix: String,
+    problem: String,
 }
 
 pub struct Proxy {
@@ -54,21 +65,21 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(config: &Config) -> Self {
-        let mut routes: Vec<Route> = config.routes.iter().map(Route::new).collect();
+    pub fn new(config: &Config) -> Result<Self, RouteError> {
+        let mut routes: Vec<Route> = config.routes.iter().map(Route::new).collect::<Result<_, _>>()?;
         routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
         let ext = &config.public.external_url;
         let host = match ext.port() {
             Some(p) => format!("{}:{p}", ext.host_str().unwrap_or_default()),
             None => ext.host_str().unwrap_or_default().to_owned(),
         };
-        Self {
+        Ok(Self {
             routes,
             origin: config.public_origin(),
             forwarded_host: HeaderValue::from_str(&host).unwrap_or(HeaderValue::from_static("localhost")),
             forwarded_proto: HeaderValue::from_static(if ext.scheme() == "https" { "https" } else { "http" }),
             trusted_proxies: config.public.trusted_proxies.clone(),
-        }
+        })
     }
 
     fn route_for(&self, path: &str) -> Option<&Route> {
@@ -77,15 +88,25 @@ impl Proxy {
 }
 
 impl Route {
-    fn new(c: &RouteConfig) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(c.connect_timeout));
-        connector.set_nodelay(true);
+    fn new(c: &RouteConfig) -> Result<Self, RouteError> {
+        let mut http = HttpConnector::new();
+        http.set_connect_timeout(Some(c.connect_timeout));
+        http.set_nodelay(true);
+        http.enforce_http(false);
+        let fail = |problem: String| RouteError { prefix: c.prefix.clone(), problem };
+        let tls = upstream_tls(c).map_err(fail)?;
+        let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls);
+        // An https route never falls back to plain http, and an http route never speaks TLS.
+        let connector = if c.upstream.scheme() == "https" {
+            builder.https_only().enable_http1().wrap_connector(http)
+        } else {
+            builder.https_or_http().enable_http1().wrap_connector(http)
+        };
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(64)
             .build(connector);
-        Self {
+        Ok(Self {
             prefix: c.prefix.clone(),
             origin: c.upstream.origin().ascii_serialization(),
             base_path: c.upstream.path().to_owned(),
@@ -95,8 +116,43 @@ impl Route {
             in_flight: Arc::new(tokio::sync::Semaphore::new(c.max_in_flight)),
             session_recheck: c.session_recheck,
             client,
+        })
+    }
+}
+
+/// The TLS client configuration of a route: its own CA (never the system's roots) and, if
+/// configured, Gatehouse's client certificate. For an http route: an empty one, never used.
+fn upstream_tls(c: &RouteConfig) -> Result<rustls::ClientConfig, String> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    let mut roots = rustls::RootCertStore::empty();
+    if let Some(ca) = &c.ca_file {
+        let certs = CertificateDer::pem_file_iter(ca)
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| format!("ca_file {}: {e}", ca.display()))?;
+        for cert in certs {
+            roots.add(cert).map_err(|e| format!("ca_file {}: {e}", ca.display()))?;
+        }
+        if roots.is_empty() {
+            return Err(format!("ca_file {}: no certificate", ca.display()));
         }
     }
+    let builder = builder.with_root_certificates(roots);
+    // No ALPN here: the connector sets `http/1.1` itself (and panics if it is preset).
+    let config = match (&c.client_cert_file, &c.client_key_file) {
+        (Some(cert), Some(key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| format!("client_cert_file {}: {e}", cert.display()))?;
+            let key =
+                PrivateKeyDer::from_pem_file(key).map_err(|e| format!("client_key_file {}: {e}", key.display()))?;
+            builder.with_client_auth_cert(chain, key).map_err(|e| format!("client certificate: {e}"))?
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    Ok(config)
 }
 
 /// `ANY /api/...`: route, check, authenticate, forward.
