@@ -535,8 +535,11 @@ impl RouteConfig {
                 format!("`{u}`: no query or fragment, and the path must end in `/`"),
             ));
         }
-        if self.timeout.is_zero() || self.connect_timeout.is_zero() {
-            return Err(invalid("routes.timeout", "timeouts must be above zero"));
+        if self.timeout.is_zero() {
+            return Err(invalid("routes.timeout", "must be above zero"));
+        }
+        if self.connect_timeout.is_zero() {
+            return Err(invalid("routes.connect_timeout", "must be above zero"));
         }
         if self.max_body_bytes == 0 {
             return Err(invalid("routes.max_body_bytes", "must be at least 1"));
