@@ -179,14 +179,66 @@ pub async fn handle(
     outcome
 }
 
+/// The proxy in five steps: refuse what must not pass, authenticate, build the upstream request,
+/// send it under the route's timeout, and hand back the answer (or a tunnel for a WebSocket).
 async fn forward(st: &PublicState, route: &Route, peer: SocketAddr, mut req: Request) -> Result<Response, ApiError> {
-    let proxy = &st.proxy;
+    let upgrade = refuse_early(&st.proxy, route, &req)?;
+
+    let id = cookies::read(req.headers(), &st.cookie.name)
+        .and_then(|v| SessionId::parse(&v))
+        .ok_or(ApiError::Unauthenticated)?;
+    let resolved = st.core.exchange.resolve(&id, route.relay == Relay::Bearer).await?;
+    let permit = route.in_flight.clone().try_acquire_owned().map_err(|_| {
+        tracing::warn!(route = %route.prefix, "too many requests in flight to this upstream");
+        ApiError::UpstreamBusy
+    })?;
+    let relay = match route.relay {
+        Relay::Bearer => format!("Bearer {}", resolved.access_token.ok_or(ApiError::Internal)?),
+        Relay::Session => id.expose().to_owned(),
+    };
+
+    // Take the client's side of a possible upgrade before the request is consumed.
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let upstream_req = upstream_request(&st.proxy, route, peer, req, upgrade, &relay)?;
+
+    let started = std::time::Instant::now();
+    let mut resp = match tokio::time::timeout(route.timeout, route.client.request(upstream_req)).await {
+        Err(_) => {
+            tracing::warn!(route = %route.prefix, "upstream did not answer in time");
+            return Err(ApiError::UpstreamTimeout);
+        }
+        Ok(Err(e)) => return Err(upstream_error(route, &e)),
+        Ok(Ok(resp)) => resp,
+    };
+    tracing::debug!(route = %route.prefix, status = resp.status().as_u16(), ms = started.elapsed().as_millis() as u64, "proxied");
+
+    let upgraded = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+    headers::for_browser(resp.headers_mut(), upgraded);
+    if upgraded {
+        // The upstream switched protocols nobody asked for.
+        let client_upgrade = client_upgrade.ok_or(ApiError::BadGateway)?;
+        let upstream_upgrade = hyper::upgrade::on(&mut resp);
+        let (prefix, every) = (route.prefix.clone(), route.session_recheck);
+        tokio::spawn(tunnel(prefix, every, st.core.exchange.clone(), id, client_upgrade, upstream_upgrade, permit));
+        return Ok(resp.map(Body::new));
+    }
+    // The permit lives as long as the response body (an SSE stream holds it until it ends).
+    Ok(resp.map(move |body| {
+        Body::new(body.map_frame(move |frame| {
+            let _held = &permit;
+            frame
+        }))
+    }))
+}
+
+/// Everything refused before the session is even looked at. Returns whether the request is a
+/// WebSocket handshake.
+fn refuse_early(proxy: &Proxy, route: &Route, req: &Request) -> Result<bool, ApiError> {
     // TRACE would echo the relay header back to page script; CONNECT makes a tunnel to anywhere.
     if matches!(req.method().as_str(), "TRACE" | "TRACK" | "CONNECT") {
         return Err(ApiError::MethodNotAllowed);
     }
-    let raw_path = req.uri().path();
-    if let Err(why) = path::check(raw_path) {
+    if let Err(why) = path::check(req.uri().path()) {
         return Err(ApiError::bad_request("bad_path", format!("path refused: {why}")));
     }
     let h = req.headers();
@@ -208,14 +260,20 @@ async fn forward(st: &PublicState, route: &Route, peer: SocketAddr, mut req: Req
     {
         return Err(ApiError::PayloadTooLarge);
     }
+    Ok(upgrade)
+}
 
-    let id = cookies::read(h, &st.cookie.name).and_then(|v| SessionId::parse(&v)).ok_or(ApiError::Unauthenticated)?;
-    let resolved = st.core.exchange.resolve(&id, route.relay == Relay::Bearer).await?;
-    let permit = route.in_flight.clone().try_acquire_owned().map_err(|_| {
-        tracing::warn!(route = %route.prefix, "too many requests in flight to this upstream");
-        ApiError::UpstreamBusy
-    })?;
-
+/// The request as the upstream gets it: prefix replaced, headers filtered, our `X-Forwarded-*`
+/// and the relay header added, the body streamed through a size limit.
+fn upstream_request(
+    proxy: &Proxy,
+    route: &Route,
+    peer: SocketAddr,
+    req: Request,
+    upgrade: bool,
+    relay: &str,
+) -> Result<axum::http::Request<Body>, ApiError> {
+    let raw_path = req.uri().path();
     let rest = &raw_path[route.prefix.len()..];
     let query = req.uri().query().map(|q| format!("?{q}")).unwrap_or_default();
     let uri: Uri = format!("{}{}{rest}{query}", route.origin, route.base_path)
@@ -223,9 +281,7 @@ async fn forward(st: &PublicState, route: &Route, peer: SocketAddr, mut req: Req
         .map_err(|_| ApiError::bad_request("bad_path", "path cannot be forwarded"))?;
 
     let mut out = headers::for_upstream(req.headers(), upgrade);
-    let client_ip = super::limits::client_ip(peer, req.headers(), &proxy.trusted_proxies);
-    let xff = forwarded_for(req.headers(), peer, &proxy.trusted_proxies);
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    if let Ok(v) = HeaderValue::from_str(&forwarded_for(req.headers(), peer, &proxy.trusted_proxies)) {
         out.insert("x-forwarded-for", v);
     }
     out.insert("x-forwarded-proto", proxy.forwarded_proto.clone());
@@ -233,95 +289,63 @@ async fn forward(st: &PublicState, route: &Route, peer: SocketAddr, mut req: Req
     if let Ok(v) = HeaderValue::from_str(route.prefix.trim_end_matches('/')) {
         out.insert("x-forwarded-prefix", v);
     }
+    let mut relay = HeaderValue::from_str(relay).map_err(|_| ApiError::Internal)?;
+    relay.set_sensitive(true);
     match route.relay {
-        Relay::Bearer => {
-            let token = resolved.access_token.ok_or(ApiError::Internal)?;
-            let mut v = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| ApiError::Internal)?;
-            v.set_sensitive(true);
-            out.insert(header::AUTHORIZATION, v);
-        }
-        Relay::Session => {
-            let mut v = HeaderValue::from_str(id.expose()).map_err(|_| ApiError::Internal)?;
-            v.set_sensitive(true);
-            out.insert("x-gatehouse-session", v);
-        }
-    }
+        Relay::Bearer => out.insert(header::AUTHORIZATION, relay),
+        Relay::Session => out.insert("x-gatehouse-session", relay),
+    };
 
-    // Take the client's side of a possible upgrade before the request is consumed.
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
     let body = Body::new(Limited::new(body, route.max_body_bytes).map_err(axum::Error::new));
-    let mut upstream_req =
+    let mut builder =
         axum::http::Request::builder().method(parts.method).uri(uri).version(axum::http::Version::HTTP_11);
-    if let Some(hm) = upstream_req.headers_mut() {
-        *hm = out;
+    if let Some(h) = builder.headers_mut() {
+        *h = out;
     }
-    let upstream_req = upstream_req.body(body).map_err(|_| ApiError::Internal)?;
+    builder.body(body).map_err(|_| ApiError::Internal)
+}
 
-    let started = std::time::Instant::now();
-    let mut resp = match tokio::time::timeout(route.timeout, route.client.request(upstream_req)).await {
-        Err(_) => {
-            tracing::warn!(route = %route.prefix, %client_ip, "upstream did not answer in time");
-            return Err(ApiError::UpstreamTimeout);
+/// A WebSocket after the 101: bytes both ways until either side closes, or the session ends
+/// (re-checked every `session_recheck`: logout, expiry, revocation; a store outage does not close it).
+async fn tunnel(
+    prefix: String,
+    every: Duration,
+    exchange: Arc<crate::exchange::Exchange>,
+    id: SessionId,
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let _permit = permit;
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::info!(route = %prefix, error = %e, "upgrade failed");
+            return;
         }
-        Ok(Err(e)) => return Err(upstream_error(route, &e)),
-        Ok(Ok(resp)) => resp,
     };
-    tracing::debug!(route = %route.prefix, status = resp.status().as_u16(), ms = started.elapsed().as_millis() as u64, "proxied");
-
-    let upgraded = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-    headers::for_browser(resp.headers_mut(), upgraded);
-    if upgraded {
-        let Some(client_upgrade) = client_upgrade else {
-            // The upstream switched protocols nobody asked for.
-            return Err(ApiError::BadGateway);
-        };
-        let upstream_upgrade = hyper::upgrade::on(&mut resp);
-        let prefix = route.prefix.clone();
-        let exchange = st.core.exchange.clone();
-        let every = route.session_recheck;
-        tokio::spawn(async move {
-            let _permit = permit;
-            let (client, upstream) = match tokio::try_join!(client_upgrade, upstream_upgrade) {
-                Ok(pair) => pair,
-                Err(e) => {
-                    tracing::info!(route = %prefix, error = %e, "upgrade failed");
+    let (mut a, mut b) = (TokioIo::new(client), TokioIo::new(upstream));
+    let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
+    tokio::pin!(copy);
+    let mut recheck = tokio::time::interval(every);
+    recheck.tick().await;
+    loop {
+        tokio::select! {
+            ended = &mut copy => {
+                if let Err(e) = ended {
+                    tracing::debug!(route = %prefix, error = %e, "tunnel ended");
+                }
+                return;
+            }
+            _ = recheck.tick() => {
+                if matches!(exchange.resolve(&id, false).await, Err(crate::exchange::ExchangeError::InvalidSession)) {
+                    tracing::info!(route = %prefix, "session ended: tunnel closed");
                     return;
                 }
-            };
-            let (mut a, mut b) = (TokioIo::new(client), TokioIo::new(upstream));
-            let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
-            tokio::pin!(copy);
-            let mut recheck = tokio::time::interval(every);
-            recheck.tick().await;
-            loop {
-                tokio::select! {
-                    ended = &mut copy => {
-                        if let Err(e) = ended {
-                            tracing::debug!(route = %prefix, error = %e, "tunnel ended");
-                        }
-                        return;
-                    }
-                    _ = recheck.tick() => {
-                        // A logout, expiry or revocation closes the tunnel; a store outage does not.
-                        if matches!(exchange.resolve(&id, false).await, Err(crate::exchange::ExchangeError::InvalidSession)) {
-                            tracing::info!(route = %prefix, "session ended: tunnel closed");
-                            return;
-                        }
-                    }
-                }
             }
-        });
-        return Ok(resp.map(Body::new));
+        }
     }
-    // The permit lives as long as the response body (an SSE stream holds it until it ends).
-    Ok(resp.map(move |body| {
-        let permit = permit;
-        Body::new(body.map_frame(move |frame| {
-            let _held = &permit;
-            frame
-        }))
-    }))
 }
 
 /// `X-Forwarded-For` for the upstream: the chain from trusted proxies, plus our peer.
