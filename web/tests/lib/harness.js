@@ -333,4 +333,11 @@ export async function addNote(page, text) {
   await page.fill('#note-text', text);
   await page.click('#note-add');
   await page.locator('#notes-list .note', { hasText: text }).waitFor({ state: 'visible', timeout: 10_000 });
+  // The realtime event can show the note before the POST's own answer arrives, and only that
+  // answer clears the field: wait for it (the caller asserts the field is empty).
+  await page
+    .waitForFunction(() => document.getElementById('note-text').value === '' && !document.getElementById('note-add').disabled, null, {
+      timeout: 10_000,
+    })
+    .catch(() => {});
 }
