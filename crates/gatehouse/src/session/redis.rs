@@ -615,15 +615,18 @@ impl SessionStore for RedisStore {
 mod tests {
     use super::*;
 
-    /// The shared store contract against a real `redis-server` (Debian package) on a free port.
-    #[tokio::test]
-    async fn conformance() {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let dir = tempfile::tempdir().unwrap();
-        let mut child = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    }
+
+    /// A `redis-server` (Debian package) with these arguments and its files in `dir`, once
+    /// `port` accepts connections.
+    async fn redis_server(args: &[&str], dir: &std::path::Path, port: u16) -> std::process::Child {
+        let child = std::process::Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--save", ""])
+            .args(args)
             .arg("--dir")
-            .arg(dir.path())
+            .arg(dir)
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("redis-server must be installed (scripts/setup.sh)");
@@ -633,6 +636,15 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        child
+    }
+
+    /// The shared store contract against a real `redis-server` (Debian package) on a free port.
+    #[tokio::test]
+    async fn conformance() {
+        let port = free_port();
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = redis_server(&["--port", &port.to_string()], dir.path(), port).await;
         let store =
             RedisStore::open(&format!("redis://127.0.0.1:{port}"), &RedisTls::default(), Duration::from_secs(2))
                 .unwrap();
@@ -671,8 +683,7 @@ mod tests {
     #[tokio::test]
     async fn cluster_conformance() {
         let dir = tempfile::tempdir().unwrap();
-        let ports: Vec<u16> =
-            (0..3).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()).collect();
+        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
         /// Kills the nodes even when an assertion fails.
         struct Nodes(Vec<std::process::Child>);
         impl Drop for Nodes {
@@ -687,24 +698,8 @@ mod tests {
         for port in &ports {
             let d = dir.path().join(port.to_string());
             std::fs::create_dir_all(&d).unwrap();
-            children.0.push(
-                std::process::Command::new("redis-server")
-                    .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-                    .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
-                    .arg("--dir")
-                    .arg(&d)
-                    .stdout(std::process::Stdio::null())
-                    .spawn()
-                    .expect("redis-server must be installed (scripts/setup.sh)"),
-            );
-        }
-        for port in &ports {
-            for _ in 0..100 {
-                if std::net::TcpStream::connect(("127.0.0.1", *port)).is_ok() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            let args = ["--port", &port.to_string(), "--cluster-enabled", "yes", "--cluster-node-timeout", "2000"];
+            children.0.push(redis_server(&args, &d, *port).await);
         }
         let created = std::process::Command::new("redis-cli")
             .arg("--cluster")
@@ -775,23 +770,25 @@ mod tests {
         crate::pki::issue_to_dir(pki, "client", crate::pki::San::Dns("gatehouse.local".into()), pki).unwrap();
         let other = dir.path().join("other");
         crate::pki::init(&other).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = free_port();
         let p = |f: &str| pki.join(f).display().to_string();
-        let mut child = std::process::Command::new("redis-server")
-            .args(["--port", "0", "--tls-port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
-            .args(["--tls-cert-file", &p("gatehouse.crt"), "--tls-key-file", &p("gatehouse.key")])
-            .args(["--tls-ca-cert-file", &p("ca.crt"), "--tls-auth-clients", "yes"])
-            .arg("--dir")
-            .arg(pki)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed (scripts/setup.sh)");
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let tls_args = [
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--tls-cert-file",
+            &p("gatehouse.crt"),
+            "--tls-key-file",
+            &p("gatehouse.key"),
+            "--tls-ca-cert-file",
+            &p("ca.crt"),
+            "--tls-auth-clients",
+            "yes",
+        ]
+        .map(str::to_owned);
+        let tls_args: Vec<&str> = tls_args.iter().map(String::as_str).collect();
+        let mut child = redis_server(&tls_args, pki, port).await;
         let read = |f: &str| std::fs::read(pki.join(f)).unwrap();
         let url = format!("rediss://localhost:{port}");
         let good =
