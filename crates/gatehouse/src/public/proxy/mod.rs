@@ -102,7 +102,9 @@ impl Route {
         } else {
             builder.https_or_http().enable_http1().wrap_connector(http)
         };
+        // The pool needs a timer, or idle connections are only noticed when next checked out.
         let client = Client::builder(TokioExecutor::new())
+            .pool_timer(hyper_util::rt::TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(64)
             .build(connector);
