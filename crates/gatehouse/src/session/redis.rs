@@ -710,18 +710,22 @@ mod tests {
             .unwrap();
         assert!(created.status.success(), "cluster create: {}", String::from_utf8_lossy(&created.stdout));
         let mut ok = false;
+        // Every node must see the cluster up (they converge one by one), not just the first.
         for _ in 0..100 {
-            let info = std::process::Command::new("redis-cli")
-                .args(["-p", &ports[0].to_string(), "cluster", "info"])
-                .output()
-                .unwrap();
-            if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+            let all_ok = ports.iter().all(|p| {
+                let info = std::process::Command::new("redis-cli")
+                    .args(["-p", &p.to_string(), "cluster", "info"])
+                    .output()
+                    .unwrap();
+                String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok")
+            });
+            if all_ok {
                 ok = true;
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        assert!(ok, "cluster became ok");
+        assert!(ok, "every node sees the cluster ok");
         let store = RedisStore::open_cluster(
             &[format!("redis://127.0.0.1:{}", ports[0])],
             &RedisTls::default(),
@@ -772,22 +776,21 @@ mod tests {
         crate::pki::init(&other).unwrap();
         let port = free_port();
         let p = |f: &str| pki.join(f).display().to_string();
+        let (port_arg, cert, key, ca) = (port.to_string(), p("gatehouse.crt"), p("gatehouse.key"), p("ca.crt"));
         let tls_args = [
             "--port",
             "0",
             "--tls-port",
-            &port.to_string(),
+            &port_arg,
             "--tls-cert-file",
-            &p("gatehouse.crt"),
+            &cert,
             "--tls-key-file",
-            &p("gatehouse.key"),
+            &key,
             "--tls-ca-cert-file",
-            &p("ca.crt"),
+            &ca,
             "--tls-auth-clients",
             "yes",
-        ]
-        .map(str::to_owned);
-        let tls_args: Vec<&str> = tls_args.iter().map(String::as_str).collect();
+        ];
         let mut child = redis_server(&tls_args, pki, port).await;
         let read = |f: &str| std::fs::read(pki.join(f)).unwrap();
         let url = format!("rediss://localhost:{port}");
