@@ -1,7 +1,8 @@
 //! CSRF defence for every unsafe method on every public route (SECURITY 6): the custom header
 //! `X-CSRF: 1` (a cross-origin page cannot send it without a CORS preflight we never grant) and a
 //! same-origin `Origin` / `Sec-Fetch-Site`. The one exemption is back-channel logout, a
-//! server-to-server call authenticated by its signed logout token.
+//! server-to-server call authenticated by its signed logout token. Also the fetch-metadata check
+//! that keeps reads of user data (`/auth/me`, `/api/*`) to pages of this origin.
 
 use std::sync::Arc;
 

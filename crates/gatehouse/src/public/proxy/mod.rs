@@ -58,10 +58,9 @@ pub struct RouteError {
 pub struct Proxy {
     /// Longest prefix first, so the most specific route wins.
     routes: Vec<Route>,
-    origin: String,
+    /// `X-Forwarded-Host` / `-Proto` values, from `public.external_url`, made once.
     forwarded_host: HeaderValue,
     forwarded_proto: HeaderValue,
-    trusted_proxies: Vec<IpNet>,
 }
 
 impl Proxy {
@@ -75,10 +74,8 @@ impl Proxy {
         };
         Ok(Self {
             routes,
-            origin: config.public_origin(),
             forwarded_host: HeaderValue::from_str(&host).unwrap_or(HeaderValue::from_static("localhost")),
             forwarded_proto: HeaderValue::from_static(if ext.scheme() == "https" { "https" } else { "http" }),
-            trusted_proxies: config.public.trusted_proxies.clone(),
         })
     }
 
@@ -184,7 +181,7 @@ pub async fn handle(
 /// The proxy in five steps: refuse what must not pass, authenticate, build the upstream request,
 /// send it under the route's timeout, and hand back the answer (or a tunnel for a WebSocket).
 async fn forward(st: &PublicState, route: &Route, peer: SocketAddr, mut req: Request) -> Result<Response, ApiError> {
-    let upgrade = refuse_early(&st.proxy, route, &req)?;
+    let upgrade = refuse_early(st, route, &req)?;
 
     let id = cookies::read(req.headers(), &st.cookie.name)
         .and_then(|v| SessionId::parse(&v))
@@ -201,7 +198,7 @@ async fn forward(st: &PublicState, route: &Route, peer: SocketAddr, mut req: Req
 
     // Take the client's side of a possible upgrade before the request is consumed.
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let upstream_req = upstream_request(&st.proxy, route, peer, req, upgrade, &relay)?;
+    let upstream_req = upstream_request(st, route, peer, req, upgrade, &relay)?;
 
     let started = std::time::Instant::now();
     let mut resp = match tokio::time::timeout(route.timeout, route.client.request(upstream_req)).await {
@@ -235,7 +232,7 @@ async fn forward(st: &PublicState, route: &Route, peer: SocketAddr, mut req: Req
 
 /// Everything refused before the session is even looked at. Returns whether the request is a
 /// WebSocket handshake.
-fn refuse_early(proxy: &Proxy, route: &Route, req: &Request) -> Result<bool, ApiError> {
+fn refuse_early(st: &PublicState, route: &Route, req: &Request) -> Result<bool, ApiError> {
     // TRACE would echo the relay header back to page script; CONNECT makes a tunnel to anywhere.
     if matches!(req.method().as_str(), "TRACE" | "TRACK" | "CONNECT") {
         return Err(ApiError::MethodNotAllowed);
@@ -254,7 +251,7 @@ fn refuse_early(proxy: &Proxy, route: &Route, req: &Request) -> Result<bool, Api
     let upgrade = req.method() == Method::GET && headers::wants_websocket(h);
     // A WebSocket handshake is a GET, so the CSRF check lets it pass: check its Origin here
     // (cross-site WebSocket hijacking). Browsers always send Origin on WebSocket handshakes.
-    if upgrade && h.get(header::ORIGIN).is_some_and(|o| o.as_bytes() != proxy.origin.as_bytes()) {
+    if upgrade && h.get(header::ORIGIN).is_some_and(|o| o.as_bytes() != st.origin.as_bytes()) {
         return Err(ApiError::Forbidden("cross_origin", "WebSocket from another origin".into()));
     }
     if let Some(len) = h.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
@@ -268,7 +265,7 @@ fn refuse_early(proxy: &Proxy, route: &Route, req: &Request) -> Result<bool, Api
 /// The request as the upstream gets it: prefix replaced, headers filtered, our `X-Forwarded-*`
 /// and the relay header added, the body streamed through a size limit.
 fn upstream_request(
-    proxy: &Proxy,
+    st: &PublicState,
     route: &Route,
     peer: SocketAddr,
     req: Request,
@@ -282,8 +279,10 @@ fn upstream_request(
         .parse()
         .map_err(|_| ApiError::bad_request("bad_path", "path cannot be forwarded"))?;
 
+    let proxy = &st.proxy;
     let mut out = headers::for_upstream(req.headers(), upgrade);
-    if let Ok(v) = HeaderValue::from_str(&forwarded_for(req.headers(), peer, &proxy.trusted_proxies)) {
+    let trusted = &st.core.config.public.trusted_proxies;
+    if let Ok(v) = HeaderValue::from_str(&forwarded_for(req.headers(), peer, trusted)) {
         out.insert("x-forwarded-for", v);
     }
     out.insert("x-forwarded-proto", proxy.forwarded_proto.clone());
