@@ -302,13 +302,7 @@ func TestCacheEndsBeforeTokenExpiry(t *testing.T) {
 }
 
 func TestGatehouseUnreachableIs503(t *testing.T) {
-	// A port that was just free: nothing listens there.
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := l.Addr().String()
-	l.Close()
+	addr := deadAddr(t)
 	e := newEnv(t, func(c *gatehouseauth.Config, p *pkiFiles) {
 		c.ExchangeURL = "https://" + addr + "/internal/v1/session/exchange"
 	})
@@ -502,12 +496,7 @@ func TestUnknownKidRefetchIsRateLimited(t *testing.T) {
 }
 
 func TestJWKSUnreachableIs503(t *testing.T) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := l.Addr().String()
-	l.Close()
+	addr := deadAddr(t)
 	e := newEnv(t, func(c *gatehouseauth.Config, p *pkiFiles) { c.JWKSURL = "http://" + addr + "/certs" })
 	if r := e.do("GET", "/api/collections/notes/records", e.login(alice), nil); r.status != 503 {
 		t.Errorf("status %d, want 503 when Keycloak's keys cannot be fetched", r.status)
@@ -850,4 +839,16 @@ func TestTheExchangeClientNeverFollowsRedirects(t *testing.T) {
 	if followed.Load() != 0 {
 		t.Error("the session id was re-sent to the redirect target")
 	}
+}
+
+// deadAddr is a loopback address that was just free: nothing listens there.
+func deadAddr(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+	return addr
 }
