@@ -94,6 +94,11 @@ pub struct RouteConfig {
     /// How often an open WebSocket tunnel re-checks its session (a logout or revocation closes it).
     #[serde(default = "defaults::route_session_recheck", deserialize_with = "de_duration")]
     pub session_recheck: Duration,
+    /// Allow-list mode: only standard HTTP headers plus these (case-insensitive) names reach the
+    /// upstream. Unset: every header except cookies, credentials, forwarding headers and the
+    /// identity-looking families (`x-user-*`, `*-roles`, `remote-*`, …).
+    #[serde(default)]
+    pub request_headers: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -549,6 +554,23 @@ impl RouteConfig {
         }
         if self.max_in_flight == 0 || self.max_in_flight > 1_000_000 {
             return Err(invalid("routes.max_in_flight", "must be between 1 and 1000000"));
+        }
+        for name in self.request_headers.iter().flatten() {
+            let name = name.to_ascii_lowercase();
+            if axum::http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                return Err(invalid("routes.request_headers", format!("`{name}` is not a header name")));
+            }
+            if crate::public::proxy::headers::is_always_stripped(&name)
+                || ["connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade", "host"]
+                    .contains(&name.as_str())
+            {
+                return Err(invalid(
+                    "routes.request_headers",
+                    format!(
+                        "`{name}` is never forwarded (credentials, forwarding, override and hop-by-hop headers, names with `_`)"
+                    ),
+                ));
+            }
         }
         Ok(())
     }

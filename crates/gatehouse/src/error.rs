@@ -128,6 +128,13 @@ impl From<OidcError> for ApiError {
             OidcError::InvalidGrant => {
                 Self::bad_request("login_failed", "the authorization code was rejected; start the login again")
             }
+            OidcError::UnknownKey => {
+                tracing::warn!("token signed with a key the provider's JWKS does not hold");
+                Self::bad_request(
+                    "login_failed",
+                    "the identity provider's response failed validation; start the login again",
+                )
+            }
             OidcError::InvalidToken(why) => {
                 tracing::warn!(reason = why, "token validation failed");
                 Self::bad_request(

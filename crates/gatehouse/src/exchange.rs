@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex, Weak};
 use crate::clock::{Clock, UnixTime};
 use crate::crypto::Keyring;
 use crate::metrics::Metrics;
-use crate::oidc::{LoginResult, OidcClient, OidcError};
+use crate::oidc::id_token::TokenKind;
+use crate::oidc::jwks::KeySource;
+use crate::oidc::{LoginResult, OidcClient, OidcError, TokenResponse, UserClaims};
 use crate::session::{SessionId, SessionKey, SessionRecord, SessionStore, StoreError, TokenSet};
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +48,17 @@ pub struct ExchangeSettings {
     pub refresh_skew: i64,
 }
 
+/// Why a back-channel logout token was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum LogoutTokenError {
+    #[error("invalid logout token")]
+    Invalid,
+    #[error("logout token already used")]
+    Replayed,
+    #[error("session store or identity provider unavailable")]
+    Unavailable,
+}
+
 /// Where a login came from, kept for the admin listing.
 #[derive(Default)]
 pub struct ClientInfo {
@@ -70,11 +83,15 @@ pub struct Exchange {
     metrics: Arc<Metrics>,
     /// One refresh per session at a time in this process; waiters re-read the record afterwards.
     refresh_locks: Mutex<HashMap<SessionKey, Weak<tokio::sync::Mutex<()>>>>,
+    /// The skew-versus-lifetime warning is logged once per process.
+    skew_warned: std::sync::atomic::AtomicBool,
 }
 
 const TOKENS_AAD: &[u8] = b"gatehouse-session-tokens-v1:";
 /// Store mark kind for Keycloak sessions ended by back-channel logout.
 const TOMBSTONE: &str = "sid-ended";
+/// Store mark kind for logout tokens already used (replay cache).
+const LOGOUT_JTI: &str = "logout-jti";
 
 impl Exchange {
     pub fn new(
@@ -85,7 +102,16 @@ impl Exchange {
         settings: ExchangeSettings,
         metrics: Arc<Metrics>,
     ) -> Self {
-        Self { store, oidc, keyring, clock, settings, metrics, refresh_locks: Mutex::new(HashMap::new()) }
+        Self {
+            store,
+            oidc,
+            keyring,
+            clock,
+            settings,
+            metrics,
+            refresh_locks: Mutex::new(HashMap::new()),
+            skew_warned: Default::default(),
+        }
     }
 
     pub fn store(&self) -> &Arc<dyn SessionStore> {
@@ -110,6 +136,7 @@ impl Exchange {
         let id = SessionId::generate().map_err(|_| ExchangeError::Internal)?;
         let key = id.key();
         let access_expires_at = self.oidc.access_expiry(&login.tokens);
+        self.warn_if_skew_exceeds_lifetime(access_expires_at - now);
         let refresh_expires_at = refresh_expiry(now, login.tokens.refresh_expires_in);
         let tokens = TokenSet {
             access_token: login.tokens.access_token.clone(),
@@ -127,6 +154,7 @@ impl Exchange {
             absolute_expires_at,
             access_expires_at,
             refresh_expires_at,
+            access_issued_at: Some(now),
             sealed_tokens: Vec::new(),
             client_ip: client.ip,
             user_agent: client.user_agent.map(|ua| ua.chars().take(256).collect()),
@@ -144,7 +172,7 @@ impl Exchange {
         let key = id.key();
         let now = self.clock.now();
         let mut record = self.live_record(&key, now).await?;
-        if record.access_expires_at - self.settings.refresh_skew <= now {
+        if self.refresh_due(&record) <= now {
             record = self.refresh(&key, now).await?;
         }
         let record = self.touch(&key, record, now).await;
@@ -196,6 +224,53 @@ impl Exchange {
         Ok(ended.len())
     }
 
+    /// Accept a back-channel logout token (SECURITY 17): validate it, mark its `jti` used — one
+    /// atomic set-if-absent shared by every replica, so two deliveries cannot both pass — then end
+    /// the sessions. If ending fails the mark is taken back, so the provider may deliver it again.
+    pub async fn accept_logout_token(&self, token: &str, tombstone_for: i64) -> Result<usize, LogoutTokenError> {
+        let claims =
+            match self.oidc.validate_jwt(token, TokenKind::Logout, None, None, KeySource::Unauthenticated).await {
+                Ok(c) => c,
+                Err(e) if matches!(e, OidcError::Unavailable(_) | OidcError::NotReady) => {
+                    tracing::warn!(error = %e, "back-channel logout token not checked: provider keys unavailable");
+                    return Err(LogoutTokenError::Unavailable);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "back-channel logout token rejected");
+                    return Err(LogoutTokenError::Invalid);
+                }
+            };
+        let s = |k: &str| claims.get(k).and_then(serde_json::Value::as_str).filter(|v| !v.is_empty());
+        let (Some(jti), Some(exp)) = (s("jti"), claims.get("exp").and_then(serde_json::Value::as_i64)) else {
+            return Err(LogoutTokenError::Invalid);
+        };
+        let until = exp + crate::oidc::id_token::LEEWAY;
+        match self.store.mark(LOGOUT_JTI, jti, until).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!("back-channel logout token replayed");
+                return Err(LogoutTokenError::Replayed);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "session store unavailable for back-channel logout");
+                return Err(LogoutTokenError::Unavailable);
+            }
+        }
+        match self.end_provider_session(s("sid"), s("sub"), tombstone_for).await {
+            Ok(n) => {
+                tracing::info!(sub = s("sub").unwrap_or("-"), sessions = n, "back-channel logout: sessions ended");
+                Ok(n)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "back-channel logout failed; its jti is released for a retry");
+                if let Err(e) = self.store.unmark(LOGOUT_JTI, jti).await {
+                    tracing::warn!(error = %e, "could not release the logout token's jti");
+                }
+                Err(LogoutTokenError::Unavailable)
+            }
+        }
+    }
+
     /// Whether the provider already logged this Keycloak session out (back-channel).
     pub async fn provider_session_ended(&self, sid: &str) -> Result<bool, ExchangeError> {
         Ok(self.store.is_marked(TOMBSTONE, sid, self.clock.now()).await?)
@@ -224,6 +299,28 @@ impl Exchange {
         Ok(record)
     }
 
+    /// When the access token should be refreshed: `refresh_skew` before it expires, but never
+    /// earlier than half its lifetime. A provider issuing 15 s tokens with a 30 s skew would
+    /// otherwise make every fresh token look expired and every request a provider round trip.
+    fn refresh_due(&self, record: &SessionRecord) -> UnixTime {
+        let lifetime = record.access_issued_at.map(|issued| record.access_expires_at - issued);
+        record.access_expires_at - effective_skew(self.settings.refresh_skew, lifetime)
+    }
+
+    fn warn_if_skew_exceeds_lifetime(&self, lifetime: i64) {
+        use std::sync::atomic::Ordering;
+        if lifetime > 0 && self.settings.refresh_skew * 2 > lifetime && !self.skew_warned.swap(true, Ordering::Relaxed)
+        {
+            tracing::warn!(
+                refresh_skew = self.settings.refresh_skew,
+                access_token_lifetime = lifetime,
+                effective_skew = effective_skew(self.settings.refresh_skew, Some(lifetime)),
+                "oidc.refresh_skew is more than half the provider's access-token lifetime; \
+                 tokens are refreshed at half-life instead (lower refresh_skew to silence this)"
+            );
+        }
+    }
+
     /// Single-flight refresh: take the session's lock, re-read, and only then call the provider.
     async fn refresh(&self, key: &SessionKey, now: UnixTime) -> Result<SessionRecord, ExchangeError> {
         let lock = self.refresh_lock(key);
@@ -231,58 +328,123 @@ impl Exchange {
         // Then across replicas (a no-op for the single-node embedded store). Re-read only after both.
         let _remote = self.store.lock_refresh(key).await?;
         let record = self.live_record(key, now).await?;
-        if record.access_expires_at - self.settings.refresh_skew > now {
+        if self.refresh_due(&record) > now {
             return Ok(record); // another request refreshed while we waited
         }
-        let tokens = self.open(key, &record)?;
+        let old = self.open(key, &record)?;
         let still_valid = record.access_expires_at > now;
-        let Some(refresh_token) = tokens.refresh_token.as_deref() else {
+        let Some(refresh_token) = old.refresh_token.as_deref() else {
             return if still_valid { Ok(record) } else { self.kill(key, "no refresh token").await };
         };
-        match self.oidc.refresh(refresh_token, &record.claims.sub).await {
-            Ok(login) => {
-                self.metrics.refreshes.get_or_create(&crate::metrics::Outcome::new("ok")).inc();
-                self.persist_refresh(key, record, &tokens, login, now).await
-            }
+        let tokens = match self.oidc.refresh_grant(refresh_token).await {
+            Ok(tokens) => tokens,
             Err(OidcError::InvalidGrant) => {
-                self.metrics.refreshes.get_or_create(&crate::metrics::Outcome::new("invalid_grant")).inc();
-                self.kill(key, "refresh token rejected (invalid_grant)").await
+                self.count_refresh("invalid_grant");
+                return self.kill(key, "refresh token rejected (invalid_grant)").await;
             }
             Err(e) => {
-                self.metrics.refreshes.get_or_create(&crate::metrics::Outcome::new("unavailable")).inc();
-                tracing::warn!(session = %key, error = %e, "token refresh failed; session kept");
-                // Timeouts and 5xx never end a session; an access token that is still valid keeps serving.
-                if still_valid { Ok(record) } else { Err(ExchangeError::ProviderUnavailable) }
+                // Nothing was issued, so the stored refresh token is still good: a timeout or 5xx
+                // never ends a session, and a still-valid access token keeps serving.
+                self.count_refresh("unavailable");
+                return if still_valid {
+                    tracing::warn!(session = %key, error = %e, "token refresh failed; session kept, access token still valid");
+                    Ok(record)
+                } else {
+                    tracing::warn!(session = %key, error = %e, "token refresh failed; session kept, answering 503 until the provider is back");
+                    Err(ExchangeError::ProviderUnavailable)
+                };
+            }
+        };
+        // From here the provider has issued new tokens and may have spent the old refresh token
+        // (rotation). The outcome is decided explicitly: store them, or end the session.
+        match self.validate_refreshed(&tokens, &record.claims).await {
+            Ok(claims) => {
+                self.count_refresh("ok");
+                let access_expires_at = self.oidc.access_expiry(&tokens);
+                self.warn_if_skew_exceeds_lifetime(access_expires_at - now);
+                let next = TokenSet {
+                    access_token: tokens.access_token.clone(),
+                    // Keycloak rotates refresh tokens; keep the old one only if no new one came.
+                    refresh_token: tokens.refresh_token.clone().or_else(|| old.refresh_token.clone()),
+                    id_token: tokens.id_token.clone().or_else(|| old.id_token.clone()),
+                };
+                let refresh_expires_at = refresh_expiry(now, tokens.refresh_expires_in).or(record.refresh_expires_at);
+                self.persist(key, record, &next, now, |r| {
+                    r.claims = claims.clone();
+                    r.access_expires_at = access_expires_at;
+                    r.access_issued_at = Some(now);
+                    r.refresh_expires_at = refresh_expires_at;
+                })
+                .await
+            }
+            Err(e) if e.is_transient() => {
+                // We cannot vouch for the new tokens yet, but the new refresh token is what the
+                // provider will accept next: keep it (and the old, validated access token and
+                // identity), so the next request refreshes again instead of replaying a spent token.
+                self.count_refresh("unvalidated");
+                tracing::warn!(session = %key, error = %e, "refreshed tokens could not be validated yet; rotated refresh token stored, old access token kept");
+                let Some(rotated) = tokens.refresh_token.clone() else {
+                    return if still_valid { Ok(record) } else { Err(ExchangeError::ProviderUnavailable) };
+                };
+                let next = TokenSet {
+                    access_token: old.access_token.clone(),
+                    refresh_token: Some(rotated),
+                    id_token: old.id_token.clone(),
+                };
+                let refresh_expires_at = refresh_expiry(now, tokens.refresh_expires_in).or(record.refresh_expires_at);
+                let kept = self.persist(key, record, &next, now, |r| r.refresh_expires_at = refresh_expires_at).await?;
+                if still_valid { Ok(kept) } else { Err(ExchangeError::ProviderUnavailable) }
+            }
+            Err(e) => {
+                // A verdict, not an outage: the provider answered with tokens that fail validation
+                // (another subject, a bad signature). Nothing from them is trusted; end the
+                // session and give the new refresh token back.
+                self.count_refresh("rejected");
+                tracing::error!(session = %key, error = %e, "refreshed tokens failed validation; session ended");
+                if let Some(rt) = tokens.refresh_token.as_deref()
+                    && let Err(e) = self.oidc.revoke(rt).await
+                {
+                    tracing::warn!(session = %key, error = %e, "could not revoke the rejected refresh token");
+                }
+                self.kill(key, "refreshed tokens failed validation").await
             }
         }
     }
 
-    async fn persist_refresh(
+    /// Validate a refresh response; a transient failure (keys unreachable mid-rotation) is tried
+    /// once more after a short pause before the caller falls back.
+    async fn validate_refreshed(&self, tokens: &TokenResponse, current: &UserClaims) -> Result<UserClaims, OidcError> {
+        match self.oidc.validate_refreshed(tokens, current).await {
+            Err(e) if e.is_transient() => {
+                tracing::info!(error = %e, "validating refreshed tokens failed; trying once more");
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                self.oidc.validate_refreshed(tokens, current).await
+            }
+            other => other,
+        }
+    }
+
+    fn count_refresh(&self, outcome: &'static str) {
+        self.metrics.refreshes.get_or_create(&crate::metrics::Outcome::new(outcome)).inc();
+    }
+
+    /// Write new tokens with compare-and-set; a concurrent touch may have bumped the version, so
+    /// `update` is applied onto the latest record.
+    async fn persist(
         &self,
         key: &SessionKey,
         record: SessionRecord,
-        old: &TokenSet,
-        login: LoginResult,
+        tokens: &TokenSet,
         now: UnixTime,
+        update: impl Fn(&mut SessionRecord),
     ) -> Result<SessionRecord, ExchangeError> {
-        let tokens = TokenSet {
-            access_token: login.tokens.access_token.clone(),
-            // Keycloak rotates refresh tokens; keep the old one only if no new one came.
-            refresh_token: login.tokens.refresh_token.clone().or_else(|| old.refresh_token.clone()),
-            id_token: login.tokens.id_token.clone().or_else(|| old.id_token.clone()),
-        };
-        let access_expires_at = self.oidc.access_expiry(&login.tokens);
-        let refresh_expires_at = refresh_expiry(now, login.tokens.refresh_expires_in).or(record.refresh_expires_at);
         let mut current = record;
-        // Compare-and-set; a concurrent touch may have bumped the version, so merge onto the latest.
         for _ in 0..5 {
             let mut next = current.clone();
             next.version += 1;
-            next.claims = login.claims.clone();
-            next.access_expires_at = access_expires_at;
-            next.refresh_expires_at = refresh_expires_at;
-            next.idle_expires_at = self.idle_expiry(next.last_seen, next.absolute_expires_at, refresh_expires_at);
-            next.sealed_tokens = self.seal(key, &next, &tokens)?;
+            update(&mut next);
+            next.idle_expires_at = self.idle_expiry(next.last_seen, next.absolute_expires_at, next.refresh_expires_at);
+            next.sealed_tokens = self.seal(key, &next, tokens)?;
             if self.store.compare_and_swap(key, current.version, &next).await? {
                 return Ok(next);
             }
@@ -379,6 +541,14 @@ impl Exchange {
             ExchangeError::InvalidSession
         })?;
         serde_json::from_slice(&plain).map_err(|_| ExchangeError::InvalidSession)
+    }
+}
+
+/// The skew actually applied: the configured one, but at most half the token's lifetime.
+fn effective_skew(configured: i64, lifetime: Option<i64>) -> i64 {
+    match lifetime {
+        Some(l) if l > 0 => configured.min(l / 2),
+        _ => configured,
     }
 }
 
@@ -522,5 +692,164 @@ mod tests {
             assert!(f.ex.store().compare_and_swap(&id.key(), forged.version, &restored).await.unwrap());
             assert!(f.ex.resolve(&id, false).await.is_ok(), "the genuine record still works");
         }
+    }
+
+    /// A core for one replica, against the stub provider, over a shared store.
+    fn stub_core(
+        p: &crate::oidc::stub::Provider,
+        clock: Arc<SystemClock>,
+        store: Arc<dyn SessionStore>,
+        skew: i64,
+    ) -> Exchange {
+        let oidc = OidcClient::new(
+            OidcSettings {
+                issuer: p.issuer.clone(),
+                client_id: crate::oidc::stub::CLIENT.into(),
+                client_secret: SecretString::from("x".to_string()),
+                scopes: vec!["openid".into()],
+                algorithms: vec![jsonwebtoken::Algorithm::ES256],
+                trusted_audiences: vec![],
+                redirect_uri: "http://localhost/auth/callback".into(),
+                http_timeout: Duration::from_secs(2),
+            },
+            clock.clone(),
+        )
+        .unwrap();
+        let key = SecretString::from("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".to_string());
+        Exchange::new(
+            store,
+            Arc::new(oidc),
+            Arc::new(Keyring::new(&key, &[]).unwrap()),
+            clock,
+            ExchangeSettings { idle_timeout: 1800, absolute_timeout: 43200, refresh_skew: skew },
+            Arc::new(Metrics::default()),
+        )
+    }
+
+    fn stub_login(p: &crate::oidc::stub::Provider) -> LoginResult {
+        LoginResult {
+            tokens: p.login_tokens(),
+            claims: UserClaims {
+                iss: p.issuer.clone(),
+                sub: "user-1".into(),
+                email: Some("user@example.com".into()),
+                realm_roles: vec!["reader".into()],
+                ..Default::default()
+            },
+            provider_sid: Some("stub-sid".into()),
+        }
+    }
+
+    fn embedded(dir: &tempfile::TempDir) -> Arc<dyn SessionStore> {
+        Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).unwrap())
+    }
+
+    #[test]
+    fn the_skew_never_exceeds_half_the_token_lifetime() {
+        assert_eq!(effective_skew(30, Some(300)), 30);
+        assert_eq!(effective_skew(30, Some(15)), 7);
+        assert_eq!(effective_skew(30, Some(10)), 5);
+        assert_eq!(effective_skew(30, None), 30, "records from before the lifetime was kept");
+        assert_eq!(effective_skew(30, Some(0)), 30);
+    }
+
+    /// A provider whose access tokens live 10 s, with the default 30 s skew: no refresh right
+    /// after login, exactly one once the token is past half its life, however many requests.
+    #[tokio::test]
+    async fn short_lived_tokens_are_not_refreshed_on_every_request() {
+        let clock = Arc::new(SystemClock::default());
+        let p = crate::oidc::stub::Provider::start(clock.clone()).await;
+        p.access_lifetime.store(10, std::sync::atomic::Ordering::SeqCst);
+        let dir = tempfile::tempdir().unwrap();
+        let ex = Arc::new(stub_core(&p, clock.clone(), embedded(&dir), 30));
+        let (id, _) = ex.start(stub_login(&p), ClientInfo::default()).await.unwrap();
+        let id = Arc::new(id);
+        let burst = |ex: Arc<Exchange>, id: Arc<SessionId>| async move {
+            let mut tasks = Vec::new();
+            for _ in 0..20 {
+                let (ex, id) = (ex.clone(), id.clone());
+                tasks.push(tokio::spawn(async move { ex.resolve(&id, true).await.is_ok() }));
+            }
+            for t in tasks {
+                assert!(t.await.unwrap());
+            }
+        };
+        burst(ex.clone(), id.clone()).await;
+        assert_eq!(p.refreshes.load(std::sync::atomic::Ordering::SeqCst), 0, "none right after login");
+        clock.advance(6); // past half-life (5 s), before expiry
+        burst(ex.clone(), id.clone()).await;
+        burst(ex.clone(), id.clone()).await;
+        assert_eq!(p.refreshes.load(std::sync::atomic::Ordering::SeqCst), 1, "exactly one per token lifetime");
+    }
+
+    /// OpenID Connect Core §12.2: the refresh response may lack an ID token. The session goes on
+    /// with its identity; roles come fresh from the verified access token.
+    #[tokio::test]
+    async fn a_refresh_without_an_id_token_keeps_the_session_and_takes_fresh_roles() {
+        let clock = Arc::new(SystemClock::default());
+        let p = crate::oidc::stub::Provider::start(clock.clone()).await;
+        p.id_token_on_refresh.store(false, std::sync::atomic::Ordering::SeqCst);
+        let dir = tempfile::tempdir().unwrap();
+        let ex = stub_core(&p, clock.clone(), embedded(&dir), 30);
+        let (id, first) = ex.start(stub_login(&p), ClientInfo::default()).await.unwrap();
+        let before = ex.resolve(&id, true).await.unwrap().access_token.unwrap();
+        *p.roles.lock().unwrap() = vec!["reader".into(), "writer".into()];
+        clock.advance(400); // the access token expired
+        let r = ex.resolve(&id, true).await.unwrap();
+        assert_eq!(p.refreshes.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_ne!(r.access_token.unwrap(), before, "new access token in use");
+        assert_eq!(r.record.claims.realm_roles, ["reader", "writer"], "roles from the new access token");
+        assert_eq!(r.record.claims.email, first.claims.email, "identity kept");
+        assert_eq!(r.record.claims.sub, "user-1");
+        let tokens = ex.open(&id.key(), &r.record).unwrap();
+        assert!(tokens.id_token.is_some(), "the login's ID token is kept for the logout hint");
+    }
+
+    /// Refresh-token rotation and a JWKS outage right after the token endpoint answered (the
+    /// provider rotated its signing key too): the rotated refresh token is stored, so the other
+    /// replica's next refresh uses it instead of replaying the spent one and logging the user out.
+    #[tokio::test]
+    async fn a_rotated_refresh_token_survives_a_failed_validation_step_across_replicas() {
+        let clock = Arc::new(SystemClock::default());
+        let p = crate::oidc::stub::Provider::start(clock.clone()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let store = embedded(&dir);
+        let a = stub_core(&p, clock.clone(), store.clone(), 30);
+        let b = stub_core(&p, clock.clone(), store.clone(), 30);
+        for ex in [&a, &b] {
+            ex.oidc().discover().await.unwrap(); // as at start-up
+        }
+        let (id, _) = a.start(stub_login(&p), ClientInfo::default()).await.unwrap();
+        let first = a.resolve(&id, true).await.unwrap().access_token.unwrap();
+        assert!(b.resolve(&id, true).await.is_ok(), "replica b knows the session");
+
+        p.rotate_key("k2");
+        p.jwks_up.store(false, std::sync::atomic::Ordering::SeqCst);
+        clock.advance(400); // expired: a refresh is needed
+        assert!(matches!(a.resolve(&id, true).await, Err(ExchangeError::ProviderUnavailable)));
+        assert_eq!(p.refreshes.load(std::sync::atomic::Ordering::SeqCst), 1, "the provider issued new tokens");
+        assert!(store.get(&id.key()).await.unwrap().is_some(), "session kept");
+
+        p.jwks_up.store(true, std::sync::atomic::Ordering::SeqCst);
+        let r = b.resolve(&id, true).await.expect("replica b refreshes with the rotated refresh token");
+        assert_eq!(p.refreshes.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert_ne!(r.access_token.unwrap(), first);
+        assert!(a.resolve(&id, true).await.is_ok(), "and replica a serves the refreshed session");
+    }
+
+    /// A verdict is not an outage: a refreshed ID token for another subject ends the session
+    /// deliberately, and the refresh token it came with is revoked.
+    #[tokio::test]
+    async fn a_refresh_naming_another_subject_ends_the_session() {
+        let clock = Arc::new(SystemClock::default());
+        let p = crate::oidc::stub::Provider::start(clock.clone()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let ex = stub_core(&p, clock.clone(), embedded(&dir), 30);
+        let (id, _) = ex.start(stub_login(&p), ClientInfo::default()).await.unwrap();
+        *p.sub.lock().unwrap() = "someone-else".into();
+        clock.advance(400);
+        assert!(matches!(ex.resolve(&id, true).await, Err(ExchangeError::InvalidSession)));
+        assert!(ex.store().get(&id.key()).await.unwrap().is_none(), "session ended");
+        assert_eq!(p.revocations.load(std::sync::atomic::Ordering::SeqCst), 1, "new refresh token revoked");
     }
 }

@@ -65,6 +65,19 @@ impl UserClaims {
         }
     }
 
+    /// Take roles and groups from a verified access token, keeping the identity fields: a refresh
+    /// response without an ID token proves no new identity, only current authorizations.
+    pub fn refresh_roles(&mut self, access: &Map<String, Value>) {
+        if has_roles(access) {
+            let fresh = Self::from_tokens(access, None);
+            self.realm_roles = fresh.realm_roles;
+            self.client_roles = fresh.client_roles;
+        }
+        if access.contains_key("groups") {
+            self.groups = strings(access.get("groups"));
+        }
+    }
+
     /// The user key: (`iss`, `sub`), never the email (SECURITY 16).
     pub fn user_key(&self) -> String {
         format!("{}\u{1f}{}", self.iss, self.sub)

@@ -91,11 +91,30 @@ pub fn verify(
     v.validate_exp = false;
     v.validate_nbf = false;
     v.validate_aud = false;
-    let data = jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, &v)
-        .map_err(|_| OidcError::InvalidToken("signature does not verify"))?;
+    let data = jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, &v).map_err(|e| decode_error(&e))?;
     let c = data.claims;
     check_claims(&c, peeked.alg, exp)?;
     Ok(c)
+}
+
+/// Name the real reason: a token that is not even well-formed is not a bad signature, and logs
+/// that say otherwise send an operator hunting for a key problem that does not exist.
+fn decode_error(e: &jsonwebtoken::errors::Error) -> OidcError {
+    use jsonwebtoken::errors::ErrorKind;
+    OidcError::InvalidToken(match e.kind() {
+        ErrorKind::InvalidSignature => "signature does not verify",
+        ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => "algorithm does not match the key",
+        ErrorKind::InvalidEcdsaKey
+        | ErrorKind::InvalidEddsaKey
+        | ErrorKind::InvalidRsaKey(_)
+        | ErrorKind::InvalidKeyFormat => "the provider's key cannot verify this token",
+        ErrorKind::Base64(_)
+        | ErrorKind::Json(_)
+        | ErrorKind::Utf8(_)
+        | ErrorKind::InvalidToken
+        | ErrorKind::InvalidClaimFormat(_) => "malformed token",
+        _ => "token cannot be decoded",
+    })
 }
 
 fn check_claims(c: &Map<String, Value>, alg: Algorithm, exp: &Expectations<'_>) -> Result<(), OidcError> {

@@ -1,6 +1,8 @@
-//! The provider's signing keys, cached. An unknown `kid` triggers one single-flight refetch,
-//! no more often than a floor interval (an attacker spraying random `kid`s cannot make us hammer
-//! Keycloak); when a fetch fails the keys we had stay in use.
+//! The provider's signing keys, cached. An unknown `kid` triggers one single-flight refetch, no
+//! more often than a floor interval per *source*: tokens we fetched ourselves from the token
+//! endpoint and tokens anyone can post (back-channel logout) have separate allowances, so an
+//! attacker spraying random `kid`s can neither hammer Keycloak nor use up the refetch that a real
+//! key rotation needs. When a fetch fails the keys we had stay in use.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -26,21 +28,49 @@ struct KeySet {
     all: Vec<Arc<SigningKey>>,
 }
 
+/// Where a token came from, which decides whose refetch allowance an unknown `kid` may spend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeySource {
+    /// Received from the token endpoint over our own client-authenticated call: only the provider
+    /// can make these carry a new `kid`, so a miss means the provider rotated its keys.
+    TokenEndpoint,
+    /// Posted to us by anyone (back-channel logout tokens): a miss may be an attacker's random `kid`.
+    Unauthenticated,
+}
+
+/// When each source last started a refetch.
+#[derive(Default)]
+struct LastFetch {
+    token_endpoint: Option<Instant>,
+    unauthenticated: Option<Instant>,
+}
+
 pub struct JwksCache {
     uri: String,
     keys: ArcSwap<KeySet>,
-    /// Held while fetching: the single flight. Stores when the last fetch started.
-    fetch: tokio::sync::Mutex<Option<Instant>>,
+    /// Held while fetching: the single flight. Remembers when each source last fetched.
+    fetch: tokio::sync::Mutex<LastFetch>,
+    /// Floor between refetches for unauthenticated tokens.
     min_refetch: Duration,
+    /// Floor for tokens from the token endpoint: short, it only guards against a provider that
+    /// keeps signing with a key it does not publish.
+    min_refetch_trusted: Duration,
 }
 
 impl JwksCache {
-    pub fn new(uri: String, min_refetch: Duration) -> Self {
-        Self { uri, keys: ArcSwap::from_pointee(KeySet::default()), fetch: tokio::sync::Mutex::new(None), min_refetch }
+    pub fn new(uri: String, min_refetch: Duration, min_refetch_trusted: Duration) -> Self {
+        Self {
+            uri,
+            keys: ArcSwap::from_pointee(KeySet::default()),
+            fetch: tokio::sync::Mutex::new(LastFetch::default()),
+            min_refetch,
+            min_refetch_trusted,
+        }
     }
 
-    /// The key for a token header's `kid`, fetching the JWKS once if it is not known yet.
-    pub async fn key(&self, http: &Http, kid: Option<&str>) -> Result<Arc<SigningKey>, OidcError> {
+    /// The key for a token header's `kid`, fetching the JWKS once if it is not known yet and the
+    /// token's source still has a refetch allowance.
+    pub async fn key(&self, http: &Http, kid: Option<&str>, source: KeySource) -> Result<Arc<SigningKey>, OidcError> {
         if let Some(k) = Self::pick(&self.keys.load(), kid) {
             return Ok(k);
         }
@@ -52,21 +82,23 @@ impl JwksCache {
         {
             return Ok(k);
         }
-        if let Some(at) = *last
-            && at.elapsed() < self.min_refetch
+        let (slot, floor) = match source {
+            KeySource::TokenEndpoint => (&mut last.token_endpoint, self.min_refetch_trusted),
+            KeySource::Unauthenticated => (&mut last.unauthenticated, self.min_refetch),
+        };
+        if let Some(at) = *slot
+            && at.elapsed() < floor
         {
-            return Err(OidcError::InvalidToken("signing key not found in the provider's JWKS"));
+            return Err(OidcError::UnknownKey);
         }
-        *last = Some(Instant::now());
+        *slot = Some(Instant::now());
         self.refresh_locked(http).await?;
-        Self::pick(&self.keys.load(), kid)
-            .ok_or(OidcError::InvalidToken("signing key not found in the provider's JWKS"))
+        Self::pick(&self.keys.load(), kid).ok_or(OidcError::UnknownKey)
     }
 
-    /// Fetch the JWKS now (start-up); failures keep the previous keys.
+    /// Fetch the JWKS now (start-up); failures keep the previous keys. Spends no allowance.
     pub async fn refresh(&self, http: &Http) -> Result<(), OidcError> {
-        let mut last = self.fetch.lock().await;
-        *last = Some(Instant::now());
+        let _single = self.fetch.lock().await;
         self.refresh_locked(http).await
     }
 

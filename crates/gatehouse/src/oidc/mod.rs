@@ -6,6 +6,8 @@ mod claims;
 pub mod id_token;
 pub mod jwks;
 #[cfg(test)]
+pub(crate) mod stub;
+#[cfg(test)]
 mod tests;
 
 use std::sync::Arc;
@@ -22,7 +24,7 @@ use url::Url;
 
 pub use claims::UserClaims;
 use id_token::{Expectations, TokenKind};
-use jwks::JwksCache;
+use jwks::{JwksCache, KeySource};
 
 use crate::clock::{Clock, UnixTime};
 
@@ -46,9 +48,21 @@ pub enum OidcError {
     /// A token failed validation.
     #[error("token rejected: {0}")]
     InvalidToken(&'static str),
+    /// The token names a signing key the provider's JWKS does not hold (yet): after a key rotation
+    /// this clears once the JWKS is refetched, so it is not proof of a forged token.
+    #[error("signing key not found in the provider's JWKS")]
+    UnknownKey,
     /// The provider answered something we cannot use (misconfiguration or protocol error).
     #[error("identity provider error: {0}")]
     Provider(String),
+}
+
+impl OidcError {
+    /// Whether trying again later can help: the provider or its keys were unreachable, or a key
+    /// the provider just rotated in is not in our JWKS copy yet. Everything else is a verdict.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Unavailable(_) | Self::NotReady | Self::UnknownKey)
+    }
 }
 
 /// Parse one `oidc.algorithms` entry; symmetric and `none` algorithms are never allowed.
@@ -221,8 +235,10 @@ pub struct OidcClient {
     clock: Arc<dyn Clock>,
 }
 
-/// Floor between JWKS refetches triggered by unknown `kid`s.
+/// Floor between JWKS refetches triggered by unknown `kid`s in tokens anyone can send us.
 const JWKS_REFETCH_FLOOR: Duration = Duration::from_secs(10);
+/// Floor for tokens from our own token-endpoint calls (their own allowance, see `jwks`).
+const JWKS_TRUSTED_REFETCH_FLOOR: Duration = Duration::from_secs(1);
 
 impl OidcClient {
     pub fn new(settings: OidcSettings, clock: Arc<dyn Clock>) -> Result<Self, OidcError> {
@@ -268,7 +284,7 @@ impl OidcClient {
         ] {
             Url::parse(u).map_err(|_| OidcError::Provider(format!("discovery `{name}` is not a URL")))?;
         }
-        let jwks = JwksCache::new(meta.jwks_uri.clone(), JWKS_REFETCH_FLOOR);
+        let jwks = JwksCache::new(meta.jwks_uri.clone(), JWKS_REFETCH_FLOOR, JWKS_TRUSTED_REFETCH_FLOOR);
         jwks.refresh(&self.http).await?;
         self.provider.store(Some(Arc::new(Provider { meta, jwks })));
         tracing::info!(issuer = %self.settings.issuer, "identity provider metadata loaded");
@@ -346,14 +362,62 @@ impl OidcClient {
         self.login_result(tokens, None).await
     }
 
-    /// Use a refresh token. A refreshed ID token must name the same `sub` (and is validated fully).
-    pub async fn refresh(&self, refresh_token: &str, expected_sub: &str) -> Result<LoginResult, OidcError> {
-        let tokens = self.token_request(&[("grant_type", "refresh_token"), ("refresh_token", refresh_token)]).await?;
-        let result = self.login_result(tokens, None).await?;
-        if result.claims.sub != expected_sub {
-            return Err(OidcError::InvalidToken("refreshed token names another subject"));
+    /// Use a refresh token: the token-endpoint call only. Once this succeeds the old refresh token
+    /// may be spent (rotation), so the caller must store what came back or end the session
+    /// deliberately; `validate_refreshed` is the separate, retryable validation step.
+    pub async fn refresh_grant(&self, refresh_token: &str) -> Result<TokenResponse, OidcError> {
+        self.token_request(&[("grant_type", "refresh_token"), ("refresh_token", refresh_token)]).await
+    }
+
+    /// Validate a refresh response against the session's identity (OpenID Connect Core §12.2) and
+    /// return the identity to store. The provider may omit the ID token: then the stored identity
+    /// stays and only roles and groups are taken from the verified access token. A returned ID
+    /// token is validated fully (no nonce) and must keep `iss` and `sub` and be freshly issued.
+    pub async fn validate_refreshed(
+        &self,
+        tokens: &TokenResponse,
+        current: &UserClaims,
+    ) -> Result<UserClaims, OidcError> {
+        let Some(id_token) = tokens.id_token.as_deref() else {
+            let mut claims = current.clone();
+            if let Some(access) = self.verified_access_claims(&tokens.access_token).await? {
+                claims.refresh_roles(&access);
+            }
+            return Ok(claims);
+        };
+        let id_claims = self
+            .validate_jwt(id_token, TokenKind::Id, None, Some(&tokens.access_token), KeySource::TokenEndpoint)
+            .await?;
+        let iat = id_claims.get("iat").and_then(Value::as_i64).unwrap_or(0);
+        if iat + id_token::LEEWAY < self.clock.now() {
+            return Err(OidcError::InvalidToken("refreshed ID token was not freshly issued"));
         }
-        Ok(result)
+        let access_claims = if claims::has_roles(&id_claims) {
+            None
+        } else {
+            self.verified_access_claims(&tokens.access_token).await?
+        };
+        let claims = UserClaims::from_tokens(&id_claims, access_claims.as_ref());
+        if claims.iss != current.iss || claims.sub != current.sub {
+            return Err(OidcError::InvalidToken("refreshed ID token names another subject"));
+        }
+        Ok(claims)
+    }
+
+    /// The access token's claims if it is a JWT that verifies (Keycloak's are). An opaque access
+    /// token has none; a transient failure (JWKS unreachable) is an error the caller may retry.
+    async fn verified_access_claims(&self, access_token: &str) -> Result<Option<Map<String, Value>>, OidcError> {
+        if access_token.split('.').count() != 3 {
+            return Ok(None);
+        }
+        match self.validate_jwt(access_token, TokenKind::Access, None, None, KeySource::TokenEndpoint).await {
+            Ok(c) => Ok(Some(c)),
+            Err(e) if e.is_transient() => Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, "access token claims not used (token does not validate)");
+                Ok(None)
+            }
+        }
     }
 
     /// RFC 7009 revocation of a refresh token. Best effort: the session is gone either way.
@@ -394,13 +458,15 @@ impl OidcClient {
         Ok(Some(url.into()))
     }
 
-    /// Validate a JWT of `kind` issued by our provider for this client.
+    /// Validate a JWT of `kind` issued by our provider for this client. `source` says whether the
+    /// token came from our own token-endpoint call or from anyone (see `jwks::KeySource`).
     pub async fn validate_jwt(
         &self,
         token: &str,
         kind: TokenKind,
         nonce: Option<&str>,
         access_token: Option<&str>,
+        source: KeySource,
     ) -> Result<Map<String, Value>, OidcError> {
         let p = self.provider().await?;
         let exp = Expectations {
@@ -414,7 +480,7 @@ impl OidcClient {
             now: self.clock.now(),
         };
         let peeked = id_token::peek(token, &exp)?;
-        let key = p.jwks.key(&self.http, peeked.kid.as_deref()).await?;
+        let key = p.jwks.key(&self.http, peeked.kid.as_deref(), source).await?;
         id_token::verify(token, &peeked, &key, &exp)
     }
 
@@ -445,12 +511,14 @@ impl OidcClient {
             .id_token
             .as_deref()
             .ok_or(OidcError::Provider("no id_token in the token response (is `openid` in scopes?)".into()))?;
-        let id_claims = self.validate_jwt(id_token, TokenKind::Id, nonce, Some(&tokens.access_token)).await?;
+        let id_claims = self
+            .validate_jwt(id_token, TokenKind::Id, nonce, Some(&tokens.access_token), KeySource::TokenEndpoint)
+            .await?;
         // Roles usually live in the access token; read them from it only after verifying it too.
         let access_claims = if claims::has_roles(&id_claims) {
             None
         } else {
-            self.validate_jwt(&tokens.access_token, TokenKind::Access, None, None).await.ok()
+            self.verified_access_claims(&tokens.access_token).await?
         };
         let claims = UserClaims::from_tokens(&id_claims, access_claims.as_ref());
         let provider_sid = id_claims.get("sid").and_then(Value::as_str).map(str::to_owned);

@@ -6,8 +6,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use aws_lc_rs::rand::SystemRandom;
-use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
@@ -15,37 +13,16 @@ use serde_json::{Value, json};
 
 use super::Http;
 use super::id_token::{self, Expectations, TokenKind};
-use super::jwks::JwksCache;
+use super::jwks::{JwksCache, KeySource};
 
 const ISS: &str = "https://idp.test/realms/r";
 const CLIENT: &str = "gatehouse";
 const NOW: i64 = 1_800_000_000;
 
-struct TestKey {
-    kid: String,
-    enc: EncodingKey,
-    jwk: Value,
-}
-
-fn key(kid: &str) -> TestKey {
-    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &SystemRandom::new()).unwrap();
-    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref()).unwrap();
-    let point = pair.public_key().as_ref().to_vec(); // 0x04 ‖ x ‖ y
-    let jwk = json!({
-        "kty": "EC", "crv": "P-256", "use": "sig", "alg": "ES256", "kid": kid,
-        "x": URL_SAFE_NO_PAD.encode(&point[1..33]), "y": URL_SAFE_NO_PAD.encode(&point[33..65]),
-    });
-    TestKey { kid: kid.into(), enc: EncodingKey::from_ec_der(pkcs8.as_ref()), jwk }
-}
+use super::stub::{TestKey, key, sign};
 
 fn claims() -> Value {
     json!({"iss": ISS, "aud": CLIENT, "azp": CLIENT, "sub": "user-1", "iat": NOW - 5, "exp": NOW + 300, "nonce": "n-1", "typ": "ID"})
-}
-
-fn sign(k: &TestKey, claims: &Value) -> String {
-    let mut h = Header::new(Algorithm::ES256);
-    h.kid = Some(k.kid.clone());
-    jsonwebtoken::encode(&h, claims, &k.enc).unwrap()
 }
 
 fn expect(kind: TokenKind) -> Expectations<'static> {
@@ -268,10 +245,10 @@ async fn unknown_kid_refetches_once_single_flight_rate_limited_and_survives_fail
     let hits = Arc::new(AtomicUsize::new(0));
     let uri = jwks_server(keys.clone(), hits.clone()).await;
     let http = Arc::new(Http::new(Duration::from_secs(5)).unwrap());
-    let cache = Arc::new(JwksCache::new(uri, Duration::from_millis(300)));
+    let cache = Arc::new(JwksCache::new(uri, Duration::from_millis(300), Duration::from_millis(300)));
     cache.refresh(&http).await.unwrap();
     assert_eq!(hits.load(Ordering::SeqCst), 1);
-    assert!(cache.key(&http, Some("k1")).await.is_ok());
+    assert!(cache.key(&http, Some("k1"), KeySource::TokenEndpoint).await.is_ok());
 
     // Rotation: k2 appears at the provider. 20 concurrent look-ups of the new kid → one fetch.
     tokio::time::sleep(Duration::from_millis(350)).await;
@@ -279,7 +256,7 @@ async fn unknown_kid_refetches_once_single_flight_rate_limited_and_survives_fail
     let mut tasks = Vec::new();
     for _ in 0..20 {
         let (c, h) = (cache.clone(), http.clone());
-        tasks.push(tokio::spawn(async move { c.key(&h, Some("k2")).await.is_ok() }));
+        tasks.push(tokio::spawn(async move { c.key(&h, Some("k2"), KeySource::TokenEndpoint).await.is_ok() }));
     }
     for t in tasks {
         assert!(t.await.unwrap());
@@ -288,16 +265,16 @@ async fn unknown_kid_refetches_once_single_flight_rate_limited_and_survives_fail
 
     // A spray of random kids cannot make us hammer the provider: at most one fetch per floor.
     for i in 0..50 {
-        assert!(cache.key(&http, Some(&format!("bogus-{i}"))).await.is_err());
+        assert!(cache.key(&http, Some(&format!("bogus-{i}")), KeySource::Unauthenticated).await.is_err());
     }
     assert!(hits.load(Ordering::SeqCst) <= 3, "rate-limited refetch: {}", hits.load(Ordering::SeqCst));
 
     // The provider breaks (no usable keys): we keep the keys we had.
     tokio::time::sleep(Duration::from_millis(350)).await;
     keys.store(Arc::new(json!({"nope": true})));
-    assert!(cache.key(&http, Some("k3")).await.is_err());
-    assert!(cache.key(&http, Some("k1")).await.is_ok(), "old keys survive a failed fetch");
-    assert!(cache.key(&http, Some("k2")).await.is_ok());
+    assert!(cache.key(&http, Some("k3"), KeySource::TokenEndpoint).await.is_err());
+    assert!(cache.key(&http, Some("k1"), KeySource::TokenEndpoint).await.is_ok(), "old keys survive a failed fetch");
+    assert!(cache.key(&http, Some("k2"), KeySource::TokenEndpoint).await.is_ok());
 }
 
 #[test]
@@ -312,4 +289,35 @@ fn encryption_and_symmetric_keys_in_the_jwks_are_ignored() {
     assert!(super::jwks::test_pick(&set, Some("hmac")).is_none());
     assert!(super::jwks::test_pick(&set, Some("sig")).is_some());
     assert!(super::jwks::test_pick(&set, None).is_some(), "exactly one signing key: kid-less tokens may use it");
+}
+
+/// A forged token with a random `kid` (anyone can post one to the back-channel endpoint) spends
+/// only the unauthenticated refetch allowance: a key rotation at the provider right afterwards is
+/// still picked up for tokens that came from the token endpoint.
+#[tokio::test]
+async fn unauthenticated_kid_spray_cannot_block_a_key_rotation() {
+    let (k1, k2) = (key("k1"), key("k2"));
+    let keys = Arc::new(ArcSwap::from_pointee(json!({"keys": [k1.jwk.clone()]})));
+    let hits = Arc::new(AtomicUsize::new(0));
+    let uri = jwks_server(keys.clone(), hits.clone()).await;
+    let http = Http::new(Duration::from_secs(5)).unwrap();
+    // The production floors' order of magnitude: a long one for unauthenticated input.
+    let cache = JwksCache::new(uri, Duration::from_secs(10), Duration::from_millis(200));
+    cache.refresh(&http).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+
+    // The forged logout token triggers the one unauthenticated refetch it is allowed...
+    assert!(matches!(
+        cache.key(&http, Some("forged-kid"), KeySource::Unauthenticated).await,
+        Err(super::OidcError::UnknownKey)
+    ));
+    assert_eq!(hits.load(Ordering::SeqCst), 2);
+    // ...and no more.
+    assert!(cache.key(&http, Some("forged-kid-2"), KeySource::Unauthenticated).await.is_err());
+    assert_eq!(hits.load(Ordering::SeqCst), 2, "unauthenticated refetches are rate-limited");
+
+    // The provider rotates; the first token from the token endpoint with the new kid verifies.
+    keys.store(Arc::new(json!({"keys": [k1.jwk.clone(), k2.jwk.clone()]})));
+    assert!(cache.key(&http, Some("k2"), KeySource::TokenEndpoint).await.is_ok(), "rotation not blocked");
+    assert_eq!(hits.load(Ordering::SeqCst), 3);
 }

@@ -284,6 +284,15 @@ impl SessionStore for EmbeddedStore {
         .await
     }
 
+    async fn unmark(&self, kind: &str, id: &str) -> Result<(), StoreError> {
+        let name = format!("{kind}:{id}");
+        self.write(move |txn| {
+            txn.open_table(MARKS).map_err(err)?.remove(name.as_str()).map_err(err)?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn is_marked(&self, kind: &str, id: &str, now: UnixTime) -> Result<bool, StoreError> {
         let txn = self.db.begin_read().map_err(err)?;
         let t = txn.open_table(MARKS).map_err(err)?;

@@ -85,6 +85,10 @@ pub struct SessionRecord {
     pub access_expires_at: UnixTime,
     /// When the refresh token expires, if the provider said.
     pub refresh_expires_at: Option<UnixTime>,
+    /// When the current access token was received; with `access_expires_at` it gives the token's
+    /// lifetime, which bounds the refresh skew. Absent in records written before it existed.
+    #[serde(default)]
+    pub access_issued_at: Option<UnixTime>,
     /// Stored after the JSON metadata as raw bytes (see `encode`), never inside the JSON.
     #[serde(skip)]
     pub sealed_tokens: Vec<u8>,
@@ -197,6 +201,8 @@ pub trait SessionStore: Send + Sync + 'static {
     /// Remember `(kind, id)` until `until`; `true` if it was not already remembered. Used for the
     /// back-channel `jti` replay cache and logout tombstones, shared by every replica.
     async fn mark(&self, kind: &str, id: &str, until: UnixTime) -> Result<bool, StoreError>;
+    /// Forget a mark (a step that marked first and then failed, so it can be retried).
+    async fn unmark(&self, kind: &str, id: &str) -> Result<(), StoreError>;
     async fn is_marked(&self, kind: &str, id: &str, now: UnixTime) -> Result<bool, StoreError>;
     /// Hold the refresh lock of one session across replicas until the guard is dropped. Waits
     /// while another holder has it. Backends serving one process may return a no-op guard (the
@@ -228,6 +234,7 @@ pub(crate) mod conformance {
             absolute_expires_at: now + 43200,
             access_expires_at: now + 300,
             refresh_expires_at: None,
+            access_issued_at: Some(now),
             sealed_tokens: vec![1, 2, 3],
             client_ip: None,
             user_agent: None,
@@ -319,6 +326,9 @@ pub(crate) mod conformance {
         assert!(store.is_marked("jti", "j-1", now).await.unwrap());
         assert!(!store.is_marked("jti", "j-2", now).await.unwrap());
         assert!(!store.is_marked("tomb", "j-1", now).await.unwrap(), "kinds are separate");
+        store.unmark("jti", "j-1").await.unwrap();
+        assert!(!store.is_marked("jti", "j-1", now).await.unwrap(), "unmarked");
+        assert!(store.mark("jti", "j-1", now + 60).await.unwrap(), "can be marked again after unmark");
 
         // the refresh lock can be taken again once released
         drop(store.lock_refresh(&a).await.unwrap());

@@ -18,6 +18,35 @@ use super::{RefreshGuard, SessionKey, SessionRecord, SessionStore, StoreError, k
 use crate::clock::UnixTime;
 use crate::crypto;
 
+/// Run a command that is safe to repeat (`$body` uses the connection `$c`). If it fails because
+/// the connection was broken while idle (Redis restarted, a failover closed it), it runs once more
+/// on a fresh connection before the store reports unavailable, so the first request after a
+/// restart is not a 503. A macro rather than a closure: the command borrows its connection, and
+/// async closures with borrowed arguments are not yet `Send` inside `async_trait` methods.
+///
+/// Safe to repeat: reads, `SADD`/`SREM`/`EXPIREAT`/`DEL`, `HSET` of a fresh session, the take
+/// script (a repeat after a delete that did happen finds nothing: the session is gone either way)
+/// and compare-and-set (a repeat after a write that did happen reports a lost race; every caller
+/// then re-reads and finds its own write). Not repeated: `SET NX` for replay marks and refresh
+/// locks, where a repeat after a success would report someone else's win.
+macro_rules! idempotent {
+    ($store:expr, $c:ident => $body:expr) => {{
+        let store = $store;
+        #[allow(unused_mut)]
+        let mut $c = store.conn().await?;
+        match tokio::time::timeout(store.timeout, $body).await {
+            Ok(Err(e)) if broken_connection(&e) => {
+                tracing::debug!(error = %e, "redis connection was broken; retrying once on a fresh one");
+                store.forget_connection(&e);
+                #[allow(unused_mut)]
+                let mut $c = store.conn().await?;
+                store.run($body).await
+            }
+            other => store.settle(other),
+        }
+    }};
+}
+
 const PREFIX: &str = "gatehouse";
 /// How long a refresh lock lives unless renewed; renewed every third of it while held.
 const LOCK_LEASE: Duration = Duration::from_secs(5);
@@ -87,6 +116,12 @@ pub struct RedisStore {
     take: Script,
     release: Script,
     renew: Script,
+}
+
+/// The connection was broken before or while the command was sent — typically while it sat idle
+/// across a Redis restart — as opposed to a timeout or an answer from Redis.
+fn broken_connection(e: &redis::RedisError) -> bool {
+    !e.is_timeout() && (e.is_connection_dropped() || e.is_io_error() || e.is_unrecoverable_error())
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -256,7 +291,12 @@ impl RedisStore {
     }
 
     async fn run<T>(&self, f: impl std::future::Future<Output = redis::RedisResult<T>>) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.timeout, f).await {
+        self.settle(tokio::time::timeout(self.timeout, f).await)
+    }
+
+    /// A command's result (or its time-out) as the store reports it.
+    fn settle<T>(&self, r: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>) -> Result<T, StoreError> {
+        match r {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
                 self.forget_connection(&e);
@@ -286,7 +326,6 @@ impl RedisStore {
     }
 
     async fn index(&self, hex: &str, r: &SessionRecord) -> Result<(), StoreError> {
-        let mut c = self.conn().await?;
         let until = r.absolute_expires_at;
         // One pipeline per set: each set is its own slot on a cluster.
         for set in Self::index_sets(r) {
@@ -294,22 +333,21 @@ impl RedisStore {
             p.sadd(&set, hex).ignore().cmd("EXPIREAT").arg(&set).arg(until).arg("GT").ignore();
             // EXPIREAT … GT does not set a TTL on a key that has none: set one for new sets.
             p.cmd("EXPIREAT").arg(&set).arg(until).arg("NX").ignore();
-            self.run(p.query_async::<()>(&mut c)).await?;
+            idempotent!(self, c => p.query_async::<()>(&mut c))?;
         }
         Ok(())
     }
 
     async fn unindex(&self, hex: &str, r: &SessionRecord) -> Result<(), StoreError> {
-        let mut c = self.conn().await?;
         for set in Self::index_sets(r) {
-            let _: () = self.run(c.srem(set, hex)).await?;
+            idempotent!(self, c => c.srem::<_, _, ()>(&set, hex))?;
         }
         Ok(())
     }
 
     async fn take_hex(&self, hex: &str) -> Result<Option<SessionRecord>, StoreError> {
-        let mut c = self.conn().await?;
-        let data: Option<Vec<u8>> = self.run(self.take.key(session_key(hex)).invoke_async(&mut c)).await?;
+        let key = session_key(hex);
+        let data: Option<Vec<u8>> = idempotent!(self, c => self.take.key(&key).invoke_async(&mut c))?;
         let Some(data) = data else { return Ok(None) };
         // Already deleted; an unreadable record (older format) authenticated nobody anyway, and its
         // index entries are dropped lazily by `members`.
@@ -326,16 +364,16 @@ impl RedisStore {
 
     /// Members of an index set, with entries whose session is gone removed on the way.
     async fn members(&self, set: &str) -> Result<Vec<(SessionKey, SessionRecord)>, StoreError> {
-        let mut c = self.conn().await?;
-        let hexes: Vec<String> = self.run(c.smembers(set)).await?;
+        let hexes: Vec<String> = idempotent!(self, c => c.smembers(set))?;
         let mut out = Vec::new();
         for hex in hexes {
-            let data: Option<Vec<u8>> = self.run(c.hget(session_key(&hex), "d")).await?;
+            let name = session_key(&hex);
+            let data: Option<Vec<u8>> = idempotent!(self, c => c.hget(&name, "d"))?;
             match (data.map(|d| SessionRecord::decode(&d)), parse_hex_key(&hex)) {
                 (Some(Ok(r)), Some(k)) => out.push((k, r)),
                 (Some(Err(e)), _) => tracing::warn!(error = %e, "skipped an unreadable session record"),
                 _ => {
-                    let _: () = self.run(c.srem(set, &hex)).await?;
+                    idempotent!(self, c => c.srem::<_, _, ()>(set, &hex))?;
                 }
             }
         }
@@ -344,6 +382,9 @@ impl RedisStore {
 
     /// Key names matching `pattern`; on a cluster, from every master (SCAN is per node).
     async fn scan(&self, pattern: &str) -> Result<Vec<String>, StoreError> {
+        // A cheap idempotent command first, so a connection broken while idle is replaced before
+        // the (cursor-carrying) scan starts.
+        self.ping().await?;
         let mut c = self.conn().await?;
         let Conn::Cluster(cluster) = &mut c else {
             return self.scan_node(&mut c, None, pattern).await;
@@ -391,8 +432,7 @@ impl RedisStore {
                 out.push((k, r));
             }
         }
-        let mut c = self.conn().await?;
-        let _: () = self.run(c.del(set)).await?;
+        idempotent!(self, c => c.del::<_, ()>(set))?;
         Ok(out)
     }
 }
@@ -441,7 +481,6 @@ impl Drop for RedisLock {
 impl SessionStore for RedisStore {
     async fn insert(&self, key: &SessionKey, record: &SessionRecord) -> Result<(), StoreError> {
         let hex = key_hex(key);
-        let mut c = self.conn().await?;
         let mut p = redis::pipe();
         p.atomic()
             .hset_multiple(
@@ -453,13 +492,13 @@ impl SessionStore for RedisStore {
             .arg(session_key(&hex))
             .arg(record.expires_at() * 1000)
             .ignore();
-        self.run(p.query_async::<()>(&mut c)).await?;
+        idempotent!(self, c => p.query_async::<()>(&mut c))?;
         self.index(&hex, record).await
     }
 
     async fn get(&self, key: &SessionKey) -> Result<Option<SessionRecord>, StoreError> {
-        let mut c = self.conn().await?;
-        let data: Option<Vec<u8>> = self.run(c.hget(session_key(&key_hex(key)), "d")).await?;
+        let name = session_key(&key_hex(key));
+        let data: Option<Vec<u8>> = idempotent!(self, c => c.hget(&name, "d"))?;
         data.map(|d| SessionRecord::decode(&d)).transpose()
     }
 
@@ -470,18 +509,15 @@ impl SessionStore for RedisStore {
         record: &SessionRecord,
     ) -> Result<bool, StoreError> {
         let hex = key_hex(key);
-        let mut c = self.conn().await?;
-        let ok: i64 = self
-            .run(
-                self.cas
-                    .key(session_key(&hex))
-                    .arg(expected.to_string())
-                    .arg(record.version.to_string())
-                    .arg(record.encode()?)
-                    .arg(record.expires_at() * 1000)
-                    .invoke_async(&mut c),
-            )
-            .await?;
+        let (name, data) = (session_key(&hex), record.encode()?);
+        let ok: i64 = idempotent!(self, c => self
+            .cas
+            .key(&name)
+            .arg(expected.to_string())
+            .arg(record.version.to_string())
+            .arg(&data)
+            .arg(record.expires_at() * 1000)
+            .invoke_async(&mut c))?;
         if ok == 1 {
             self.index(&hex, record).await?;
         }
@@ -519,8 +555,7 @@ impl SessionStore for RedisStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        let mut c = self.conn().await?;
-        self.run(redis::cmd("PING").query_async::<String>(&mut c)).await.map(|_| ())
+        idempotent!(self, c => redis::cmd("PING").query_async::<String>(&mut c)).map(|_| ())
     }
 
     async fn find_by_prefix(&self, hex_prefix: &str) -> Result<Vec<(SessionKey, SessionRecord)>, StoreError> {
@@ -528,10 +563,9 @@ impl SessionStore for RedisStore {
             return Ok(Vec::new()); // never let glob characters into the pattern
         }
         let mut out = Vec::new();
-        let mut c = self.conn().await?;
         for name in self.scan(&format!("{PREFIX}:s:{{{hex_prefix}*")).await? {
             let hex = name.trim_start_matches(&format!("{PREFIX}:s:{{")).trim_end_matches('}').to_string();
-            let data: Option<Vec<u8>> = self.run(c.hget(&name, "d")).await?;
+            let data: Option<Vec<u8>> = idempotent!(self, c => c.hget(&name, "d"))?;
             match (data.map(|d| SessionRecord::decode(&d)), parse_hex_key(&hex)) {
                 (Some(Ok(r)), Some(k)) => out.push((k, r)),
                 (Some(Err(e)), _) => tracing::warn!(error = %e, "skipped an unreadable session record"),
@@ -568,9 +602,14 @@ impl SessionStore for RedisStore {
         Ok(set.is_some())
     }
 
+    async fn unmark(&self, kind: &str, id: &str) -> Result<(), StoreError> {
+        let name = mark_key(kind, id);
+        idempotent!(self, c => c.del(&name))
+    }
+
     async fn is_marked(&self, kind: &str, id: &str, now: UnixTime) -> Result<bool, StoreError> {
-        let mut c = self.conn().await?;
-        let until: Option<i64> = self.run(c.get(mark_key(kind, id))).await?;
+        let name = mark_key(kind, id);
+        let until: Option<i64> = idempotent!(self, c => c.get(&name))?;
         Ok(until.is_some_and(|u| u > now))
     }
 

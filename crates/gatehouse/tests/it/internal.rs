@@ -43,7 +43,13 @@ async fn an_allowed_caller_gets_a_keycloak_token_and_matching_claims_but_never_t
         .core()
         .exchange
         .oidc()
-        .validate_jwt(token, gatehouse::oidc::id_token::TokenKind::Access, None, None)
+        .validate_jwt(
+            token,
+            gatehouse::oidc::id_token::TokenKind::Access,
+            None,
+            None,
+            gatehouse::oidc::jwks::KeySource::TokenEndpoint,
+        )
         .await
         .unwrap();
     assert_eq!(verified["sub"], body["claims"]["sub"]);

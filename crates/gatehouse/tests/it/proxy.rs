@@ -139,6 +139,11 @@ prefix = "/api/down/"
 upstream = "http://127.0.0.1:1/"
 relay = "session"
 [[routes]]
+prefix = "/api/allow/"
+upstream = "http://127.0.0.1:{port}/base/"
+relay = "session"
+request_headers = ["X-Tenant-Hint"]
+[[routes]]
 prefix = "/api/tight/"
 upstream = "http://127.0.0.1:{port}/base/"
 relay = "session"
@@ -176,6 +181,55 @@ impl Env {
     fn hits(&self) -> usize {
         self.up.hits.load(Ordering::SeqCst)
     }
+}
+
+/// Identity-looking header names, generated from the families upstream frameworks trust, in both
+/// spellings (dashes and underscores) and mixed case.
+fn identity_header_names() -> Vec<String> {
+    let mut out = Vec::new();
+    for p in ["x-", "x-auth-", "x-remote-", "remote-", "x-consumer-", "x-authenticated-", ""] {
+        for w in ["user", "user-id", "email", "roles", "groups", "tenant", "principal", "sub", "username", "org-id"] {
+            let name = format!("{p}{w}");
+            out.push(name.to_uppercase());
+            out.push(name.replace('-', "_"));
+            out.push(name);
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn identity_header_families_never_reach_the_upstream_and_allow_lists_pass_only_what_they_list() {
+    let e = env().await;
+    let names = identity_header_names();
+    for (path, expect_extra) in [("/api/echo/who", None), ("/api/allow/who", Some("x-tenant-hint"))] {
+        let mut req = e.get(path).header("x-feature-flag", "on").header("x-tenant-hint", "blue");
+        for n in &names {
+            req = req.header(n.as_str(), "admin");
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let seen = r.json::<Value>().await.unwrap()["headers"].as_object().unwrap().clone();
+        for n in &names {
+            assert!(!seen.contains_key(&n.to_ascii_lowercase()), "{path}: {n} reached the upstream");
+        }
+        assert!(!seen.values().any(|v| v == "admin"), "{path}: no identity value at all: {seen:?}");
+        match expect_extra {
+            // Deny mode: ordinary application headers pass.
+            None => {
+                assert_eq!(seen["x-feature-flag"], "on");
+                assert!(!seen.contains_key("x-tenant-hint"), "the tenant family is identity-looking");
+            }
+            // Allow-list mode: standard headers, the listed one (even from an identity family: the
+            // operator chose it), and Gatehouse's own; nothing else.
+            Some(listed) => {
+                assert_eq!(seen[listed], "blue");
+                assert!(!seen.contains_key("x-feature-flag"), "unlisted header passed: {seen:?}");
+                assert!(seen.contains_key("x-gatehouse-session"), "the relay still arrives");
+            }
+        }
+    }
+    e.gate.stop().await;
 }
 
 #[tokio::test]

@@ -5,20 +5,13 @@
 
 use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-/// Request headers never forwarded, by exact name (lower-case).
+/// Request headers never forwarded, by exact name (lower-case), in either policy.
 const STRIPPED_REQUEST: &[&str] = &[
     "cookie",
     "authorization",
     "proxy-authorization",
     "forwarded",
     "x-real-ip",
-    "x-remote-user",
-    "remote-user",
-    "x-user",
-    "x-email",
-    "x-userinfo",
-    "x-id-token",
-    "x-access-token",
     "x-client-cert",
     "x-client-verify",
     "x-forwarded-client-cert",
@@ -31,16 +24,14 @@ const STRIPPED_REQUEST: &[&str] = &[
     "x-original-uri",
     "x-rewrite-url",
     "x-csrf",
-    // Client-address and identity headers set by CDNs and other proxies.
+    // Client-address headers set by CDNs and other proxies.
     "true-client-ip",
     "cf-connecting-ip",
     "x-client-ip",
     "x-cluster-client-ip",
-    "x-authenticated-user",
-    "x-webauth-user",
 ];
 
-/// Request header prefixes never forwarded.
+/// Request header prefixes never forwarded, in either policy.
 const STRIPPED_REQUEST_PREFIXES: &[&str] = &[
     "x-gatehouse-",
     "x-forwarded-",
@@ -51,7 +42,155 @@ const STRIPPED_REQUEST_PREFIXES: &[&str] = &[
     "x-amzn-oidc-",
     "x-envoy-",
     "x-ms-client-principal",
+    "x-goog-authenticated-",
+    "x-apigateway-",
+    "cf-access-",
 ];
+
+/// Words that make a header name identity-looking wherever they stand between `-`s:
+/// `X-User-Id`, `X-Auth-Roles`, `Remote-Groups`, `X-Tenant`, `X-Consumer-Username`, `X-Email` …
+/// Matching families rather than a fixed list of names is the point: upstreams trust whatever
+/// spelling their framework documents, and a browser can send any of them.
+const IDENTITY_WORDS: &[&str] = &[
+    "user",
+    "users",
+    "username",
+    "userid",
+    "uid",
+    "userinfo",
+    "email",
+    "mail",
+    "role",
+    "roles",
+    "group",
+    "groups",
+    "tenant",
+    "tenants",
+    "tenantid",
+    "principal",
+    "identity",
+    "subject",
+    "sub",
+    "auth",
+    "authn",
+    "authz",
+    "authenticated",
+    "authorization",
+    "authorized",
+    "claim",
+    "claims",
+    "scope",
+    "scopes",
+    "permission",
+    "permissions",
+    "impersonate",
+    "impersonation",
+    "remote",
+    "account",
+    "accountid",
+    "org",
+    "organization",
+    "consumer",
+    "credential",
+    "credentials",
+    "token",
+    "jwt",
+    "idtoken",
+    "oidc",
+    "saml",
+    "login",
+    "admin",
+    "session",
+    "webauth",
+];
+
+/// Standard request headers (lower-case) that are never identity headers: kept in both policies,
+/// and the only ones besides a route's `request_headers` in allow-list mode.
+const STANDARD_REQUEST: &[&str] = &[
+    "accept",
+    "accept-charset",
+    "accept-encoding",
+    "accept-language",
+    "baggage",
+    "cache-control",
+    "content-encoding",
+    "content-language",
+    "content-length",
+    "content-type",
+    "date",
+    "dnt",
+    "expect",
+    "if-match",
+    "if-modified-since",
+    "if-none-match",
+    "if-range",
+    "if-unmodified-since",
+    "last-event-id",
+    "origin",
+    "pragma",
+    "priority",
+    "range",
+    "referer",
+    "sec-gpc",
+    "sec-websocket-extensions",
+    "sec-websocket-key",
+    "sec-websocket-protocol",
+    "sec-websocket-version",
+    "traceparent",
+    "tracestate",
+    "upgrade-insecure-requests",
+    "user-agent",
+    "x-request-id",
+    "x-requested-with",
+];
+
+/// Framework anti-CSRF headers forwarded by the default policy although `token` is an identity word.
+const CSRF_TOKEN_HEADERS: &[&str] = &["x-csrf-token", "x-xsrf-token"];
+
+/// Standard prefixes kept in both policies (client hints and fetch metadata).
+const STANDARD_REQUEST_PREFIXES: &[&str] = &["sec-ch-", "sec-fetch-"];
+
+/// Which request headers a route forwards (`routes.request_headers`).
+#[derive(Debug, Clone, Default)]
+pub enum RequestHeaderPolicy {
+    /// Everything except the stripped names and the identity-looking families.
+    #[default]
+    DenyIdentity,
+    /// Only the standard headers plus these (lower-case) names.
+    AllowOnly(Vec<String>),
+}
+
+fn is_standard(name: &str) -> bool {
+    STANDARD_REQUEST.contains(&name) || STANDARD_REQUEST_PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
+/// Never forwarded, whatever a route's policy says (`check-config` refuses such names in a list).
+pub fn is_always_stripped(name: &str) -> bool {
+    // CGI-style servers (WSGI, Rack, PHP) read `X_Forwarded_User` as `X-Forwarded-User`: names
+    // with `_` are dropped outright (nginx does the same by default).
+    name.contains('_')
+        || STRIPPED_REQUEST.contains(&name)
+        || STRIPPED_REQUEST_PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
+/// Whether a non-standard header name belongs to an identity-looking family.
+pub fn is_identity_looking(name: &str) -> bool {
+    name.split('-').any(|word| IDENTITY_WORDS.contains(&word))
+}
+
+fn forwarded(name: &str, policy: &RequestHeaderPolicy) -> bool {
+    if is_always_stripped(name) {
+        return false;
+    }
+    if is_standard(name) {
+        return true;
+    }
+    match policy {
+        // Anti-CSRF token headers of common frameworks carry no identity, only a per-page nonce.
+        RequestHeaderPolicy::DenyIdentity => !is_identity_looking(name) || CSRF_TOKEN_HEADERS.contains(&name),
+        RequestHeaderPolicy::AllowOnly(listed) => listed.iter().any(|l| l == name),
+    }
+}
 
 /// Response headers that act on the whole origin, not on one API answer.
 const STRIPPED_RESPONSE: &[&str] =
@@ -60,14 +199,6 @@ const STRIPPED_RESPONSE: &[&str] =
 /// Hop-by-hop headers (RFC 9110 §7.6.1): they describe one connection, never the next.
 const HOP_BY_HOP: &[&str] =
     &["connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "host"];
-
-fn is_stripped_request(name: &str) -> bool {
-    // CGI-style servers (WSGI, Rack, PHP) read `X_Forwarded_User` as `X-Forwarded-User`: names
-    // with `_` are dropped outright (nginx does the same by default).
-    name.contains('_')
-        || STRIPPED_REQUEST.contains(&name)
-        || STRIPPED_REQUEST_PREFIXES.iter().any(|p| name.starts_with(p))
-}
 
 /// Names listed in `Connection` are hop-by-hop too.
 fn connection_listed(headers: &HeaderMap) -> Vec<String> {
@@ -82,12 +213,12 @@ fn connection_listed(headers: &HeaderMap) -> Vec<String> {
 }
 
 /// The request headers to forward. `upgrade` keeps `Connection: upgrade` + `Upgrade` for WebSockets.
-pub fn for_upstream(incoming: &HeaderMap, upgrade: bool) -> HeaderMap {
+pub fn for_upstream(incoming: &HeaderMap, upgrade: bool, policy: &RequestHeaderPolicy) -> HeaderMap {
     let listed = connection_listed(incoming);
     let mut out = HeaderMap::with_capacity(incoming.len() + 6);
     for (name, value) in incoming {
         let n = name.as_str();
-        if HOP_BY_HOP.contains(&n) || is_stripped_request(n) || listed.iter().any(|l| l == n) {
+        if HOP_BY_HOP.contains(&n) || !forwarded(n, policy) || listed.iter().any(|l| l == n) {
             continue;
         }
         out.append(name.clone(), value.clone());
@@ -175,9 +306,101 @@ mod tests {
             ("content-type", "application/json"),
             ("x-request-id", "abc"),
         ]);
-        let out = for_upstream(&h, false);
+        let out = for_upstream(&h, false, &RequestHeaderPolicy::DenyIdentity);
         let names: Vec<&str> = out.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["accept", "content-type", "x-request-id"]);
+    }
+
+    /// Every spelling an upstream framework might trust for identity, generated from the families
+    /// (prefixes × identity words × suffixes, in several cases), is dropped; ordinary application
+    /// headers pass.
+    #[test]
+    fn generated_identity_headers_never_reach_the_upstream() {
+        let prefixes = ["x-", "x-auth-", "x-authenticated-", "x-remote-", "remote-", "x-forwarded-", "x-consumer-", ""];
+        let words = [
+            "user",
+            "user-id",
+            "userid",
+            "email",
+            "roles",
+            "role",
+            "groups",
+            "tenant",
+            "principal",
+            "sub",
+            "subject",
+            "username",
+            "scopes",
+            "claims",
+            "org",
+            "account-id",
+            "jwt",
+            "token",
+            "identity",
+            "admin",
+        ];
+        let suffixes = ["", "-id", "-name", "-list"];
+        let mut generated = Vec::new();
+        for p in prefixes {
+            for w in words {
+                for s in suffixes {
+                    generated.push(format!("{p}{w}{s}"));
+                }
+            }
+        }
+        let mut h = HeaderMap::new();
+        for (i, name) in generated.iter().enumerate() {
+            let spelled = if i % 2 == 0 { name.to_ascii_uppercase() } else { name.clone() };
+            h.append(HeaderName::from_bytes(spelled.as_bytes()).unwrap(), HeaderValue::from_static("admin"));
+            h.append(
+                HeaderName::from_bytes(spelled.replace('-', "_").as_bytes()).unwrap(),
+                HeaderValue::from_static("admin"),
+            );
+        }
+        for ok in [
+            "accept",
+            "x-request-id",
+            "x-feature-flag",
+            "x-page-size",
+            "if-none-match",
+            "sec-fetch-site",
+            "x-xsrf-token",
+        ] {
+            h.append(HeaderName::from_static(ok), HeaderValue::from_static("1"));
+        }
+        let out = for_upstream(&h, false, &RequestHeaderPolicy::DenyIdentity);
+        let mut names: Vec<&str> = out.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            [
+                "accept",
+                "if-none-match",
+                "sec-fetch-site",
+                "x-feature-flag",
+                "x-page-size",
+                "x-request-id",
+                "x-xsrf-token"
+            ]
+        );
+        assert!(generated.len() > 500, "{} names generated", generated.len());
+    }
+
+    #[test]
+    fn allow_list_forwards_only_standard_headers_and_the_listed_ones() {
+        let h = map(&[
+            ("accept", "application/json"),
+            ("x-feature-flag", "on"),
+            ("x-tenant-hint", "blue"),
+            ("x-user-id", "admin"),
+            ("cookie", "a=b"),
+            ("x-gatehouse-session", "forged"),
+        ]);
+        let policy = RequestHeaderPolicy::AllowOnly(vec!["x-tenant-hint".into()]);
+        let out = for_upstream(&h, false, &policy);
+        let mut names: Vec<&str> = out.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["accept", "x-tenant-hint"]);
     }
 
     #[test]
@@ -185,7 +408,7 @@ mod tests {
         let h = map(&[("connection", "Upgrade"), ("upgrade", "websocket"), ("sec-websocket-key", "k")]);
         assert!(wants_websocket(&h));
         assert!(!wants_websocket(&map(&[("connection", "Upgrade"), ("upgrade", "h2c")])), "h2c is never tunnelled");
-        let out = for_upstream(&h, true);
+        let out = for_upstream(&h, true, &RequestHeaderPolicy::DenyIdentity);
         assert_eq!(out.get("connection").unwrap(), "upgrade");
         assert_eq!(out.get("upgrade").unwrap(), "websocket");
         assert_eq!(out.get("sec-websocket-key").unwrap(), "k");

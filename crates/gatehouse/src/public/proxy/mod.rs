@@ -3,7 +3,7 @@
 //! token (`relay = "bearer"`) or the session id to exchange itself (`relay = "session"`), never the
 //! browser's cookie. Bodies, SSE and WebSocket upgrades stream through untouched.
 
-mod headers;
+pub(crate) mod headers;
 pub mod path;
 
 use std::net::SocketAddr;
@@ -44,6 +44,8 @@ struct Route {
     in_flight: Arc<tokio::sync::Semaphore>,
     /// How often a WebSocket tunnel re-checks its session, so a logout or revocation closes it.
     session_recheck: Duration,
+    /// Which browser headers reach the upstream.
+    request_headers: headers::RequestHeaderPolicy,
     client: Client<HttpsConnector<HttpConnector>, Body>,
 }
 
@@ -114,6 +116,12 @@ impl Route {
             max_body_bytes: c.max_body_bytes,
             in_flight: Arc::new(tokio::sync::Semaphore::new(c.max_in_flight)),
             session_recheck: c.session_recheck,
+            request_headers: match &c.request_headers {
+                Some(names) => {
+                    headers::RequestHeaderPolicy::AllowOnly(names.iter().map(|n| n.to_ascii_lowercase()).collect())
+                }
+                None => headers::RequestHeaderPolicy::DenyIdentity,
+            },
             client,
         })
     }
@@ -280,7 +288,7 @@ fn upstream_request(
         .map_err(|_| ApiError::bad_request("bad_path", "path cannot be forwarded"))?;
 
     let proxy = &st.proxy;
-    let mut out = headers::for_upstream(req.headers(), upgrade);
+    let mut out = headers::for_upstream(req.headers(), upgrade, &route.request_headers);
     let trusted = &st.core.config.public.trusted_proxies;
     if let Ok(v) = HeaderValue::from_str(&forwarded_for(req.headers(), peer, trusted)) {
         out.insert("x-forwarded-for", v);
