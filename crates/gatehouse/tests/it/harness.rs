@@ -421,6 +421,16 @@ impl KcAdmin {
             .unwrap()
     }
 
+    pub async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
+        http()
+            .post(format!("{}/admin/realms/{REALM}{path}", keycloak_url()))
+            .bearer_auth(&self.token)
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
     pub async fn delete(&self, path: &str) {
         let r = http()
             .delete(format!("{}/admin/realms/{REALM}{path}", keycloak_url()))

@@ -381,10 +381,8 @@ fn redis_cli(port: u16, args: &[&str]) -> String {
 /// Gatehouse finds the master through Sentinel, and keeps serving after the master is killed and
 /// Sentinel promotes the replica: the session made before the crash still works (requests during
 /// the failover may get a clean 503, never a 401), and new logins land on the new master.
-#[tokio::test]
-async fn sentinel_failover_keeps_sessions_and_service() {
-    let mut setup = sentinel_setup().await;
-    let w = Workdir::new();
+/// A Gatehouse that finds its Redis master through the setup's Sentinel.
+async fn sentinel_gate(setup: &SentinelSetup, w: &Workdir) -> Gate {
     let pw_file = w.dir.path().join("redis-password");
     std::fs::write(&pw_file, SENTINEL_PW).unwrap();
     let text = w.config_text(&Options::default()).replace(
@@ -402,8 +400,78 @@ async fn sentinel_failover_keeps_sessions_and_service() {
     let clock = std::sync::Arc::new(gatehouse::clock::SystemClock::default());
     let running = gatehouse::start(config, clock.clone()).await.unwrap();
     let base = format!("http://localhost:{}", running.public_addr.port());
-    let gate = Gate { running: Some(running), clock, base: base.clone(), admin: String::new() };
+    let gate = Gate { running: Some(running), clock, base, admin: String::new() };
     gate.wait_ready().await;
+    gate
+}
+
+/// Two replicas that sat idle while their Redis connections were broken answer the very first
+/// request afterwards correctly: 200 for a live session, 401 for a revoked one, never a 503.
+async fn first_request_after_broken_connections(a: &Gate, b: &Gate, break_connections: impl AsyncFnOnce()) {
+    // Replicas behind one load balancer share one public origin: sign in and out through `a`.
+    let (live, revoked) = (logged_in(a, "alice").await, logged_in(a, "bob").await);
+    let me = |gate: &Gate, sid: &str| {
+        http().get(format!("{}/auth/me", gate.base)).header("cookie", format!("{COOKIE}={sid}")).send()
+    };
+    assert_eq!(me(a, &live).await.unwrap().status(), 200);
+    assert_eq!(me(b, &live).await.unwrap().status(), 200);
+    let r = http()
+        .post(format!("{}/auth/logout", a.base))
+        .header("cookie", format!("{COOKIE}={revoked}"))
+        .header("x-csrf", "1")
+        .header("origin", &a.base)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(me(a, &revoked).await.unwrap().status(), 401, "revoked before the restart");
+
+    break_connections().await;
+    tokio::time::sleep(Duration::from_secs(1)).await; // both replicas idle meanwhile
+
+    assert_eq!(me(a, &live).await.unwrap().status(), 200, "replica a: first request after the restart");
+    assert_eq!(me(b, &revoked).await.unwrap().status(), 401, "replica b: first request after the restart");
+    assert_eq!(me(b, &live).await.unwrap().status(), 200);
+    assert_eq!(me(a, &revoked).await.unwrap().status(), 401);
+}
+
+#[tokio::test]
+async fn idle_replicas_answer_their_first_request_after_a_redis_restart_correctly() {
+    let mut redis = Redis::start().await;
+    let (_wa, a, _wb, b) = replica_pair(&redis, Options::default()).await;
+    first_request_after_broken_connections(&a, &b, async || {
+        redis.stop().await;
+        redis.restart().await; // AOF: the sessions (and the revocation) survive
+    })
+    .await;
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn idle_replicas_on_sentinel_answer_their_first_request_after_their_connections_drop() {
+    let setup = sentinel_setup().await;
+    let (wa, mut wb) = (Workdir::new(), Workdir::new());
+    wb.key = wa.key.clone(); // one Secret for both replicas
+    let a = sentinel_gate(&setup, &wa).await;
+    let b = sentinel_gate(&setup, &wb).await;
+    // The master drops every client connection (as a restart or a proxy in between would).
+    let primary = setup.primary_port;
+    first_request_after_broken_connections(&a, &b, async || {
+        let killed = redis_cli(primary, &["client", "kill", "type", "normal"]);
+        assert!(killed.parse::<u32>().unwrap_or(0) >= 2, "both replicas' connections dropped: {killed}");
+    })
+    .await;
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn sentinel_failover_keeps_sessions_and_service() {
+    let mut setup = sentinel_setup().await;
+    let w = Workdir::new();
+    let gate = sentinel_gate(&setup, &w).await;
+    let base = gate.base.clone();
     let mut b = Browser::default();
     assert_eq!(
         b.post_json(&base, "/auth/login", &json!({"username": "bob", "password": "bob-password"})).await.status,

@@ -188,6 +188,41 @@ async fn an_expired_access_token_is_refreshed_exactly_once_under_20_concurrent_r
     gate.stop().await;
 }
 
+/// 20 concurrent `/auth/me` calls, each answered 200.
+async fn burst_of_me(gate: &Gate, id: &str) {
+    let mut handles = Vec::new();
+    for _ in 0..20 {
+        let (url, cookie) = (format!("{}/auth/me", gate.base), format!("{COOKIE}={id}"));
+        handles.push(tokio::spawn(async move {
+            http().get(url).header("cookie", cookie).send().await.unwrap().status().as_u16()
+        }));
+    }
+    for h in handles {
+        assert_eq!(h.await.unwrap(), 200);
+    }
+}
+
+/// A Keycloak client whose access tokens live 10 s, with the default 30 s refresh skew: the skew
+/// is bounded by half the token's lifetime, so a fresh token is not "about to expire" and there
+/// is exactly one refresh per token lifetime, not one per request.
+#[tokio::test]
+async fn access_tokens_shorter_than_the_skew_are_refreshed_once_per_lifetime() {
+    let work = Workdir::new();
+    let gate = Gate::start(&work, &Options { refresh_skew: "30s", ..Options::short_tokens() }).await;
+    let mut b = Browser::default();
+    b.login(&gate.base, "alice").await;
+    let id = b.cookie(&gate.base, COOKIE).unwrap();
+    let sid = session_tokens(&gate, &id).await.0.provider_sid.expect("Keycloak sid recorded");
+    let admin = KcAdmin::connect().await;
+    burst_of_me(&gate, &id).await;
+    assert_eq!(admin.refresh_events(&sid).await, 0, "no refresh right after login");
+    tokio::time::sleep(Duration::from_secs(6)).await; // past half of the 10 s lifetime
+    burst_of_me(&gate, &id).await;
+    burst_of_me(&gate, &id).await;
+    assert_eq!(admin.refresh_events(&sid).await, 1, "exactly one refresh for the token's lifetime");
+    gate.stop().await;
+}
+
 #[tokio::test]
 async fn refresh_invalid_grant_ends_the_session() {
     let work = Workdir::new();
