@@ -148,6 +148,84 @@ async fn keycloak_back_channel_logout_ends_the_session_on_every_replica() {
     b.stop().await;
 }
 
+/// Keycloak's real logout token, captured on its way (a stand-in back-channel URL that records and
+/// does not forward), then delivered to both replicas at once, many times: exactly one delivery
+/// is accepted, the replay mark being one set-if-absent step in the shared store.
+#[tokio::test]
+async fn a_genuine_logout_token_is_accepted_exactly_once_across_replicas() {
+    use base64::Engine;
+    let redis = Redis::start().await;
+    let (_wa, a, _wb, b) = replica_pair(&redis, Options::default()).await;
+    let captured: std::sync::Arc<tokio::sync::Mutex<Vec<String>>> = Default::default();
+    let app = axum::Router::new()
+        .route(
+            "/capture",
+            axum::routing::post(
+                |axum::extract::State(c): axum::extract::State<std::sync::Arc<tokio::sync::Mutex<Vec<String>>>>,
+                 axum::Form(f): axum::Form<std::collections::HashMap<String, String>>| async move {
+                    c.lock().await.extend(f.get("logout_token").cloned());
+                    "ok"
+                },
+            ),
+        )
+        .with_state(captured.clone());
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let capture_url = format!("http://localhost:{}/capture", l.local_addr().unwrap().port());
+    tokio::spawn(async move { axum::serve(l, app).await });
+    let admin = KcAdmin::connect().await;
+    admin.set_backchannel_url("gatehouse", &capture_url).await;
+
+    let mut browser = Browser::default();
+    browser.login(&a.base, "alice").await;
+    let sid = browser.cookie(&a.base, COOKIE).unwrap();
+    let kc_sid = session_tokens(&a, &sid).await.0.provider_sid.unwrap();
+    admin.delete(&format!("/sessions/{kc_sid}")).await;
+    let token = {
+        let mut found = None;
+        for _ in 0..100 {
+            found = captured
+                .lock()
+                .await
+                .iter()
+                .find(|t| {
+                    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                        .decode(t.split('.').nth(1).unwrap_or(""))
+                        .unwrap_or_default();
+                    serde_json::from_slice::<Value>(&payload).is_ok_and(|v| v["sid"] == kc_sid.as_str())
+                })
+                .cloned();
+            if found.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        found.expect("Keycloak sent a logout token for the session")
+    };
+    let me =
+        |gate: &Gate| http().get(format!("{}/auth/me", gate.base)).header("cookie", format!("{COOKIE}={sid}")).send();
+    assert_eq!(me(&b).await.unwrap().status(), 200, "not delivered yet: the session lives");
+
+    let mut deliveries = Vec::new();
+    for i in 0..10 {
+        let url = format!("{}/auth/backchannel-logout", if i % 2 == 0 { &a.base } else { &b.base });
+        let token = token.clone();
+        deliveries.push(tokio::spawn(async move {
+            http().post(url).form(&[("logout_token", token)]).send().await.unwrap().status().as_u16()
+        }));
+    }
+    let mut statuses = Vec::new();
+    for d in deliveries {
+        statuses.push(d.await.unwrap());
+    }
+    statuses.sort_unstable();
+    assert_eq!(statuses, [200, 400, 400, 400, 400, 400, 400, 400, 400, 400], "accepted exactly once");
+    assert_eq!(me(&a).await.unwrap().status(), 401);
+    assert_eq!(me(&b).await.unwrap().status(), 401);
+    admin.set_backchannel_url("gatehouse", "http://localhost:8080/auth/backchannel-logout").await;
+    a.stop().await;
+    b.stop().await;
+}
+
 #[tokio::test]
 async fn admin_lists_and_revokes_sessions_and_keycloak_forgets_them() {
     let redis = Redis::start().await;
