@@ -69,6 +69,17 @@ pub fn peek(token: &str, exp: &Expectations<'_>) -> Result<Peeked, OidcError> {
     if !typ_ok {
         return Err(OidcError::InvalidToken("token of the wrong kind"));
     }
+    // The signature check runs over the raw parts before anything is decoded, so a garbled payload
+    // would otherwise be reported as a bad signature: check the shape first and say what it is.
+    let mut parts = token.split('.').skip(1);
+    let payload_ok = parts
+        .next()
+        .and_then(|p| URL_SAFE_NO_PAD.decode(p).ok())
+        .is_some_and(|p| serde_json::from_slice::<Map<String, Value>>(&p).is_ok());
+    let signature_ok = parts.next().is_some_and(|sig| URL_SAFE_NO_PAD.decode(sig).is_ok_and(|b| !b.is_empty()));
+    if !payload_ok || !signature_ok {
+        return Err(OidcError::InvalidToken("malformed token"));
+    }
     Ok(Peeked { alg: header.alg, kid: header.kid })
 }
 

@@ -121,6 +121,22 @@ fn bad_signature_and_foreign_key_are_rejected() {
     assert_eq!(check(&parts.join("."), &[&k], &expect(TokenKind::Id)), Err("signature does not verify"));
 }
 
+/// Logs name the real reason: a token whose parts are not even well-formed is "malformed", not a
+/// signature failure that would send an operator hunting for a key problem.
+#[test]
+fn malformed_tokens_are_reported_as_malformed_not_as_bad_signatures() {
+    let k = key("k1");
+    let good = sign(&k, &claims());
+    let parts: Vec<&str> = good.split('.').collect();
+    for bad in [
+        format!("{}.{}.{}", parts[0], "!!not-base64!!", parts[2]),
+        format!("{}.{}.{}", parts[0], URL_SAFE_NO_PAD.encode(b"not json"), parts[2]),
+        format!("{}.{}.{}", parts[0], parts[1], "!!"),
+    ] {
+        assert_eq!(check(&bad, &[&k], &expect(TokenKind::Id)), Err("malformed token"), "{bad}");
+    }
+}
+
 #[test]
 fn alg_none_and_hmac_with_the_public_key_are_rejected() {
     let k = key("k1");
