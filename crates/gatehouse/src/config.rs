@@ -964,6 +964,31 @@ mod tests {
     }
 
     #[test]
+    fn session_file_damage_keys() {
+        Jail::expect_with(|jail| {
+            let c = load(jail, MINIMAL).expect("valid");
+            assert!(c.session.integrity_check);
+            assert_eq!(c.session.integrity_check_timeout, Duration::from_secs(60));
+            assert_eq!(c.session.on_corrupt, OnCorrupt::Fail);
+            let c = load(
+                jail,
+                &format!(
+                    "{MINIMAL}\non_corrupt = \"move_aside\"\nintegrity_check = false\nintegrity_check_timeout = \"5m\""
+                ),
+            )
+            .expect("valid");
+            assert_eq!(c.session.on_corrupt, OnCorrupt::MoveAside);
+            assert!(!c.session.integrity_check);
+            assert_eq!(c.session.integrity_check_timeout, Duration::from_secs(300));
+            let err = load(jail, &format!("{MINIMAL}\non_corrupt = \"ignore\"")).unwrap_err().to_string();
+            assert!(err.contains("on_corrupt"), "{err}");
+            let err = load(jail, &format!("{MINIMAL}\nintegrity_check_timeout = \"0s\"")).unwrap_err().to_string();
+            assert!(err.contains("session.integrity_check_timeout"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         Jail::expect_with(|jail| {
             let err = load(jail, &format!("{MINIMAL}\n[admin]\nlisten = \"127.0.0.1:9\"\nlisen = 1\n")).unwrap_err();
