@@ -760,6 +760,55 @@ mod tests {
         assert!(EmbeddedStore::open(&path).is_err());
     }
 
+    /// A byte changed on disk inside a record (here `provider_sid` → `Provider_sid`, which would
+    /// still decode: serde ignores the unknown field) fails the record's checksum and reads as
+    /// `Corrupt`; so does a record filed under another key. Unsealed (older) records still read.
+    #[tokio::test]
+    async fn a_record_altered_on_disk_fails_its_checksum() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("s.redb")).unwrap();
+        let (k1, k2) = (
+            crate::session::SessionId::generate().unwrap().key(),
+            crate::session::SessionId::generate().unwrap().key(),
+        );
+        store.insert(&k1, &super::super::conformance::record("alice", "kc", 1000)).await.unwrap();
+        let (a, b) = (k1.0, k2.0);
+        store
+            .write(move |txn| {
+                let mut t = txn.open_table(SESSIONS).map_err(err)?;
+                let mut v = t.get(a.as_slice()).map_err(err)?.unwrap().value().to_vec();
+                let needle = b"\"provider_sid\"";
+                let i = v.windows(needle.len()).position(|w| w == needle).unwrap();
+                v[i + 1] = b'P';
+                t.insert(a.as_slice(), v.as_slice()).map_err(err)?;
+                // The intact value of k1, filed under k2.
+                let legacy = super::super::conformance::record("bob", "kc2", 1000).encode()?;
+                t.insert(b.as_slice(), legacy.as_slice()).map_err(err)?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        assert!(matches!(store.get(&k1).await, Err(StoreError::Corrupt(_))), "altered record");
+        assert_eq!(store.get(&k2).await.unwrap().unwrap().claims.sub, "bob", "an unsealed (older) record still reads");
+        let moved = store.write(move |txn| {
+            let t = txn.open_table(SESSIONS).map_err(err)?;
+            let v = t.get(a.as_slice()).map_err(err)?.unwrap().value().to_vec();
+            Ok(v)
+        });
+        let mut v = moved.await.unwrap();
+        let i = v.windows(14).position(|w| w == b"\"Provider_sid\"").unwrap();
+        v[i + 1] = b'p';
+        let bytes = v.clone();
+        store
+            .write(move |txn| {
+                txn.open_table(SESSIONS).map_err(err)?.insert(b.as_slice(), bytes.as_slice()).map_err(err)?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        assert!(matches!(store.get(&k2).await, Err(StoreError::Corrupt(_))), "a record under another key");
+    }
+
     /// A record in an older format (or damaged) must not wedge the sweeper or the admin API.
     #[tokio::test]
     async fn unreadable_records_are_swept_and_skipped() {
