@@ -259,6 +259,29 @@ pub struct SessionConfig {
     /// How often expired sessions are swept from the store.
     #[serde(default = "defaults::sweep_interval", deserialize_with = "de_duration")]
     pub sweep_interval: Duration,
+    /// Embedded store: check every page of the file when opening it (turn off only for a file so
+    /// large that the check does not fit `integrity_check_timeout`).
+    #[serde(default = "defaults::integrity_check")]
+    pub integrity_check: bool,
+    /// Embedded store: start-up fails if the integrity check takes longer.
+    #[serde(default = "defaults::integrity_check_timeout", deserialize_with = "de_duration")]
+    pub integrity_check_timeout: Duration,
+    /// Embedded store: what start-up does with a damaged file — `fail` (exit 1 naming the file and
+    /// the recovery command) or `move_aside` (rename it with a timestamp, start with an empty store).
+    #[serde(default)]
+    pub on_corrupt: OnCorrupt,
+}
+
+/// What start-up does when the embedded store's file is damaged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnCorrupt {
+    /// Refuse to start, with one line naming the file, the damage and the recovery command.
+    #[default]
+    Fail,
+    /// Rename the file to `PATH.damaged-<timestamp>`, log it loudly, and start with an empty store
+    /// (every user signs in again).
+    MoveAside,
 }
 
 impl Default for SessionConfig {
@@ -283,6 +306,9 @@ impl Default for SessionConfig {
             cookie_name: defaults::cookie_name(),
             same_site: defaults::same_site(),
             sweep_interval: defaults::sweep_interval(),
+            integrity_check: defaults::integrity_check(),
+            integrity_check_timeout: defaults::integrity_check_timeout(),
+            on_corrupt: OnCorrupt::default(),
         }
     }
 }
@@ -408,6 +434,12 @@ mod defaults {
     }
     pub fn store_path() -> PathBuf {
         PathBuf::from("data/sessions.redb")
+    }
+    pub fn integrity_check() -> bool {
+        true
+    }
+    pub fn integrity_check_timeout() -> Duration {
+        Duration::from_secs(60)
     }
     pub fn redis_timeout() -> Duration {
         Duration::from_secs(2)
@@ -683,6 +715,12 @@ impl Config {
         if s.encryption_key.is_none() && s.encryption_key_file.is_none() {
             return Err(invalid("session.encryption_key_file", "tokens are encrypted at rest: a key is required"));
         }
+        if s.integrity_check && s.integrity_check_timeout < Duration::from_secs(1) {
+            return Err(invalid(
+                "session.integrity_check_timeout",
+                "must be at least 1s (set session.integrity_check = false to skip the check)",
+            ));
+        }
         if s.store == StoreKind::Redis {
             let url_ok =
                 |u: &str| ["redis://", "rediss://", "redis+unix://", "unix://"].iter().any(|p| u.starts_with(p));
@@ -943,6 +981,31 @@ mod tests {
             assert_eq!(c.cookie().name, "__Host-Http-gatehouse");
             assert!(c.cookie().secure);
             assert!(!c.oidc.password_login);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn session_file_damage_keys() {
+        Jail::expect_with(|jail| {
+            let c = load(jail, MINIMAL).expect("valid");
+            assert!(c.session.integrity_check);
+            assert_eq!(c.session.integrity_check_timeout, Duration::from_secs(60));
+            assert_eq!(c.session.on_corrupt, OnCorrupt::Fail);
+            let c = load(
+                jail,
+                &format!(
+                    "{MINIMAL}\non_corrupt = \"move_aside\"\nintegrity_check = false\nintegrity_check_timeout = \"5m\""
+                ),
+            )
+            .expect("valid");
+            assert_eq!(c.session.on_corrupt, OnCorrupt::MoveAside);
+            assert!(!c.session.integrity_check);
+            assert_eq!(c.session.integrity_check_timeout, Duration::from_secs(300));
+            let err = load(jail, &format!("{MINIMAL}\non_corrupt = \"ignore\"")).unwrap_err().to_string();
+            assert!(err.contains("on_corrupt"), "{err}");
+            let err = load(jail, &format!("{MINIMAL}\nintegrity_check_timeout = \"0s\"")).unwrap_err().to_string();
+            assert!(err.contains("session.integrity_check_timeout"), "{err}");
             Ok(())
         });
     }

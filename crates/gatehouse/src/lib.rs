@@ -46,6 +46,9 @@ pub enum StartError {
     Config(#[from] ConfigError),
     #[error("session store: {0}")]
     Store(#[from] session::StoreError),
+    /// The embedded store's file: one line naming it (and, if damaged, the recovery command).
+    #[error(transparent)]
+    SessionFile(#[from] session::embedded::OpenError),
     #[error("identity provider client: {0}")]
     Oidc(#[from] oidc::OidcError),
     #[error("internal TLS: {0}")]
@@ -144,7 +147,14 @@ impl Core {
         )?);
         let redis_tls = redis_tls(&config)?;
         let store: Arc<dyn SessionStore> = match config.session.store {
-            StoreKind::Embedded => Arc::new(EmbeddedStore::open(&config.session.path)?),
+            StoreKind::Embedded => Arc::new(EmbeddedStore::open_with(
+                &config.session.path,
+                &session::embedded::OpenOptions {
+                    integrity_check: config.session.integrity_check,
+                    integrity_check_timeout: config.session.integrity_check_timeout,
+                    on_corrupt: config.session.on_corrupt,
+                },
+            )?),
             StoreKind::Redis => match &config.session.redis_master_name {
                 Some(master) if !config.session.redis_sentinels.is_empty() => {
                     let password = match &config.session.redis_master_password_file {

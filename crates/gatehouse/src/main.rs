@@ -1,4 +1,5 @@
-//! The `gatehouse` command: `serve`, `check-config`.
+//! The `gatehouse` command: `serve`, `check-config`, `sessions` (admin API, and the embedded
+//! store's file: `check`, `reset`), `pki`.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -30,7 +31,7 @@ enum Command {
         #[arg(long, short, env = "GATEHOUSE_CONFIG", default_value = "gatehouse.toml")]
         config: PathBuf,
     },
-    /// List or revoke sessions through the admin listener.
+    /// List or revoke sessions through the admin listener; check or reset the embedded store's file.
     Sessions {
         /// Base URL of the admin listener.
         #[arg(long, global = true, env = "GATEHOUSE_ADMIN_URL", default_value = "http://127.0.0.1:9090")]
@@ -63,6 +64,22 @@ enum SessionsCommand {
         /// Every session.
         #[arg(long)]
         all: bool,
+    },
+    /// Check the embedded store's file (Gatehouse stopped): integrity, counts. Exit 1 if damaged.
+    Check {
+        /// The file (`session.path`).
+        #[arg(long)]
+        store: PathBuf,
+    },
+    /// Move the embedded store's file aside (Gatehouse stopped); the next start begins empty and
+    /// every user signs in again.
+    Reset {
+        /// The file (`session.path`).
+        #[arg(long)]
+        store: PathBuf,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
     },
 }
 
@@ -100,6 +117,66 @@ fn main() -> ExitCode {
     }
 }
 
+/// `sessions check`: the report on stdout; damage on stderr (one line) and exit 1.
+fn sessions_check(store: &Path) -> ExitCode {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
+    match gatehouse::session::embedded::check_file(store, now) {
+        Ok(r) => {
+            println!("{}: the integrity check passed", store.display());
+            if r.rolled_back {
+                println!("  note: the newest commit was damaged; the previous commit is in use");
+            }
+            println!("  file size           {} bytes", r.file_bytes);
+            println!("  sessions            {} ({} expired, not yet swept)", r.sessions, r.expired);
+            println!("  unreadable records  {}", r.unreadable);
+            println!("  user index entries  {}", r.user_index_entries);
+            println!("  sid index entries   {}", r.sid_index_entries);
+            println!("  expiry index        {}", r.expiry_index_entries);
+            println!("  marks               {}", r.marks);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("gatehouse sessions check: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `sessions reset`: rename the file after a confirmation. Refuses while a process holds it.
+fn sessions_reset(store: &Path, yes: bool) -> ExitCode {
+    if !store.exists() {
+        eprintln!("gatehouse sessions reset: {} does not exist", store.display());
+        return ExitCode::FAILURE;
+    }
+    if gatehouse::session::embedded::in_use(store) {
+        eprintln!("gatehouse sessions reset: {} is in use by a running Gatehouse; stop it first", store.display());
+        return ExitCode::FAILURE;
+    }
+    if !yes {
+        use std::io::{BufRead, Write};
+        print!(
+            "Move {} aside? Every session ends and every user signs in again. Type `yes` to go on: ",
+            store.display()
+        );
+        let _ = std::io::stdout().flush();
+        let mut answer = String::new();
+        if std::io::stdin().lock().read_line(&mut answer).is_err() || answer.trim() != "yes" {
+            eprintln!("gatehouse sessions reset: not confirmed; nothing changed");
+            return ExitCode::FAILURE;
+        }
+    }
+    match gatehouse::session::embedded::move_aside(store) {
+        Ok(to) => {
+            println!("moved {} to {}; the next start begins with an empty store", store.display(), to.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("gatehouse sessions reset: cannot move {} aside: {e}", store.display());
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn sessions(admin: &str, command: SessionsCommand) -> ExitCode {
     let base = admin.trim_end_matches('/');
     let enc = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
@@ -118,6 +195,8 @@ fn sessions(admin: &str, command: SessionsCommand) -> ExitCode {
             eprintln!("sessions revoke: give --user, --session or --all");
             return ExitCode::from(2);
         }
+        SessionsCommand::Check { store } => return sessions_check(store),
+        SessionsCommand::Reset { store, yes } => return sessions_reset(store, *yes),
     };
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
