@@ -709,6 +709,24 @@ mod tests {
         drop(guard);
         let third = tokio::time::timeout(Duration::from_secs(2), store.lock_refresh(&key)).await;
         assert!(matches!(third, Ok(Ok(_))), "released locks can be taken");
+        drop(third);
+
+        // A holder that died (never released, never renewed: another replica killed mid-refresh)
+        // blocks the session only until its lease runs out.
+        let orphan = crate::session::SessionId::generate().unwrap().key();
+        let _: () = redis::cmd("SET")
+            .arg(lock_key(&key_hex(&orphan)))
+            .arg("token-of-a-dead-replica")
+            .arg("PX")
+            .arg(LOCK_LEASE.as_millis() as u64)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        let taken = tokio::time::timeout(LOCK_WAIT, store.lock_refresh(&orphan)).await;
+        assert!(matches!(taken, Ok(Ok(_))), "the dead holder's lock is taken after its lease");
+        let waited = started.elapsed();
+        assert!(waited >= LOCK_LEASE - Duration::from_millis(500) && waited < LOCK_LEASE * 2, "{waited:?}");
         let _ = child.kill();
         let _ = child.wait();
         // Redis gone: a clean error, quickly.
