@@ -104,6 +104,10 @@ func (g *Gatehouse) Register(app core.App) {
 			return se.Next()
 		},
 	})
+	app.OnBatchRequest().Bind(&hook.Handler[*core.BatchRequestEvent]{
+		Id:   "gatehouseBatch",
+		Func: g.onBatch,
+	})
 	app.OnRealtimeConnectRequest().Bind(&hook.Handler[*core.RealtimeConnectRequestEvent]{
 		Id:   "gatehouseRealtimeConnect",
 		Func: g.onRealtimeConnect,
@@ -162,7 +166,9 @@ func (g *Gatehouse) handle(e *core.RequestEvent) error {
 	}
 	// Requests relayed by Gatehouse come from browsers: PocketBase's superuser login and admin UI
 	// are not for them (password guessing from the public origin, a superuser token in page script).
-	if adminSurface(e.Request.URL.Path) {
+	// The route and collection are resolved the way PocketBase resolves them (see adminsurface.go).
+	if adminRequest(e) {
+		logf(e.App, slog.LevelInfo, "gatehouse: relayed request to the admin surface refused", "route", e.Request.Pattern)
 		return e.NotFoundError("", nil)
 	}
 
@@ -196,12 +202,6 @@ func (g *Gatehouse) trustedPeer(remoteAddr string) bool {
 	}
 	addr := ap.Addr().Unmap()
 	return slices.ContainsFunc(g.cfg.TrustedPeers, func(p netip.Prefix) bool { return p.Contains(addr) })
-}
-
-// adminSurface: PocketBase's admin UI and superuser endpoints.
-func adminSurface(path string) bool {
-	return path == "/_" || strings.HasPrefix(path, "/_/") ||
-		strings.HasPrefix(path, "/api/collections/_superusers/") || path == "/api/collections/_superusers"
 }
 
 // refusal logs a failed lookup (without secrets) and returns the PocketBase-shaped API error.
@@ -360,6 +360,24 @@ func (g *Gatehouse) onRealtimeSubscribe(e *core.RealtimeSubscribeRequestEvent) e
 		if connKey != keyOf(e.Request.Header.Get(HeaderSession)) {
 			return e.ForbiddenError("The realtime connection was not opened with this Gatehouse session.", nil)
 		}
+		// Topics are "collection/*" or "collection/recordId"; PocketBase's rules would refuse a
+		// privileged collection's events anyway, this keeps such topics out altogether.
+		for _, topic := range e.Subscriptions {
+			name, _, _ := strings.Cut(topic, "/")
+			if privilegedCollection(e.App, name) {
+				return e.ForbiddenError("This subscription is not allowed through Gatehouse.", nil)
+			}
+		}
+	}
+	return e.Next()
+}
+
+// onBatch refuses a relayed batch that has a sub-request for a privileged collection: PocketBase
+// routes batch sub-requests internally, past the router middleware's checks.
+func (g *Gatehouse) onBatch(e *core.BatchRequestEvent) error {
+	if e.RequestEvent.Get(storeKeyViaSession) == true && adminBatch(e.App, e.Batch) {
+		logf(e.App, slog.LevelInfo, "gatehouse: relayed batch touching a privileged collection refused")
+		return e.NotFoundError("", nil)
 	}
 	return e.Next()
 }
