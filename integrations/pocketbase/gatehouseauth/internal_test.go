@@ -4,6 +4,7 @@ import (
 	"crypto/rand"
 	"crypto/rsa"
 	"encoding/base64"
+	"encoding/json"
 	"fmt"
 	"math/big"
 	"slices"
@@ -167,5 +168,31 @@ func TestErrorCodeQuotesOnlyTheCode(t *testing.T) {
 	}
 	if got := errorCode([]byte(`not json with a token eyJ...`)); got != "" {
 		t.Errorf("errorCode of a non-JSON body = %q, want empty", got)
+	}
+}
+
+func TestIdentityClaimsFromTheToken(t *testing.T) {
+	c := &accessClaims{
+		Email:             json.RawMessage(`"a@example.com"`),
+		EmailVerified:     json.RawMessage(`"true"`), // a string, not a boolean: not verified
+		Name:              json.RawMessage(`42`),     // wrong type: absent
+		PreferredUsername: json.RawMessage(`"a"`),
+		RealmAccess:       json.RawMessage(`{"roles":["user","admin"]}`),
+		ResourceAccess:    json.RawMessage(`{"app":{"roles":["editor"]},"other":{}}`),
+		Groups:            json.RawMessage(`["/g"]`),
+	}
+	c.Subject = "s"
+	id := identityFrom("i", c.identityClaims())
+	if id.Email != "a@example.com" || id.EmailVerified || id.Name != "" || id.PreferredUsername != "a" {
+		t.Errorf("identity = %+v", id)
+	}
+	if want := []string{"admin", "app:editor", "user"}; !slices.Equal(id.Roles, want) {
+		t.Errorf("roles = %v, want %v", id.Roles, want)
+	}
+	if !slices.Equal(id.Groups, []string{"/g"}) {
+		t.Errorf("groups = %v", id.Groups)
+	}
+	if id := identityFrom("i", (&accessClaims{}).identityClaims()); id.Email != "" || len(id.Roles) != 0 || id.EmailVerified {
+		t.Errorf("empty token identity = %+v", id)
 	}
 }

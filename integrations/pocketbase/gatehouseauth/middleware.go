@@ -63,6 +63,7 @@ type Gatehouse struct {
 	users    *userSync
 	flight   singleflight.Group
 	now      func() time.Time
+	app      core.App // set by Register, for logging outside a request
 }
 
 // New validates cfg, loads the certificates and returns the integration. It does no network I/O,
@@ -93,6 +94,7 @@ func (g *Gatehouse) Config() Config { return g.cfg }
 
 // Register attaches the middlewares to the app's router and the realtime hooks.
 func (g *Gatehouse) Register(app core.App) {
+	g.app = app
 	if g.cfg.jwksIsPlainRemote() {
 		logf(app, slog.LevelWarn, "gatehouse: the JWKS is fetched over plain http from a non-loopback host; use https",
 			"jwksURL", g.cfg.JWKSURL)
@@ -255,11 +257,19 @@ func (g *Gatehouse) lookup(ctx context.Context, key sessionKey, sessionID string
 	if res.Claims.Iss != "" && res.Claims.Iss != g.cfg.Issuer {
 		return nil, errors.Join(ErrInvalidToken, errors.New("the session's issuer is not the configured issuer"))
 	}
-	tokenExp, err := g.verifier.verify(ctx, res.AccessToken, res.Claims.Sub)
+	tokenExp, signed, err := g.verifier.verify(ctx, res.AccessToken, res.Claims.Sub)
 	if err != nil {
 		return nil, err
 	}
-	id := identityFrom(g.cfg.Issuer, &res.Claims)
+	// The identity comes from the verified token only. The exchange answer's claims are not
+	// signed: a Gatehouse bug, a stale copy from login time or a compromised Gatehouse must not
+	// be able to add a role or claim someone's e-mail. Where they disagree the token wins, and
+	// the disagreement is logged (claim names only, never values).
+	id := identityFrom(g.cfg.Issuer, signed)
+	if differs := differingClaims(identityFrom(g.cfg.Issuer, &res.Claims), id); len(differs) > 0 {
+		logf(g.app, slog.LevelWarn, "gatehouse: the exchange's claims differ from the access token's; using the token's",
+			"session", key.prefix(), "claims", strings.Join(differs, ","))
+	}
 
 	now := g.now()
 	until := now.Add(g.cfg.CacheMaxAge)
@@ -310,6 +320,30 @@ func identityFrom(issuer string, c *exchangeClaims) *Identity {
 	id.Roles = sortedUnique(roles)
 	id.Groups = sortedUnique(slices.Clone(c.Groups))
 	return id
+}
+
+// differingClaims names the identity fields in which two identities differ.
+func differingClaims(a, b *Identity) []string {
+	var out []string
+	if a.Email != b.Email {
+		out = append(out, "email")
+	}
+	if a.EmailVerified != b.EmailVerified {
+		out = append(out, "email_verified")
+	}
+	if a.Name != b.Name {
+		out = append(out, "name")
+	}
+	if a.PreferredUsername != b.PreferredUsername {
+		out = append(out, "preferred_username")
+	}
+	if !slices.Equal(a.Roles, b.Roles) {
+		out = append(out, "roles")
+	}
+	if !slices.Equal(a.Groups, b.Groups) {
+		out = append(out, "groups")
+	}
+	return out
 }
 
 // sortedUnique gives a stable order, so an unchanged role set never looks changed and causes a

@@ -201,8 +201,14 @@ func TestClaimsChangeUpdatesUser(t *testing.T) {
 	if n := e.countUsers(); n != 1 {
 		t.Errorf("%d users records, want 1", n)
 	}
-	if after.GetString("name") != "Alice Kingsleigh" || after.Email() != "alice.k@example.com" || after.Verified() {
+	// The new address is not verified: it is not stored (and the old one is gone too).
+	if after.GetString("name") != "Alice Kingsleigh" || after.Email() != "" || after.Verified() {
 		t.Errorf("profile not synced: name %q email %q verified %v", after.GetString("name"), after.Email(), after.Verified())
+	}
+	changed.verified = true
+	after, _ = e.ensureUser(changed)
+	if after.Email() != "alice.k@example.com" || !after.Verified() {
+		t.Errorf("verified new address not stored: email %q verified %v", after.Email(), after.Verified())
 	}
 	if got := jsonStrings(t, after, "roles"); !slices.Equal(got, []string{"admin", "user"}) {
 		t.Errorf("roles = %v, want [admin user]", got)
