@@ -28,12 +28,14 @@ var errUnknownKey = errors.New("token signed with an unknown key")
 //
 // The set is refetched when it is older than maxAge (so a key removed in Keycloak stops being
 // accepted) and when a token names an unknown kid (key rotation), the latter at most once per
-// minRefresh so that tokens with random kids cannot make us hammer Keycloak.
+// minRefresh so that tokens with random kids cannot make us hammer Keycloak. While refetching
+// fails, a cached key keeps working for at most maxStale past maxAge.
 type jwksCache struct {
 	url        string
 	client     *http.Client
 	minRefresh time.Duration
 	maxAge     time.Duration
+	maxStale   time.Duration
 	now        func() time.Time
 
 	mu        sync.Mutex
@@ -45,8 +47,12 @@ type jwksCache struct {
 	flight singleflight.Group
 }
 
-func newJWKSCache(url string, timeout, minRefresh, maxAge time.Duration, now func() time.Time) *jwksCache {
+func newJWKSCache(url string, timeout, minRefresh, maxAge, maxStale time.Duration, now func() time.Time) *jwksCache {
 	transport := http.DefaultTransport.(*http.Transport).Clone()
+	// Never through an HTTP(S)_PROXY from the environment: whoever runs that proxy could hand us
+	// keys of their own (plain http) or see which Keycloak we trust. The key set is fetched
+	// directly, like the exchange.
+	transport.Proxy = nil
 	return &jwksCache{
 		url: url,
 		client: &http.Client{Transport: transport, Timeout: timeout,
@@ -54,6 +60,7 @@ func newJWKSCache(url string, timeout, minRefresh, maxAge time.Duration, now fun
 			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }},
 		minRefresh: minRefresh,
 		maxAge:     maxAge,
+		maxStale:   maxStale,
 		now:        now,
 	}
 }
@@ -67,7 +74,8 @@ const failedFetchRetry = time.Second
 func (j *jwksCache) key(ctx context.Context, kid string) (*rsa.PublicKey, error) {
 	j.mu.Lock()
 	k := j.keys[kid]
-	fresh := j.keys != nil && j.now().Sub(j.fetchedAt) < j.maxAge
+	age := j.now().Sub(j.fetchedAt)
+	fresh := j.keys != nil && age < j.maxAge
 	j.mu.Unlock()
 	if k != nil && fresh {
 		return k, nil
@@ -78,7 +86,9 @@ func (j *jwksCache) key(ctx context.Context, kid string) (*rsa.PublicKey, error)
 	if err != nil {
 		// A stale set that still has the key is used when the refresh fails: the key was
 		// valid minutes ago, and refusing every user because Keycloak blipped helps nobody.
-		if k != nil {
+		// But only for maxStale: a key Keycloak has since removed (rotated out after a leak)
+		// must not keep verifying tokens for as long as Keycloak stays unreachable.
+		if k != nil && age < j.maxAge+j.maxStale {
 			return k, nil
 		}
 		return nil, err

@@ -78,7 +78,7 @@ func New(cfg Config) (*Gatehouse, error) {
 		return nil, err
 	}
 	now := time.Now
-	jwks := newJWKSCache(cfg.JWKSURL, cfg.Timeout, cfg.JWKSMinRefresh, cfg.JWKSMaxAge, now)
+	jwks := newJWKSCache(cfg.JWKSURL, cfg.Timeout, cfg.JWKSMinRefresh, cfg.JWKSMaxAge, cfg.JWKSMaxStale, now)
 	return &Gatehouse{
 		cfg:      cfg,
 		exchange: newExchangeClient(cfg.ExchangeURL, tlsConf, cfg.Timeout),
@@ -95,10 +95,6 @@ func (g *Gatehouse) Config() Config { return g.cfg }
 // Register attaches the middlewares to the app's router and the realtime hooks.
 func (g *Gatehouse) Register(app core.App) {
 	g.app = app
-	if g.cfg.jwksIsPlainRemote() {
-		logf(app, slog.LevelWarn, "gatehouse: the JWKS is fetched over plain http from a non-loopback host; use https",
-			"jwksURL", g.cfg.JWKSURL)
-	}
 	app.OnServe().Bind(&hook.Handler[*core.ServeEvent]{
 		Id: "gatehouseRegister",
 		Func: func(se *core.ServeEvent) error {

@@ -769,6 +769,11 @@ func TestConfigIsValidatedAtStartup(t *testing.T) {
 		"key of another cert": func(c *gatehouseauth.Config) { c.ClientKeyFile = pki.evilKey },
 		"CA file is no PEM":   func(c *gatehouseauth.Config) { c.CAFile = pki.clientKey },
 		"issuer not a URL":    func(c *gatehouseauth.Config) { c.Issuer = "gatehouse" },
+		"plain http issuer":   func(c *gatehouseauth.Config) { c.Issuer = "http://kc.example/realms/gatehouse" },
+		"plain http JWKS": func(c *gatehouseauth.Config) {
+			c.JWKSURL = "http://10.1.2.3/realms/gatehouse/protocol/openid-connect/certs"
+		},
+		"stale cap too long": func(c *gatehouseauth.Config) { c.JWKSMaxStale = 48 * time.Hour },
 	}
 	for name, mutate := range bad {
 		c := good
