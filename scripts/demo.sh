@@ -184,7 +184,9 @@ PB_ADMIN_PW_FILE="$DEMO_DIR/pocketbase-admin-password"
 if [[ ! -s "$PB_ADMIN_PW_FILE" ]]; then
     (umask 077; head -c 18 /dev/urandom | base64 | tr -d '/+=' >"$PB_ADMIN_PW_FILE")
 fi
-"$PB_BIN" superuser upsert "$PB_ADMIN" "$(cat "$PB_ADMIN_PW_FILE")" --dir "$DEMO_DIR/pb_data" >/dev/null ||
+# The password goes in on stdin, never as an argument: other local users can read any process's
+# command line (ps, /proc/PID/cmdline).
+"$PB_BIN" superuser upsert-stdin "$PB_ADMIN" --dir "$DEMO_DIR/pb_data" <"$PB_ADMIN_PW_FILE" >/dev/null ||
     die "could not create the PocketBase superuser"
 
 log "starting PocketBase: $PB_BIN serve --http 127.0.0.1:$PB_PORT (data in $DEMO_DIR/pb_data)"
@@ -197,7 +199,9 @@ wait_http "http://127.0.0.1:$PB_PORT/api/health" "$PB_PID" "$READY_TIMEOUT" Pock
 cat >&2 <<EOF
 
   ================================================================
-   Gatehouse demo is running
+   Gatehouse demo is running  (a local demo, NOT a production setup:
+   password login on, plain http on loopback, dev secrets and the
+   Keycloak admin/admin account; see docs/security.md)
 
    Open             $PUBLIC_URL
    Demo users       alice / alice-password  (realm roles admin, user)

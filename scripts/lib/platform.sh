@@ -20,6 +20,14 @@ platform_pki() {
 platform_config() {
     cat >"$1" <<CONF
 # Written by scripts/lib/platform.sh; edit the script, not this file. Reference: docs/configuration.md
+#
+# FOR THE LOCAL DEMO AND THE BROWSER TESTS ONLY. NOT A PRODUCTION CONFIGURATION:
+#   - oidc.password_login = true: Gatehouse sees user passwords (production: code flow only);
+#   - plain http on loopback: the session cookie has no Secure flag and no __Host- prefix;
+#   - the client secret is the realm's published dev secret, Keycloak's admin is admin/admin,
+#     and the PKI is a throw-away dev CA;
+#   - PocketBase's upstream is plain http, which Gatehouse accepts only on loopback.
+# Start a real deployment from docs/configuration.md and docs/security.md.
 
 [public]
 listen = "127.0.0.1:$PUBLIC_PORT"
