@@ -161,7 +161,9 @@ PB_BIN="$(scripts/pocketbase.sh build)"
 
 # Idempotent: does nothing if the demo instance already answers on $KC_PORT. Downloads Keycloak
 # on first use. Each start re-imports the realm into a fresh database.
-scripts/keycloak.sh start "$KC_NAME" "$KC_PORT"
+# The demo realm is the test realm plus brute-force protection (scripts/lib/platform.sh).
+platform_demo_realm "$DEMO_DIR/gatehouse-realm.json" || die "could not write the demo realm"
+GATEHOUSE_REALM_FILE="$DEMO_DIR/gatehouse-realm.json" scripts/keycloak.sh start "$KC_NAME" "$KC_PORT"
 
 # ---------------------------------------------------------------- Gatehouse
 

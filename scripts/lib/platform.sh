@@ -63,6 +63,29 @@ CONF
     chmod 600 "$1"
 }
 
+# platform_demo_realm OUT: the demo's Keycloak realm: deploy/keycloak/gatehouse-realm.json with
+# brute-force protection on (10 failed logins in a row lock the user for 60 s, growing to at most
+# 15 min; a successful login resets the count; never a permanent lockout, which would let anyone
+# disable the demo users). The test instance keeps the file as it is: the suites of several
+# engineers share one Keycloak and run wrong-password tests, and a lockout there would fail
+# unrelated tests at random.
+platform_demo_realm() {
+    local src out="$1"
+    src="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/deploy/keycloak/gatehouse-realm.json"
+    grep -q '^  "bruteForceProtected": false,$' "$src" || {
+        echo "platform_demo_realm: $src has no '\"bruteForceProtected\": false,' line to replace" >&2
+        return 1
+    }
+    sed 's/^  "bruteForceProtected": false,$/  "bruteForceProtected": true,\
+  "permanentLockout": false,\
+  "failureFactor": 10,\
+  "waitIncrementSeconds": 60,\
+  "maxFailureWaitSeconds": 900,\
+  "maxDeltaTimeSeconds": 43200,\
+  "quickLoginCheckMilliSeconds": 1000,\
+  "minimumQuickLoginWaitSeconds": 60,/' "$src" >"$out"
+}
+
 # platform_pocketbase_env: the environment PocketBase's Gatehouse middleware reads.
 platform_pocketbase_env() {
     PB_ENV=(env
