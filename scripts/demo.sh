@@ -161,7 +161,9 @@ PB_BIN="$(scripts/pocketbase.sh build)"
 
 # Idempotent: does nothing if the demo instance already answers on $KC_PORT. Downloads Keycloak
 # on first use. Each start re-imports the realm into a fresh database.
-scripts/keycloak.sh start "$KC_NAME" "$KC_PORT"
+# The demo realm is the test realm plus brute-force protection (scripts/lib/platform.sh).
+platform_demo_realm "$DEMO_DIR/gatehouse-realm.json" || die "could not write the demo realm"
+GATEHOUSE_REALM_FILE="$DEMO_DIR/gatehouse-realm.json" scripts/keycloak.sh start "$KC_NAME" "$KC_PORT"
 
 # ---------------------------------------------------------------- Gatehouse
 
@@ -184,7 +186,9 @@ PB_ADMIN_PW_FILE="$DEMO_DIR/pocketbase-admin-password"
 if [[ ! -s "$PB_ADMIN_PW_FILE" ]]; then
     (umask 077; head -c 18 /dev/urandom | base64 | tr -d '/+=' >"$PB_ADMIN_PW_FILE")
 fi
-"$PB_BIN" superuser upsert "$PB_ADMIN" "$(cat "$PB_ADMIN_PW_FILE")" --dir "$DEMO_DIR/pb_data" >/dev/null ||
+# The password goes in on stdin, never as an argument: other local users can read any process's
+# command line (ps, /proc/PID/cmdline).
+"$PB_BIN" superuser upsert-stdin "$PB_ADMIN" --dir "$DEMO_DIR/pb_data" <"$PB_ADMIN_PW_FILE" >/dev/null ||
     die "could not create the PocketBase superuser"
 
 log "starting PocketBase: $PB_BIN serve --http 127.0.0.1:$PB_PORT (data in $DEMO_DIR/pb_data)"
@@ -197,7 +201,9 @@ wait_http "http://127.0.0.1:$PB_PORT/api/health" "$PB_PID" "$READY_TIMEOUT" Pock
 cat >&2 <<EOF
 
   ================================================================
-   Gatehouse demo is running
+   Gatehouse demo is running  (a local demo, NOT a production setup:
+   password login on, plain http on loopback, dev secrets and the
+   Keycloak admin/admin account; see docs/security.md)
 
    Open             $PUBLIC_URL
    Demo users       alice / alice-password  (realm roles admin, user)

@@ -25,7 +25,7 @@ ISSUER="$KEYCLOAK_URL/realms/gatehouse"
 # Ports inside the range the test realm's redirect URIs allow (localhost:18000-18039).
 PUBLIC_PORT=18030 CROSS_ORIGIN_PORT=18031 ADMIN_PORT=18032 INTERNAL_PORT=18033 PB_PORT=18090
 export ARTIFACTS_DIR="${ARTIFACTS_DIR:-$REPO_ROOT/test-artifacts/e2e}"
-export GATEHOUSE_URL="http://localhost:$PUBLIC_PORT" CROSS_ORIGIN_PORT
+export GATEHOUSE_URL="http://localhost:$PUBLIC_PORT" CROSS_ORIGIN_PORT POCKETBASE_URL="http://127.0.0.1:$PB_PORT"
 
 command -v node >/dev/null || die "node not found (Node.js 20 is expected on this machine)"
 [[ -x /usr/bin/chromium ]] || die "/usr/bin/chromium missing; scripts/setup.sh installs it"

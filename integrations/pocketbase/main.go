@@ -27,7 +27,9 @@ func main() {
 	// only `serve` needs the Gatehouse configuration; `superuser` and `migrate` must work without
 	// it (e.g. to create the first superuser before the certificates exist).
 	serveCmd := cmd.NewServeCommand(app, true)
-	app.RootCmd.AddCommand(cmd.NewSuperuserCommand(app), serveCmd)
+	superuserCmd := cmd.NewSuperuserCommand(app)
+	superuserCmd.AddCommand(superuserUpsertStdinCommand(app))
+	app.RootCmd.AddCommand(superuserCmd, serveCmd)
 	// `migrate` gives operators up/down/history for the Go migrations; Automigrate is off because
 	// the schema lives in Go code, not in the admin UI.
 	migratecmd.MustRegister(app, app.RootCmd, migratecmd.Config{Automigrate: false})

@@ -20,6 +20,14 @@ platform_pki() {
 platform_config() {
     cat >"$1" <<CONF
 # Written by scripts/lib/platform.sh; edit the script, not this file. Reference: docs/configuration.md
+#
+# FOR THE LOCAL DEMO AND THE BROWSER TESTS ONLY. NOT A PRODUCTION CONFIGURATION:
+#   - oidc.password_login = true: Gatehouse sees user passwords (production: code flow only);
+#   - plain http on loopback: the session cookie has no Secure flag and no __Host- prefix;
+#   - the client secret is the realm's published dev secret, Keycloak's admin is admin/admin,
+#     and the PKI is a throw-away dev CA;
+#   - PocketBase's upstream is plain http, which Gatehouse accepts only on loopback.
+# Start a real deployment from docs/configuration.md and docs/security.md.
 
 [public]
 listen = "127.0.0.1:$PUBLIC_PORT"
@@ -53,6 +61,29 @@ upstream = "http://127.0.0.1:$PB_PORT/"
 relay = "session"
 CONF
     chmod 600 "$1"
+}
+
+# platform_demo_realm OUT: the demo's Keycloak realm: deploy/keycloak/gatehouse-realm.json with
+# brute-force protection on (10 failed logins in a row lock the user for 60 s, growing to at most
+# 15 min; a successful login resets the count; never a permanent lockout, which would let anyone
+# disable the demo users). The test instance keeps the file as it is: the suites of several
+# engineers share one Keycloak and run wrong-password tests, and a lockout there would fail
+# unrelated tests at random.
+platform_demo_realm() {
+    local src out="$1"
+    src="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/deploy/keycloak/gatehouse-realm.json"
+    grep -q '^  "bruteForceProtected": false,$' "$src" || {
+        echo "platform_demo_realm: $src has no '\"bruteForceProtected\": false,' line to replace" >&2
+        return 1
+    }
+    sed 's/^  "bruteForceProtected": false,$/  "bruteForceProtected": true,\
+  "permanentLockout": false,\
+  "failureFactor": 10,\
+  "waitIncrementSeconds": 60,\
+  "maxFailureWaitSeconds": 900,\
+  "maxDeltaTimeSeconds": 43200,\
+  "quickLoginCheckMilliSeconds": 1000,\
+  "minimumQuickLoginWaitSeconds": 60,/' "$src" >"$out"
 }
 
 # platform_pocketbase_env: the environment PocketBase's Gatehouse middleware reads.

@@ -227,6 +227,53 @@ function suite() {
     await h.screenshot(env, page, 'alice-notes-after-reload');
   });
 
+  // ---------------------------------------------------------------- 4b
+
+  step("4b. PocketBase's superuser and admin surface stays closed through the proxy, whatever the spelling", async (t) => {
+    if (!needs(t, 'alicePage')) return;
+    const page = s.alicePage;
+    // Names PocketBase resolves to its superusers collection: any case, or the fixed id.
+    const spellings = ['_superusers', '_SUPERUSERS', '_SuperUsers', 'pbc_3142635823'];
+    const endpoints = [
+      ['POST', 'auth-with-password', { identity: 'admin@gatehouse.local', password: 'guess-guess' }],
+      ['GET', 'auth-methods'],
+      ['POST', 'request-password-reset', { email: 'admin@gatehouse.local' }],
+      ['POST', 'request-otp', { email: 'admin@gatehouse.local' }],
+      ['GET', 'records'],
+    ];
+    for (const name of spellings) {
+      for (const [method, action, body] of endpoints) {
+        const path = `/api/collections/${name}/${action}`;
+        const r = await h.pageFetch(page, `/api/pb${path}`, { method, body });
+        assert.equal(r.status, 404, `${method} /api/pb${path} with alice's session should be 404, got ${r.status ?? r.error}: ${(r.text || '').slice(0, 200)}`);
+        assert.ok(!/token/i.test(r.text || ''), `no token in the answer to ${path}`);
+      }
+      // Control: PocketBase itself resolves this spelling (operators reach it directly).
+      if (env.pocketbase) {
+        const direct = await fetch(`${env.pocketbase}/api/collections/${name}/auth-methods`);
+        assert.equal(direct.status, 200, `PocketBase reached directly should resolve ${name} (got ${direct.status}); otherwise this step proves nothing`);
+      }
+    }
+    // An escaped spelling is not even canonical for Gatehouse's proxy.
+    const escaped = await h.pageFetch(page, '/api/pb/api/collections/%5Fsuperusers/auth-with-password', { method: 'POST', body: {} });
+    assert.ok([400, 404].includes(escaped.status), `the escaped spelling should be refused, got ${escaped.status}`);
+    for (const [method, path] of [
+      ['GET', '/_/'],
+      ['GET', '/api/settings'],
+      ['GET', '/api/logs'],
+      ['GET', '/api/backups'],
+      ['GET', '/api/collections'],
+      ['GET', '/api/collections/notes'],
+      ['POST', '/api/sql'],
+    ]) {
+      const r = await h.pageFetch(page, `/api/pb${path}`, { method, body: method === 'POST' ? {} : undefined });
+      assert.equal(r.status, 404, `${method} /api/pb${path} with alice's session should be 404, got ${r.status ?? r.error}`);
+    }
+    // Proxied answers carry Gatehouse's own strict policy, not PocketBase's.
+    const csp = await page.evaluate(async () => (await fetch('/api/pb/api/health', { cache: 'no-store' })).headers.get('content-security-policy'));
+    assert.ok(csp && csp.includes("default-src 'none'") && csp.includes('sandbox'), `proxied answers should carry Gatehouse's CSP, got ${csp}`);
+  });
+
   // ---------------------------------------------------------------- 5
 
   step('5. live updates: a note added on one of alice\'s pages appears on her other page without a reload', async (t) => {

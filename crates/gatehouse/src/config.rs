@@ -91,7 +91,8 @@ pub struct RouteConfig {
     /// Requests, streams (SSE) and WebSocket tunnels open at once to this upstream; over it, 503.
     #[serde(default = "defaults::route_max_in_flight")]
     pub max_in_flight: usize,
-    /// How often an open WebSocket tunnel re-checks its session (a logout or revocation closes it).
+    /// How often an open WebSocket tunnel or streaming response (SSE) re-checks its session (a
+    /// logout or revocation ends it).
     #[serde(default = "defaults::route_session_recheck", deserialize_with = "de_duration")]
     pub session_recheck: Duration,
     /// Allow-list mode: only standard HTTP headers plus these (case-insensitive) names reach the
@@ -99,6 +100,16 @@ pub struct RouteConfig {
     /// identity-looking families (`x-user-*`, `*-roles`, `remote-*`, …).
     #[serde(default)]
     pub request_headers: Option<Vec<String>>,
+    /// Allow a plain `http://` upstream on a host that is not loopback. The relayed session id or
+    /// access token is a credential: over plain http anyone on the path can read and replay it.
+    /// Off by default; only for a network where that is acceptable (e.g. a mesh that encrypts).
+    #[serde(default)]
+    pub allow_plaintext_relay: bool,
+    /// Keep the upstream's own browser security headers (`Content-Security-Policy`,
+    /// `X-Frame-Options`, ...) instead of Gatehouse's. Off by default: Gatehouse sets its own on
+    /// every proxied response, so an upstream cannot weaken the policy of Gatehouse's origin.
+    #[serde(default)]
+    pub upstream_security_headers: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -550,6 +561,21 @@ impl RouteConfig {
                     format!("`{u}` is plain http: TLS files need an https:// upstream"),
                 ));
             }
+            // The relay header carries a session id or an access token: in the clear it may only
+            // cross loopback, unless the operator says the network protects it.
+            "http" if !is_loopback_host(u) && !self.allow_plaintext_relay => {
+                return Err(invalid(
+                    "routes.upstream",
+                    format!(
+                        "`{u}` is plain http to a host that is not loopback: the relayed {} would cross the network \
+                         in the clear; use https (with ca_file) or set allow_plaintext_relay = true",
+                        match self.relay {
+                            Relay::Session => "session id",
+                            Relay::Bearer => "access token",
+                        }
+                    ),
+                ));
+            }
             "http" => {}
             "https" if self.ca_file.is_none() => {
                 return Err(invalid(
@@ -855,6 +881,20 @@ impl Config {
         if self.oidc.password_login {
             w.push("oidc.password_login is on: Gatehouse sees user passwords (rate-limited)".into());
         }
+        for r in &self.routes {
+            if r.upstream.scheme() == "http" && !is_loopback_host(&r.upstream) {
+                w.push(format!(
+                    "routes {}: allow_plaintext_relay: the relayed credential goes to {} over plain http",
+                    r.prefix, r.upstream
+                ));
+            }
+            if r.upstream_security_headers {
+                w.push(format!(
+                    "routes {}: upstream_security_headers: the upstream's CSP and framing headers apply to this origin",
+                    r.prefix
+                ));
+            }
+        }
         w
     }
 }
@@ -1105,11 +1145,43 @@ mod tests {
                 let err = load(jail, &route(prefix, upstream)).unwrap_err().to_string();
                 assert!(err.contains(key), "{prefix} {upstream}: expected `{key}` in: {err}");
             }
-            let twice =
-                format!("{}{}", route("/api/pb/", "http://a/"), route("/api/pb/", "http://b/").replace(MINIMAL, ""));
+            let twice = format!(
+                "{}{}",
+                route("/api/pb/", "http://127.0.0.1:1/"),
+                route("/api/pb/", "http://127.0.0.2:1/").replace(MINIMAL, "")
+            );
             assert!(load(jail, &twice).unwrap_err().to_string().contains("listed twice"));
             let unknown = route("/api/pb/", "http://a/").replace("relay = \"session\"", "relay = \"cookie\"");
             assert!(load(jail, &unknown).is_err(), "unknown relay");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn plain_http_relay_to_a_remote_host_needs_an_explicit_opt_in() {
+        Jail::expect_with(|jail| {
+            let route = |upstream: &str, relay: &str, extra: &str| {
+                format!(
+                    "{MINIMAL}\n[[routes]]\nprefix = \"/api/pb/\"\nupstream = \"{upstream}\"\nrelay = \"{relay}\"\n{extra}"
+                )
+            };
+            for relay in ["session", "bearer"] {
+                for upstream in
+                    ["http://pocketbase.internal:8090/", "http://10.0.0.8:8090/", "http://127.0.0.1.nip.io/"]
+                {
+                    let err = load(jail, &route(upstream, relay, "")).unwrap_err().to_string();
+                    assert!(
+                        err.contains("routes.upstream") && err.contains("allow_plaintext_relay"),
+                        "{relay} {upstream}: {err}"
+                    );
+                    let c = load(jail, &route(upstream, relay, "allow_plaintext_relay = true")).expect("opted in");
+                    assert!(c.warnings().iter().any(|w| w.contains("allow_plaintext_relay")), "{relay} {upstream}");
+                }
+                for upstream in ["http://127.0.0.1:8090/", "http://localhost:8090/", "http://[::1]:8090/"] {
+                    let c = load(jail, &route(upstream, relay, "")).expect("loopback is fine");
+                    assert!(c.warnings().iter().all(|w| !w.contains("allow_plaintext_relay")), "{upstream}");
+                }
+            }
             Ok(())
         });
     }

@@ -25,6 +25,7 @@ const (
 	EnvTimeout      = "GATEHOUSE_TIMEOUT"
 	EnvCacheMaxAge  = "GATEHOUSE_CACHE_MAX_AGE"
 	EnvTrustedPeers = "GATEHOUSE_TRUSTED_PEERS"
+	EnvJWKSMaxStale = "GATEHOUSE_JWKS_MAX_STALE"
 )
 
 // Defaults.
@@ -36,6 +37,7 @@ const (
 	DefaultJWKSMinRefresh  = 30 * time.Second
 	DefaultJWKSMaxAge      = 10 * time.Minute
 	DefaultLeeway          = 10 * time.Second
+	DefaultJWKSMaxStale    = 30 * time.Minute
 
 	// MaxCacheMaxAge bounds how long a logout at Gatehouse can go unnoticed here.
 	MaxCacheMaxAge = 60 * time.Second
@@ -70,6 +72,10 @@ type Config struct {
 	// JWKSMaxAge is how long a fetched key set is used before it is refetched (so that a key
 	// removed in Keycloak stops being accepted).
 	JWKSMaxAge time.Duration
+	// JWKSMaxStale is how long past JWKSMaxAge a cached key is still used while refetching the
+	// key set keeps failing (Keycloak down). After that, tokens are refused with 503: a key
+	// Keycloak may have revoked (rotated out after a compromise) must not verify tokens forever.
+	JWKSMaxStale time.Duration
 	// Leeway is the clock skew tolerated when checking the token's exp/nbf/iat.
 	Leeway time.Duration
 
@@ -114,7 +120,7 @@ func ConfigFromEnv() (Config, error) {
 	for _, d := range []struct {
 		env string
 		dst *time.Duration
-	}{{EnvTimeout, &c.Timeout}, {EnvCacheMaxAge, &c.CacheMaxAge}} {
+	}{{EnvTimeout, &c.Timeout}, {EnvCacheMaxAge, &c.CacheMaxAge}, {EnvJWKSMaxStale, &c.JWKSMaxStale}} {
 		raw := strings.TrimSpace(os.Getenv(d.env))
 		if raw == "" {
 			continue
@@ -156,6 +162,9 @@ func (c Config) withDefaults() (Config, error) {
 	if c.Leeway == 0 {
 		c.Leeway = DefaultLeeway
 	}
+	if c.JWKSMaxStale == 0 {
+		c.JWKSMaxStale = DefaultJWKSMaxStale
+	}
 	if c.UsersCollection == "" {
 		c.UsersCollection = "users"
 	}
@@ -183,13 +192,16 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if c.Issuer == "" {
 		errs = append(errs, fmt.Errorf("%s is required (Keycloak issuer, e.g. http://localhost:18180/realms/gatehouse)", EnvIssuer))
-	} else if u, err := url.Parse(c.Issuer); err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
-		errs = append(errs, fmt.Errorf("%s must be an http(s):// URL, got %q", EnvIssuer, c.Issuer))
+	} else if err := checkKeycloakURL(c.Issuer); err != nil {
+		errs = append(errs, fmt.Errorf("%s %w, got %q", EnvIssuer, err, c.Issuer))
 	}
 	if c.JWKSURL != "" {
-		if u, err := url.Parse(c.JWKSURL); err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
-			errs = append(errs, fmt.Errorf("%s must be an http(s):// URL, got %q", EnvJWKSURL, c.JWKSURL))
+		if err := checkKeycloakURL(c.JWKSURL); err != nil {
+			errs = append(errs, fmt.Errorf("%s %w, got %q", EnvJWKSURL, err, c.JWKSURL))
 		}
+	}
+	if c.JWKSMaxStale < 0 || c.JWKSMaxStale > 24*time.Hour {
+		errs = append(errs, fmt.Errorf("%s must be between 0 and 24h, got %s", EnvJWKSMaxStale, c.JWKSMaxStale))
 	}
 	if c.Timeout < 0 || c.Timeout > time.Minute {
 		errs = append(errs, fmt.Errorf("%s must be between 0 and 1m, got %s", EnvTimeout, c.Timeout))
@@ -204,19 +216,28 @@ func (c Config) withDefaults() (Config, error) {
 	return c, errors.Join(errs...)
 }
 
-// jwksIsPlainRemote reports whether the key set would be fetched over plain http from a host
-// that is not loopback, where a network attacker could swap the keys.
-func (c Config) jwksIsPlainRemote() bool {
-	u, err := url.Parse(c.JWKSURL)
-	if err != nil || u.Scheme != "http" {
-		return false
+// checkKeycloakURL accepts https://, and plain http:// only on a loopback host (as Gatehouse does
+// for its issuer): over plain http a network attacker could swap the key set and sign tokens of
+// their own. The error completes "<VARIABLE> ...".
+func checkKeycloakURL(raw string) error {
+	u, err := url.Parse(raw)
+	switch {
+	case err != nil || u.Host == "" || (u.Scheme != "https" && u.Scheme != "http"):
+		return errors.New("must be an http(s):// URL")
+	case u.Scheme == "http" && !loopbackHost(u.Hostname()):
+		return errors.New("must be https:// (plain http only on a loopback host such as localhost or 127.0.0.1)")
 	}
-	host := u.Hostname()
-	if host == "localhost" {
-		return false
+	return nil
+}
+
+// loopbackHost: "localhost" or a loopback IP literal. Other names are not trusted to resolve to
+// loopback.
+func loopbackHost(host string) bool {
+	if strings.EqualFold(host, "localhost") {
+		return true
 	}
 	ip := net.ParseIP(host)
-	return ip == nil || !ip.IsLoopback()
+	return ip != nil && ip.IsLoopback()
 }
 
 // loadTLS builds the client TLS configuration for the exchange. Errors name the file and the

@@ -225,6 +225,35 @@ func (p *idp) accessToken(t *testing.T, sub string) string {
 	return sign(t, jwt.SigningMethodRS256, signingKey, testKid, p.claims(sub))
 }
 
+// userToken mints a valid access token for u carrying u's identity the way Keycloak puts it into
+// an access token (realm_access, resource_access, groups, profile and e-mail claims).
+func (p *idp) userToken(t *testing.T, u user) string {
+	return sign(t, jwt.SigningMethodRS256, signingKey, testKid, p.userClaims(u))
+}
+
+// userClaims are the access-token claims of u.
+func (p *idp) userClaims(u user) jwt.MapClaims {
+	c := p.claims(u.sub)
+	c["email_verified"] = u.verified
+	if u.email != "" {
+		c["email"] = u.email
+	}
+	if u.name != "" {
+		c["name"] = u.name
+	}
+	if u.username != "" {
+		c["preferred_username"] = u.username
+	}
+	c["realm_access"] = map[string]any{"roles": orEmpty(u.realmRoles)}
+	resource := map[string]any{}
+	for client, roles := range u.clientRoles {
+		resource[client] = map[string]any{"roles": roles}
+	}
+	c["resource_access"] = resource
+	c["groups"] = orEmpty(u.groups)
+	return c
+}
+
 // sign signs claims with the given method and key, naming kid in the header ("" for none).
 func sign(t *testing.T, method jwt.SigningMethod, key any, kid string, claims jwt.MapClaims) string {
 	t.Helper()
@@ -449,7 +478,7 @@ func (e *env) newSessionID() string {
 // login registers a valid session for u at the stub and returns its id.
 func (e *env) login(u user) string {
 	e.t.Helper()
-	return e.loginWithToken(u, e.idp.accessToken(e.t, u.sub))
+	return e.loginWithToken(u, e.idp.userToken(e.t, u))
 }
 
 // loginWithToken registers a session for u whose exchange hands out the given token.

@@ -1,13 +1,19 @@
 package gatehouseauth
 
 import (
+	"context"
 	"crypto/rand"
 	"crypto/rsa"
 	"encoding/base64"
+	"encoding/json"
+	"errors"
 	"fmt"
 	"math/big"
+	"net/http"
+	"net/http/httptest"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -167,5 +173,108 @@ func TestErrorCodeQuotesOnlyTheCode(t *testing.T) {
 	}
 	if got := errorCode([]byte(`not json with a token eyJ...`)); got != "" {
 		t.Errorf("errorCode of a non-JSON body = %q, want empty", got)
+	}
+}
+
+func TestIdentityClaimsFromTheToken(t *testing.T) {
+	c := &accessClaims{
+		Email:             json.RawMessage(`"a@example.com"`),
+		EmailVerified:     json.RawMessage(`"true"`), // a string, not a boolean: not verified
+		Name:              json.RawMessage(`42`),     // wrong type: absent
+		PreferredUsername: json.RawMessage(`"a"`),
+		RealmAccess:       json.RawMessage(`{"roles":["user","admin"]}`),
+		ResourceAccess:    json.RawMessage(`{"app":{"roles":["editor"]},"other":{}}`),
+		Groups:            json.RawMessage(`["/g"]`),
+	}
+	c.Subject = "s"
+	id := identityFrom("i", c.identityClaims())
+	if id.Email != "a@example.com" || id.EmailVerified || id.Name != "" || id.PreferredUsername != "a" {
+		t.Errorf("identity = %+v", id)
+	}
+	if want := []string{"admin", "app:editor", "user"}; !slices.Equal(id.Roles, want) {
+		t.Errorf("roles = %v, want %v", id.Roles, want)
+	}
+	if !slices.Equal(id.Groups, []string{"/g"}) {
+		t.Errorf("groups = %v", id.Groups)
+	}
+	if id := identityFrom("i", (&accessClaims{}).identityClaims()); id.Email != "" || len(id.Roles) != 0 || id.EmailVerified {
+		t.Errorf("empty token identity = %+v", id)
+	}
+}
+
+// A cached key outlives failed refreshes only for maxStale: then tokens are refused (503) rather
+// than verified forever with a key Keycloak may have rotated out.
+func TestStaleKeyIsUsedOnlyForMaxStaleWhileRefreshesFail(t *testing.T) {
+	key, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		t.Fatal(err)
+	}
+	set, _ := json.Marshal(map[string]any{"keys": []map[string]string{{
+		"kid": "k1", "kty": "RSA", "use": "sig", "alg": "RS256",
+		"n": base64.RawURLEncoding.EncodeToString(key.N.Bytes()),
+		"e": base64.RawURLEncoding.EncodeToString(big.NewInt(int64(key.E)).Bytes()),
+	}}})
+	var down atomic.Bool
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if down.Load() {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			return
+		}
+		w.Write(set)
+	}))
+	defer srv.Close()
+
+	now := time.Unix(1_000_000, 0)
+	clock := func() time.Time { return now }
+	const maxAge, maxStale = 10 * time.Minute, 30 * time.Minute
+	j := newJWKSCache(srv.URL, time.Second, 30*time.Second, maxAge, maxStale, clock)
+	ctx := context.Background()
+	if _, err := j.key(ctx, "k1"); err != nil {
+		t.Fatalf("first fetch: %v", err)
+	}
+	down.Store(true)
+	now = now.Add(maxAge + time.Minute) // stale, refresh fails: the key still works
+	if _, err := j.key(ctx, "k1"); err != nil {
+		t.Errorf("stale key within maxStale refused: %v", err)
+	}
+	now = now.Add(maxStale) // maxAge + maxStale + 1m after the last good fetch
+	if _, err := j.key(ctx, "k1"); !errors.Is(err, ErrUnavailable) {
+		t.Errorf("stale key past maxStale: err %v, want ErrUnavailable", err)
+	}
+	down.Store(false)
+	now = now.Add(time.Minute)
+	if _, err := j.key(ctx, "k1"); err != nil {
+		t.Errorf("after Keycloak is back: %v", err)
+	}
+}
+
+// The JWKS and exchange clients never use a proxy from the environment (HTTPS_PROXY etc.).
+func TestClientsIgnoreEnvironmentProxies(t *testing.T) {
+	j := newJWKSCache("https://kc.example/certs", time.Second, time.Second, time.Minute, time.Minute, time.Now)
+	if tr, ok := j.client.Transport.(*http.Transport); !ok || tr.Proxy != nil {
+		t.Error("the JWKS client has a proxy function")
+	}
+	x := newExchangeClient("https://127.0.0.1:1/x", nil, time.Second)
+	if tr, ok := x.client.Transport.(*http.Transport); !ok || tr.Proxy != nil {
+		t.Error("the exchange client has a proxy function")
+	}
+}
+
+func TestKeycloakURLsMustBeHTTPSUnlessLoopback(t *testing.T) {
+	for raw, ok := range map[string]bool{
+		"https://kc.example/realms/r":      true,
+		"http://localhost:18180/realms/r":  true,
+		"http://127.0.0.1:18180/realms/r":  true,
+		"http://[::1]:18180/realms/r":      true,
+		"http://kc.example/realms/r":       false,
+		"http://10.0.0.5:8080/realms/r":    false,
+		"http://localhost.evil.example/r":  false,
+		"http://127.0.0.1.nip.io/realms/r": false,
+		"ftp://kc.example/realms/r":        false,
+		"kc.example/realms/r":              false,
+	} {
+		if err := checkKeycloakURL(raw); (err == nil) != ok {
+			t.Errorf("%s: err %v, want ok=%v", raw, err, ok)
+		}
 	}
 }

@@ -28,12 +28,14 @@ var errUnknownKey = errors.New("token signed with an unknown key")
 //
 // The set is refetched when it is older than maxAge (so a key removed in Keycloak stops being
 // accepted) and when a token names an unknown kid (key rotation), the latter at most once per
-// minRefresh so that tokens with random kids cannot make us hammer Keycloak.
+// minRefresh so that tokens with random kids cannot make us hammer Keycloak. While refetching
+// fails, a cached key keeps working for at most maxStale past maxAge.
 type jwksCache struct {
 	url        string
 	client     *http.Client
 	minRefresh time.Duration
 	maxAge     time.Duration
+	maxStale   time.Duration
 	now        func() time.Time
 
 	mu        sync.Mutex
@@ -45,8 +47,12 @@ type jwksCache struct {
 	flight singleflight.Group
 }
 
-func newJWKSCache(url string, timeout, minRefresh, maxAge time.Duration, now func() time.Time) *jwksCache {
+func newJWKSCache(url string, timeout, minRefresh, maxAge, maxStale time.Duration, now func() time.Time) *jwksCache {
 	transport := http.DefaultTransport.(*http.Transport).Clone()
+	// Never through an HTTP(S)_PROXY from the environment: whoever runs that proxy could hand us
+	// keys of their own (plain http) or see which Keycloak we trust. The key set is fetched
+	// directly, like the exchange.
+	transport.Proxy = nil
 	return &jwksCache{
 		url: url,
 		client: &http.Client{Transport: transport, Timeout: timeout,
@@ -54,6 +60,7 @@ func newJWKSCache(url string, timeout, minRefresh, maxAge time.Duration, now fun
 			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }},
 		minRefresh: minRefresh,
 		maxAge:     maxAge,
+		maxStale:   maxStale,
 		now:        now,
 	}
 }
@@ -67,7 +74,8 @@ const failedFetchRetry = time.Second
 func (j *jwksCache) key(ctx context.Context, kid string) (*rsa.PublicKey, error) {
 	j.mu.Lock()
 	k := j.keys[kid]
-	fresh := j.keys != nil && j.now().Sub(j.fetchedAt) < j.maxAge
+	age := j.now().Sub(j.fetchedAt)
+	fresh := j.keys != nil && age < j.maxAge
 	j.mu.Unlock()
 	if k != nil && fresh {
 		return k, nil
@@ -78,7 +86,9 @@ func (j *jwksCache) key(ctx context.Context, kid string) (*rsa.PublicKey, error)
 	if err != nil {
 		// A stale set that still has the key is used when the refresh fails: the key was
 		// valid minutes ago, and refusing every user because Keycloak blipped helps nobody.
-		if k != nil {
+		// But only for maxStale: a key Keycloak has since removed (rotated out after a leak)
+		// must not keep verifying tokens for as long as Keycloak stays unreachable.
+		if k != nil && age < j.maxAge+j.maxStale {
 			return k, nil
 		}
 		return nil, err
@@ -202,10 +212,62 @@ func rsaKey(n64, e64 string) (*rsa.PublicKey, error) {
 	return &rsa.PublicKey{N: n, E: e}, nil
 }
 
-// accessClaims are the parts of Keycloak's access token we check.
+// accessClaims are the parts of Keycloak's access token we check and the identity we take from
+// it. The identity claims are kept raw and decoded leniently (identityClaims): a claim of an
+// unexpected type counts as absent rather than failing every login.
 type accessClaims struct {
 	jwt.RegisteredClaims
-	Typ string `json:"typ"`
+	Typ               string          `json:"typ"`
+	Email             json.RawMessage `json:"email"`
+	EmailVerified     json.RawMessage `json:"email_verified"`
+	Name              json.RawMessage `json:"name"`
+	PreferredUsername json.RawMessage `json:"preferred_username"`
+	RealmAccess       json.RawMessage `json:"realm_access"`
+	ResourceAccess    json.RawMessage `json:"resource_access"`
+	Groups            json.RawMessage `json:"groups"`
+}
+
+// identityClaims turns the signed claims into the exchange's claim shape, so that the identity
+// stored on the user comes from what Keycloak signed, not from the exchange answer's unsigned
+// copy: Keycloak's `realm_access.roles` become realm roles, `resource_access.<client>.roles`
+// client roles.
+func (c *accessClaims) identityClaims() *exchangeClaims {
+	out := &exchangeClaims{Iss: c.Issuer, Sub: c.Subject}
+	var s string
+	if json.Unmarshal(c.Email, &s) == nil && s != "" {
+		out.Email = &s
+	}
+	var b bool
+	if json.Unmarshal(c.EmailVerified, &b) == nil {
+		out.EmailVerified = &b
+	}
+	var name, username string
+	if json.Unmarshal(c.Name, &name) == nil && name != "" {
+		out.Name = &name
+	}
+	if json.Unmarshal(c.PreferredUsername, &username) == nil && username != "" {
+		out.PreferredUsername = &username
+	}
+	var realm struct {
+		Roles []string `json:"roles"`
+	}
+	if json.Unmarshal(c.RealmAccess, &realm) == nil {
+		out.RealmRoles = realm.Roles
+	}
+	var resource map[string]struct {
+		Roles []string `json:"roles"`
+	}
+	if json.Unmarshal(c.ResourceAccess, &resource) == nil && len(resource) > 0 {
+		out.ClientRoles = make(map[string][]string, len(resource))
+		for client, r := range resource {
+			out.ClientRoles[client] = r.Roles
+		}
+	}
+	var groups []string
+	if json.Unmarshal(c.Groups, &groups) == nil {
+		out.Groups = groups
+	}
+	return out
 }
 
 // tokenVerifier checks the access token Gatehouse hands us, as defence in depth: even a
@@ -233,8 +295,8 @@ func newTokenVerifier(issuer string, jwks *jwksCache, leeway time.Duration, now 
 }
 
 // verify checks signature, issuer, expiry and that the token's subject is the one Gatehouse
-// reported. It returns the token's expiry.
-func (v *tokenVerifier) verify(ctx context.Context, token, wantSub string) (time.Time, error) {
+// reported. It returns the token's expiry and its identity claims.
+func (v *tokenVerifier) verify(ctx context.Context, token, wantSub string) (time.Time, *exchangeClaims, error) {
 	var claims accessClaims
 	_, err := v.parser.ParseWithClaims(token, &claims, func(t *jwt.Token) (any, error) {
 		kid, _ := t.Header["kid"].(string)
@@ -245,17 +307,17 @@ func (v *tokenVerifier) verify(ctx context.Context, token, wantSub string) (time
 	})
 	if err != nil {
 		if errors.Is(err, ErrUnavailable) {
-			return time.Time{}, err
+			return time.Time{}, nil, err
 		}
 		// golang-jwt's messages name the failed check, never the token itself.
-		return time.Time{}, fmt.Errorf("%w: %v", ErrInvalidToken, err)
+		return time.Time{}, nil, fmt.Errorf("%w: %v", ErrInvalidToken, err)
 	}
 	if claims.Subject == "" || claims.Subject != wantSub {
-		return time.Time{}, fmt.Errorf("%w: token sub does not match the session's sub", ErrInvalidToken)
+		return time.Time{}, nil, fmt.Errorf("%w: token sub does not match the session's sub", ErrInvalidToken)
 	}
 	// Keycloak marks access tokens typ "Bearer"; an ID or refresh token must not pass as one.
 	if claims.Typ != "" && !strings.EqualFold(claims.Typ, "Bearer") {
-		return time.Time{}, fmt.Errorf("%w: token typ %.20q is not Bearer", ErrInvalidToken, claims.Typ)
+		return time.Time{}, nil, fmt.Errorf("%w: token typ %.20q is not Bearer", ErrInvalidToken, claims.Typ)
 	}
-	return claims.ExpiresAt.Time, nil
+	return claims.ExpiresAt.Time, claims.identityClaims(), nil
 }

@@ -15,12 +15,14 @@ var consoleLog = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Le
 
 // logf logs to PocketBase's logger (its dashboard's Logs) and, from Warn up, to stderr. Callers
 // pass only secret-free attributes: a session appears as its 8-hex hash prefix, never raw, and
-// tokens never.
+// tokens never. app may be nil (before Register): then only the console gets the line.
 func logf(app core.App, level slog.Level, msg string, args ...any) {
 	ctx := context.Background()
-	app.Logger().Log(ctx, level, msg, args...)
+	if app != nil {
+		app.Logger().Log(ctx, level, msg, args...)
+	}
 	// In dev mode PocketBase already prints its log to the console.
-	if level >= slog.LevelWarn && !app.IsDev() {
+	if level >= slog.LevelWarn && (app == nil || !app.IsDev()) {
 		consoleLog.Log(ctx, level, msg, args...)
 	}
 }

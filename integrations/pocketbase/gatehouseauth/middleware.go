@@ -63,6 +63,7 @@ type Gatehouse struct {
 	users    *userSync
 	flight   singleflight.Group
 	now      func() time.Time
+	app      core.App // set by Register, for logging outside a request
 }
 
 // New validates cfg, loads the certificates and returns the integration. It does no network I/O,
@@ -77,7 +78,7 @@ func New(cfg Config) (*Gatehouse, error) {
 		return nil, err
 	}
 	now := time.Now
-	jwks := newJWKSCache(cfg.JWKSURL, cfg.Timeout, cfg.JWKSMinRefresh, cfg.JWKSMaxAge, now)
+	jwks := newJWKSCache(cfg.JWKSURL, cfg.Timeout, cfg.JWKSMinRefresh, cfg.JWKSMaxAge, cfg.JWKSMaxStale, now)
 	return &Gatehouse{
 		cfg:      cfg,
 		exchange: newExchangeClient(cfg.ExchangeURL, tlsConf, cfg.Timeout),
@@ -93,16 +94,17 @@ func (g *Gatehouse) Config() Config { return g.cfg }
 
 // Register attaches the middlewares to the app's router and the realtime hooks.
 func (g *Gatehouse) Register(app core.App) {
-	if g.cfg.jwksIsPlainRemote() {
-		logf(app, slog.LevelWarn, "gatehouse: the JWKS is fetched over plain http from a non-loopback host; use https",
-			"jwksURL", g.cfg.JWKSURL)
-	}
+	g.app = app
 	app.OnServe().Bind(&hook.Handler[*core.ServeEvent]{
 		Id: "gatehouseRegister",
 		Func: func(se *core.ServeEvent) error {
 			se.Router.Bind(g.Middleware(), g.UserTokenGuard())
 			return se.Next()
 		},
+	})
+	app.OnBatchRequest().Bind(&hook.Handler[*core.BatchRequestEvent]{
+		Id:   "gatehouseBatch",
+		Func: g.onBatch,
 	})
 	app.OnRealtimeConnectRequest().Bind(&hook.Handler[*core.RealtimeConnectRequestEvent]{
 		Id:   "gatehouseRealtimeConnect",
@@ -162,7 +164,9 @@ func (g *Gatehouse) handle(e *core.RequestEvent) error {
 	}
 	// Requests relayed by Gatehouse come from browsers: PocketBase's superuser login and admin UI
 	// are not for them (password guessing from the public origin, a superuser token in page script).
-	if adminSurface(e.Request.URL.Path) {
+	// The route and collection are resolved the way PocketBase resolves them (see adminsurface.go).
+	if adminRequest(e) {
+		logf(e.App, slog.LevelInfo, "gatehouse: relayed request to the admin surface refused", "route", e.Request.Pattern)
 		return e.NotFoundError("", nil)
 	}
 
@@ -196,12 +200,6 @@ func (g *Gatehouse) trustedPeer(remoteAddr string) bool {
 	}
 	addr := ap.Addr().Unmap()
 	return slices.ContainsFunc(g.cfg.TrustedPeers, func(p netip.Prefix) bool { return p.Contains(addr) })
-}
-
-// adminSurface: PocketBase's admin UI and superuser endpoints.
-func adminSurface(path string) bool {
-	return path == "/_" || strings.HasPrefix(path, "/_/") ||
-		strings.HasPrefix(path, "/api/collections/_superusers/") || path == "/api/collections/_superusers"
 }
 
 // refusal logs a failed lookup (without secrets) and returns the PocketBase-shaped API error.
@@ -255,11 +253,19 @@ func (g *Gatehouse) lookup(ctx context.Context, key sessionKey, sessionID string
 	if res.Claims.Iss != "" && res.Claims.Iss != g.cfg.Issuer {
 		return nil, errors.Join(ErrInvalidToken, errors.New("the session's issuer is not the configured issuer"))
 	}
-	tokenExp, err := g.verifier.verify(ctx, res.AccessToken, res.Claims.Sub)
+	tokenExp, signed, err := g.verifier.verify(ctx, res.AccessToken, res.Claims.Sub)
 	if err != nil {
 		return nil, err
 	}
-	id := identityFrom(g.cfg.Issuer, &res.Claims)
+	// The identity comes from the verified token only. The exchange answer's claims are not
+	// signed: a Gatehouse bug, a stale copy from login time or a compromised Gatehouse must not
+	// be able to add a role or claim someone's e-mail. Where they disagree the token wins, and
+	// the disagreement is logged (claim names only, never values).
+	id := identityFrom(g.cfg.Issuer, signed)
+	if differs := differingClaims(identityFrom(g.cfg.Issuer, &res.Claims), id); len(differs) > 0 {
+		logf(g.app, slog.LevelWarn, "gatehouse: the exchange's claims differ from the access token's; using the token's",
+			"session", key.prefix(), "claims", strings.Join(differs, ","))
+	}
 
 	now := g.now()
 	until := now.Add(g.cfg.CacheMaxAge)
@@ -312,6 +318,30 @@ func identityFrom(issuer string, c *exchangeClaims) *Identity {
 	return id
 }
 
+// differingClaims names the identity fields in which two identities differ.
+func differingClaims(a, b *Identity) []string {
+	var out []string
+	if a.Email != b.Email {
+		out = append(out, "email")
+	}
+	if a.EmailVerified != b.EmailVerified {
+		out = append(out, "email_verified")
+	}
+	if a.Name != b.Name {
+		out = append(out, "name")
+	}
+	if a.PreferredUsername != b.PreferredUsername {
+		out = append(out, "preferred_username")
+	}
+	if !slices.Equal(a.Roles, b.Roles) {
+		out = append(out, "roles")
+	}
+	if !slices.Equal(a.Groups, b.Groups) {
+		out = append(out, "groups")
+	}
+	return out
+}
+
 // sortedUnique gives a stable order, so an unchanged role set never looks changed and causes a
 // write.
 func sortedUnique(s []string) []string {
@@ -360,6 +390,24 @@ func (g *Gatehouse) onRealtimeSubscribe(e *core.RealtimeSubscribeRequestEvent) e
 		if connKey != keyOf(e.Request.Header.Get(HeaderSession)) {
 			return e.ForbiddenError("The realtime connection was not opened with this Gatehouse session.", nil)
 		}
+		// Topics are "collection/*" or "collection/recordId"; PocketBase's rules would refuse a
+		// privileged collection's events anyway, this keeps such topics out altogether.
+		for _, topic := range e.Subscriptions {
+			name, _, _ := strings.Cut(topic, "/")
+			if privilegedCollection(e.App, name) {
+				return e.ForbiddenError("This subscription is not allowed through Gatehouse.", nil)
+			}
+		}
+	}
+	return e.Next()
+}
+
+// onBatch refuses a relayed batch that has a sub-request for a privileged collection: PocketBase
+// routes batch sub-requests internally, past the router middleware's checks.
+func (g *Gatehouse) onBatch(e *core.BatchRequestEvent) error {
+	if e.RequestEvent.Get(storeKeyViaSession) == true && adminBatch(e.App, e.Batch) {
+		logf(e.App, slog.LevelInfo, "gatehouse: relayed batch touching a privileged collection refused")
+		return e.NotFoundError("", nil)
 	}
 	return e.Next()
 }

@@ -89,12 +89,12 @@ func (s *userSync) create(app core.App, id *Identity) (*core.Record, error) {
 	rec.Set(FieldName, displayName(id))
 	rec.Set(FieldRoles, nonNil(id.Roles))
 	rec.Set(FieldGroups, nonNil(id.Groups))
-	email, err := s.usableEmail(app, id.Email, "")
+	email, err := s.usableEmail(app, storedEmail(id), "")
 	if err != nil {
 		return nil, err
 	}
 	rec.SetEmail(email)
-	rec.SetVerified(email != "" && id.EmailVerified)
+	rec.SetVerified(email != "")
 	// Password login is disabled for users; the random password only fills the required field,
 	// nobody ever learns it.
 	rec.SetRandomPassword()
@@ -125,8 +125,8 @@ func (s *userSync) update(app core.App, rec *core.Record, id *Identity) error {
 		rec.Set(FieldGroups, nonNil(id.Groups))
 		changed = true
 	}
-	if !strings.EqualFold(rec.Email(), normalizeEmail(id.Email)) {
-		email, err := s.usableEmail(app, id.Email, rec.Id)
+	if !strings.EqualFold(rec.Email(), storedEmail(id)) {
+		email, err := s.usableEmail(app, storedEmail(id), rec.Id)
 		if err != nil {
 			return err
 		}
@@ -135,7 +135,7 @@ func (s *userSync) update(app core.App, rec *core.Record, id *Identity) error {
 			changed = true
 		}
 	}
-	if verified := rec.Email() != "" && id.EmailVerified; rec.Verified() != verified {
+	if verified := rec.Email() != ""; rec.Verified() != verified {
 		rec.SetVerified(verified)
 		changed = true
 	}
@@ -176,6 +176,17 @@ func (s *userSync) usableEmail(app core.App, claimed, ownID string) (string, err
 }
 
 func normalizeEmail(s string) string { return strings.TrimSpace(s) }
+
+// storedEmail is the e-mail a user record may carry: only one Keycloak says is verified. An
+// unverified address is whatever the user typed; stored, it would be shown as theirs, could be
+// used by PocketBase's mail flows, and would block (or, with a careless merge, take over) the
+// record of whoever really owns it.
+func storedEmail(id *Identity) string {
+	if !id.EmailVerified {
+		return ""
+	}
+	return normalizeEmail(id.Email)
+}
 
 // displayName prefers the full name and falls back to the username: name may be absent.
 func displayName(id *Identity) string {

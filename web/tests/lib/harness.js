@@ -36,6 +36,8 @@ export function loadEnv() {
     attacker: `http://localhost:${port}`,
     attackerPort: port,
     artifacts: process.env.ARTIFACTS_DIR,
+    // PocketBase reached directly (as an operator would), for control requests without a session.
+    pocketbase: (process.env.POCKETBASE_URL || '').replace(/\/+$/, ''),
   };
 }
 

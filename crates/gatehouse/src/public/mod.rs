@@ -148,10 +148,16 @@ async fn guard_headers(req: Request, next: Next) -> Response {
     } else {
         next.run(req).await
     };
+    // A proxied route that keeps its upstream's security headers gets ours only where it sent none.
+    let keep = resp.extensions().get::<proxy::UpstreamSecurityHeaders>().is_some();
     let h = resp.headers_mut();
-    h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
-    h.insert("x-frame-options", HeaderValue::from_static("DENY"));
-    h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
+    for (name, value) in
+        [("x-content-type-options", "nosniff"), ("x-frame-options", "DENY"), ("referrer-policy", "no-referrer")]
+    {
+        if !keep || !h.contains_key(name) {
+            h.insert(name, HeaderValue::from_static(value));
+        }
+    }
     // The demo front end needs nothing more; a front end with other needs sets its own policy.
     if !h.contains_key("content-security-policy") {
         h.insert(

@@ -44,6 +44,10 @@ async fn echo(State(up): State<Arc<Upstream>>, req: Request) -> Response {
     h.append("set-cookie", HeaderValue::from_static("theme=dark; Path=/"));
     h.insert("access-control-allow-origin", HeaderValue::from_static("http://localhost:1"));
     h.insert("access-control-allow-credentials", HeaderValue::from_static("true"));
+    // A weak policy of its own, as an upstream serving user files might send.
+    h.insert("content-security-policy", HeaderValue::from_static("default-src * 'unsafe-inline' 'unsafe-eval'"));
+    h.insert("x-frame-options", HeaderValue::from_static("ALLOWALL"));
+    h.insert("cross-origin-resource-policy", HeaderValue::from_static("cross-origin"));
     resp
 }
 
@@ -143,6 +147,11 @@ prefix = "/api/allow/"
 upstream = "http://127.0.0.1:{port}/base/"
 relay = "session"
 request_headers = ["X-Tenant-Hint"]
+[[routes]]
+prefix = "/api/own-headers/"
+upstream = "http://127.0.0.1:{port}/base/"
+relay = "session"
+upstream_security_headers = true
 [[routes]]
 prefix = "/api/tight/"
 upstream = "http://127.0.0.1:{port}/base/"
@@ -459,6 +468,56 @@ async fn server_sent_events_stream_through_unbuffered() {
     e.up.sse_go.notify_one();
     let second = tokio::time::timeout(Duration::from_secs(5), r.chunk()).await.unwrap().unwrap();
     assert_eq!(second.as_deref(), Some(&b"data: two\n\n"[..]));
+}
+
+#[tokio::test]
+async fn a_streaming_response_ends_within_the_recheck_interval_after_logout() {
+    let e = env().await;
+    // The upstream sends one event and then holds the stream open without ever checking the
+    // session again; /api/echo/ re-checks every second.
+    let mut r = e.get("/api/echo/sse").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let first = tokio::time::timeout(Duration::from_secs(5), r.chunk()).await.expect("first event").unwrap();
+    assert_eq!(first.as_deref(), Some(&b"data: one\n\n"[..]));
+    // Still open after more than one re-check while the session lives.
+    let quiet = tokio::time::timeout(Duration::from_millis(2500), r.chunk()).await;
+    assert!(quiet.is_err(), "the stream must stay open while the session is valid: {quiet:?}");
+    assert_eq!(e.post("/auth/logout").send().await.unwrap().status(), 200);
+    let started = std::time::Instant::now();
+    let after = tokio::time::timeout(Duration::from_secs(5), r.chunk()).await;
+    match after {
+        Err(_) => panic!("the stream was still open 5 s after logout"),
+        Ok(Ok(Some(chunk))) => panic!("data after logout: {chunk:?}"),
+        // Cut off (an error), or ended: either way nothing more arrives.
+        Ok(_) => {}
+    }
+    assert!(started.elapsed() < Duration::from_secs(3), "ended within the 1 s re-check: {:?}", started.elapsed());
+    // A reconnect is refused.
+    assert_eq!(e.get("/api/echo/sse").send().await.unwrap().status(), 401);
+}
+
+#[tokio::test]
+async fn proxied_responses_carry_gatehouses_security_headers_not_the_upstreams() {
+    let e = env().await;
+    let r = e.get("/api/echo/file.svg").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let h = r.headers();
+    let csp: Vec<_> = h.get_all("content-security-policy").iter().map(|v| v.to_str().unwrap().to_owned()).collect();
+    assert_eq!(csp.len(), 1, "exactly one policy: {csp:?}");
+    assert!(csp[0].contains("default-src 'none'") && csp[0].contains("sandbox"), "Gatehouse's policy: {csp:?}");
+    assert!(!csp[0].contains("unsafe"), "the upstream's weak policy is gone: {csp:?}");
+    assert_eq!(h["x-frame-options"], "DENY");
+    assert_eq!(h["x-content-type-options"], "nosniff");
+    assert_eq!(h["referrer-policy"], "no-referrer");
+    assert_eq!(h["cross-origin-resource-policy"], "same-origin");
+    // A route that opts out keeps the upstream's own.
+    let r = e.get("/api/own-headers/file.svg").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let h = r.headers();
+    assert_eq!(h["content-security-policy"], "default-src * 'unsafe-inline' 'unsafe-eval'");
+    assert_eq!(h["x-frame-options"], "ALLOWALL");
+    assert_eq!(h["cross-origin-resource-policy"], "cross-origin");
+    assert_eq!(h["x-content-type-options"], "nosniff", "what the upstream did not send is still filled in");
 }
 
 #[tokio::test]

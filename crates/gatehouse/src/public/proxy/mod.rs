@@ -1,10 +1,16 @@
 //! The API proxy: `/api/<route>/...` → an internal service, as the signed-in user (DESIGN §3).
 //! The session is resolved through the one exchange core; the upstream gets either the access
 //! token (`relay = "bearer"`) or the session id to exchange itself (`relay = "session"`), never the
-//! browser's cookie. Bodies, SSE and WebSocket upgrades stream through untouched.
+//! browser's cookie. Bodies, SSE and WebSocket upgrades stream through untouched, and end when
+//! the session does (re-checked every `session_recheck`). Responses carry Gatehouse's own browser
+//! security headers (`response_headers.rs`).
 
 pub(crate) mod headers;
 pub mod path;
+mod response_headers;
+mod stream;
+
+pub use response_headers::UpstreamSecurityHeaders;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -42,10 +48,13 @@ struct Route {
     /// Requests (and streams, and tunnels) in flight at once; over it, 503 rather than letting one
     /// user's SSE streams exhaust file descriptors here and upstream.
     in_flight: Arc<tokio::sync::Semaphore>,
-    /// How often a WebSocket tunnel re-checks its session, so a logout or revocation closes it.
+    /// How often a WebSocket tunnel or a streaming response re-checks its session, so a logout
+    /// or revocation ends it.
     session_recheck: Duration,
     /// Which browser headers reach the upstream.
     request_headers: headers::RequestHeaderPolicy,
+    /// The route keeps the upstream's browser security headers instead of Gatehouse's.
+    upstream_security_headers: bool,
     client: Client<HttpsConnector<HttpConnector>, Body>,
 }
 
@@ -122,6 +131,7 @@ impl Route {
                 }
                 None => headers::RequestHeaderPolicy::DenyIdentity,
             },
+            upstream_security_headers: c.upstream_security_headers,
             client,
         })
     }
@@ -221,6 +231,10 @@ async fn forward(st: &PublicState, route: &Route, peer: SocketAddr, mut req: Req
 
     let upgraded = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     headers::for_browser(resp.headers_mut(), upgraded);
+    response_headers::apply(resp.headers_mut(), route.upstream_security_headers);
+    if route.upstream_security_headers {
+        resp.extensions_mut().insert(UpstreamSecurityHeaders);
+    }
     if upgraded {
         // The upstream switched protocols nobody asked for.
         let client_upgrade = client_upgrade.ok_or(ApiError::BadGateway)?;
@@ -229,13 +243,10 @@ async fn forward(st: &PublicState, route: &Route, peer: SocketAddr, mut req: Req
         tokio::spawn(tunnel(prefix, every, st.core.exchange.clone(), id, client_upgrade, upstream_upgrade, permit));
         return Ok(resp.map(Body::new));
     }
-    // The permit lives as long as the response body (an SSE stream holds it until it ends).
-    Ok(resp.map(move |body| {
-        Body::new(body.map_frame(move |frame| {
-            let _held = &permit;
-            frame
-        }))
-    }))
+    // The permit lives as long as the response body (an SSE stream holds it until it ends), and
+    // a body still streaming after `session_recheck` ends when the session does.
+    let exchange = st.core.exchange.clone();
+    Ok(resp.map(move |body| stream::rechecked(body, route.session_recheck, exchange, id, &route.prefix, permit)))
 }
 
 /// Everything refused before the session is even looked at. Returns whether the request is a

@@ -1,0 +1,139 @@
+//! Session re-checks for long-lived proxied responses. A Server-Sent Events stream (or any body
+//! that keeps streaming) would otherwise go on delivering the user's data after logout for as
+//! long as the upstream keeps it open; an upstream that does not re-check sessions itself would
+//! never end it. Like a WebSocket tunnel, the body is re-checked every `session_recheck` while it
+//! is still streaming: when the session has ended, the response is cut off with an error (not a
+//! clean end, so a download cannot look complete; an `EventSource` reconnects and gets a 401).
+//!
+//! Short answers end before the first check and cost only a timer. A store outage does not end
+//! a stream (as for tunnels): only an answer that the session is gone does.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use hyper::body::{Body, Frame, SizeHint};
+
+use crate::exchange::{Exchange, ExchangeError};
+use crate::session::SessionId;
+
+/// Why a stream was cut off; the client only sees the connection end.
+#[derive(Debug, thiserror::Error)]
+#[error("the session ended while the response was streaming")]
+pub struct SessionEnded;
+
+type Check = Pin<Box<dyn Future<Output = bool> + Send>>;
+
+/// A response body that ends when its session does. It also holds whatever must live as long as
+/// the body (the route's in-flight permit).
+pub struct Rechecked<B, H> {
+    inner: B,
+    every: Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+    check: Option<Check>,
+    exchange: Arc<Exchange>,
+    id: Arc<SessionId>,
+    prefix: Arc<str>,
+    ended: bool,
+    _held: H,
+}
+
+impl<B, H> Rechecked<B, H> {
+    pub fn new(inner: B, every: Duration, exchange: Arc<Exchange>, id: SessionId, prefix: &str, held: H) -> Self {
+        Self {
+            inner,
+            every,
+            timer: Box::pin(tokio::time::sleep(every)),
+            check: None,
+            exchange,
+            id: Arc::new(id),
+            prefix: Arc::from(prefix),
+            ended: false,
+            _held: held,
+        }
+    }
+
+    /// Drive the re-check: start one when the timer fires, and report whether the session ended.
+    fn session_ended(&mut self, cx: &mut Context<'_>) -> bool {
+        loop {
+            if let Some(check) = self.check.as_mut() {
+                match check.as_mut().poll(cx) {
+                    Poll::Pending => return false,
+                    Poll::Ready(alive) => {
+                        self.check = None;
+                        if !alive {
+                            return true;
+                        }
+                        let next = tokio::time::Instant::now() + self.every;
+                        self.timer.as_mut().reset(next);
+                    }
+                }
+            }
+            if self.timer.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            let (exchange, id) = (self.exchange.clone(), self.id.clone());
+            self.check = Some(Box::pin(async move {
+                !matches!(exchange.resolve(&id, false).await, Err(ExchangeError::InvalidSession))
+            }));
+        }
+    }
+}
+
+impl<B, H> Body for Rechecked<B, H>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<axum::BoxError>,
+    H: Unpin,
+{
+    type Data = Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        if this.session_ended(cx) {
+            this.ended = true;
+            tracing::info!(route = %this.prefix, "session ended: streaming response cut off");
+            return Poll::Ready(Some(Err(Box::new(SessionEnded))));
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(None) => {
+                this.ended = true;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(r)) => Poll::Ready(Some(r.map_err(Into::into))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Wrap a proxied response body so that it ends with its session.
+pub fn rechecked<B, H>(
+    body: B,
+    every: Duration,
+    exchange: Arc<Exchange>,
+    id: SessionId,
+    prefix: &str,
+    held: H,
+) -> axum::body::Body
+where
+    B: Body<Data = Bytes> + Unpin + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+    H: Unpin + Send + 'static,
+{
+    axum::body::Body::new(Rechecked::new(body, every, exchange, id, prefix, held))
+}
