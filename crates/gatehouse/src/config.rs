@@ -26,6 +26,156 @@ fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { key, problem: problem.into() }
 }
 
+/// One configuration error as a person can act on it: the key as written in the file (no
+/// figment-internal `default.` profile prefix), the closest valid key for a typo, and an example
+/// of the right form for a wrong type.
+fn describe(e: &figment::Error) -> String {
+    use figment::error::Kind;
+    let from_env = e.metadata.as_ref().is_some_and(|m| m.name.contains("environment"));
+    let source = if from_env { " (set by a GATEHOUSE_ environment variable)" } else { "" };
+    let key = e.path.join(".");
+    let text = match &e.kind {
+        Kind::UnknownField(field, expected) => {
+            let parent = e.path.strip_suffix(std::slice::from_ref(field)).unwrap_or(&e.path).join(".");
+            let full = if parent.is_empty() { field.clone() } else { format!("{parent}.{field}") };
+            let prefix = if parent.is_empty() { String::new() } else { format!("{parent}.") };
+            match closest(field, expected) {
+                Some(best) => format!("unknown key `{full}`; did you mean `{prefix}{best}`?"),
+                None => format!("unknown key `{full}`; valid keys here: {}", expected.join(", ")),
+            }
+        }
+        Kind::UnknownVariant(value, expected) => {
+            let hint = closest(value, expected).map(|b| format!("; did you mean `{b}`?")).unwrap_or_default();
+            format!("`{key}`: `{value}` is not one of {}{hint}", quoted(expected))
+        }
+        Kind::InvalidType(actual, expected) => {
+            format!("`{key}`: expected {expected}, found {actual}{}", example(&key, expected))
+        }
+        Kind::InvalidValue(actual, expected) => {
+            format!("`{key}`: expected {expected}, found {actual}{}", example(&key, expected))
+        }
+        Kind::MissingField(field) => {
+            let full = if key.is_empty() { field.to_string() } else { format!("{key}.{field}") };
+            format!("`{full}` is required")
+        }
+        Kind::Message(m) if !key.is_empty() => format!("`{key}`: {m}{}", example(&key, m)),
+        other => {
+            if key.is_empty() {
+                other.to_string()
+            } else {
+                format!("`{key}`: {other}")
+            }
+        }
+    };
+    format!("{text}{source}")
+}
+
+fn quoted(names: &[&str]) -> String {
+    names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+}
+
+/// The valid name closest to a typo, if it is close enough to be what was meant.
+fn closest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
+    candidates
+        .iter()
+        .map(|c| (strsim::damerau_levenshtein(&word.to_ascii_lowercase(), c), *c))
+        .filter(|(d, c)| *d <= (c.len() / 3).max(2))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+/// ", for example: listen = "0.0.0.0:9090"" — the right form of a value whose type was wrong.
+fn example(key: &str, expected: &str) -> String {
+    let name = key.rsplit('.').next().unwrap_or(key);
+    let shown = if name == "listen" || expected.contains("socket address") {
+        "\"0.0.0.0:9090\"".to_string()
+    } else if expected.contains("duration")
+        || ["timeout", "skew", "interval", "recheck"].iter().any(|w| name.contains(w))
+    {
+        "\"30s\"".to_string()
+    } else if expected.contains("sequence") {
+        "[\"a\", \"b\"]".to_string()
+    } else if expected.contains("bool") {
+        "true".to_string()
+    } else if expected.contains("integer") {
+        "10".to_string()
+    } else if expected.contains("URL") || expected.contains("url") || name.ends_with("url") || name == "issuer" {
+        "\"https://example.com/\"".to_string()
+    } else if expected.contains("string") {
+        "\"…\"".to_string()
+    } else {
+        return String::new();
+    };
+    format!("; for example: {name} = {shown}")
+}
+
+/// A secret set both inline or in the environment and as a file: say which environment
+/// variable, since an operator looking at the file alone cannot see it.
+fn secret_sources(figment: &Figment, c: &Config) -> Result<(), ConfigError> {
+    let pairs: [(&'static str, bool, &str, bool, &str); 2] = [
+        (
+            "session.encryption_key",
+            c.session.encryption_key.is_some(),
+            "session.encryption_key_file",
+            c.session.encryption_key_file.is_some(),
+            "GATEHOUSE_SESSION__ENCRYPTION_KEY",
+        ),
+        (
+            "oidc.client_secret",
+            c.oidc.client_secret.is_some(),
+            "oidc.client_secret_file",
+            c.oidc.client_secret_file.is_some(),
+            "GATEHOUSE_OIDC__CLIENT_SECRET",
+        ),
+    ];
+    for (key, value_set, file_key, file_set, env) in pairs {
+        if value_set && file_set {
+            let from_env = figment.find_metadata(key).is_some_and(|m| m.name.contains("environment"));
+            let problem = if from_env {
+                format!("set both by the environment variable {env} and by `{file_key}`: keep one")
+            } else {
+                format!("set both `{key}` and `{file_key}`: keep one")
+            };
+            return Err(invalid(key, problem));
+        }
+    }
+    Ok(())
+}
+
+/// `[log] level`: a tracing filter whose every directive names a real level. A bare word that is
+/// not a level (`verbose`) would parse as a target and silently switch every other log line off.
+fn check_log_filter(filter: &str) -> Result<(), ConfigError> {
+    const LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error", "off"];
+    for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let level = directive.rsplit_once('=').map_or(directive, |(_, l)| l).to_ascii_lowercase();
+        if !LEVELS.contains(&level.as_str()) {
+            let hint = closest(&level, LEVELS)
+                .or(match level.as_str() {
+                    "verbose" | "all" => Some("debug"),
+                    "warning" => Some("warn"),
+                    "none" | "quiet" => Some("off"),
+                    _ => None,
+                })
+                .map(|b| format!("; did you mean `{b}`?"))
+                .unwrap_or_default();
+            return Err(invalid(
+                "log.level",
+                format!(
+                    "`{directive}` does not name a level ({}){hint} — use a level, or `target=level` like `gatehouse=debug,info`",
+                    LEVELS.join(", ")
+                ),
+            ));
+        }
+    }
+    if tracing_subscriber::EnvFilter::try_new(filter).is_err() {
+        return Err(invalid(
+            "log.level",
+            format!("`{filter}` is not a valid filter (e.g. `info` or `gatehouse=debug,info`)"),
+        ));
+    }
+    Ok(())
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -58,6 +208,16 @@ pub enum Relay {
     Bearer,
     /// `X-Gatehouse-Session: <session_id>`; the service exchanges it on the internal listener.
     Session,
+}
+
+impl Relay {
+    /// As written in the configuration file.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Bearer => "bearer",
+            Self::Session => "session",
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -258,6 +418,10 @@ pub struct SessionConfig {
     /// The key itself, base64 (prefer the file or `GATEHOUSE_SESSION__ENCRYPTION_KEY`).
     #[serde(default)]
     pub encryption_key: Option<SecretString>,
+    /// Phase 1 of a rotation across replicas: a new key every replica learns to *open* with
+    /// before any replica seals with it (see docs/operations.md, "Rotating the session key").
+    #[serde(default)]
+    pub next_encryption_key_file: Option<PathBuf>,
     /// Older keys still accepted for decryption while sessions written with them live on.
     #[serde(default)]
     pub previous_encryption_key_files: Vec<PathBuf>,
@@ -314,6 +478,7 @@ impl Default for SessionConfig {
             encryption_key_file: None,
             encryption_key: None,
             previous_encryption_key_files: Vec::new(),
+            next_encryption_key_file: None,
             cookie_name: defaults::cookie_name(),
             same_site: defaults::same_site(),
             sweep_interval: defaults::sweep_interval(),
@@ -331,6 +496,16 @@ pub enum InternalMode {
     Mtls,
     /// An Envoy sidecar terminates mTLS; plain HTTP on loopback, identity from `x-forwarded-client-cert`.
     Envoy,
+}
+
+impl InternalMode {
+    /// As written in the configuration file.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Mtls => "mtls",
+            Self::Envoy => "envoy",
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -661,15 +836,16 @@ impl Config {
     }
 
     pub fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
-        let config: Config = figment.extract().map_err(|e| {
-            // figment names the key ("for key `oidc.issuer`"); keep every error it found.
-            ConfigError::Parse(e.into_iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))
-        })?;
+        let config: Config = figment
+            .extract()
+            .map_err(|e| ConfigError::Parse(e.into_iter().map(|e| describe(&e)).collect::<Vec<_>>().join("; ")))?;
+        secret_sources(&figment, &config)?;
         config.validate()?;
         Ok(config)
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        check_log_filter(&self.log.level)?;
         let ext = &self.public.external_url;
         match ext.scheme() {
             "https" => {}
@@ -878,6 +1054,14 @@ impl Config {
         if self.internal.as_ref().is_some_and(|i| i.allow.is_empty()) {
             w.push("internal.allow is empty: no service can exchange sessions".into());
         }
+        for id in self.internal.iter().flat_map(|i| &i.allow) {
+            if !id.contains("://") && !id.contains('.') {
+                w.push(format!(
+                    "internal.allow `{id}`: a single-label DNS name, matched exactly against a certificate DNS SAN `{id}` \
+                     (not `{id}.<namespace>.svc…`); prefer a SPIFFE ID or the full Service name"
+                ));
+            }
+        }
         if self.oidc.password_login {
             w.push("oidc.password_login is on: Gatehouse sees user passwords (rate-limited)".into());
         }
@@ -934,17 +1118,10 @@ impl InternalConfig {
             }
         }
         for id in &self.allow {
-            let ok = if id.contains("://") {
-                crate::tls::identity::parse_spiffe_id(id).is_ok()
-            } else {
-                !id.is_empty()
-                    && id.len() <= 253
-                    && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.".contains(&b))
-            };
-            if !ok {
+            if let Err(why) = crate::tls::identity::parse_allow_entry(id) {
                 return Err(invalid(
                     "internal.allow",
-                    format!("`{id}` is neither a valid SPIFFE ID nor a lower-case DNS name (matching is exact)"),
+                    format!("`{id}`: {why} (entries are SPIFFE IDs or DNS names, matched exactly)"),
                 ));
             }
         }
@@ -1010,6 +1187,48 @@ mod tests {
     fn load(jail: &mut Jail, text: &str) -> Result<Config, ConfigError> {
         jail.create_file("g.toml", text).map_err(|e| ConfigError::Parse(e.to_string()))?;
         Config::load(Path::new("g.toml"))
+    }
+
+    /// Messages a person can act on: the key as written in the file (no `default.` prefix), the
+    /// closest valid key, an example of the right form, the environment variable behind a clash.
+    #[test]
+    fn messages_name_the_key_suggest_the_fix_and_show_the_right_form() {
+        Jail::expect_with(|jail| {
+            fn err(jail: &mut Jail, text: &str) -> String {
+                load(jail, text).err().map(|e| e.to_string()).unwrap_or_default()
+            }
+            let e = err(jail, &MINIMAL.replace("encryption_key = ", "encryption_keyfile = \"k\"\nencryption_key = "));
+            assert!(
+                e.contains("unknown key `session.encryption_keyfile`; did you mean `session.encryption_key_file`?"),
+                "{e}"
+            );
+            assert!(!e.contains("default."), "no internal prefix: {e}");
+            let e = err(jail, &format!("{MINIMAL}\n[admin]\nlisten = 9090"));
+            assert!(e.contains("`admin.listen`") && e.contains("for example: listen = \"0.0.0.0:9090\""), "{e}");
+            let e = err(jail, &format!("{MINIMAL}\n[log]\nformat = \"jsno\""));
+            assert!(e.contains("did you mean `json`?"), "{e}");
+            for (level, hint) in
+                [("verbose", "`debug`"), ("warning", "`warn`"), ("gatehouse=loud", "does not name a level")]
+            {
+                let e = err(jail, &format!("{MINIMAL}\n[log]\nlevel = \"{level}\""));
+                assert!(e.contains("log.level") && e.contains(hint), "{level}: {e}");
+            }
+            assert!(load(jail, &format!("{MINIMAL}\n[log]\nlevel = \"gatehouse=debug,tower_http=warn,info\"")).is_ok());
+            jail.create_file("key", "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=")?;
+            jail.set_env("GATEHOUSE_SESSION__ENCRYPTION_KEY", "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=");
+            let e = err(
+                jail,
+                &MINIMAL.replace(
+                    "encryption_key = \"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\"",
+                    "encryption_key_file = \"key\"",
+                ),
+            );
+            assert!(
+                e.contains("GATEHOUSE_SESSION__ENCRYPTION_KEY") && e.contains("session.encryption_key_file"),
+                "{e}"
+            );
+            Ok(())
+        });
     }
 
     #[test]

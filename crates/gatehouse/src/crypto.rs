@@ -95,6 +95,16 @@ impl Keyring {
         Ok(Key { id, key })
     }
 
+    /// Key ids (hex), the sealing key first: safe to print, they identify keys without revealing them.
+    pub fn key_ids(&self) -> Vec<String> {
+        self.keys.iter().map(|k| hex(&k.id)).collect()
+    }
+
+    /// Whether one key appears twice (a rotation step that forgot to put in a new key).
+    pub fn has_duplicates(&self) -> bool {
+        self.keys.iter().enumerate().any(|(i, k)| self.keys[..i].iter().any(|o| o.id == k.id))
+    }
+
     pub fn seal(&self, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, CryptoError> {
         let key = self.keys.first().ok_or(CryptoError::Seal)?;
         // Random 96-bit nonces: safe for far more than the 2^32 messages per key NIST allows here,

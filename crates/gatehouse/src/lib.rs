@@ -73,16 +73,25 @@ pub fn load_secrets(config: &Config) -> Result<Secrets, StartError> {
             return Err(ConfigError::Invalid { key: "session.encryption_key_file", problem: "missing".into() }.into());
         }
     };
-    let previous = config
-        .session
-        .previous_encryption_key_files
-        .iter()
-        .map(|p| read_secret_file("session.previous_encryption_key_files", p))
-        .collect::<Result<Vec<_>, _>>()?;
-    let keyring = Keyring::new(&key, &previous).map_err(|e| ConfigError::Invalid {
+    // Keys that only open: the next key of a rotation in progress (phase 1), then the old ones.
+    let mut opening = Vec::new();
+    if let Some(path) = &config.session.next_encryption_key_file {
+        opening.push(read_secret_file("session.next_encryption_key_file", path)?);
+    }
+    for p in &config.session.previous_encryption_key_files {
+        opening.push(read_secret_file("session.previous_encryption_key_files", p)?);
+    }
+    let keyring = Keyring::new(&key, &opening).map_err(|e| ConfigError::Invalid {
         key: "session.encryption_key_file",
         problem: format!("{e} (generate one with `head -c 32 /dev/urandom | base64`)"),
     })?;
+    if keyring.has_duplicates() {
+        return Err(ConfigError::Invalid {
+            key: "session.next_encryption_key_file",
+            problem: "the same key is listed twice (sealing, next or previous): a rotation needs a new key".into(),
+        }
+        .into());
+    }
     let client_secret: SecretString = match (&config.oidc.client_secret, &config.oidc.client_secret_file) {
         (Some(s), _) => s.clone(),
         (None, Some(path)) => read_secret_file("oidc.client_secret_file", path)?,

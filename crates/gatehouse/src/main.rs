@@ -12,6 +12,18 @@ use clap::{Parser, Subcommand};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use gatehouse::config::{Config, LogFormat};
 
+/// `println!` that ends the process quietly when stdout has been closed
+/// (`gatehouse check-config | head -1`): the reader has what it wanted, so a broken pipe is no
+/// reason for a panic and exit 101.
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        if writeln!(std::io::stdout(), $($t)*).is_err() {
+            std::process::exit(0);
+        }
+    }};
+}
+
 #[derive(Parser)]
 #[command(name = "gatehouse", version, about = "Access-control gateway: OIDC BFF with server-side sessions")]
 struct Cli {
@@ -23,11 +35,13 @@ struct Cli {
 enum Command {
     /// Run the gateway.
     Serve {
+        /// The configuration file (TOML); `GATEHOUSE_…` environment variables override it.
         #[arg(long, short, env = "GATEHOUSE_CONFIG", default_value = "gatehouse.toml")]
         config: PathBuf,
     },
     /// Validate a configuration file (and its secrets) and explain what it sets up.
     CheckConfig {
+        /// The configuration file (TOML); `GATEHOUSE_…` environment variables override it.
         #[arg(long, short, env = "GATEHOUSE_CONFIG", default_value = "gatehouse.toml")]
         config: PathBuf,
     },
@@ -50,6 +64,7 @@ enum Command {
 enum SessionsCommand {
     /// A user's sessions (hash prefixes, times, client), by Keycloak subject id.
     List {
+        /// The user's Keycloak subject id (`sub`).
         #[arg(long)]
         user: String,
     },
@@ -87,13 +102,20 @@ enum SessionsCommand {
 enum PkiCommand {
     /// Create a CA (`ca.crt`, `ca.key`) and Gatehouse's server certificate (`gatehouse.crt`, `gatehouse.key`).
     Init {
+        /// Directory to write the files into (created if missing).
         #[arg(long)]
         out: PathBuf,
+        /// Another DNS name or IP address for the server certificate (repeatable), e.g. the
+        /// in-cluster Service name `gatehouse-internal.auth.svc.cluster.local`.
+        #[arg(long = "san", value_name = "NAME")]
+        sans: Vec<String>,
     },
     /// Issue a client certificate `NAME.crt`/`NAME.key` signed by the CA in `--ca`.
     Issue {
+        /// Directory holding `ca.crt` and `ca.key` (from `pki init`).
         #[arg(long)]
         ca: PathBuf,
+        /// File name for the certificate and key (`NAME.crt`, `NAME.key`).
         #[arg(long)]
         name: String,
         /// The caller's SPIFFE ID, e.g. spiffe://cluster.local/ns/data/sa/pocketbase
@@ -102,6 +124,7 @@ enum PkiCommand {
         /// A DNS name, for callers without SPIFFE IDs.
         #[arg(long)]
         dns: Option<String>,
+        /// Directory to write the files into.
         #[arg(long)]
         out: PathBuf,
     },
@@ -122,17 +145,17 @@ fn sessions_check(store: &Path) -> ExitCode {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
     match gatehouse::session::embedded::check_file(store, now) {
         Ok(r) => {
-            println!("{}: the integrity check passed", store.display());
+            say!("{}: the integrity check passed", store.display());
             if r.rolled_back {
-                println!("  note: the newest commit was damaged; the previous commit is in use");
+                say!("  note: the newest commit was damaged; the previous commit is in use");
             }
-            println!("  file size           {} bytes", r.file_bytes);
-            println!("  sessions            {} ({} expired, not yet swept)", r.sessions, r.expired);
-            println!("  unreadable records  {}", r.unreadable);
-            println!("  user index entries  {}", r.user_index_entries);
-            println!("  sid index entries   {}", r.sid_index_entries);
-            println!("  expiry index        {}", r.expiry_index_entries);
-            println!("  marks               {}", r.marks);
+            say!("  file size           {} bytes", r.file_bytes);
+            say!("  sessions            {} ({} expired, not yet swept)", r.sessions, r.expired);
+            say!("  unreadable records  {}", r.unreadable);
+            say!("  user index entries  {}", r.user_index_entries);
+            say!("  sid index entries   {}", r.sid_index_entries);
+            say!("  expiry index        {}", r.expiry_index_entries);
+            say!("  marks               {}", r.marks);
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -167,7 +190,7 @@ fn sessions_reset(store: &Path, yes: bool) -> ExitCode {
     }
     match gatehouse::session::embedded::move_aside(store) {
         Ok(to) => {
-            println!("moved {} to {}; the next start begins with an empty store", store.display(), to.display());
+            say!("moved {} to {}; the next start begins with an empty store", store.display(), to.display());
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -216,7 +239,7 @@ fn sessions(admin: &str, command: SessionsCommand) -> ExitCode {
         };
         let ok = resp.status().is_success();
         let body: serde_json::Value = resp.json().await.unwrap_or(serde_json::Value::Null);
-        println!("{}", serde_json::to_string_pretty(&body).unwrap_or_default());
+        say!("{}", serde_json::to_string_pretty(&body).unwrap_or_default());
         if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
     })
 }
@@ -224,7 +247,7 @@ fn sessions(admin: &str, command: SessionsCommand) -> ExitCode {
 fn pki(command: PkiCommand) -> ExitCode {
     use gatehouse::pki;
     let result = match command {
-        PkiCommand::Init { out } => pki::init(&out),
+        PkiCommand::Init { out, sans } => pki::init_with_sans(&out, &sans),
         PkiCommand::Issue { ca, name, spiffe, dns, out } => {
             let san = match (spiffe, dns) {
                 (Some(id), _) => pki::San::Uri(id),
@@ -240,7 +263,7 @@ fn pki(command: PkiCommand) -> ExitCode {
     match result {
         Ok(files) => {
             for f in files {
-                println!("wrote {}", f.display());
+                say!("wrote {}", f.display());
             }
             ExitCode::SUCCESS
         }
@@ -260,27 +283,34 @@ fn check_config(path: &Path) -> ExitCode {
         }
     };
     // Secrets and keys are checked too, without printing them.
-    if let Err(e) = gatehouse::load_secrets(&config) {
-        eprintln!("{}: invalid configuration: {e}", path.display());
-        return ExitCode::from(2);
-    }
+    let secrets = match gatehouse::load_secrets(&config) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{}: invalid configuration: {e}", path.display());
+            return ExitCode::from(2);
+        }
+    };
     // Route TLS files (CA, client certificate) are loaded the way `serve` loads them.
     if let Err(e) = gatehouse::public::proxy::Proxy::new(&config) {
         eprintln!("{}: invalid configuration: {e}", path.display());
         return ExitCode::from(2);
     }
-    println!("{}: configuration is valid", path.display());
-    println!("  public listener   {} (external URL {})", config.public.listen, config.public_origin());
-    println!("  redirect URI      {}", config.redirect_uri());
-    println!("  session cookie    {}", config.cookie().name);
-    println!("  identity provider {} (client `{}`)", config.oidc.issuer, config.oidc.client_id);
-    println!("  session store     {:?} {}", config.session.store, config.session.path.display());
-    println!("  admin listener    {}", config.admin.listen);
+    say!("{}: configuration is valid", path.display());
+    say!("  public listener   {} (external URL {})", config.public.listen, config.public_origin());
+    say!("  redirect URI      {}", config.redirect_uri());
+    say!("  session cookie    {}", config.cookie().name);
+    say!("  identity provider {} (client `{}`)", config.oidc.issuer, config.oidc.client_id);
+    say!("  session store     {}", store_summary(&config));
+    say!("  admin listener    {}", config.admin.listen);
+    say!("  session keys      {}", key_roles(&config, &secrets.keyring.key_ids()));
     for r in &config.routes {
-        println!("  route             {} -> {} (relay {:?})", r.prefix, r.upstream, r.relay);
+        say!("  route             {} -> {} (relay = \"{}\")", r.prefix, r.upstream, r.relay.name());
     }
     if let Some(i) = &config.internal {
-        println!("  internal listener {} ({:?}), {} allowed caller(s)", i.listen, i.mode, i.allow.len());
+        say!("  internal listener {} (mode = \"{}\"), {} allowed caller(s)", i.listen, i.mode.name(), i.allow.len());
+        for id in &i.allow {
+            say!("  allowed caller    {}", gatehouse::tls::identity::describe_allow_entry(id));
+        }
         if i.mode == gatehouse::config::InternalMode::Mtls {
             let paths = gatehouse::tls::TlsPaths {
                 cert: i.cert.clone().unwrap_or_default(),
@@ -294,9 +324,53 @@ fn check_config(path: &Path) -> ExitCode {
         }
     }
     for w in config.warnings() {
-        println!("  warning: {w}");
+        say!("  warning: {w}");
     }
     ExitCode::SUCCESS
+}
+
+/// The store and only the settings that apply to it; never a password from a Redis URL.
+fn store_summary(config: &Config) -> String {
+    let s = &config.session;
+    let redacted = |u: &str| match url::Url::parse(u) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        _ => u.to_string(),
+    };
+    match s.store {
+        gatehouse::config::StoreKind::Embedded => format!("embedded file {}", s.path.display()),
+        gatehouse::config::StoreKind::Redis if !s.redis_sentinels.is_empty() => format!(
+            "redis through Sentinel {} (master `{}`)",
+            s.redis_sentinels.iter().map(|u| redacted(u)).collect::<Vec<_>>().join(", "),
+            s.redis_master_name.as_deref().unwrap_or("?")
+        ),
+        gatehouse::config::StoreKind::Redis if !s.redis_cluster_nodes.is_empty() => format!(
+            "redis cluster {}",
+            s.redis_cluster_nodes.iter().map(|u| redacted(u)).collect::<Vec<_>>().join(", ")
+        ),
+        gatehouse::config::StoreKind::Redis => format!("redis {}", redacted(s.redis_url.as_deref().unwrap_or("?"))),
+    }
+}
+
+/// "seals ab12cd34; also opens next …, previous …": ids in the keyring's order (sealing, next,
+/// previous), which is how `load_secrets` builds it.
+fn key_roles(config: &Config, ids: &[String]) -> String {
+    let short = |id: &String| id.chars().take(8).collect::<String>();
+    let mut out = format!("seals {}", ids.first().map(short).unwrap_or_default());
+    let mut rest = ids.iter().skip(1);
+    let mut also = Vec::new();
+    if config.session.next_encryption_key_file.is_some()
+        && let Some(id) = rest.next()
+    {
+        also.push(format!("next {}", short(id)));
+    }
+    also.extend(rest.map(|id| format!("previous {}", short(id))));
+    if !also.is_empty() {
+        out += &format!("; also opens {}", also.join(", "));
+    }
+    out
 }
 
 fn serve(path: &Path) -> ExitCode {
@@ -333,7 +407,9 @@ fn serve(path: &Path) -> ExitCode {
 fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    // Colour codes only for a person at a terminal, never into a file, a pipe or a log collector.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_ansi(ansi);
     match config.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),

@@ -166,6 +166,21 @@ fn check_name(name: &str) -> Result<(), PkiError> {
 /// `gatehouse pki init --out DIR`: `ca.crt`, `ca.key`, and `gatehouse.crt`/`gatehouse.key` for
 /// the internal listener (DNS `localhost`, IP `127.0.0.1`).
 pub fn init(out: &Path) -> Result<Vec<PathBuf>, PkiError> {
+    init_with_sans(out, &[])
+}
+
+/// `pki init --san NAME …`: the server certificate also names these (DNS names or IP
+/// addresses), e.g. the in-cluster Service names `gatehouse-internal.auth.svc`.
+pub fn init_with_sans(out: &Path, extra: &[String]) -> Result<Vec<PathBuf>, PkiError> {
+    let mut sans = vec![San::Dns("localhost".into()), San::Ip(IpAddr::from([127, 0, 0, 1]))];
+    for name in extra {
+        sans.push(match name.parse::<IpAddr>() {
+            Ok(ip) => San::Ip(ip),
+            Err(_) => San::Dns(
+                crate::tls::identity::parse_dns_name(name).map_err(|why| PkiError::BadSan(format!("{name}: {why}")))?,
+            ),
+        });
+    }
     std::fs::create_dir_all(out).map_err(|source| PkiError::Io { path: out.to_path_buf(), source })?;
     let ca = new_ca("Gatehouse dev CA", 365)?;
     let now = OffsetDateTime::now_utc();
@@ -173,7 +188,7 @@ pub fn init(out: &Path) -> Result<Vec<PathBuf>, PkiError> {
         &ca,
         &LeafSpec {
             common_name: "gatehouse".into(),
-            sans: vec![San::Dns("localhost".into()), San::Ip(IpAddr::from([127, 0, 0, 1]))],
+            sans,
             server: true,
             client: false,
             not_before: now - Duration::hours(1),
@@ -199,10 +214,15 @@ pub fn init(out: &Path) -> Result<Vec<PathBuf>, PkiError> {
 /// `gatehouse pki issue --ca DIR --name NAME (--spiffe ID | --dns NAME) --out DIR`.
 pub fn issue_to_dir(ca_dir: &Path, name: &str, san: San, out: &Path) -> Result<Vec<PathBuf>, PkiError> {
     check_name(name)?;
-    if let San::Uri(u) = &san
-        && !u.starts_with("spiffe://")
-    {
-        return Err(PkiError::BadSan(format!("{u} (a SPIFFE ID starts with spiffe://)")));
+    // The same rules the allow-list applies: a certificate Gatehouse would refuse is never issued.
+    match &san {
+        San::Uri(u) => {
+            crate::tls::identity::parse_spiffe_id(u).map_err(|why| PkiError::BadSan(format!("{u}: {why}")))?;
+        }
+        San::Dns(d) => {
+            crate::tls::identity::parse_dns_name(d).map_err(|why| PkiError::BadSan(format!("{d}: {why}")))?;
+        }
+        San::Ip(_) => {}
     }
     let ca = Issued { cert_pem: read(&ca_dir.join("ca.crt"))?, key_pem: read(&ca_dir.join("ca.key"))? };
     let leaf = issue(&ca, &LeafSpec::client(name, vec![san], 90))?;
@@ -254,6 +274,15 @@ mod tests {
         init(dir.path()).unwrap();
         assert!(issue_to_dir(dir.path(), "../evil", San::Dns("x".into()), dir.path()).is_err());
         assert!(issue_to_dir(dir.path(), "svc", San::Uri("https://x".into()), dir.path()).is_err());
+        // What the allow-list would refuse is never issued: one parser for both.
+        for bad in ["spiffe://Cluster.local/ns/a", "spiffe://cluster.local:8443/ns/a", "spiffe://cluster.local/ns//a"] {
+            assert!(issue_to_dir(dir.path(), "svc", San::Uri(bad.into()), dir.path()).is_err(), "{bad}");
+            assert!(crate::tls::identity::parse_allow_entry(bad).is_err(), "{bad}");
+        }
+        for bad in ["Pocketbase.svc", "pocket_base.svc", "-x.svc", "a..b", "x.svc."] {
+            assert!(issue_to_dir(dir.path(), "svc", San::Dns(bad.into()), dir.path()).is_err(), "{bad}");
+            assert!(crate::tls::identity::parse_allow_entry(bad).is_err(), "{bad}");
+        }
     }
 
     fn pem_der(pem: &str) -> Vec<u8> {

@@ -55,6 +55,49 @@ pub fn from_certificate(der: &[u8]) -> Result<CallerIdentity, &'static str> {
 /// Validate a SPIFFE ID per the SPIFFE ID standard: lower-case `spiffe` scheme, a trust domain of
 /// `[a-z0-9.-_]`, no port, user info, query or fragment, and path segments of `[A-Za-z0-9.-_]`
 /// that are neither empty nor `.`/`..`. Returned unchanged, so allow-list matching stays exact.
+/// A lower-case DNS name as certificates carry it: labels of `a-z`, `0-9`, `-` (not at either end),
+/// 1–63 characters each, 253 in all. The one rule for `internal.allow`, `pki issue --dns` and
+/// `pki init --san`.
+pub fn parse_dns_name(name: &str) -> Result<String, &'static str> {
+    if name.is_empty() || name.len() > 253 {
+        return Err("a DNS name has 1 to 253 characters");
+    }
+    for label in name.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Err("a DNS name's labels have 1 to 63 characters (no empty label, no trailing dot)");
+        }
+        if !label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+            return Err("a DNS name has only lower-case letters, digits, `-` and `.` (no `_`, no upper case)");
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err("a DNS label cannot start or end with `-`");
+        }
+    }
+    Ok(name.to_string())
+}
+
+/// An `internal.allow` entry: a SPIFFE ID or a DNS name, each under its one strict rule.
+pub fn parse_allow_entry(entry: &str) -> Result<CallerIdentity, &'static str> {
+    if entry.contains("://") {
+        parse_spiffe_id(entry).map(CallerIdentity::Spiffe)
+    } else {
+        parse_dns_name(entry).map(CallerIdentity::Dns)
+    }
+}
+
+/// How `check-config` says an allow-list entry will be matched.
+pub fn describe_allow_entry(entry: &str) -> String {
+    match parse_allow_entry(entry) {
+        Ok(CallerIdentity::Spiffe(id)) => format!("{id} (the certificate's one URI SAN must equal this SPIFFE ID)"),
+        Ok(CallerIdentity::Dns(d)) if !d.contains('.') => format!(
+            "{d} (a certificate DNS SAN must equal `{d}` exactly: a single-label name, not `{d}.<namespace>.svc…`; \
+             prefer the SPIFFE ID or the full Service name)"
+        ),
+        Ok(CallerIdentity::Dns(d)) => format!("{d} (a certificate without a URI SAN whose first DNS SAN equals this)"),
+        Err(e) => format!("{entry} (invalid: {e})"),
+    }
+}
+
 pub fn parse_spiffe_id(id: &str) -> Result<String, &'static str> {
     let rest = id.strip_prefix("spiffe://").ok_or("URI SAN is not a SPIFFE ID (scheme must be lower-case spiffe)")?;
     if id.len() > 2048 {

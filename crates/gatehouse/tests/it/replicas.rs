@@ -598,3 +598,131 @@ async fn sentinel_failover_keeps_sessions_and_service() {
     assert_eq!(on_new.lines().count(), 2, "both sessions on the promoted replica");
     gate.stop().await;
 }
+
+/// A replica whose session keys come from files: `seal` seals, `next` and `previous` only open.
+async fn gate_with_keys(w: &Workdir, o: &Options, seal: &str, next: Option<&str>, previous: &[&str]) -> Gate {
+    let file = |name: &str, key: &str| {
+        let p = w.dir.path().join(name);
+        std::fs::write(&p, key).unwrap();
+        p.display().to_string()
+    };
+    let mut keys = format!("encryption_key_file = \"{}\"\n", file("key-seal", seal));
+    if let Some(next) = next {
+        keys += &format!("next_encryption_key_file = \"{}\"\n", file("key-next", next));
+    }
+    let previous: Vec<String> = previous.iter().enumerate().map(|(i, k)| file(&format!("key-prev-{i}"), k)).collect();
+    keys += &format!("previous_encryption_key_files = {previous:?}\n");
+    let text = w.config_text(o).replace(&format!("encryption_key = \"{}\"\n", w.key), &keys);
+    assert!(text.contains("encryption_key_file"), "key line replaced");
+    let config = gatehouse::config::Config::from_figment(
+        figment::Figment::new().merge(<figment::providers::Toml as figment::providers::Format>::string(&text)),
+    )
+    .unwrap();
+    let clock = std::sync::Arc::new(gatehouse::clock::SystemClock::default());
+    let running = gatehouse::start(config, clock.clone()).await.unwrap();
+    let base = format!("http://localhost:{}", running.public_addr.port());
+    let admin = format!("http://{}", running.admin_addr);
+    let gate = Gate { running: Some(running), clock, base, admin };
+    gate.wait_ready().await;
+    gate
+}
+
+/// The documented two-phase rotation, one replica at a time, while a client keeps calling
+/// `/auth/me` and the exchange on whichever replicas are up: phase 1 teaches every replica the
+/// new key (`next_encryption_key_file`), phase 2 makes it the sealing key (the old one moves to
+/// `previous_encryption_key_files`). A session re-sealed under the new key by a phase-2 replica is
+/// opened by a replica still in phase 1. No live session ever gets a 401.
+#[tokio::test]
+async fn session_key_rotation_in_a_rolling_update_never_answers_401() {
+    use std::sync::Arc;
+    use tokio::sync::Mutex;
+    let redis = Redis::start().await;
+    let base = Options { internal_allow: Some(vec![POCKETBASE.into()]), ..Options::short_tokens() };
+    let (wa, a, wb, b) = replica_pair(&redis, base.clone()).await;
+    let oa = Options { redis_url: Some(redis.url()), ..base.clone() };
+    let ob = Options { redis_url: Some(redis.url()), external_port: Some(wa.port), ..base };
+    let (k1, k2) = (wa.key.clone(), test_key());
+    let sid = logged_in(&a, "alice").await;
+
+    // The load balancer: the replicas that are up, and what every call answered.
+    let up: Arc<Mutex<Vec<(String, String)>>> =
+        Arc::new(Mutex::new(vec![(a.base.clone(), a.internal()), (b.base.clone(), b.internal())]));
+    let answers: Arc<Mutex<Vec<(String, u16)>>> = Arc::default();
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let ca = wa.ca();
+    let client = mtls_client(&ca.cert_pem, Some(&client_cert(&ca, vec![San::Uri(POCKETBASE.into())])));
+    let sessions: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(vec![sid.clone()]));
+    let caller = {
+        let (up, answers, stop, sessions) = (up.clone(), answers.clone(), stop.clone(), sessions.clone());
+        tokio::spawn(async move {
+            loop {
+                let replicas = up.lock().await.clone();
+                for (public, internal) in replicas {
+                    for sid in sessions.lock().await.clone() {
+                        let me =
+                            http().get(format!("{public}/auth/me")).header("cookie", format!("{COOKIE}={sid}")).send();
+                        let x = client
+                            .post(format!("{internal}/internal/v1/session/exchange"))
+                            .json(&json!({"session_id": sid}))
+                            .send();
+                        let (me, x) = tokio::join!(me, x);
+                        // A replica being stopped may refuse the connection: that is the load balancer's job.
+                        if let Ok(r) = me {
+                            answers.lock().await.push((format!("me {public}"), r.status().as_u16()));
+                        }
+                        if let Ok(r) = x {
+                            answers.lock().await.push((format!("exchange {internal}"), r.status().as_u16()));
+                        }
+                    }
+                }
+                tokio::select! {
+                    _ = stop.notified() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
+            }
+        })
+    };
+    // Restart one replica: out of the load balancer, stopped, started with its new keys, back in.
+    async fn restart(
+        up: &Mutex<Vec<(String, String)>>,
+        old: Gate,
+        new: impl std::future::Future<Output = Gate>,
+    ) -> Gate {
+        up.lock().await.retain(|(p, _)| *p != old.base);
+        old.stop().await;
+        let g = new.await;
+        up.lock().await.push((g.base.clone(), g.internal()));
+        g
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Phase 1: every replica learns k2, still sealing with k1.
+    let a = restart(&up, a, gate_with_keys(&wa, &oa, &k1, Some(&k2), &[])).await;
+    let b = restart(&up, b, gate_with_keys(&wb, &ob, &k1, Some(&k2), &[])).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Phase 2, first replica: a seals with k2 while b is still in phase 1.
+    let a = restart(&up, a, gate_with_keys(&wa, &oa, &k2, None, &[&k1])).await;
+    let fresh = logged_in(&a, "bob").await; // sealed with k2 on a
+    sessions.lock().await.push(fresh.clone());
+    a.clock.advance(30); // alice's token expired on a: refreshed and re-sealed with k2
+    let me =
+        http().get(format!("{}/auth/me", a.base)).header("cookie", format!("{COOKIE}={sid}")).send().await.unwrap();
+    assert_eq!(me.status(), 200);
+    let k2_id = a.core().keyring.key_ids()[0].clone();
+    for s in [&sid, &fresh] {
+        let key = gatehouse::session::SessionId::parse(s).unwrap().key();
+        let rec = a.core().exchange.store().get(&key).await.unwrap().unwrap();
+        assert_eq!(gatehouse::crypto::hex(&rec.sealed_tokens[1..9]), k2_id, "sealed with the new key");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await; // b (phase 1) serves k2-sealed sessions meanwhile
+    let b = restart(&up, b, gate_with_keys(&wb, &ob, &k2, None, &[&k1])).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.notify_one();
+    caller.await.unwrap();
+
+    let answers = answers.lock().await.clone();
+    let bad: Vec<&(String, u16)> = answers.iter().filter(|(_, s)| *s != 200).collect();
+    assert!(bad.is_empty(), "every call answered 200 during the rotation; not: {bad:?}");
+    assert!(answers.len() > 40, "the client kept calling: {} calls", answers.len());
+    a.stop().await;
+    b.stop().await;
+}

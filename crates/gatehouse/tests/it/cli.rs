@@ -1,0 +1,141 @@
+//! The `gatehouse` binary as an operator meets it: output into pipes, messages, key roles, the
+//! PKI tool's rules.
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Command, Stdio};
+
+use crate::harness::*;
+
+fn check_config(path: &std::path::Path) -> std::process::Output {
+    Command::new(bin()).args(["check-config", "--config"]).arg(path).output().unwrap()
+}
+
+/// `gatehouse check-config | head -1`: the reader leaves after one line; the binary ends quietly
+/// (no panic, no exit 101).
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    let work = Workdir::new();
+    let routes =
+        "[[routes]]\nprefix = \"/api/a/\"\nupstream = \"http://127.0.0.1:9/\"\nrelay = \"session\"\n".repeat(1);
+    let path = work.write_config(&Options { extra: routes, ..Options::default() });
+    // The reader is gone before the binary writes its first line (as `head` is after its first).
+    let mut child = Command::new(bin())
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert_ne!(status.code(), Some(101), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// check-config speaks the configuration's own words: `relay = "session"`, the store and only its
+/// settings, the session keys' roles by id (never the key).
+#[test]
+fn check_config_prints_user_facing_names_and_key_roles() {
+    let work = Workdir::new();
+    let routes = "[[routes]]\nprefix = \"/api/a/\"\nupstream = \"http://127.0.0.1:9/\"\nrelay = \"session\"\n";
+    let path = work.write_config(&Options { extra: routes.into(), ..Options::with_internal(&["pocketbase"]) });
+    let out = check_config(&path);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("(relay = \"session\")"), "{text}");
+    assert!(text.contains("mode = \"mtls\""), "{text}");
+    assert!(text.contains("session store     embedded file "), "{text}");
+    assert!(text.contains("session keys      seals "), "{text}");
+    assert!(text.contains("single-label"), "a bare allow-list word is explained: {text}");
+    for debug_form in ["Some(", "Session)", "Mtls", "Embedded", &work.key] {
+        assert!(!text.contains(debug_form), "`{debug_form}` in: {text}");
+    }
+
+    // A rotation in phase 1: the next key is named by id; a key listed twice is refused.
+    let next = test_key();
+    std::fs::write(work.dir.path().join("next"), &next).unwrap();
+    let cfg = std::fs::read_to_string(&path).unwrap();
+    let with_next = cfg.replace(
+        "[session]\n",
+        &format!("[session]\nnext_encryption_key_file = \"{}\"\n", work.dir.path().join("next").display()),
+    );
+    std::fs::write(&path, &with_next).unwrap();
+    let out = check_config(&path);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("; also opens next "), "{text}");
+    assert!(!text.contains(&next), "no key in the output");
+    std::fs::write(work.dir.path().join("next"), &work.key).unwrap();
+    let out = check_config(&path);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("session.next_encryption_key_file"));
+}
+
+/// `pki issue` refuses what the allow-list would refuse (one parser), and `pki init --san` puts the
+/// in-cluster names on the server certificate.
+#[test]
+fn the_pki_tool_applies_the_allow_list_rules_and_takes_extra_server_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(bin())
+        .args(["pki", "init", "--out"])
+        .arg(dir.path())
+        .args(["--san", "gatehouse-internal.auth.svc.cluster.local", "--san", "10.0.0.7"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let pem = std::fs::read(dir.path().join("gatehouse.crt")).unwrap();
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+    let cert = pem.parse_x509().unwrap();
+    let sans = format!("{:?}", cert.subject_alternative_name().unwrap().unwrap().value.general_names);
+    assert!(sans.contains("gatehouse-internal.auth.svc.cluster.local") && sans.contains("localhost"), "{sans}");
+    for (flag, value) in [
+        ("--spiffe", "spiffe://Cluster.local/ns/data/sa/pb"),
+        ("--spiffe", "spiffe://cluster.local:443/ns/data/sa/pb"),
+        ("--dns", "Pocketbase.data.svc"),
+        ("--dns", "pocket_base.data.svc"),
+    ] {
+        let out = Command::new(bin())
+            .args(["pki", "issue", "--ca"])
+            .arg(dir.path())
+            .args(["--name", "pb", flag, value, "--out"])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{value} was issued");
+        assert!(!dir.path().join("pb.crt").exists());
+    }
+    let out = Command::new(bin())
+        .args(["pki", "init", "--out"])
+        .arg(dir.path().join("x"))
+        .args(["--san", "Bad_Name"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
+
+/// Text logs written into a pipe or file carry no ANSI colour codes.
+#[tokio::test]
+async fn logs_into_a_pipe_have_no_colour_codes() {
+    let work = Workdir::new();
+    let path = work.write_config(&Options::default());
+    let mut child = Command::new(bin())
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let lines = tokio::task::spawn_blocking(move || {
+        BufReader::new(stdout).lines().take(2).collect::<Result<Vec<_>, _>>().unwrap_or_default()
+    });
+    let lines = tokio::time::timeout(std::time::Duration::from_secs(30), lines).await.unwrap().unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(!lines.is_empty(), "the server logged something");
+    for l in &lines {
+        assert!(!l.contains('\u{1b}'), "ANSI escape in a piped log line: {l:?}");
+    }
+}
