@@ -16,7 +16,7 @@ fn check_config(path: &std::path::Path) -> std::process::Output {
 fn output_into_a_closed_pipe_ends_quietly() {
     let work = Workdir::new();
     let routes =
-        "[[routes]]\nprefix = \"/api/a/\"\nupstream = \"http://127.0.0.1:9/\"\nrelay = \"session\"\n".repeat(1);
+        "[[routes]]\nprefix = \"/api/a/\"\nupstream = \"http://127.0.0.1:9/\"\nrelay = \"session\"\n".to_string();
     let path = work.write_config(&Options { extra: routes, ..Options::default() });
     // The reader is gone before the binary writes its first line (as `head` is after its first).
     let mut child = Command::new(bin())
