@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests may fail loudly
 
 mod admin;
+mod deploy;
 mod harness;
 mod internal;
 mod login;
