@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # Validate the Kubernetes deployment without a cluster (run by scripts/test.sh):
-#   1. helm lint + helm template of deploy/helm/gatehouse with every deploy/helm/gatehouse/ci/*.yaml;
+#   1. helm lint + helm template of deploy/helm/gatehouse with every deploy/helm/gatehouse/ci/*.yaml
+#      (Helm 3; Helm 4 must lint too and render the same objects);
 #   2. every rendered object against the Kubernetes 1.37 OpenAPI schemas (kubernetes-validate --strict);
 #   3. assertions on the manifests (scripts/lib/chart_assert.py), including `gatehouse check-config`
 #      of the rendered gatehouse.toml; self-tests prove the assertions catch doctored manifests;
 #   4. values.schema.json and the chart's checks refuse bad values with a message naming the value;
 #   5. deploy/envoy: the Envoy bootstraps and the chart's sidecar through go-control-plane (Go test).
-# Tools, installed once and cached under ${GATEHOUSE_CACHE:-~/.cache/gatehouse}:
-#   helm (go install from the Go module proxy, ~3 min the first time), kubernetes-validate (PyPI, in a venv).
+# Tools, installed once and cached under ${GATEHOUSE_CACHE:-~/.cache/gatehouse}: helm 3 and helm 4
+# (go install from the Go module proxy, ~3-5 min each the first time), kubernetes-validate (PyPI, in a venv).
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${GATEHOUSE_CACHE:-$HOME/.cache/gatehouse}"
 HELM_VERSION="v3.22.0"
+HELM4_VERSION="v4.3.2"
 KV_VERSION="1.37.0"
 KUBE_VERSION="1.37.0"
 CHART="$REPO_ROOT/deploy/helm/gatehouse"
@@ -31,6 +33,13 @@ if ! "$HELM" version 2>/dev/null | grep -q "${HELM_VERSION%.0}"; then
     log "installing helm $HELM_VERSION (go install, cached in $CACHE/bin)"
     mkdir -p "$CACHE/bin"
     GOBIN="$CACHE/bin" go install "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+fi
+# Helm 4 too (the chart must render with both); its own directory, since both binaries are `helm`.
+HELM4="$CACHE/helm4/bin/helm"
+if ! "$HELM4" version 2>/dev/null | grep -q "${HELM4_VERSION%.*}"; then
+    log "installing helm $HELM4_VERSION (go install, cached in $CACHE/helm4/bin)"
+    mkdir -p "$CACHE/helm4/bin"
+    GOBIN="$CACHE/helm4/bin" go install "helm.sh/helm/v4/cmd/helm@$HELM4_VERSION"
 fi
 VENV="$CACHE/kubernetes-validate"
 KV="$VENV/bin/kubernetes-validate"
@@ -68,7 +77,14 @@ for values in "$CHART"/ci/*.yaml; do
     fi
     "$PY" "$REPO_ROOT/scripts/lib/chart_assert.py" "$values" "$out/rendered.yaml" "$out" "$GATEHOUSE" || die "assertions on $name"
     [[ -f "$out/envoy.yaml" ]] && envoy_renders+=("$out")
-    log "ok   $name: lint, $(grep -c '^kind:' "$out/rendered.yaml") objects valid (Kubernetes $KUBE_VERSION, strict), assertions, check-config"
+    # Helm 4: lints, and renders the same objects (it differs only in blank lines), so every check above holds for it.
+    "$HELM4" lint "$CHART" --strict --quiet --kube-version "$KUBE_VERSION" -f "$values" >"$out/lint4.txt" 2>&1 ||
+        { cat "$out/lint4.txt" >&2; die "helm 4 lint $name"; }
+    "$HELM4" template gh "$CHART" --namespace gatehouse --kube-version "$KUBE_VERSION" -f "$values" >"$out/rendered4.yaml" ||
+        die "helm 4 template $name"
+    diff <(grep -v '^[[:space:]]*$' "$out/rendered.yaml") <(grep -v '^[[:space:]]*$' "$out/rendered4.yaml") >&2 ||
+        die "helm 4 renders $name differently from helm 3"
+    log "ok   $name: lint, $(grep -c '^kind:' "$out/rendered.yaml") objects valid (Kubernetes $KUBE_VERSION, strict), assertions, check-config; Helm 4 identical"
 done
 ((${#envoy_renders[@]} > 0)) || die "no values file enables the Envoy sidecar"
 
