@@ -11,6 +11,8 @@ command -v mvn >/dev/null || need+=(maven)
 command -v wrk >/dev/null || need+=(wrk)
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v redis-sentinel >/dev/null || need+=(redis-sentinel)
+# Python venvs hold the offline Kubernetes schema validator (scripts/deploy-test.sh installs it from PyPI).
+python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 # Headless Chromium for the browser tests (playwright-core drives it; it cannot download browsers here).
 [ -x /usr/bin/chromium ] || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then

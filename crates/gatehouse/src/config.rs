@@ -543,15 +543,40 @@ pub struct InternalConfig {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
-    /// Address of the admin listener; keep it on loopback.
+    /// Address of the admin listener. `/metrics`, `/healthz` and `/readyz` may be reached from the
+    /// network (kubelet probes, Prometheus); the session admin API then needs `token_file`.
     #[serde(default = "defaults::admin_listen")]
     pub listen: SocketAddr,
+    /// File holding the bearer token the session admin API (`/admin/v1/*`) requires. Required on a
+    /// non-loopback `listen`; re-read on every admin request, so a rotated file takes effect at once.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        Self { listen: defaults::admin_listen() }
+        Self { listen: defaults::admin_listen(), token_file: None }
     }
+}
+
+/// Shortest admin token accepted: guessing must be hopeless even without a rate limit.
+pub const ADMIN_TOKEN_MIN_LEN: usize = 32;
+
+/// Read and check the admin token file (see `admin.token_file`).
+pub fn read_admin_token(path: &Path) -> Result<SecretString, ConfigError> {
+    use secrecy::ExposeSecret;
+    let token = read_secret_file("admin.token_file", path)?;
+    let t = token.expose_secret();
+    if t.len() < ADMIN_TOKEN_MIN_LEN || !t.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(invalid(
+            "admin.token_file",
+            format!(
+                "{} must hold at least {ADMIN_TOKEN_MIN_LEN} printable characters without spaces (e.g. `head -c 32 /dev/urandom | base64`)",
+                path.display()
+            ),
+        ));
+    }
+    Ok(token)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -992,6 +1017,15 @@ impl Config {
         if same_port(self.public.listen, self.admin.listen) {
             return Err(invalid("admin.listen", "must differ from public.listen: listeners are never mixed"));
         }
+        if !self.admin.listen.ip().is_loopback() && self.admin.token_file.is_none() {
+            return Err(invalid(
+                "admin.token_file",
+                format!(
+                    "required when admin.listen ({}) is not loopback: the session admin API must not be open to the network",
+                    self.admin.listen
+                ),
+            ));
+        }
         if let Some(dir) = &self.public.static_dir
             && !dir.is_dir()
         {
@@ -1049,7 +1083,10 @@ impl Config {
             );
         }
         if !self.admin.listen.ip().is_loopback() {
-            w.push(format!("admin.listen {} is not loopback: protect it at the network level", self.admin.listen));
+            w.push(format!(
+                "admin.listen {} is not loopback: /metrics, /healthz and /readyz answer anyone who reaches it (the session API needs the token)",
+                self.admin.listen
+            ));
         }
         if self.internal.as_ref().is_some_and(|i| i.allow.is_empty()) {
             w.push("internal.allow is empty: no service can exchange sessions".into());
@@ -1299,6 +1336,8 @@ mod tests {
                 (format!("{MINIMAL}\nidle_timeout = \"soon\""), "idle_timeout"),
                 (MINIMAL.replace("client_secret = \"s3cret\"", ""), "oidc.client_secret_file"),
                 (format!("{MINIMAL}\ncookie_name = \"gatehouse\""), "session.cookie_name"),
+                (format!("{MINIMAL}\n[admin]\nlisten = \"0.0.0.0:9090\""), "admin.token_file"),
+                (format!("{MINIMAL}\n[admin]\nlisten = \"10.0.0.5:9090\""), "admin.token_file"),
                 (
                     MINIMAL.replace("client_id = \"gatehouse\"", "client_id = \"gatehouse\"\nalgorithms = [\"HS256\"]"),
                     "oidc.algorithms",

@@ -99,6 +99,9 @@ pub fn load_secrets(config: &Config) -> Result<Secrets, StartError> {
             return Err(ConfigError::Invalid { key: "oidc.client_secret_file", problem: "missing".into() }.into());
         }
     };
+    if let Some(path) = &config.admin.token_file {
+        config::read_admin_token(path)?;
+    }
     Ok(Secrets { keyring, client_secret })
 }
 

@@ -50,6 +50,11 @@ enum Command {
         /// Base URL of the admin listener.
         #[arg(long, global = true, env = "GATEHOUSE_ADMIN_URL", default_value = "http://127.0.0.1:9090")]
         admin: String,
+        /// File holding the admin API bearer token (the server's `admin.token_file`). Without it,
+        /// the token is taken from the environment variable GATEHOUSE_ADMIN_TOKEN, if set (never
+        /// from the command line, where other users could read it in the process list).
+        #[arg(long, global = true, env = "GATEHOUSE_ADMIN_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
         #[command(subcommand)]
         command: SessionsCommand,
     },
@@ -136,7 +141,7 @@ fn main() -> ExitCode {
         Command::CheckConfig { config } => check_config(&config),
         Command::Serve { config } => serve(&config),
         Command::Pki { command } => pki(command),
-        Command::Sessions { admin, command } => sessions(&admin, command),
+        Command::Sessions { admin, token_file, command } => sessions(&admin, token_file.as_deref(), command),
     }
 }
 
@@ -200,7 +205,28 @@ fn sessions_reset(store: &Path, yes: bool) -> ExitCode {
     }
 }
 
-fn sessions(admin: &str, command: SessionsCommand) -> ExitCode {
+/// The admin token for `gatehouse sessions`: `--token-file` first, then `GATEHOUSE_ADMIN_TOKEN`.
+fn admin_token(token_file: Option<&Path>) -> Result<Option<String>, String> {
+    use secrecy::ExposeSecret;
+    if let Some(path) = token_file {
+        return gatehouse::config::read_secret_file("--token-file", path)
+            .map(|t| Some(t.expose_secret().to_string()))
+            .map_err(|e| e.to_string());
+    }
+    match std::env::var("GATEHOUSE_ADMIN_TOKEN") {
+        Ok(t) if !t.trim().is_empty() => Ok(Some(t.trim().to_string())),
+        _ => Ok(None),
+    }
+}
+
+fn sessions(admin: &str, token_file: Option<&Path>, command: SessionsCommand) -> ExitCode {
+    let token = match admin_token(token_file) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("sessions: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let base = admin.trim_end_matches('/');
     let enc = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
     let (method, url) = match &command {
@@ -230,7 +256,11 @@ fn sessions(admin: &str, command: SessionsCommand) -> ExitCode {
     };
     runtime.block_on(async move {
         let client = reqwest::Client::new();
-        let resp = match client.request(method, &url).timeout(std::time::Duration::from_secs(30)).send().await {
+        let mut req = client.request(method, &url).timeout(std::time::Duration::from_secs(30));
+        if let Some(t) = &token {
+            req = req.bearer_auth(t);
+        }
+        let resp = match req.send().await {
             Ok(r) => r,
             Err(e) => {
                 eprintln!("sessions: cannot reach the admin listener at {base}: {}", e.without_url());
@@ -238,6 +268,9 @@ fn sessions(admin: &str, command: SessionsCommand) -> ExitCode {
             }
         };
         let ok = resp.status().is_success();
+        if resp.status() == reqwest::StatusCode::UNAUTHORIZED {
+            eprintln!("sessions: the admin API wants its token: give --token-file FILE or set GATEHOUSE_ADMIN_TOKEN");
+        }
         let body: serde_json::Value = resp.json().await.unwrap_or(serde_json::Value::Null);
         say!("{}", serde_json::to_string_pretty(&body).unwrap_or_default());
         if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
@@ -301,7 +334,11 @@ fn check_config(path: &Path) -> ExitCode {
     say!("  session cookie    {}", config.cookie().name);
     say!("  identity provider {} (client `{}`)", config.oidc.issuer, config.oidc.client_id);
     say!("  session store     {}", store_summary(&config));
-    say!("  admin listener    {}", config.admin.listen);
+    say!(
+        "  admin listener    {} (session API {})",
+        config.admin.listen,
+        if config.admin.token_file.is_some() { "requires the bearer token" } else { "open to loopback callers" }
+    );
     say!("  session keys      {}", key_roles(&config, &secrets.keyring.key_ids()));
     for r in &config.routes {
         say!("  route             {} -> {} (relay = \"{}\")", r.prefix, r.upstream, r.relay.name());

@@ -1,6 +1,11 @@
 //! The admin face (loopback by default): Prometheus metrics, health, and session administration
 //! (list a user's sessions, revoke one, a user's, or all). Never mounted on the public listener.
 //! Listings show hash prefixes only, never session ids or tokens.
+//!
+//! Two tiers: `/metrics`, `/healthz` and `/readyz` carry nothing secret and may be reached from the
+//! network (in Kubernetes the kubelet and Prometheus call the pod IP). The session API under
+//! `/admin/v1/` can end every session, so with `admin.token_file` set (required off loopback) it
+//! answers only `Authorization: Bearer <token>`, compared in constant time.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -8,24 +13,30 @@ use std::sync::Arc;
 use axum::Json;
 use axum::Router;
 use axum::extract::{Path, Query, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
 use serde_json::json;
 
 use crate::Core;
+use crate::crypto::{ct_eq, sha256};
 use crate::error::ApiError;
 use crate::exchange::ExchangeError;
 use crate::oidc::UserClaims;
 use crate::session::{SessionKey, SessionRecord};
 
 pub fn router(core: Arc<Core>) -> Router {
+    // `route_layer`: the token check runs for matched session-API routes only, so probes, metrics
+    // and the 404 fallback are unaffected.
+    let session_api = Router::new()
+        .route("/admin/v1/sessions", get(list).delete(revoke_many))
+        .route("/admin/v1/sessions/{prefix}", delete(revoke_one))
+        .route_layer(axum::middleware::from_fn_with_state(core.clone(), require_token));
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .route("/admin/v1/sessions", get(list).delete(revoke_many))
-        .route("/admin/v1/sessions/{prefix}", delete(revoke_one))
+        .merge(session_api)
         .fallback(|| async { ApiError::NotFound })
         .layer(axum::middleware::from_fn_with_state(core.config.admin.listen.ip().is_loopback(), loopback_host))
         .with_state(core)
@@ -49,6 +60,45 @@ async fn loopback_host(
             return ApiError::Forbidden("forbidden", "the admin API answers loopback host names only".into())
                 .into_response();
         }
+    }
+    next.run(req).await
+}
+
+/// With `admin.token_file` set, the session API requires `Authorization: Bearer <token>`. The file
+/// is read on every call (admin calls are rare) so a rotated Kubernetes Secret takes effect without
+/// a restart; an unreadable file fails closed.
+async fn require_token(
+    State(core): State<Arc<Core>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(path) = &core.config.admin.token_file else {
+        return next.run(req).await;
+    };
+    let expected = match crate::config::read_admin_token(path) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(error = %e, "admin token unavailable: refusing the session admin API");
+            return ApiError::Internal.into_response();
+        }
+    };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
+    // Hash both sides first so neither the comparison time nor the length check depends on the secret.
+    let ok = given.is_some_and(|g| {
+        ct_eq(&sha256(g.as_bytes()), &sha256(secrecy::ExposeSecret::expose_secret(&expected).as_bytes()))
+    });
+    if !ok {
+        tracing::warn!(target: "gatehouse::audit", method = %req.method(), path = req.uri().path(), "admin API: missing or wrong bearer token");
+        let mut resp = ApiError::Unauthenticated.into_response();
+        resp.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"gatehouse-admin\""));
+        return resp;
     }
     next.run(req).await
 }

@@ -3,8 +3,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests may fail loudly
 
+mod admin;
 mod cli;
 mod demo;
+mod deploy;
 mod harness;
 mod internal;
 mod login;
