@@ -67,23 +67,46 @@ enum Command {
 
 #[derive(Subcommand)]
 enum SessionsCommand {
-    /// A user's sessions (hash prefixes, times, client), by Keycloak subject id.
+    /// List live sessions (hash prefixes, user, times, client): one user's, or all of them.
+    #[command(group(clap::ArgGroup::new("who").required(true).args(["user", "username", "email", "all"])))]
     List {
-        /// The user's Keycloak subject id (`sub`).
+        /// By Keycloak subject id (`sub`).
         #[arg(long)]
-        user: String,
-    },
-    /// Revoke sessions (and their refresh tokens at Keycloak).
-    Revoke {
-        /// Every session of this user (Keycloak subject id).
-        #[arg(long, conflicts_with_all = ["session", "all"], required_unless_present_any = ["session", "all"])]
         user: Option<String>,
-        /// One session, by at least 8 hex characters of its hash.
-        #[arg(long, conflicts_with = "all")]
-        session: Option<String>,
-        /// Every session.
+        /// By username (`preferred_username`, exact, case-insensitive).
+        #[arg(long)]
+        username: Option<String>,
+        /// By e-mail address (exact, case-insensitive).
+        #[arg(long)]
+        email: Option<String>,
+        /// Every live session, a page at a time (`--limit`, `--after`).
         #[arg(long)]
         all: bool,
+        /// Sessions per page with `--all` (1 to 500).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// With `--all`: continue after this session hash (the `next` of the previous page).
+        #[arg(long)]
+        after: Option<String>,
+        /// `table` for people, `json` for scripts.
+        #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Revoke sessions (and their refresh tokens at Keycloak).
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["user", "session", "all"])))]
+    Revoke {
+        /// Every session of this user (Keycloak subject id).
+        #[arg(long)]
+        user: Option<String>,
+        /// One session, by at least 8 hex characters of its hash.
+        #[arg(long)]
+        session: Option<String>,
+        /// Every session of every user (asks for confirmation unless `--yes`).
+        #[arg(long)]
+        all: bool,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
     },
     /// Check the embedded store's file (Gatehouse stopped): integrity, counts. Exit 1 if damaged.
     Check {
@@ -101,6 +124,12 @@ enum SessionsCommand {
         #[arg(long)]
         yes: bool,
     },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    Table,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -229,21 +258,46 @@ fn sessions(admin: &str, token_file: Option<&Path>, command: SessionsCommand) ->
     };
     let base = admin.trim_end_matches('/');
     let enc = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+    let mut output = Output::Json;
+    let mut lookup = String::new();
     let (method, url) = match &command {
-        SessionsCommand::List { user } => (reqwest::Method::GET, format!("{base}/admin/v1/sessions?sub={}", enc(user))),
+        SessionsCommand::List { user, username, email, all, limit, after, output: o } => {
+            output = *o;
+            let query = match (user, username, email) {
+                (Some(u), _, _) => {
+                    lookup = format!("user id `{u}`");
+                    format!("sub={}", enc(u))
+                }
+                (_, Some(n), _) => {
+                    lookup = format!("username `{n}`");
+                    format!("username={}", enc(n))
+                }
+                (_, _, Some(e)) => {
+                    lookup = format!("e-mail `{e}`");
+                    format!("email={}", enc(e))
+                }
+                _ if *all => {
+                    let after = after.as_deref().map(|a| format!("&after={}", enc(a))).unwrap_or_default();
+                    format!("all=true&limit={limit}{after}")
+                }
+                _ => unreachable_args(),
+            };
+            (reqwest::Method::GET, format!("{base}/admin/v1/sessions?{query}"))
+        }
         SessionsCommand::Revoke { user: Some(u), .. } => {
             (reqwest::Method::DELETE, format!("{base}/admin/v1/sessions?sub={}", enc(u)))
         }
         SessionsCommand::Revoke { session: Some(p), .. } => {
             (reqwest::Method::DELETE, format!("{base}/admin/v1/sessions/{}", enc(p)))
         }
-        SessionsCommand::Revoke { all: true, .. } => {
+        SessionsCommand::Revoke { all: true, yes, .. } => {
+            if !yes && !confirm("Revoke EVERY session of every user? Everyone signs in again.") {
+                eprintln!("sessions revoke: not confirmed; nothing revoked");
+                return ExitCode::FAILURE;
+            }
             (reqwest::Method::DELETE, format!("{base}/admin/v1/sessions?all=true"))
         }
-        SessionsCommand::Revoke { .. } => {
-            eprintln!("sessions revoke: give --user, --session or --all");
-            return ExitCode::from(2);
-        }
+        SessionsCommand::Revoke { .. } => unreachable_args(),
         SessionsCommand::Check { store } => return sessions_check(store),
         SessionsCommand::Reset { store, yes } => return sessions_reset(store, *yes),
     };
@@ -272,9 +326,88 @@ fn sessions(admin: &str, token_file: Option<&Path>, command: SessionsCommand) ->
             eprintln!("sessions: the admin API wants its token: give --token-file FILE or set GATEHOUSE_ADMIN_TOKEN");
         }
         let body: serde_json::Value = resp.json().await.unwrap_or(serde_json::Value::Null);
-        say!("{}", serde_json::to_string_pretty(&body).unwrap_or_default());
+        if ok && output == Output::Table {
+            print_sessions(&body, &lookup);
+        } else {
+            say!("{}", serde_json::to_string_pretty(&body).unwrap_or_default());
+        }
         if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
     })
+}
+
+/// clap's argument groups make every other combination impossible; exit as clap would.
+fn unreachable_args() -> ! {
+    eprintln!("gatehouse: invalid arguments (see --help)");
+    std::process::exit(2)
+}
+
+/// Ask on the terminal; only `yes` goes on.
+fn confirm(question: &str) -> bool {
+    use std::io::{BufRead, Write};
+    print!("{question} Type `yes` to go on: ");
+    let _ = std::io::stdout().flush();
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer).is_ok() && answer.trim() == "yes"
+}
+
+/// `2026-11-30 06:12:03Z (3m ago)` / `(in 25m)`.
+fn human_time(t: i64, now: i64) -> String {
+    let at = time::OffsetDateTime::from_unix_timestamp(t)
+        .ok()
+        .and_then(|d| d.format(&time::format_description::well_known::Rfc3339).ok())
+        .map(|s| s.replacen('T', " ", 1))
+        .unwrap_or_else(|| t.to_string());
+    let d = (t - now).abs();
+    let span = match d {
+        0..60 => format!("{d}s"),
+        60..3600 => format!("{}m", d / 60),
+        3600..86400 => format!("{}h{:02}m", d / 3600, d % 3600 / 60),
+        _ => format!("{}d", d / 86400),
+    };
+    if t <= now { format!("{at} ({span} ago)") } else { format!("{at} (in {span})") }
+}
+
+/// The admin listing as a table for people.
+fn print_sessions(body: &serde_json::Value, lookup: &str) {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
+    let empty = Vec::new();
+    let items = body.get("sessions").and_then(|s| s.as_array()).unwrap_or(&empty);
+    if items.is_empty() {
+        if lookup.is_empty() {
+            say!("no live sessions");
+        } else {
+            say!(
+                "no live sessions for {lookup} (matched exactly, case-insensitively, among live sessions; \
+                 a user who has not signed in since the last restart of an embedded store, or whose sessions \
+                 expired, has none)"
+            );
+        }
+        return;
+    }
+    let s = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("-").to_string();
+    let t = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_i64()).map(|x| human_time(x, now));
+    say!("{:<10} {:<20} {:<36} {:<36} {:<36} CLIENT", "SESSION", "USER", "CREATED", "LAST SEEN", "ENDS");
+    for v in items {
+        let user =
+            v.get("preferred_username").and_then(|x| x.as_str()).map(str::to_string).unwrap_or_else(|| s(v, "sub"));
+        let ends =
+            match (v.get("idle_expires_at").and_then(|x| x.as_i64()), v.get("expires_at").and_then(|x| x.as_i64())) {
+                (Some(a), Some(b)) => Some(human_time(a.min(b), now)),
+                _ => None,
+            };
+        say!(
+            "{:<10} {:<20} {:<36} {:<36} {:<36} {}",
+            s(v, "session"),
+            user,
+            t(v, "created_at").unwrap_or_default(),
+            t(v, "last_seen").unwrap_or_default(),
+            ends.unwrap_or_default(),
+            s(v, "client_ip")
+        );
+    }
+    if let Some(next) = body.get("next").and_then(|n| n.as_str()) {
+        say!("more: --after {next}");
+    }
 }
 
 fn pki(command: PkiCommand) -> ExitCode {

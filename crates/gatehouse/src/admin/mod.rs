@@ -127,6 +127,7 @@ fn describe(key: &SessionKey, r: &SessionRecord) -> serde_json::Value {
         "session": key.prefix(),
         "sub": r.claims.sub,
         "preferred_username": r.claims.preferred_username,
+        "email": r.claims.email,
         "created_at": r.created_at,
         "last_seen": r.last_seen,
         "idle_expires_at": r.idle_expires_at,
@@ -140,13 +141,57 @@ fn store_err(e: crate::session::StoreError) -> ApiError {
     ExchangeError::from(e).into()
 }
 
-/// `GET /admin/v1/sessions?sub=SUB`
+/// Largest page of `GET /admin/v1/sessions?all=true`.
+const MAX_PAGE: usize = 500;
+
+/// `GET /admin/v1/sessions?sub=SUB`, `?username=NAME`, `?email=ADDRESS` (exact, case-insensitive;
+/// these two scan every session, fine for an operator's look-up, not for a hot path), or
+/// `?all=true&limit=N&after=PREFIX` (every live session, ordered by hash, paginated).
 async fn list(State(core): State<Arc<Core>>, Query(q): Query<HashMap<String, String>>) -> Result<Response, ApiError> {
-    let sub = q.get("sub").ok_or_else(|| ApiError::bad_request("invalid_request", "give ?sub=<user id>"))?;
-    let sessions = core.exchange.store().list_by_user(&user_key(&core, sub)).await.map_err(store_err)?;
+    let store = core.exchange.store();
     let now = core.exchange.now();
-    let items: Vec<_> = sessions.iter().filter(|(_, r)| !r.is_expired(now)).map(|(k, r)| describe(k, r)).collect();
-    Ok(Json(json!({"sessions": items})).into_response())
+    let live = |v: Vec<(SessionKey, SessionRecord)>| -> Vec<(SessionKey, SessionRecord)> {
+        v.into_iter().filter(|(_, r)| !r.is_expired(now)).collect()
+    };
+    let eq = |a: Option<&String>, b: &str| a.is_some_and(|a| a.eq_ignore_ascii_case(b));
+    let (sessions, next) = match (q.get("sub"), q.get("username"), q.get("email"), q.get("all").map(String::as_str)) {
+        (Some(sub), None, None, None) => {
+            (live(store.list_by_user(&user_key(&core, sub)).await.map_err(store_err)?), None)
+        }
+        (None, Some(name), None, None) => {
+            let all = live(store.find_by_prefix("").await.map_err(store_err)?);
+            (all.into_iter().filter(|(_, r)| eq(r.claims.preferred_username.as_ref(), name)).collect(), None)
+        }
+        (None, None, Some(email), None) => {
+            let all = live(store.find_by_prefix("").await.map_err(store_err)?);
+            (all.into_iter().filter(|(_, r)| eq(r.claims.email.as_ref(), email)).collect(), None)
+        }
+        (None, None, None, Some("true")) => {
+            let limit = match q.get("limit") {
+                Some(l) => l
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|l| (1..=MAX_PAGE).contains(l))
+                    .ok_or_else(|| ApiError::bad_request("invalid_request", format!("limit is 1 to {MAX_PAGE}")))?,
+                None => 100,
+            };
+            let after = q.get("after").map(|a| a.to_ascii_lowercase()).unwrap_or_default();
+            let mut all = live(store.find_by_prefix("").await.map_err(store_err)?);
+            all.sort_by_key(|(k, _)| crate::session::key_hex(k));
+            let rest: Vec<_> = all.into_iter().filter(|(k, _)| crate::session::key_hex(k) > after).collect();
+            let next =
+                (rest.len() > limit).then(|| rest.get(limit - 1).map(|(k, _)| crate::session::key_hex(k))).flatten();
+            (rest.into_iter().take(limit).collect(), next)
+        }
+        _ => {
+            return Err(ApiError::bad_request(
+                "invalid_request",
+                "give one of ?sub=<user id>, ?username=<name>, ?email=<address> or ?all=true",
+            ));
+        }
+    };
+    let items: Vec<_> = sessions.iter().map(|(k, r)| describe(k, r)).collect();
+    Ok(Json(json!({"sessions": items, "next": next})).into_response())
 }
 
 /// `DELETE /admin/v1/sessions?sub=SUB` (one user) or `?all=true` (everything).

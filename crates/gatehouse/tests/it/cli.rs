@@ -139,3 +139,75 @@ async fn logs_into_a_pipe_have_no_colour_codes() {
         assert!(!l.contains('\u{1b}'), "ANSI escape in a piped log line: {l:?}");
     }
 }
+
+/// `gatehouse sessions`: a table for people, JSON with `-o json`, look-ups by username and e-mail,
+/// every session a page at a time, a clear word when nothing matched, and confirmation before
+/// revoking everything.
+#[tokio::test]
+async fn the_sessions_command_serves_people_and_scripts() {
+    let work = Workdir::new();
+    let gate = Gate::start(&work, &Options::default()).await;
+    let (a, b) = (logged_in(&gate, "alice").await, logged_in(&gate, "bob").await);
+    let cli = |args: &[&str]| {
+        let mut c = tokio::process::Command::new(bin());
+        c.arg("sessions").args(args).args(["--admin", &gate.admin]);
+        c.env_remove("GATEHOUSE_ADMIN_TOKEN").env_remove("GATEHOUSE_ADMIN_TOKEN_FILE");
+        c
+    };
+    let text = |o: &std::process::Output| String::from_utf8_lossy(&o.stdout).to_string();
+    let prefix = |sid: &str| gatehouse::session::SessionId::parse(sid).unwrap().key().prefix();
+
+    let out = cli(&["list", "--username", "ALICE"]).output().await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let table = text(&out);
+    assert!(table.starts_with("SESSION") && table.contains(&prefix(&a)) && table.contains("alice"), "{table}");
+    assert!(table.contains(" ago)") && !table.contains(&prefix(&b)), "{table}");
+
+    let out = cli(&["list", "--email", "bob@example.com", "-o", "json"]).output().await.unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["sessions"][0]["session"], prefix(&b).as_str(), "{json}");
+
+    let out = cli(&["list", "--username", "nobody"]).output().await.unwrap();
+    assert!(out.status.success());
+    assert!(text(&out).contains("no live sessions for username `nobody`"), "{}", text(&out));
+
+    // Every session, one per page.
+    let out = cli(&["list", "--all", "--limit", "1", "-o", "json"]).output().await.unwrap();
+    let page1: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let next = page1["next"].as_str().expect("a next page").to_string();
+    let out = cli(&["list", "--all", "--limit", "1", "--after", &next, "-o", "json"]).output().await.unwrap();
+    let page2: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut seen = vec![page1["sessions"][0]["session"].clone(), page2["sessions"][0]["session"].clone()];
+    seen.sort_by_key(|v| v.to_string());
+    let mut expected = vec![serde_json::Value::from(prefix(&a)), serde_json::Value::from(prefix(&b))];
+    expected.sort_by_key(|v| v.to_string());
+    assert_eq!(seen, expected, "both sessions, one per page");
+    assert!(page2["next"].is_null());
+
+    // No selector: the message names the alternatives.
+    let out = cli(&["revoke"]).output().await.unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--user") && err.contains("--session") && err.contains("--all"), "{err}");
+
+    // Revoking everything asks first; anything but `yes` revokes nothing.
+    let mut c = cli(&["revoke", "--all"]);
+    c.stdin(Stdio::piped()).stdout(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"no\n").await.unwrap();
+    }
+    let out = child.wait_with_output().await.unwrap();
+    assert!(!out.status.success());
+    let me =
+        http().get(format!("{}/auth/me", gate.base)).header("cookie", format!("{COOKIE}={a}")).send().await.unwrap();
+    assert_eq!(me.status(), 200, "nothing revoked without confirmation");
+    let out = cli(&["revoke", "--all", "--yes"]).output().await.unwrap();
+    assert!(out.status.success());
+    let me =
+        http().get(format!("{}/auth/me", gate.base)).header("cookie", format!("{COOKIE}={a}")).send().await.unwrap();
+    assert_eq!(me.status(), 401);
+    gate.stop().await;
+}
