@@ -211,3 +211,46 @@ async fn the_sessions_command_serves_people_and_scripts() {
     assert_eq!(me.status(), 401);
     gate.stop().await;
 }
+
+/// The curl commands in docs/internal-api.md, run as written (only the paths, port and session id
+/// filled in): an operator can paste them.
+#[tokio::test]
+async fn the_documented_curl_commands_work() {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/internal-api.md")).unwrap();
+    let commands: Vec<String> = doc
+        .split("```sh\n")
+        .skip(1)
+        .filter_map(|b| b.split("```").next())
+        .filter(|b| b.starts_with("curl --cert pki/pocketbase.crt"))
+        .map(|b| b.replace("\\\n", " "))
+        .collect();
+    assert_eq!(commands.len(), 2, "both curl examples found");
+    let work = Workdir::new();
+    let gate = Gate::start(&work, &Options::with_internal(&["spiffe://cluster.local/ns/data/sa/pocketbase"])).await;
+    let sid = logged_in(&gate, "alice").await;
+    gatehouse::pki::issue_to_dir(
+        &work.pki(),
+        "pocketbase",
+        gatehouse::pki::San::Uri("spiffe://cluster.local/ns/data/sa/pocketbase".into()),
+        &work.pki(),
+    )
+    .unwrap();
+    let port = gate.internal().rsplit(':').next().unwrap().to_string();
+    for cmd in commands {
+        let cmd = cmd.trim_end().replace("https://localhost:8443", &format!("https://localhost:{port}"));
+        // Async: the Gatehouse under test runs on this test's runtime.
+        let out = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("{cmd} --silent --show-error --fail-with-body --max-time 20"))
+            .current_dir(work.dir.path())
+            .env("SID", &sid)
+            .output()
+            .await
+            .unwrap();
+        let body = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{cmd}\n{body}{}", String::from_utf8_lossy(&out.stderr));
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert!(looks_like_jwt(json["access_token"].as_str().unwrap()), "{cmd}");
+    }
+    gate.stop().await;
+}
