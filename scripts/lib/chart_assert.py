@@ -275,7 +275,7 @@ def main():
         if s and (s in r.stdout or s in r.stderr):
             fail("check-config printed a secret value")
     if internal_enabled:
-        mode = "(Envoy)" if envoy else "(Mtls)"
+        mode = 'mode = "envoy"' if envoy else 'mode = "mtls"'
         if mode not in r.stdout:
             fail(f"check-config does not report the internal listener in {mode} mode: {r.stdout}")
     if envoy:
