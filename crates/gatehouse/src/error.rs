@@ -111,6 +111,9 @@ impl From<ExchangeError> for ApiError {
             ExchangeError::InvalidSession => Self::Unauthenticated,
             ExchangeError::StoreUnavailable => Self::StoreUnavailable,
             ExchangeError::ProviderUnavailable => Self::ProviderUnavailable,
+            ExchangeError::LoginEnded => {
+                Self::bad_request("login_failed", "this login was ended by the identity provider; sign in again")
+            }
             ExchangeError::Internal => Self::Internal,
         }
     }
