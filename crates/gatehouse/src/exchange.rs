@@ -108,6 +108,11 @@ pub struct Exchange {
     refresh_locks: Mutex<HashMap<SessionKey, Weak<tokio::sync::Mutex<()>>>>,
     /// The skew-versus-lifetime warning is logged once per process.
     skew_warned: std::sync::atomic::AtomicBool,
+    /// Work that outlives its request (revoking removed sessions' refresh tokens): flushed, or
+    /// reported, on shutdown.
+    background: tokio_util::task::TaskTracker,
+    /// Set on SIGTERM: readiness answers false from then on.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 const TOKENS_AAD: &[u8] = b"gatehouse-session-tokens-v1:";
@@ -134,6 +139,8 @@ impl Exchange {
             metrics,
             refresh_locks: Mutex::new(HashMap::new()),
             skew_warned: Default::default(),
+            background: tokio_util::task::TaskTracker::new(),
+            draining: Default::default(),
         }
     }
 
@@ -292,8 +299,28 @@ impl Exchange {
         };
         let keys = removed.iter().map(|(k, _)| *k).collect();
         let ex = self.clone();
-        tokio::spawn(async move { ex.revoke_tokens(removed).await });
+        self.background.spawn(async move { ex.revoke_tokens(removed).await });
         Ok(keys)
+    }
+
+    /// Shutting down: readiness turns false.
+    pub fn start_draining(&self) {
+        self.draining.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Wait up to `deadline` for background work; say what did not finish.
+    pub async fn flush_background(&self, deadline: std::time::Duration) {
+        self.background.close();
+        if tokio::time::timeout(deadline, self.background.wait()).await.is_err() {
+            tracing::warn!(
+                unfinished = self.background.len(),
+                "background refresh-token revocations unfinished at shutdown (the sessions are already gone)"
+            );
+        }
     }
 
     fn user_key(&self, sub: &str) -> String {
