@@ -195,6 +195,9 @@ pub struct Config {
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
+    /// What happens on SIGTERM.
+    #[serde(default)]
+    pub shutdown: ShutdownConfig,
     /// The API proxy: `/api/<name>/...` forwarded to internal services (DESIGN §3).
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
@@ -542,6 +545,22 @@ pub struct InternalConfig {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// On SIGTERM readiness turns false at once and the listeners stop accepting; requests in
+    /// flight (and background revocations) get this long to finish, then the process exits.
+    /// Keep Kubernetes' `terminationGracePeriodSeconds` above it plus any `preStop` sleep.
+    #[serde(default = "defaults::drain_timeout", deserialize_with = "de_duration")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self { drain_timeout: defaults::drain_timeout() }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// Address of the admin listener. `/metrics`, `/healthz` and `/readyz` may be reached from the
     /// network (kubelet probes, Prometheus); the session admin API then needs `token_file`.
@@ -605,6 +624,10 @@ impl Default for LogConfig {
 
 mod defaults {
     use super::*;
+
+    pub fn drain_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
     pub fn public_listen() -> SocketAddr {
         SocketAddr::from(([0, 0, 0, 0], 8080))
     }
@@ -871,6 +894,9 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         check_log_filter(&self.log.level)?;
+        if self.shutdown.drain_timeout.is_zero() || self.shutdown.drain_timeout > Duration::from_secs(300) {
+            return Err(invalid("shutdown.drain_timeout", "must be between 1ms and 5m"));
+        }
         let ext = &self.public.external_url;
         match ext.scheme() {
             "https" => {}

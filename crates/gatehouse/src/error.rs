@@ -1,6 +1,7 @@
-//! Every error a face can answer, mapped to HTTP in this one place. Kinds say who is at fault
-//! (client → 4xx, provider or store → 503, us → 500). Bodies are `{"error","message"}` and never
-//! carry a token, a session id or upstream detail.
+//! Every error a face can answer, mapped to HTTP in this one place. Each knows who is at fault
+//! (`Fault`: the caller → 4xx, a dependency → 502/503/504, Gatehouse → 500) and whether a retry can
+//! help; status, `Retry-After` and log level follow from that here. Bodies are
+//! `{"error","message"}` and never carry a token, a session id or upstream detail.
 
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
@@ -89,16 +90,65 @@ impl ApiError {
     }
 }
 
+/// Who is at fault for an error (Pingora's classification): it decides the status class, whether
+/// a retry can help, and how loudly it is logged — in one place, not per face.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The request was wrong or not allowed: 4xx, logged at debug (the face logs the security
+    /// events it cares about itself).
+    Caller,
+    /// Keycloak, the session store or an upstream failed: 5xx, logged as a warning.
+    Dependency,
+    /// Gatehouse itself: 500, logged as an error.
+    Gatehouse,
+}
+
+impl Fault {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Caller => "caller",
+            Self::Dependency => "dependency",
+            Self::Gatehouse => "gatehouse",
+        }
+    }
+}
+
+impl ApiError {
+    pub fn fault(&self) -> Fault {
+        match self {
+            Self::ProviderUnavailable
+            | Self::StoreUnavailable
+            | Self::ProviderError
+            | Self::BadGateway
+            | Self::UpstreamTimeout
+            | Self::UpstreamBusy => Fault::Dependency,
+            Self::Internal => Fault::Gatehouse,
+            _ => Fault::Caller,
+        }
+    }
+
+    /// Whether the same request may succeed later: then the answer carries `Retry-After`.
+    pub fn retryable(&self) -> bool {
+        matches!(self, Self::ProviderUnavailable | Self::StoreUnavailable | Self::TooManyRequests | Self::UpstreamBusy)
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
+        match self.fault() {
+            Fault::Caller => tracing::debug!(error = self.code(), status = status.as_u16(), "request refused"),
+            Fault::Dependency => {
+                tracing::warn!(error = self.code(), status = status.as_u16(), fault = "dependency", "request failed")
+            }
+            Fault::Gatehouse => {
+                tracing::error!(error = self.code(), status = status.as_u16(), fault = "gatehouse", "request failed")
+            }
+        }
         let mut resp = (status, Json(json!({"error": self.code(), "message": self.to_string()}))).into_response();
         let h = resp.headers_mut();
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        if matches!(
-            self,
-            Self::ProviderUnavailable | Self::StoreUnavailable | Self::TooManyRequests | Self::UpstreamBusy
-        ) {
+        if self.retryable() {
             h.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
         }
         resp
@@ -111,6 +161,9 @@ impl From<ExchangeError> for ApiError {
             ExchangeError::InvalidSession => Self::Unauthenticated,
             ExchangeError::StoreUnavailable => Self::StoreUnavailable,
             ExchangeError::ProviderUnavailable => Self::ProviderUnavailable,
+            ExchangeError::LoginEnded => {
+                Self::bad_request("login_failed", "this login was ended by the identity provider; sign in again")
+            }
             ExchangeError::Internal => Self::Internal,
         }
     }
@@ -146,6 +199,47 @@ impl From<OidcError> for ApiError {
                 tracing::error!(error = %why, "identity provider error");
                 Self::ProviderError
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The status class follows who is at fault, and only retryable answers say when to retry.
+    #[test]
+    fn status_and_retry_follow_the_fault() {
+        let all = [
+            ApiError::Unauthenticated,
+            ApiError::InvalidSession,
+            ApiError::bad_request("x", "y"),
+            ApiError::Forbidden("x", "y".into()),
+            ApiError::NotFound,
+            ApiError::MethodNotAllowed,
+            ApiError::PayloadTooLarge,
+            ApiError::TooManyRequests,
+            ApiError::InvalidCredentials,
+            ApiError::ProviderUnavailable,
+            ApiError::StoreUnavailable,
+            ApiError::ProviderError,
+            ApiError::BadGateway,
+            ApiError::UpstreamTimeout,
+            ApiError::UpstreamBusy,
+            ApiError::Internal,
+        ];
+        for e in all {
+            let (fault, status, retry, code) = (e.fault(), e.status(), e.retryable(), e.code());
+            match fault {
+                Fault::Caller => assert!(status.is_client_error(), "{code}"),
+                Fault::Dependency => {
+                    assert!(status.is_server_error() && status != StatusCode::INTERNAL_SERVER_ERROR, "{code}")
+                }
+                Fault::Gatehouse => assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{code}"),
+            }
+            let resp = e.into_response();
+            assert_eq!(resp.headers().contains_key(header::RETRY_AFTER), retry, "{code}");
+            assert_eq!(resp.headers()[header::CACHE_CONTROL], "no-store", "{code}");
         }
     }
 }

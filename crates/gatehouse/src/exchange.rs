@@ -22,8 +22,31 @@ pub enum ExchangeError {
     StoreUnavailable,
     #[error("identity provider unavailable")]
     ProviderUnavailable,
+    /// A login for a provider session the provider has already logged out (back-channel).
+    #[error("the identity provider already ended this login")]
+    LoginEnded,
     #[error("internal error")]
     Internal,
+}
+
+/// Which sessions an operator revokes.
+pub enum Selector<'a> {
+    /// One session, by at least 8 hex characters of its hash.
+    Prefix(&'a str),
+    /// Every session of a user (`sub` at the pinned issuer).
+    User(&'a str),
+    All,
+}
+
+/// Why a revocation by prefix did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum RevokeError {
+    #[error("no session matches")]
+    NotFound,
+    #[error("{0} sessions match; give more characters")]
+    Ambiguous(usize),
+    #[error(transparent)]
+    Exchange(#[from] ExchangeError),
 }
 
 impl From<StoreError> for ExchangeError {
@@ -85,6 +108,11 @@ pub struct Exchange {
     refresh_locks: Mutex<HashMap<SessionKey, Weak<tokio::sync::Mutex<()>>>>,
     /// The skew-versus-lifetime warning is logged once per process.
     skew_warned: std::sync::atomic::AtomicBool,
+    /// Work that outlives its request (revoking removed sessions' refresh tokens): flushed, or
+    /// reported, on shutdown.
+    background: tokio_util::task::TaskTracker,
+    /// Set on SIGTERM: readiness answers false from then on.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 const TOKENS_AAD: &[u8] = b"gatehouse-session-tokens-v1:";
@@ -111,6 +139,8 @@ impl Exchange {
             metrics,
             refresh_locks: Mutex::new(HashMap::new()),
             skew_warned: Default::default(),
+            background: tokio_util::task::TaskTracker::new(),
+            draining: Default::default(),
         }
     }
 
@@ -127,7 +157,34 @@ impl Exchange {
     }
 
     /// A new session with a fresh random id for a validated login (no fixation: ids are never reused).
+    ///
+    /// Every login path comes here, so every one gets the back-channel race check: a login for a
+    /// provider session already logged out is refused, before the insert and again after it (a
+    /// logout that lands in between finds nothing to delete, so the second check removes it).
     pub async fn start(
+        &self,
+        login: LoginResult,
+        client: ClientInfo,
+    ) -> Result<(SessionId, SessionRecord), ExchangeError> {
+        let provider_sid = login.provider_sid.clone();
+        if let Some(sid) = &provider_sid
+            && self.provider_session_ended(sid).await?
+        {
+            tracing::warn!("login for a provider session already logged out; refused");
+            return Err(ExchangeError::LoginEnded);
+        }
+        let (id, record) = self.insert_new(login, client).await?;
+        if let Some(sid) = &provider_sid
+            && self.provider_session_ended(sid).await?
+        {
+            tracing::warn!(session = %id.key(), "provider logged this login out while it was stored; removed");
+            let _ = self.store.delete(&id.key()).await;
+            return Err(ExchangeError::LoginEnded);
+        }
+        Ok((id, record))
+    }
+
+    async fn insert_new(
         &self,
         login: LoginResult,
         client: ClientInfo,
@@ -185,6 +242,89 @@ impl Exchange {
             None
         };
         Ok(Resolved { key, record, access_token })
+    }
+
+    /// Log out: delete the session, revoke its refresh token at the provider (a failed revocation
+    /// is logged; the session is gone either way) and return the provider's end-session URL. No
+    /// `id_token_hint`: it would put a JWT into a browser-visible URL (SECURITY 8).
+    pub async fn logout(
+        &self,
+        id: Option<&SessionId>,
+        post_logout_redirect_uri: &str,
+    ) -> Result<Option<String>, ExchangeError> {
+        if let Some(id) = id
+            && let Some(tokens) = self.end(id).await?
+        {
+            tracing::info!(session = %id.key(), "logout: session deleted");
+            if let Some(rt) = tokens.refresh_token.as_deref()
+                && let Err(e) = self.oidc.revoke(rt).await
+            {
+                tracing::warn!(error = %e, "refresh token revocation failed");
+            }
+        }
+        Ok(self.oidc.end_session_url(None, post_logout_redirect_uri).await.unwrap_or(None))
+    }
+
+    /// Live sessions of a user (admin listing).
+    pub async fn sessions_of(&self, sub: &str) -> Result<Vec<(SessionKey, SessionRecord)>, ExchangeError> {
+        let now = self.clock.now();
+        let all = self.store.list_by_user(&self.user_key(sub)).await?;
+        Ok(all.into_iter().filter(|(_, r)| !r.is_expired(now)).collect())
+    }
+
+    /// Every live session (admin listing and look-ups; reads the whole store).
+    pub async fn all_sessions(&self) -> Result<Vec<(SessionKey, SessionRecord)>, ExchangeError> {
+        let now = self.clock.now();
+        let all = self.store.find_by_prefix("").await?;
+        Ok(all.into_iter().filter(|(_, r)| !r.is_expired(now)).collect())
+    }
+
+    /// Revoke sessions (admin API and CLI): delete them, then revoke their refresh tokens at the
+    /// provider in the background (the sessions are already gone). Returns the removed keys.
+    pub async fn revoke(self: &Arc<Self>, which: Selector<'_>) -> Result<Vec<SessionKey>, RevokeError> {
+        let removed = match which {
+            Selector::Prefix(prefix) => {
+                let found = self.store.find_by_prefix(prefix).await.map_err(ExchangeError::from)?;
+                match found.as_slice() {
+                    [] => return Err(RevokeError::NotFound),
+                    [(key, _)] => {
+                        let r = self.store.delete(key).await.map_err(ExchangeError::from)?;
+                        r.into_iter().map(|r| (*key, r)).collect()
+                    }
+                    more => return Err(RevokeError::Ambiguous(more.len())),
+                }
+            }
+            Selector::User(sub) => self.store.delete_by_user(&self.user_key(sub)).await.map_err(ExchangeError::from)?,
+            Selector::All => self.store.delete_all().await.map_err(ExchangeError::from)?,
+        };
+        let keys = removed.iter().map(|(k, _)| *k).collect();
+        let ex = self.clone();
+        self.background.spawn(async move { ex.revoke_tokens(removed).await });
+        Ok(keys)
+    }
+
+    /// Shutting down: readiness turns false.
+    pub fn start_draining(&self) {
+        self.draining.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Wait up to `deadline` for background work; say what did not finish.
+    pub async fn flush_background(&self, deadline: std::time::Duration) {
+        self.background.close();
+        if tokio::time::timeout(deadline, self.background.wait()).await.is_err() {
+            tracing::warn!(
+                unfinished = self.background.len(),
+                "background refresh-token revocations unfinished at shutdown (the sessions are already gone)"
+            );
+        }
+    }
+
+    fn user_key(&self, sub: &str) -> String {
+        UserClaims { iss: self.oidc.issuer().to_string(), sub: sub.to_string(), ..Default::default() }.user_key()
     }
 
     /// End a session; returns its tokens so the caller can revoke them and build the logout URL.
@@ -277,7 +417,7 @@ impl Exchange {
     }
 
     /// Revoke the refresh tokens of removed records at the provider (admin revocation).
-    pub async fn revoke_tokens(&self, removed: Vec<(SessionKey, SessionRecord)>) {
+    async fn revoke_tokens(&self, removed: Vec<(SessionKey, SessionRecord)>) {
         for (key, record) in removed {
             if let Ok(tokens) = self.open(&key, &record)
                 && let Some(rt) = tokens.refresh_token.as_deref()
@@ -851,5 +991,22 @@ mod tests {
         assert!(matches!(ex.resolve(&id, true).await, Err(ExchangeError::InvalidSession)));
         assert!(ex.store().get(&id.key()).await.unwrap().is_none(), "session ended");
         assert_eq!(p.revocations.load(std::sync::atomic::Ordering::SeqCst), 1, "new refresh token revoked");
+    }
+
+    /// Every login path goes through `start`, so a password login for a provider session the
+    /// provider has already logged out (back-channel) is refused like a code-flow login.
+    #[tokio::test]
+    async fn a_login_for_a_provider_session_already_logged_out_is_refused() {
+        let clock = Arc::new(SystemClock::default());
+        let p = crate::oidc::stub::Provider::start(clock.clone()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let ex = stub_core(&p, clock.clone(), embedded(&dir), 30);
+        assert_eq!(ex.end_provider_session(Some("stub-sid"), None, 3600).await.unwrap(), 0);
+        assert!(matches!(ex.start(stub_login(&p), ClientInfo::default()).await, Err(ExchangeError::LoginEnded)));
+        assert!(ex.all_sessions().await.unwrap().is_empty(), "nothing stored");
+        // Another provider session is not affected.
+        let mut other = stub_login(&p);
+        other.provider_sid = Some("another-sid".into());
+        assert!(ex.start(other, ClientInfo::default()).await.is_ok());
     }
 }

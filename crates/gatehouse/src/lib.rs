@@ -218,12 +218,15 @@ impl Core {
         let store = tokio::time::timeout(Duration::from_secs(2), self.exchange.store().ping()).await;
         let store_ok = matches!(store, Ok(Ok(())));
         let idp_ok = self.exchange.oidc().is_ready();
+        let draining = self.exchange.is_draining();
+        let ready = store_ok && idp_ok && !draining;
         let body = serde_json::json!({
-            "ready": store_ok && idp_ok,
+            "ready": ready,
             "store": if store_ok { "ok" } else { "unavailable" },
             "identity_provider": if idp_ok { "ok" } else { "metadata not loaded" },
+            "shutting_down": draining,
         });
-        (store_ok && idp_ok, body)
+        (ready, body)
     }
 }
 
@@ -241,12 +244,17 @@ pub struct Running {
 }
 
 impl Running {
-    /// Stop accepting, finish in-flight requests, stop background tasks.
+    /// Readiness false at once, stop accepting, let in-flight requests and background
+    /// revocations finish within `shutdown.drain_timeout`, stop background tasks.
     pub async fn shutdown(self) {
+        let drain = self.core.config.shutdown.drain_timeout;
+        let started = tokio::time::Instant::now();
+        self.core.exchange.start_draining();
         let _ = self.shutdown.send(true);
         for t in self.tasks {
             let _ = t.await;
         }
+        self.core.exchange.flush_background(drain.saturating_sub(started.elapsed())).await;
     }
 
     /// Run until SIGTERM or Ctrl-C, then shut down gracefully.
@@ -295,6 +303,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
     };
     let public_router = public::router(core.clone())?;
     let (tx, rx) = watch::channel(false);
+    let drain = core.config.shutdown.drain_timeout;
     let bind = |addr| async move { TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source }) };
     let public = bind(public_listen).await?;
     let admin = bind(admin_listen).await?;
@@ -303,8 +312,8 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
     tracing::info!(%public_addr, %admin_addr, "listening");
 
     let mut tasks = vec![
-        tokio::spawn(listener::serve(public, public_router, None, rx.clone())),
-        tokio::spawn(listener::serve(admin, admin::router(core.clone()), None, rx.clone())),
+        tokio::spawn(listener::serve(public, public_router, None, rx.clone(), drain)),
+        tokio::spawn(listener::serve(admin, admin::router(core.clone()), None, rx.clone(), drain)),
         tokio::spawn(discovery_loop(core.clone(), rx.clone())),
         tokio::spawn(sweep_loop(core.clone(), clock, sweep_every, rx.clone())),
     ];
@@ -320,7 +329,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
         if let Some(t) = &internal_tls {
             tasks.push(tokio::spawn(t.clone().watch(i.reload_interval, rx.clone())));
         }
-        tasks.push(tokio::spawn(listener::serve(sock, router, tls, rx.clone())));
+        tasks.push(tokio::spawn(listener::serve(sock, router, tls, rx.clone(), drain)));
     }
     Ok(Running { core, public_addr, admin_addr, internal_addr, internal_tls, shutdown: tx, tasks })
 }

@@ -30,7 +30,14 @@ pub struct TlsSettings {
     pub handshake_timeout: Duration,
 }
 
-pub async fn serve(listener: TcpListener, router: Router, tls: Option<TlsSettings>, mut stop: watch::Receiver<bool>) {
+/// Serve until `stop` turns true; then stop accepting and give in-flight requests `drain` to finish.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    tls: Option<TlsSettings>,
+    mut stop: watch::Receiver<bool>,
+    drain: Duration,
+) {
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
@@ -81,8 +88,15 @@ pub async fn serve(listener: TcpListener, router: Router, tls: Option<TlsSetting
             }
         });
     }
-    // Let in-flight requests finish, but not forever.
-    let _ = tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await;
+    // Stop accepting now (the listener socket closes here), let in-flight requests finish, but
+    // not forever: at the deadline the remaining connections are dropped with the runtime.
+    drop(listener);
+    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
+        tracing::warn!(
+            drain_ms = drain.as_millis() as u64,
+            "requests still in flight at the drain deadline; closing them"
+        );
+    }
 }
 
 async fn serve_connection<I>(

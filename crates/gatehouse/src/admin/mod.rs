@@ -21,8 +21,7 @@ use serde_json::json;
 use crate::Core;
 use crate::crypto::{ct_eq, sha256};
 use crate::error::ApiError;
-use crate::exchange::ExchangeError;
-use crate::oidc::UserClaims;
+use crate::exchange::{RevokeError, Selector};
 use crate::session::{SessionKey, SessionRecord};
 
 pub fn router(core: Arc<Core>) -> Router {
@@ -118,10 +117,6 @@ async fn readyz(State(core): State<Arc<Core>>) -> Response {
     (status, Json(body)).into_response()
 }
 
-fn user_key(core: &Core, sub: &str) -> String {
-    UserClaims { iss: core.exchange.oidc().issuer().to_string(), sub: sub.to_string(), ..Default::default() }.user_key()
-}
-
 fn describe(key: &SessionKey, r: &SessionRecord) -> serde_json::Value {
     json!({
         "session": key.prefix(),
@@ -137,10 +132,6 @@ fn describe(key: &SessionKey, r: &SessionRecord) -> serde_json::Value {
     })
 }
 
-fn store_err(e: crate::session::StoreError) -> ApiError {
-    ExchangeError::from(e).into()
-}
-
 /// Largest page of `GET /admin/v1/sessions?all=true`.
 const MAX_PAGE: usize = 500;
 
@@ -148,22 +139,16 @@ const MAX_PAGE: usize = 500;
 /// these two scan every session, fine for an operator's look-up, not for a hot path), or
 /// `?all=true&limit=N&after=PREFIX` (every live session, ordered by hash, paginated).
 async fn list(State(core): State<Arc<Core>>, Query(q): Query<HashMap<String, String>>) -> Result<Response, ApiError> {
-    let store = core.exchange.store();
-    let now = core.exchange.now();
-    let live = |v: Vec<(SessionKey, SessionRecord)>| -> Vec<(SessionKey, SessionRecord)> {
-        v.into_iter().filter(|(_, r)| !r.is_expired(now)).collect()
-    };
+    let ex = &core.exchange;
     let eq = |a: Option<&String>, b: &str| a.is_some_and(|a| a.eq_ignore_ascii_case(b));
     let (sessions, next) = match (q.get("sub"), q.get("username"), q.get("email"), q.get("all").map(String::as_str)) {
-        (Some(sub), None, None, None) => {
-            (live(store.list_by_user(&user_key(&core, sub)).await.map_err(store_err)?), None)
-        }
+        (Some(sub), None, None, None) => (ex.sessions_of(sub).await?, None),
         (None, Some(name), None, None) => {
-            let all = live(store.find_by_prefix("").await.map_err(store_err)?);
+            let all = ex.all_sessions().await?;
             (all.into_iter().filter(|(_, r)| eq(r.claims.preferred_username.as_ref(), name)).collect(), None)
         }
         (None, None, Some(email), None) => {
-            let all = live(store.find_by_prefix("").await.map_err(store_err)?);
+            let all = ex.all_sessions().await?;
             (all.into_iter().filter(|(_, r)| eq(r.claims.email.as_ref(), email)).collect(), None)
         }
         (None, None, None, Some("true")) => {
@@ -176,7 +161,7 @@ async fn list(State(core): State<Arc<Core>>, Query(q): Query<HashMap<String, Str
                 None => 100,
             };
             let after = q.get("after").map(|a| a.to_ascii_lowercase()).unwrap_or_default();
-            let mut all = live(store.find_by_prefix("").await.map_err(store_err)?);
+            let mut all = ex.all_sessions().await?;
             all.sort_by_key(|(k, _)| crate::session::key_hex(k));
             let rest: Vec<_> = all.into_iter().filter(|(k, _)| crate::session::key_hex(k) > after).collect();
             let next =
@@ -199,13 +184,12 @@ async fn revoke_many(
     State(core): State<Arc<Core>>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    let store = core.exchange.store();
-    let removed: Vec<(SessionKey, SessionRecord)> = match (q.get("sub"), q.get("all").map(String::as_str)) {
-        (Some(sub), None) => store.delete_by_user(&user_key(&core, sub)).await.map_err(store_err)?,
-        (None, Some("true")) => store.delete_all().await.map_err(store_err)?,
+    let which = match (q.get("sub"), q.get("all").map(String::as_str)) {
+        (Some(sub), None) => Selector::User(sub),
+        (None, Some("true")) => Selector::All,
         _ => return Err(ApiError::bad_request("invalid_request", "give ?sub=<user id> or ?all=true")),
     };
-    finish(&core, removed).await
+    revoked(core.exchange.revoke(which).await)
 }
 
 /// `DELETE /admin/v1/sessions/{prefix}`: one session, by at least 8 hex characters of its hash.
@@ -214,24 +198,18 @@ async fn revoke_one(State(core): State<Arc<Core>>, Path(prefix): Path<String>) -
     if prefix.len() < 8 || prefix.len() > 64 || !prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(ApiError::bad_request("invalid_request", "give at least 8 hex characters of the session hash"));
     }
-    let store = core.exchange.store();
-    let found = store.find_by_prefix(&prefix).await.map_err(store_err)?;
-    match found.as_slice() {
-        [] => Err(ApiError::NotFound),
-        [(key, _)] => {
-            let removed = store.delete(key).await.map_err(store_err)?;
-            finish(&core, removed.into_iter().map(|r| (*key, r)).collect()).await
-        }
-        _ => Err(ApiError::bad_request("ambiguous", format!("{} sessions match; give more characters", found.len()))),
-    }
+    revoked(core.exchange.revoke(Selector::Prefix(&prefix)).await)
 }
 
-/// Revoke the removed sessions' refresh tokens at the provider (in the background: the sessions
-/// are already gone) and report what was done.
-async fn finish(core: &Arc<Core>, removed: Vec<(SessionKey, SessionRecord)>) -> Result<Response, ApiError> {
-    let prefixes: Vec<String> = removed.iter().map(|(k, _)| k.prefix()).collect();
-    tracing::info!(target: "gatehouse::audit", revoked = removed.len(), "admin revoked sessions");
-    let ex = core.exchange.clone();
-    tokio::spawn(async move { ex.revoke_tokens(removed).await });
+/// What was revoked (the refresh tokens are revoked at the provider in the background).
+fn revoked(result: Result<Vec<SessionKey>, RevokeError>) -> Result<Response, ApiError> {
+    let keys = match result {
+        Ok(keys) => keys,
+        Err(RevokeError::NotFound) => return Err(ApiError::NotFound),
+        Err(e @ RevokeError::Ambiguous(_)) => return Err(ApiError::bad_request("ambiguous", e.to_string())),
+        Err(RevokeError::Exchange(e)) => return Err(e.into()),
+    };
+    let prefixes: Vec<String> = keys.iter().map(SessionKey::prefix).collect();
+    tracing::info!(target: "gatehouse::audit", revoked = prefixes.len(), "admin revoked sessions");
     Ok(Json(json!({"revoked": prefixes.len(), "sessions": prefixes})).into_response())
 }

@@ -44,7 +44,7 @@ async fn resolve(
         Err(ExchangeError::InvalidSession) => ("invalid_session", "-"),
         Err(ExchangeError::StoreUnavailable) => ("store_unavailable", "-"),
         Err(ExchangeError::ProviderUnavailable) => ("idp_unavailable", "-"),
-        Err(ExchangeError::Internal) => ("internal_error", "-"),
+        Err(ExchangeError::Internal | ExchangeError::LoginEnded) => ("internal_error", "-"),
     };
     tracing::info!(
         target: "gatehouse::audit",

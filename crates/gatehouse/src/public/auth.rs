@@ -127,28 +127,8 @@ async fn finish_login(
     let oidc = core.exchange.oidc();
     oidc.check_response_issuer(q.iss.as_deref()).await?;
     let result = oidc.redeem_code(&code, &login.verifier, &login.nonce).await?;
-    // A back-channel logout for this Keycloak session may have raced the callback.
-    if let Some(sid) = &result.provider_sid
-        && core.exchange.provider_session_ended(sid).await?
-    {
-        tracing::warn!("login callback for a Keycloak session already logged out; refused");
-        return Err(ApiError::bad_request(
-            "login_failed",
-            "this login was ended by the identity provider; sign in again",
-        ));
-    }
-    let provider_sid = result.provider_sid.clone();
+    // The core refuses a login whose provider session was logged out meanwhile (back-channel).
     let (id, _) = start_session(st, result, headers, ip).await?;
-    // Check again after the insert: a logout that landed in between found nothing to delete.
-    if let Some(sid) = &provider_sid
-        && core.exchange.provider_session_ended(sid).await?
-    {
-        let _ = core.exchange.end(&id).await;
-        return Err(ApiError::bad_request(
-            "login_failed",
-            "this login was ended by the identity provider; sign in again",
-        ));
-    }
     let mut resp = match st.cookie.same_site {
         SameSite::Lax => (StatusCode::SEE_OTHER, [(header::LOCATION, login.return_to)]).into_response(),
         // A Strict cookie set during a cross-site redirect chain is not sent on the next hop, so
@@ -278,21 +258,8 @@ pub async fn me(State(st): State<Arc<PublicState>>, headers: HeaderMap) -> Resul
 /// the browser the provider's end-session URL.
 pub async fn logout(State(st): State<Arc<PublicState>>, headers: HeaderMap) -> Result<Response, ApiError> {
     let core = &st.core;
-    let oidc = core.exchange.oidc();
-    if let Some(id) = session_id(&st, &headers)
-        && let Some(tokens) = core.exchange.end(&id).await?
-    {
-        tracing::info!(session = %id.key(), "logout: session deleted");
-        if let Some(rt) = tokens.refresh_token.as_deref()
-            && let Err(e) = oidc.revoke(rt).await
-        {
-            // The session is already gone here; a failed revocation is logged, not fatal.
-            tracing::warn!(error = %e, "refresh token revocation failed");
-        }
-    }
-    // No `id_token_hint`: it would put a JWT into a browser-visible URL (SECURITY 8). The provider
-    // session is already ended by the revocation above; see docs/contracts.md.
-    let logout_url = oidc.end_session_url(None, &core.config.post_logout_redirect_uri()).await.unwrap_or(None);
+    let id = session_id(&st, &headers);
+    let logout_url = core.exchange.logout(id.as_ref(), &core.config.post_logout_redirect_uri()).await?;
     let mut resp = Json(json!({"logout_url": logout_url})).into_response();
     let h = resp.headers_mut();
     h.append(header::SET_COOKIE, cookies::clear_session(&st.cookie));

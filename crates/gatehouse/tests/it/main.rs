@@ -13,3 +13,4 @@ mod login;
 mod proxy;
 mod replicas;
 mod sessions;
+mod shutdown;

@@ -4,15 +4,18 @@
 //! (by user, by Keycloak `sid`) are cleaned lazily and by the sweeper. Every call runs under a
 //! timeout: a slow or dead Redis becomes a clean `StoreError::Unavailable`, never a hang.
 
+mod connection;
+mod lock;
+
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::{ConnectionLike, ConnectionManager, MultiplexedConnection};
-use redis::cluster::ClusterClient;
-use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
-use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
-use redis::{AsyncCommands, Cmd, Pipeline, RedisFuture, Script, Value};
+use redis::{AsyncCommands, Script};
+
+pub use connection::RedisTls;
+use connection::{Backend, broken_connection};
+#[cfg(test)]
+use lock::{LOCK_LEASE, LOCK_WAIT, lock_key};
 
 use super::{RefreshGuard, SessionKey, SessionRecord, SessionStore, StoreError, key_hex};
 use crate::clock::UnixTime;
@@ -48,66 +51,6 @@ macro_rules! idempotent {
 }
 
 const PREFIX: &str = "gatehouse";
-/// How long a refresh lock lives unless renewed; renewed every third of it while held.
-const LOCK_LEASE: Duration = Duration::from_secs(5);
-/// Longest a request waits for another replica's refresh.
-const LOCK_WAIT: Duration = Duration::from_secs(20);
-
-/// Where connections come from: one server (the manager reconnects by itself), or the master
-/// that Sentinel names (re-resolved after any connection error, so a failover is followed).
-enum Backend {
-    Direct(ConnectionManager),
-    Sentinel(Box<SentinelBackend>),
-    /// The cluster connection follows slot moves and failovers by itself; made on first use.
-    Cluster(Box<ClusterBackend>),
-}
-
-struct ClusterBackend {
-    client: ClusterClient,
-    current: tokio::sync::Mutex<Option<ClusterConnection>>,
-}
-
-struct SentinelBackend {
-    client: tokio::sync::Mutex<SentinelClient>,
-    current: std::sync::Mutex<Option<MultiplexedConnection>>,
-}
-
-/// A connection of either kind; cheap to clone.
-#[derive(Clone)]
-enum Conn {
-    Manager(ConnectionManager),
-    Multiplexed(MultiplexedConnection),
-    Cluster(ClusterConnection),
-}
-
-impl ConnectionLike for Conn {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            Self::Manager(c) => c.req_packed_command(cmd),
-            Self::Multiplexed(c) => c.req_packed_command(cmd),
-            Self::Cluster(c) => c.req_packed_command(cmd),
-        }
-    }
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        cmd: &'a Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            Self::Manager(c) => c.req_packed_commands(cmd, offset, count),
-            Self::Multiplexed(c) => c.req_packed_commands(cmd, offset, count),
-            Self::Cluster(c) => c.req_packed_commands(cmd, offset, count),
-        }
-    }
-    fn get_db(&self) -> i64 {
-        match self {
-            Self::Manager(c) => c.get_db(),
-            Self::Multiplexed(c) => c.get_db(),
-            Self::Cluster(c) => c.get_db(),
-        }
-    }
-}
 
 pub struct RedisStore {
     backend: Backend,
@@ -116,16 +59,6 @@ pub struct RedisStore {
     take: Script,
     release: Script,
     renew: Script,
-}
-
-/// The connection was broken before or while the command was sent — typically while it sat idle
-/// across a Redis restart — as opposed to a timeout or an answer from Redis.
-fn broken_connection(e: &redis::RedisError) -> bool {
-    !e.is_timeout() && (e.is_connection_dropped() || e.is_io_error() || e.is_unrecoverable_error())
-}
-
-fn unavailable(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Unavailable(format!("redis: {e}"))
 }
 
 fn session_key(hex: &str) -> String {
@@ -140,9 +73,6 @@ fn sid_key(sid: &str) -> String {
 fn mark_key(kind: &str, id: &str) -> String {
     format!("{PREFIX}:m:{{{kind}:{}}}", crypto::hex(&crypto::sha256(id.as_bytes())))
 }
-fn lock_key(hex: &str) -> String {
-    format!("{PREFIX}:lock:{{{hex}}}")
-}
 
 fn parse_hex_key(hex: &str) -> Option<SessionKey> {
     if hex.len() != 64 {
@@ -155,169 +85,7 @@ fn parse_hex_key(hex: &str) -> Option<SessionKey> {
     Some(SessionKey(out))
 }
 
-/// TLS material for `rediss://` (PEM bytes); without it the system's roots are used.
-#[derive(Default)]
-pub struct RedisTls {
-    pub ca: Option<Vec<u8>>,
-    pub client_cert_and_key: Option<(Vec<u8>, Vec<u8>)>,
-}
-
-impl RedisTls {
-    fn certificates(&self) -> redis::TlsCertificates {
-        redis::TlsCertificates {
-            client_tls: self
-                .client_cert_and_key
-                .as_ref()
-                .map(|(cert, key)| redis::ClientTlsConfig { client_cert: cert.clone(), client_key: key.clone() }),
-            root_cert: self.ca.clone(),
-        }
-    }
-}
-
 impl RedisStore {
-    /// Connects lazily: Gatehouse starts (not ready) while Redis is unreachable and becomes ready
-    /// when it appears; the connection manager reconnects after errors by itself.
-    pub fn open(url: &str, tls: &RedisTls, timeout: Duration) -> Result<Self, StoreError> {
-        let client = if url.starts_with("rediss://") {
-            redis::Client::build_with_tls(url, tls.certificates())
-        } else {
-            redis::Client::open(url)
-        }
-        .map_err(|e| StoreError::Unavailable(format!("invalid redis URL or TLS files: {e}")))?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_secs(2));
-        let conn = client.get_connection_manager_lazy(config).map_err(unavailable)?;
-        Ok(Self::with_backend(Backend::Direct(conn), timeout))
-    }
-
-    /// Through Redis Sentinel: `sentinels` are the Sentinel nodes (their own credentials in their
-    /// URLs), `master` the monitored name, `master_password` what the master requires (`requirepass`).
-    pub fn open_sentinel(
-        sentinels: &[String],
-        master: &str,
-        master_password: Option<&str>,
-        timeout: Duration,
-    ) -> Result<Self, StoreError> {
-        let node = master_password.map(|pw| {
-            SentinelNodeConnectionInfo::default()
-                .set_redis_connection_info(redis::RedisConnectionInfo::default().set_password(pw))
-        });
-        let client = SentinelClient::build(sentinels.to_vec(), master, node, SentinelServerType::Master)
-            .map_err(|e| StoreError::Unavailable(format!("invalid sentinel configuration: {e}")))?;
-        Ok(Self::with_backend(
-            Backend::Sentinel(Box::new(SentinelBackend {
-                client: tokio::sync::Mutex::new(client),
-                current: std::sync::Mutex::new(None),
-            })),
-            timeout,
-        ))
-    }
-
-    /// A Redis Cluster: `nodes` are seed nodes (any few masters); the topology is discovered.
-    pub fn open_cluster(nodes: &[String], tls: &RedisTls, timeout: Duration) -> Result<Self, StoreError> {
-        let mut builder = ClusterClient::builder(nodes.to_vec()).connection_timeout(timeout).response_timeout(timeout);
-        if nodes.iter().any(|n| n.starts_with("rediss://")) {
-            builder = builder.certs(tls.certificates());
-        }
-        let client =
-            builder.build().map_err(|e| StoreError::Unavailable(format!("invalid cluster configuration: {e}")))?;
-        Ok(Self::with_backend(
-            Backend::Cluster(Box::new(ClusterBackend { client, current: tokio::sync::Mutex::new(None) })),
-            timeout,
-        ))
-    }
-
-    fn with_backend(backend: Backend, timeout: Duration) -> Self {
-        Self {
-            backend,
-            timeout,
-            cas: Script::new(
-                "if redis.call('HGET', KEYS[1], 'v') ~= ARGV[1] then return 0 end \
-                 redis.call('HSET', KEYS[1], 'v', ARGV[2], 'd', ARGV[3]) \
-                 redis.call('PEXPIREAT', KEYS[1], ARGV[4]) return 1",
-            ),
-            take: Script::new(
-                "local d = redis.call('HGET', KEYS[1], 'd') if d then redis.call('DEL', KEYS[1]) end return d",
-            ),
-            release: Script::new(
-                "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
-            ),
-            renew: Script::new(
-                "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0",
-            ),
-        }
-    }
-
-    /// A connection to the current master.
-    async fn conn(&self) -> Result<Conn, StoreError> {
-        match &self.backend {
-            Backend::Direct(m) => Ok(Conn::Manager(m.clone())),
-            Backend::Sentinel(sb) => {
-                let (client, current) = (&sb.client, &sb.current);
-                if let Some(c) = current.lock().unwrap_or_else(|p| p.into_inner()).clone() {
-                    return Ok(Conn::Multiplexed(c));
-                }
-                let mut client = client.lock().await;
-                let c = self.run_raw(client.get_async_connection()).await?;
-                *current.lock().unwrap_or_else(|p| p.into_inner()) = Some(c.clone());
-                Ok(Conn::Multiplexed(c))
-            }
-            Backend::Cluster(cb) => {
-                let mut current = cb.current.lock().await;
-                if let Some(c) = current.as_ref() {
-                    return Ok(Conn::Cluster(c.clone()));
-                }
-                let c = self.run_raw(cb.client.get_async_connection()).await?;
-                *current = Some(c.clone());
-                Ok(Conn::Cluster(c))
-            }
-        }
-    }
-
-    /// After a connection error (or a READONLY answer from a demoted master), ask Sentinel again.
-    fn forget_connection(&self, e: &redis::RedisError) {
-        if let Backend::Sentinel(sb) = &self.backend
-            && (e.is_io_error()
-                || e.is_connection_dropped()
-                || e.is_connection_refusal()
-                || e.is_timeout()
-                || e.to_string().contains("READONLY"))
-        {
-            *sb.current.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        }
-    }
-
-    async fn run<T>(&self, f: impl std::future::Future<Output = redis::RedisResult<T>>) -> Result<T, StoreError> {
-        self.settle(tokio::time::timeout(self.timeout, f).await)
-    }
-
-    /// A command's result (or its time-out) as the store reports it.
-    fn settle<T>(&self, r: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>) -> Result<T, StoreError> {
-        match r {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => {
-                self.forget_connection(&e);
-                Err(unavailable(e))
-            }
-            Err(_) => {
-                if let Backend::Sentinel(sb) = &self.backend {
-                    *sb.current.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                }
-                Err(StoreError::Unavailable("redis: timed out".into()))
-            }
-        }
-    }
-
-    async fn run_raw<T>(&self, f: impl std::future::Future<Output = redis::RedisResult<T>>) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.timeout, f).await {
-            Ok(r) => r.map_err(unavailable),
-            Err(_) => Err(StoreError::Unavailable("redis: timed out".into())),
-        }
-    }
-
     /// Index sets of a record: by user, and by Keycloak session when it has one.
     fn index_sets(r: &SessionRecord) -> Vec<String> {
         let mut sets = vec![user_key(&r.claims.user_key())];
@@ -380,51 +148,6 @@ impl RedisStore {
         Ok(out)
     }
 
-    /// Key names matching `pattern`; on a cluster, from every master (SCAN is per node).
-    async fn scan(&self, pattern: &str) -> Result<Vec<String>, StoreError> {
-        // A cheap idempotent command first, so a connection broken while idle is replaced before
-        // the (cursor-carrying) scan starts.
-        self.ping().await?;
-        let mut c = self.conn().await?;
-        let Conn::Cluster(cluster) = &mut c else {
-            return self.scan_node(&mut c, None, pattern).await;
-        };
-        let mut cluster = cluster.clone();
-        let nodes: String = self.run(redis::cmd("CLUSTER").arg("NODES").query_async(&mut cluster)).await?;
-        let mut out = Vec::new();
-        for (host, port) in cluster_masters(&nodes) {
-            let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port });
-            out.extend(self.scan_node(&mut c, Some(route), pattern).await?);
-        }
-        Ok(out)
-    }
-
-    async fn scan_node(
-        &self,
-        c: &mut Conn,
-        node: Option<RoutingInfo>,
-        pattern: &str,
-    ) -> Result<Vec<String>, StoreError> {
-        let mut cursor: u64 = 0;
-        let mut out = Vec::new();
-        loop {
-            let mut cmd = redis::cmd("SCAN");
-            cmd.arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(500);
-            let (next, batch): (u64, Vec<String>) = match (&node, &mut *c) {
-                (Some(route), Conn::Cluster(cluster)) => {
-                    let v = self.run(cluster.route_command(cmd, route.clone())).await?;
-                    redis::from_redis_value(v).map_err(unavailable)?
-                }
-                _ => self.run(cmd.query_async(c)).await?,
-            };
-            out.extend(batch);
-            if next == 0 {
-                return Ok(out);
-            }
-            cursor = next;
-        }
-    }
-
     async fn delete_set(&self, set: &str) -> Result<Vec<(SessionKey, SessionRecord)>, StoreError> {
         let mut out = Vec::new();
         for (k, _) in self.members(set).await? {
@@ -434,46 +157,6 @@ impl RedisStore {
         }
         idempotent!(self, c => c.del::<_, ()>(set))?;
         Ok(out)
-    }
-}
-
-/// `(host, port)` of every master that is up, from `CLUSTER NODES` output
-/// (`<id> <host:port@cport[,hostname]> <flags> <master-id> ...`).
-fn cluster_masters(nodes: &str) -> Vec<(String, u16)> {
-    nodes
-        .lines()
-        .filter_map(|line| {
-            let mut fields = line.split_whitespace();
-            let (_id, addr, flags) = (fields.next()?, fields.next()?, fields.next()?);
-            let flags: Vec<&str> = flags.split(',').collect();
-            if !flags.contains(&"master") || flags.iter().any(|f| f.starts_with("fail") || *f == "noaddr") {
-                return None;
-            }
-            let hostport = addr.split(['@', ',']).next()?;
-            let (host, port) = hostport.rsplit_once(':')?;
-            Some((host.trim_matches(['[', ']']).to_owned(), port.parse().ok()?))
-        })
-        .collect()
-}
-
-/// Releases the lock (compare-and-delete) and stops renewing it when dropped.
-struct RedisLock {
-    renewer: tokio::task::JoinHandle<()>,
-    release: Option<(Conn, Script, String, String)>,
-}
-
-impl Drop for RedisLock {
-    fn drop(&mut self) {
-        self.renewer.abort();
-        if let Some((mut c, script, key, token)) = self.release.take() {
-            tokio::spawn(async move {
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(2),
-                    script.key(key).arg(token).invoke_async::<i64>(&mut c),
-                )
-                .await;
-            });
-        }
     }
 }
 
@@ -614,39 +297,7 @@ impl SessionStore for RedisStore {
     }
 
     async fn lock_refresh(&self, key: &SessionKey) -> Result<RefreshGuard, StoreError> {
-        let name = lock_key(&key_hex(key));
-        let token = crypto::random_token().map_err(|_| StoreError::Unavailable("random generator failed".into()))?;
-        let lease_ms = LOCK_LEASE.as_millis() as u64;
-        let deadline = tokio::time::Instant::now() + LOCK_WAIT;
-        let mut c = self.conn().await?;
-        loop {
-            let got: Option<String> = self
-                .run(redis::cmd("SET").arg(&name).arg(&token).arg("NX").arg("PX").arg(lease_ms).query_async(&mut c))
-                .await?;
-            if got.is_some() {
-                break;
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(StoreError::Unavailable("timed out waiting for another replica's token refresh".into()));
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        // Renew while held, so a slow provider call cannot let a second replica in.
-        let (renew, mut rc, rname, rtoken) = (self.renew.clone(), self.conn().await?, name.clone(), token.clone());
-        let renewer = tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(LOCK_LEASE / 3).await;
-                let r = tokio::time::timeout(
-                    Duration::from_secs(1),
-                    renew.key(&rname).arg(&rtoken).arg(lease_ms).invoke_async::<i64>(&mut rc),
-                )
-                .await;
-                if !matches!(r, Ok(Ok(1))) {
-                    tracing::warn!("could not renew a refresh lock; another replica may refresh too");
-                }
-            }
-        });
-        Ok(Box::new(RedisLock { renewer, release: Some((self.conn().await?, self.release.clone(), name, token)) }))
+        self.lock_refresh_session(key).await
     }
 }
 
