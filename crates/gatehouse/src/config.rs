@@ -1294,6 +1294,80 @@ mod tests {
         });
     }
 
+    /// The keys a section accepts, asked of the deserializer itself: an unknown key's error lists
+    /// every valid one.
+    fn accepted_keys(section: Option<&str>) -> Vec<String> {
+        let text = match section {
+            None => "__probe = 1\n".to_string(),
+            Some("routes") => "[[routes]]\n__probe = 1\n".to_string(),
+            Some(s) => format!("[{s}]\n__probe = 1\n"),
+        };
+        let errors =
+            Figment::new().merge(Toml::string(&text)).extract::<Config>().expect_err("an unknown key is refused");
+        for e in errors {
+            if let figment::error::Kind::UnknownField(field, expected) = &e.kind
+                && field == "__probe"
+            {
+                return expected.iter().map(|k| k.to_string()).collect();
+            }
+        }
+        panic!("no unknown-field error for {section:?}");
+    }
+
+    /// docs/configuration.md and the accepted keys agree: no key missing from the docs, none
+    /// documented that the configuration does not know.
+    #[test]
+    fn the_configuration_reference_documents_exactly_the_accepted_keys() {
+        let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/configuration.md")).unwrap();
+        let mut documented: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> = Default::default();
+        let mut current: Option<String> = None;
+        // Only the tables whose first column is `key` list keys (others list headers, answers…).
+        let mut key_table = false;
+        for line in doc.lines() {
+            if let Some(rest) = line.strip_prefix("## `[") {
+                current = Some(rest.trim_start_matches('[').split(']').next().unwrap_or_default().to_string());
+                continue;
+            }
+            if line.starts_with("## ") {
+                current = None;
+                continue;
+            }
+            if !line.starts_with('|') {
+                key_table = false;
+                continue;
+            }
+            if line.starts_with("| key |") {
+                key_table = true;
+                continue;
+            }
+            if !key_table {
+                continue;
+            }
+            if let (Some(section), Some(cell)) = (&current, line.strip_prefix("| `")) {
+                let first = cell.split(" |").next().unwrap_or_default();
+                for key in first.split('`').step_by(2).map(|k| k.trim_matches(|c: char| c == ',' || c == ' ')) {
+                    if !key.is_empty() && !key.starts_with('"') && !key.contains(' ') {
+                        documented.entry(section.clone()).or_default().insert(key.to_string());
+                    }
+                }
+            }
+        }
+        let sections = accepted_keys(None);
+        for section in &sections {
+            let accepted: std::collections::BTreeSet<String> = accepted_keys(Some(section)).into_iter().collect();
+            let in_doc = documented.get(section).cloned().unwrap_or_default();
+            let missing: Vec<_> = accepted.difference(&in_doc).collect();
+            let unknown: Vec<_> = in_doc.difference(&accepted).collect();
+            assert!(missing.is_empty(), "[{section}] keys missing from docs/configuration.md: {missing:?}");
+            assert!(unknown.is_empty(), "[{section}] keys documented but not accepted: {unknown:?}");
+        }
+        let documented_sections: Vec<_> = documented.keys().filter(|s| !sections.contains(s)).collect();
+        assert!(
+            documented_sections.is_empty(),
+            "documented sections the configuration does not have: {documented_sections:?}"
+        );
+    }
+
     #[test]
     fn minimal_config_gets_defaults() {
         Jail::expect_with(|jail| {
