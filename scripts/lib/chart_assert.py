@@ -266,8 +266,11 @@ def main():
     conf = os.path.join(outdir, "gatehouse.toml")
     open(conf, "w").write(local)
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEHOUSE_")}
+    # The Redis URL comes from the Secret: a stand-in of the same kind (TLS when the chart mounts a
+    # Redis CA), since Gatehouse refuses TLS files next to a plain redis:// URL.
+    scheme = "rediss" if "redis_ca_file" in toml or "redis_client_cert_file" in toml else "redis"
     for e in gh.get("env", []):
-        env[e["name"]] = "redis://:test-password@redis.test:6379" if "REDIS_URL" in e["name"] else "x"
+        env[e["name"]] = f"{scheme}://:test-password@redis.test:6379" if "REDIS_URL" in e["name"] else "x"
     r = subprocess.run([gatehouse, "check-config", "--config", conf], capture_output=True, text=True, env=env)
     if r.returncode != 0 or "configuration is valid" not in r.stdout:
         fail(f"gatehouse check-config refused the rendered gatehouse.toml: {r.stderr.strip()}")

@@ -364,6 +364,34 @@ pub enum StoreKind {
     Redis,
 }
 
+/// The session store, resolved from `[session]` after validation: one mode with only its own
+/// settings, so the code that opens a store never guesses from a combination of optional fields.
+#[derive(Debug, PartialEq)]
+pub enum StoreMode<'a> {
+    Embedded { path: &'a Path },
+    Redis { url: &'a str },
+    Sentinel { sentinels: &'a [String], master: &'a str, password_file: Option<&'a Path> },
+    Cluster { nodes: &'a [String] },
+}
+
+impl SessionConfig {
+    /// The mode this (validated) section describes.
+    pub fn mode(&self) -> StoreMode<'_> {
+        match self.store {
+            StoreKind::Embedded => StoreMode::Embedded { path: &self.path },
+            StoreKind::Redis if !self.redis_sentinels.is_empty() => StoreMode::Sentinel {
+                sentinels: &self.redis_sentinels,
+                master: self.redis_master_name.as_deref().unwrap_or_default(),
+                password_file: self.redis_master_password_file.as_deref(),
+            },
+            StoreKind::Redis if !self.redis_cluster_nodes.is_empty() => {
+                StoreMode::Cluster { nodes: &self.redis_cluster_nodes }
+            }
+            StoreKind::Redis => StoreMode::Redis { url: self.redis_url.as_deref().unwrap_or_default() },
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SameSite {
@@ -974,6 +1002,45 @@ impl Config {
                 "must be at least 1s (set session.integrity_check = false to skip the check)",
             ));
         }
+        // Each store mode takes only its own keys: a key of another mode is a mistake to report,
+        // not to ignore.
+        let set = |present: bool, key: &'static str, only: &str| -> Result<(), ConfigError> {
+            if present {
+                Err(invalid(key, format!("applies only to {only}; remove it or change session.store")))
+            } else {
+                Ok(())
+            }
+        };
+        if s.store == StoreKind::Embedded {
+            let only = "session.store = \"redis\"";
+            set(s.redis_url.is_some(), "session.redis_url", only)?;
+            set(!s.redis_sentinels.is_empty(), "session.redis_sentinels", only)?;
+            set(!s.redis_cluster_nodes.is_empty(), "session.redis_cluster_nodes", only)?;
+            set(s.redis_master_name.is_some(), "session.redis_master_name", only)?;
+            set(s.redis_master_password_file.is_some(), "session.redis_master_password_file", only)?;
+            set(s.redis_ca_file.is_some(), "session.redis_ca_file", only)?;
+            set(s.redis_client_cert_file.is_some(), "session.redis_client_cert_file", only)?;
+        } else {
+            let sentinel = !s.redis_sentinels.is_empty();
+            set(
+                !sentinel && s.redis_master_name.is_some(),
+                "session.redis_master_name",
+                "redis_sentinels (Sentinel mode)",
+            )?;
+            set(
+                !sentinel && s.redis_master_password_file.is_some(),
+                "session.redis_master_password_file",
+                "redis_sentinels (Sentinel mode; with redis_url put the password in the URL)",
+            )?;
+            let tls = s.redis_url.as_deref().is_some_and(|u| u.starts_with("rediss://"))
+                || s.redis_cluster_nodes.iter().any(|u| u.starts_with("rediss://"));
+            set(!tls && s.redis_ca_file.is_some(), "session.redis_ca_file", "rediss:// URLs (TLS to Redis)")?;
+            set(
+                !tls && s.redis_client_cert_file.is_some(),
+                "session.redis_client_cert_file",
+                "rediss:// URLs (TLS to Redis)",
+            )?;
+        }
         if s.store == StoreKind::Redis {
             let url_ok =
                 |u: &str| ["redis://", "rediss://", "redis+unix://", "unix://"].iter().any(|p| u.starts_with(p));
@@ -1468,6 +1535,8 @@ mod tests {
                 ("redis_sentinels = [\"redis://s\"]", "session.redis_master_name"),
                 ("redis_cluster_nodes = [\"rediss://a\", \"redis://b\"]", "all nodes or for none"),
                 ("redis_url = \"rediss://r\"\nredis_client_cert_file = \"c.pem\"", "together"),
+                ("redis_url = \"redis://r\"\nredis_master_name = \"m\"", "applies only to redis_sentinels"),
+                ("redis_url = \"redis://r\"\nredis_ca_file = \"ca.pem\"", "applies only to rediss://"),
             ] {
                 let err = load(jail, &redis(extra)).unwrap_err().to_string();
                 assert!(err.contains(key), "{extra}: expected `{key}` in: {err}");

@@ -32,7 +32,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::clock::{Clock, SystemClock};
-use crate::config::{Config, ConfigError, StoreKind, read_secret_file};
+use crate::config::{Config, ConfigError, StoreMode, read_secret_file};
 use crate::crypto::Keyring;
 use crate::exchange::{Exchange, ExchangeSettings};
 use crate::metrics::Metrics;
@@ -158,41 +158,33 @@ impl Core {
             clock.clone(),
         )?);
         let redis_tls = redis_tls(&config)?;
-        let store: Arc<dyn SessionStore> = match config.session.store {
-            StoreKind::Embedded => Arc::new(EmbeddedStore::open_with(
-                &config.session.path,
+        let store: Arc<dyn SessionStore> = match config.session.mode() {
+            StoreMode::Embedded { path } => Arc::new(EmbeddedStore::open_with(
+                path,
                 &session::embedded::OpenOptions {
                     integrity_check: config.session.integrity_check,
                     integrity_check_timeout: config.session.integrity_check_timeout,
                     on_corrupt: config.session.on_corrupt,
                 },
             )?),
-            StoreKind::Redis => match &config.session.redis_master_name {
-                Some(master) if !config.session.redis_sentinels.is_empty() => {
-                    let password = match &config.session.redis_master_password_file {
-                        Some(path) => Some(read_secret_file("session.redis_master_password_file", path)?),
-                        None => None,
-                    };
-                    Arc::new(session::redis::RedisStore::open_sentinel(
-                        &config.session.redis_sentinels,
-                        master,
-                        password.as_ref().map(|p| p.expose_secret()),
-                        config.session.redis_timeout,
-                    )?)
-                }
-                _ if !config.session.redis_cluster_nodes.is_empty() => {
-                    Arc::new(session::redis::RedisStore::open_cluster(
-                        &config.session.redis_cluster_nodes,
-                        &redis_tls,
-                        config.session.redis_timeout,
-                    )?)
-                }
-                _ => Arc::new(session::redis::RedisStore::open(
-                    config.session.redis_url.as_deref().unwrap_or_default(),
-                    &redis_tls,
+            StoreMode::Sentinel { sentinels, master, password_file } => {
+                let password = match password_file {
+                    Some(path) => Some(read_secret_file("session.redis_master_password_file", path)?),
+                    None => None,
+                };
+                Arc::new(session::redis::RedisStore::open_sentinel(
+                    sentinels,
+                    master,
+                    password.as_ref().map(|p| p.expose_secret()),
                     config.session.redis_timeout,
-                )?),
-            },
+                )?)
+            }
+            StoreMode::Cluster { nodes } => {
+                Arc::new(session::redis::RedisStore::open_cluster(nodes, &redis_tls, config.session.redis_timeout)?)
+            }
+            StoreMode::Redis { url } => {
+                Arc::new(session::redis::RedisStore::open(url, &redis_tls, config.session.redis_timeout)?)
+            }
         };
         let metrics = Arc::new(Metrics::default());
         let mut registry = Registry::default();

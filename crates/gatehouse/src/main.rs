@@ -509,18 +509,17 @@ fn store_summary(config: &Config) -> String {
         }
         _ => u.to_string(),
     };
-    match s.store {
-        gatehouse::config::StoreKind::Embedded => format!("embedded file {}", s.path.display()),
-        gatehouse::config::StoreKind::Redis if !s.redis_sentinels.is_empty() => format!(
-            "redis through Sentinel {} (master `{}`)",
-            s.redis_sentinels.iter().map(|u| redacted(u)).collect::<Vec<_>>().join(", "),
-            s.redis_master_name.as_deref().unwrap_or("?")
+    use gatehouse::config::StoreMode;
+    match s.mode() {
+        StoreMode::Embedded { path } => format!("embedded file {}", path.display()),
+        StoreMode::Sentinel { sentinels, master, .. } => format!(
+            "redis through Sentinel {} (master `{master}`)",
+            sentinels.iter().map(|u| redacted(u)).collect::<Vec<_>>().join(", ")
         ),
-        gatehouse::config::StoreKind::Redis if !s.redis_cluster_nodes.is_empty() => format!(
-            "redis cluster {}",
-            s.redis_cluster_nodes.iter().map(|u| redacted(u)).collect::<Vec<_>>().join(", ")
-        ),
-        gatehouse::config::StoreKind::Redis => format!("redis {}", redacted(s.redis_url.as_deref().unwrap_or("?"))),
+        StoreMode::Cluster { nodes } => {
+            format!("redis cluster {}", nodes.iter().map(|u| redacted(u)).collect::<Vec<_>>().join(", "))
+        }
+        StoreMode::Redis { url } => format!("redis {}", redacted(url)),
     }
 }
 
