@@ -14,16 +14,29 @@ use std::time::Duration;
 
 use harness::*;
 
+/// The test Keycloak's process id, from the pid file `scripts/keycloak.sh` keeps (never a
+/// pattern match over every process on the machine).
+fn keycloak_pid() -> String {
+    let cache = std::env::var("GATEHOUSE_CACHE")
+        .unwrap_or_else(|_| format!("{}/.cache/gatehouse", std::env::var("HOME").unwrap_or_default()));
+    let file = format!("{cache}/keycloak/instances/test/keycloak.pid");
+    std::fs::read_to_string(&file)
+        .unwrap_or_else(|e| panic!("{file}: {e} (is the test Keycloak running?)"))
+        .trim()
+        .to_string()
+}
+
 fn signal_keycloak(sig: &str) {
-    let ok = Command::new("pkill").args([sig, "-f", "java.*instances/test/"]).status().unwrap().success();
-    assert!(ok, "test Keycloak's JVM found");
+    // kc.sh execs the JVM in the process group `scripts/keycloak.sh` started (setsid): signal it.
+    let ok = Command::new("kill").args([sig, "--", &format!("-{}", keycloak_pid())]).status().unwrap().success();
+    assert!(ok, "test Keycloak's JVM signalled");
 }
 
 /// Thaws Keycloak even if an assertion fails.
 struct Thaw;
 impl Drop for Thaw {
     fn drop(&mut self) {
-        let _ = Command::new("pkill").args(["-CONT", "-f", "java.*instances/test/"]).status();
+        let _ = Command::new("kill").args(["-CONT", "--", &format!("-{}", keycloak_pid())]).status();
     }
 }
 
