@@ -45,6 +45,9 @@ pub struct Config {
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
+    /// OpenTelemetry traces (docs/observability.md); off unless `endpoint` is set.
+    #[serde(default)]
+    pub tracing: TracingConfig,
     /// The API proxy: `/api/<name>/...` forwarded to internal services (DESIGN §3).
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
@@ -397,6 +400,70 @@ pub struct LogConfig {
     pub level: String,
 }
 
+/// Whose incoming W3C `traceparent`/`tracestate` headers the public listener continues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TracePropagation {
+    /// Any client's (a browser or anyone on the internet can then choose trace ids and sampling).
+    Any,
+    /// Only a peer in `public.trusted_proxies` (the load balancer, an ingress that traces).
+    TrustedProxies,
+    /// Nobody's: every request starts a new trace.
+    Never,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TracingConfig {
+    /// OTLP/HTTP (protobuf) traces endpoint, e.g. `http://otel-collector:4318/v1/traces`. Unset:
+    /// no span is exported and no `traceparent` is read or sent.
+    #[serde(default)]
+    pub endpoint: Option<Url>,
+    /// Fraction (0.0–1.0) of new traces recorded. Parent-based: a request whose accepted
+    /// `traceparent` says sampled (or not) follows that decision.
+    #[serde(default = "defaults::tracing_sample_ratio")]
+    pub sample_ratio: f64,
+    /// Whose `traceparent` the public listener accepts: `any`, `trusted_proxies` or `never`. The
+    /// internal listener accepts its authenticated callers' unless this is `never`.
+    #[serde(default = "defaults::tracing_propagation")]
+    pub propagation: TracePropagation,
+    /// The `service.name` resource attribute.
+    #[serde(default = "defaults::tracing_service_name")]
+    pub service_name: String,
+    /// Longest wait for one export to the collector.
+    #[serde(default = "defaults::tracing_export_timeout", deserialize_with = "de_duration")]
+    pub export_timeout: Duration,
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        Self {
+            endpoint: None,
+            sample_ratio: defaults::tracing_sample_ratio(),
+            propagation: defaults::tracing_propagation(),
+            service_name: defaults::tracing_service_name(),
+            export_timeout: defaults::tracing_export_timeout(),
+        }
+    }
+}
+
+impl TracingConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(0.0..=1.0).contains(&self.sample_ratio) || self.sample_ratio.is_nan() {
+            return Err(invalid("tracing.sample_ratio", "must be between 0.0 and 1.0"));
+        }
+        if let Some(e) = &self.endpoint
+            && !matches!(e.scheme(), "http" | "https")
+        {
+            return Err(invalid("tracing.endpoint", "must be an http:// or https:// OTLP/HTTP URL"));
+        }
+        if self.service_name.trim().is_empty() {
+            return Err(invalid("tracing.service_name", "must not be empty"));
+        }
+        Ok(())
+    }
+}
+
 impl Default for LogConfig {
     fn default() -> Self {
         Self { format: defaults::log_format(), level: defaults::log_level() }
@@ -487,6 +554,18 @@ mod defaults {
     }
     pub fn log_format() -> LogFormat {
         LogFormat::Text
+    }
+    pub fn tracing_sample_ratio() -> f64 {
+        1.0
+    }
+    pub fn tracing_propagation() -> TracePropagation {
+        TracePropagation::TrustedProxies
+    }
+    pub fn tracing_service_name() -> String {
+        "gatehouse".into()
+    }
+    pub fn tracing_export_timeout() -> Duration {
+        Duration::from_secs(10)
     }
     pub fn log_level() -> String {
         "info".into()
@@ -670,6 +749,7 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        self.tracing.validate()?;
         let ext = &self.public.external_url;
         match ext.scheme() {
             "https" => {}

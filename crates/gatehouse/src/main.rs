@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 // ~15 % of server CPU under load with the system allocator (see docs/benchmarks.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use gatehouse::config::{Config, LogFormat};
+use gatehouse::config::Config;
 
 #[derive(Parser)]
 #[command(name = "gatehouse", version, about = "Access-control gateway: OIDC BFF with server-side sessions")]
@@ -307,7 +307,6 @@ fn serve(path: &Path) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(&config);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -315,10 +314,20 @@ fn serve(path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Logs and traces (docs/observability.md); the trace exporter runs on the runtime.
+    let telemetry = match runtime.block_on(async { gatehouse::telemetry::init(&config) }) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("gatehouse: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     runtime.block_on(async {
         match gatehouse::start(config, gatehouse::system_clock()).await {
             Ok(running) => {
                 running.until_signal().await;
+                // Flush the spans still buffered (blocking: off the runtime's worker threads).
+                let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -328,14 +337,4 @@ fn serve(path: &Path) -> ExitCode {
             }
         }
     })
-}
-
-fn init_logging(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
-    match config.log.format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
 }

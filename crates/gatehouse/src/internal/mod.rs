@@ -52,6 +52,10 @@ pub fn router(core: Arc<Core>, config: &InternalConfig) -> Router {
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .layer(axum::extract::DefaultBodyLimit::max(8 * 1024))
+        .layer(middleware::from_fn_with_state(
+            state.core.observer(crate::metrics::Face::internal),
+            crate::telemetry::observe,
+        ))
         .with_state(state)
 }
 

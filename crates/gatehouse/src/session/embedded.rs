@@ -652,6 +652,15 @@ impl SessionStore for EmbeddedStore {
         .await
     }
 
+    async fn count(&self) -> Result<Option<u64>, StoreError> {
+        // redb keeps a table's length in its metadata: no scan.
+        self.read(Scope::Lookup, |db| {
+            let txn = db.begin_read().map_err(err)?;
+            let t = txn.open_table(SESSIONS).map_err(err)?;
+            t.len().map(Some).map_err(err)
+        })
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         if let Some(why) = self.damaged.get() {
             return Err(StoreError::Unavailable(format!("the session file {} is damaged: {why}", self.path.display())));

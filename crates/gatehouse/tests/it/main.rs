@@ -7,6 +7,7 @@ mod demo;
 mod harness;
 mod internal;
 mod login;
+mod observability;
 mod proxy;
 mod replicas;
 mod sessions;
