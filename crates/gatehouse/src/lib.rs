@@ -197,6 +197,7 @@ impl Core {
         };
         let store: Arc<dyn SessionStore> = Arc::new(ObservedStore::new(store, metrics.clone(), system));
         let mut registry = Registry::default();
+        metrics.preinit(&config);
         metrics.register(&mut registry);
         let secs = |d: Duration| d.as_secs() as i64;
         let exchange = Arc::new(Exchange::new(

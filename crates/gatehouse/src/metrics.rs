@@ -109,7 +109,8 @@ pub struct ProviderLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LimitLabels {
-    /// `request` (per-IP request rate), `login_ip`, `login_user` (password login attempts).
+    /// `request` (per-IP request rate on the public listener), `login` (password login
+    /// attempts per IP or user), `internal_caller` (per caller on the internal listener).
     pub limit: &'static str,
 }
 
@@ -125,6 +126,26 @@ pub struct CertLabels {
 pub struct BuildLabels {
     pub version: &'static str,
 }
+
+/// Every `SessionStore` operation, as named in `gatehouse_session_store_*{operation}`.
+pub const STORE_OPERATIONS: &[&str] = &[
+    "insert",
+    "get",
+    "compare_and_swap",
+    "delete",
+    "list_by_user",
+    "delete_by_user",
+    "delete_by_provider_sid",
+    "sweep",
+    "ping",
+    "find_by_prefix",
+    "delete_all",
+    "mark",
+    "unmark",
+    "is_marked",
+    "lock_refresh",
+    "count",
+];
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
     [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0].into_iter()
@@ -270,6 +291,44 @@ impl Metrics {
         registry.register("gatehouse_build_info", "Build information (value 1)", build);
     }
 
+    /// Create the zero series alerts and dashboards divide by or take rates of, for the label
+    /// values known from configuration: an alert over a series that does not exist yet never
+    /// fires, and a family without series is not even listed on `/metrics`.
+    pub fn preinit(&self, config: &crate::config::Config) {
+        for outcome in ["ok", "failed"] {
+            let _ = self.logins.get_or_create(&Outcome::new(outcome));
+        }
+        for limit in ["request", "login", "internal_caller"] {
+            let _ = self.rate_limited.get_or_create(&LimitLabels { limit });
+        }
+        for operation in STORE_OPERATIONS {
+            for kind in ["unavailable", "corrupt"] {
+                let _ = self.store_errors.get_or_create(&StoreErrorLabels { operation, kind });
+            }
+        }
+        if let Some(internal) = &config.internal {
+            for caller in &internal.allow {
+                for outcome in ["ok", "invalid_session", "store_unavailable", "idp_unavailable", "internal_error"] {
+                    let _ = self
+                        .exchanges
+                        .get_or_create(&ExchangeLabels { outcome: outcome.to_owned(), caller: caller.clone() });
+                }
+            }
+            for outcome in ["caller_forbidden", "rate_limited"] {
+                let _ =
+                    self.exchanges.get_or_create(&ExchangeLabels { outcome: outcome.to_owned(), caller: "-".into() });
+            }
+        }
+        for route in &config.routes {
+            for outcome in ["ok", "4xx", "5xx", "upgraded"] {
+                let _ = self.proxied.get_or_create(&RouteOutcome::new(&route.prefix, outcome));
+            }
+            let _ = self
+                .upstream_duration
+                .get_or_create(&HttpDurationLabels { face: Face::public, route: route.prefix.clone() });
+        }
+    }
+
     /// Record one HTTP request's outcome (the RED metrics).
     pub fn observe_http(&self, face: Face, route: &str, method: &str, status: u16, elapsed: Duration) {
         let status_class = match status {
@@ -290,6 +349,12 @@ impl Metrics {
         self.http_duration
             .get_or_create(&HttpDurationLabels { face, route: route.to_owned() })
             .observe(elapsed.as_secs_f64());
+    }
+
+    /// An internal request refused before the exchange ran (`caller_forbidden`, `rate_limited`);
+    /// the caller label is `-`, since a refused caller's name is not bounded by configuration.
+    pub fn exchange_refused(&self, outcome: &'static str) {
+        self.exchanges.get_or_create(&ExchangeLabels { outcome: outcome.to_owned(), caller: "-".into() }).inc();
     }
 
     pub fn rate_limited(&self, limit: &'static str) {
