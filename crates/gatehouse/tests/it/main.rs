@@ -11,3 +11,4 @@ mod observability;
 mod proxy;
 mod replicas;
 mod sessions;
+mod traces;
