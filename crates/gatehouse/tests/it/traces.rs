@@ -91,19 +91,21 @@ exporters:
     let path = dir.join("jaeger.yaml");
     std::fs::write(&path, config).unwrap();
     let log = std::fs::File::create(dir.join("jaeger.log")).unwrap();
-    let child = std::process::Command::new(jaeger_bin())
-        .arg("--config")
-        .arg(&path)
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let child = Killed(
+        std::process::Command::new(jaeger_bin())
+            .arg("--config")
+            .arg(&path)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
     let query_url = format!("http://127.0.0.1:{query}");
     for _ in 0..100 {
         if let Ok(r) = http().get(format!("{query_url}/api/services")).send().await
             && r.status() == 200
         {
-            return (Killed(child), format!("http://127.0.0.1:{otlp}/v1/traces"), query_url);
+            return (child, format!("http://127.0.0.1:{otlp}/v1/traces"), query_url);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -211,15 +213,16 @@ async fn one_trace_from_browser_through_proxy_and_upstream_back_into_the_exchang
     let config = work.dir.path().join("gatehouse.toml");
     std::fs::write(&config, &text).unwrap();
     let stdout_path = work.dir.path().join("gatehouse.log");
-    let child = std::process::Command::new(gatehouse_bin())
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env_remove("RUST_LOG")
-        .stdout(std::fs::File::create(&stdout_path).unwrap())
-        .stderr(std::fs::File::create(work.dir.path().join("gatehouse.err")).unwrap())
-        .spawn()
-        .unwrap();
-    let mut gatehouse = Killed(child);
+    let mut gatehouse = Killed(
+        std::process::Command::new(gatehouse_bin())
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env_remove("RUST_LOG")
+            .stdout(std::fs::File::create(&stdout_path).unwrap())
+            .stderr(std::fs::File::create(work.dir.path().join("gatehouse.err")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
     let base = format!("http://localhost:{}", work.port);
     let mut ready = false;
     for _ in 0..200 {
