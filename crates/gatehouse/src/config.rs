@@ -1093,6 +1093,36 @@ mod tests {
     }
 
     #[test]
+    fn tracing_is_off_by_default_and_its_keys_are_checked() {
+        Jail::expect_with(|jail| {
+            let c = load(jail, MINIMAL).expect("valid");
+            assert!(c.tracing.endpoint.is_none());
+            assert_eq!(c.tracing.propagation, TracePropagation::TrustedProxies);
+            assert_eq!(c.tracing.sample_ratio, 1.0);
+            let on = format!(
+                "{MINIMAL}\n[tracing]\nendpoint = \"http://127.0.0.1:4318/v1/traces\"\nsample_ratio = 0.25\npropagation = \"never\"\n"
+            );
+            let c = load(jail, &on).expect("valid");
+            assert_eq!(c.tracing.sample_ratio, 0.25);
+            assert_eq!(c.tracing.propagation, TracePropagation::Never);
+            jail.set_env("GATEHOUSE_TRACING__PROPAGATION", "any");
+            assert_eq!(load(jail, &on).expect("valid").tracing.propagation, TracePropagation::Any);
+            for (bad, key) in [
+                ("sample_ratio = 1.5", "tracing.sample_ratio"),
+                ("endpoint = \"grpc://collector:4317\"", "tracing.endpoint"),
+                ("service_name = \" \"", "tracing.service_name"),
+            ] {
+                let text = format!("{MINIMAL}\n[tracing]\n{bad}\n");
+                let err = load(jail, &text).expect_err(bad).to_string();
+                assert!(err.contains(key), "{bad}: {err}");
+            }
+            let unknown = format!("{MINIMAL}\n[tracing]\nendpont = \"http://x\"\n");
+            assert!(load(jail, &unknown).is_err(), "unknown keys are refused");
+            Ok(())
+        });
+    }
+
+    #[test]
     fn minimal_config_gets_defaults() {
         Jail::expect_with(|jail| {
             let c = load(jail, MINIMAL).expect("valid");
