@@ -14,6 +14,9 @@ scripts/keycloak.sh start test "$port"
 # Jaeger (trace backend of the tracing test), built once from the Go module proxy and cached.
 JAEGER_BIN="$(scripts/jaeger.sh build)"
 export JAEGER_BIN
+# PocketBase with the Gatehouse integration: the trace test puts it between proxy and exchange.
+POCKETBASE_BIN="$(scripts/pocketbase.sh build)"
+export POCKETBASE_BIN
 
 # Build first so build time never counts against test time-outs.
 cargo test --locked --workspace --no-run

@@ -5,7 +5,7 @@
 //! browser span → proxy server span → upstream client span → exchange server span, with store
 //! and Keycloak client spans, and no attribute, event or resource anywhere may contain the
 //! session id, a token, the authorization code or the cookie. The JSON log lines of the request
-//! carry the same trace id.
+//! carry the same trace id. A second test puts the real PocketBase integration in the middle.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -186,34 +186,13 @@ fn tag<'a>(span: &'a Value, key: &str) -> Option<&'a Value> {
     span["tags"].as_array()?.iter().find(|t| t["key"] == key).map(|t| &t["value"])
 }
 
-#[tokio::test]
-async fn one_trace_from_browser_through_proxy_and_upstream_back_into_the_exchange_without_secrets() {
-    let work = Workdir::new();
-    let (jaeger, otlp, query) = start_jaeger(work.dir.path()).await;
-
-    let (internal_port, admin_port) = (free_port(), free_port());
-    let ca = work.ca();
-    let mtls = mtls_client(&ca.cert_pem, Some(&client_cert(&ca, vec![San::Uri(POCKETBASE.into())])));
-    let seen = Arc::new(Mutex::new(Seen::default()));
-    let up = start_upstream(format!("https://localhost:{internal_port}"), mtls, seen.clone()).await;
-    let extra = format!(
-        "[[routes]]\nprefix = \"/api/notes/\"\nupstream = \"http://127.0.0.1:{up}/\"\nrelay = \"session\"\n\
-         [tracing]\nendpoint = \"{otlp}\"\nsample_ratio = 1.0\npropagation = \"any\"\n\
-         [log]\nformat = \"json\"\nlevel = \"info\"\n"
-    );
-    let o = Options { extra, ..Options::with_internal(&[POCKETBASE]) };
-    let text = work
-        .config_text(&o)
-        .replacen("[admin]\nlisten = \"127.0.0.1:0\"", &format!("[admin]\nlisten = \"127.0.0.1:{admin_port}\""), 1)
-        .replacen(
-            "[internal]\nlisten = \"127.0.0.1:0\"",
-            &format!("[internal]\nlisten = \"127.0.0.1:{internal_port}\""),
-            1,
-        );
+/// Start the real binary with this configuration; (process, its stdout log file) once `/readyz`
+/// answers 200.
+async fn spawn_gatehouse(work: &Workdir, config_text: &str) -> (Killed, PathBuf) {
     let config = work.dir.path().join("gatehouse.toml");
-    std::fs::write(&config, &text).unwrap();
+    std::fs::write(&config, config_text).unwrap();
     let stdout_path = work.dir.path().join("gatehouse.log");
-    let mut gatehouse = Killed(
+    let child = Killed(
         std::process::Command::new(gatehouse_bin())
             .args(["serve", "--config"])
             .arg(&config)
@@ -224,22 +203,50 @@ async fn one_trace_from_browser_through_proxy_and_upstream_back_into_the_exchang
             .unwrap(),
     );
     let base = format!("http://localhost:{}", work.port);
-    let mut ready = false;
     for _ in 0..200 {
         if let Ok(r) = http().get(format!("{base}/readyz")).send().await
             && r.status() == 200
         {
-            ready = true;
-            break;
+            return (child, stdout_path);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(ready, "gatehouse did not become ready: {}", std::fs::read_to_string(&stdout_path).unwrap_or_default());
+    panic!("gatehouse did not become ready: {}", std::fs::read_to_string(&stdout_path).unwrap_or_default());
+}
 
-    // A real code-flow login, then the browser's request with its own trace context.
+/// SIGTERM and wait (up to 10 s): a graceful stop flushes buffered spans.
+async fn terminate(p: &mut Killed) {
+    let _ = std::process::Command::new("kill").args(["-TERM", &p.0.id().to_string()]).status();
+    for _ in 0..100 {
+        if p.0.try_wait().unwrap().is_some() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Gatehouse's config for these tests: internal listener and admin on fixed ports, JSON logs,
+/// tracing to `otlp` at 100 %, `traceparent` accepted from anyone (the test is the browser).
+fn traced_config(work: &Workdir, routes: &str, otlp: &str, internal_port: u16, admin_port: u16) -> String {
+    let extra = format!(
+        "{routes}[tracing]\nendpoint = \"{otlp}\"\nsample_ratio = 1.0\npropagation = \"any\"\n\
+         [log]\nformat = \"json\"\nlevel = \"info\"\n"
+    );
+    let o = Options { extra, ..Options::with_internal(&[POCKETBASE]) };
+    work.config_text(&o)
+        .replacen("[admin]\nlisten = \"127.0.0.1:0\"", &format!("[admin]\nlisten = \"127.0.0.1:{admin_port}\""), 1)
+        .replacen(
+            "[internal]\nlisten = \"127.0.0.1:0\"",
+            &format!("[internal]\nlisten = \"127.0.0.1:{internal_port}\""),
+            1,
+        )
+}
+
+/// The code-flow login's session id and authorization code.
+async fn browser_login(base: &str) -> (String, String) {
     let mut browser = Browser::default();
-    browser.login(&base, "alice").await;
-    let sid = browser.cookie(&base, COOKIE).unwrap();
+    browser.login(base, "alice").await;
+    let sid = browser.cookie(base, COOKIE).unwrap();
     let code = url::Url::parse(browser.last_callback.as_ref().unwrap())
         .unwrap()
         .query_pairs()
@@ -247,6 +254,52 @@ async fn one_trace_from_browser_through_proxy_and_upstream_back_into_the_exchang
         .unwrap()
         .1
         .into_owned();
+    (sid, code)
+}
+
+/// Every trace of `service` Jaeger holds, as one JSON document.
+async fn all_traces(query: &str, service: &str) -> Value {
+    http()
+        .get(format!("{query}/api/traces?service={service}&limit=100&lookback=1h"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// A trace once it holds a span named `op` (spans arrive per process, in batches).
+async fn trace_with(query: &str, trace_id: &str, op: &str) -> Value {
+    let mut trace = None;
+    for _ in 0..50 {
+        trace = jaeger_trace(query, trace_id).await;
+        if trace.as_ref().is_some_and(|t| names(t).contains(op)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    trace.unwrap_or_else(|| panic!("Jaeger has no trace {trace_id}"))
+}
+
+#[tokio::test]
+async fn one_trace_from_browser_through_proxy_and_upstream_back_into_the_exchange_without_secrets() {
+    let work = Workdir::new();
+    let (jaeger, otlp, query) = start_jaeger(work.dir.path()).await;
+
+    let (internal_port, admin_port) = (free_port(), free_port());
+    let ca = work.ca();
+    let mtls = mtls_client(&ca.cert_pem, Some(&client_cert(&ca, vec![San::Uri(POCKETBASE.into())])));
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let up = start_upstream(format!("https://localhost:{internal_port}"), mtls, seen.clone()).await;
+    let routes =
+        format!("[[routes]]\nprefix = \"/api/notes/\"\nupstream = \"http://127.0.0.1:{up}/\"\nrelay = \"session\"\n");
+    let text = traced_config(&work, &routes, &otlp, internal_port, admin_port);
+    let (mut gatehouse, stdout_path) = spawn_gatehouse(&work, &text).await;
+    let base = format!("http://localhost:{}", work.port);
+
+    // A real code-flow login, then the browser's request with its own trace context.
+    let (sid, code) = browser_login(&base).await;
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let browser_span = "00f067aa0ba902b7";
     let r = http()
@@ -268,24 +321,10 @@ async fn one_trace_from_browser_through_proxy_and_upstream_back_into_the_exchang
     assert!(!upstream_tp.contains(browser_span), "Gatehouse's own client span is the upstream's parent");
 
     // SIGTERM: graceful shutdown flushes the buffered spans.
-    let _ = std::process::Command::new("kill").args(["-TERM", &gatehouse.0.id().to_string()]).status();
-    for _ in 0..100 {
-        if gatehouse.0.try_wait().unwrap().is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    terminate(&mut gatehouse).await;
     let logs = std::fs::read_to_string(&stdout_path).unwrap();
 
-    let mut trace = None;
-    for _ in 0..50 {
-        trace = jaeger_trace(&query, trace_id).await;
-        if trace.as_ref().is_some_and(|t| names(t).contains("POST /internal/v1/session/exchange")) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let trace = trace.expect("Jaeger has the trace");
+    let trace = trace_with(&query, trace_id, "POST /internal/v1/session/exchange").await;
 
     // Parent-child links: browser → proxy server span → upstream client span → exchange server span.
     let server = span(&trace, "GET /api/{*rest}");
@@ -333,14 +372,7 @@ async fn one_trace_from_browser_through_proxy_and_upstream_back_into_the_exchang
     assert_eq!(tag(token_call, "span.kind").unwrap(), "client");
 
     // No secret anywhere in any trace of the service (tags, events, process, operation names).
-    let all: Value = http()
-        .get(format!("{query}/api/traces?service=gatehouse&limit=100&lookback=1h"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let all = all_traces(&query, "gatehouse").await;
     let all_text = all.to_string();
     assert!(all["data"].as_array().unwrap().len() >= 2, "login and request traces");
     // The stored tokens, read through an in-process Gatehouse on the same store and key.
@@ -370,5 +402,125 @@ async fn one_trace_from_browser_through_proxy_and_upstream_back_into_the_exchang
         .unwrap_or_else(|| panic!("the exchange's audit line carries the trace id: {logs}"));
     assert_eq!(audit["span_id"], exchange["spanID"], "and the exchange span's id");
     assert_eq!(audit["fields"]["session"], key.prefix().as_str(), "users by session-hash prefix");
+    drop(jaeger);
+}
+
+/// The PocketBase integration binary (`scripts/pocketbase.sh build`); `POCKETBASE_BIN` overrides.
+fn pocketbase_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("POCKETBASE_BIN") {
+        return PathBuf::from(p);
+    }
+    let cache = std::env::var("GATEHOUSE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/gatehouse"));
+    let p = cache.join("pocketbase/gatehouse-pocketbase");
+    assert!(p.exists(), "PocketBase not built: run scripts/pocketbase.sh build (or set POCKETBASE_BIN)");
+    p
+}
+
+/// The whole chain with the real PocketBase integration: browser → Gatehouse proxy → PocketBase
+/// (its own spans, OpenTelemetry Go SDK) → Gatehouse exchange, in one trace across three
+/// services' processes, read back from Jaeger; no secret in any span of either service.
+#[tokio::test]
+async fn pocketbase_joins_the_trace_between_the_proxy_and_the_exchange() {
+    let work = Workdir::new();
+    let (jaeger, otlp, query) = start_jaeger(work.dir.path()).await;
+    let (internal_port, admin_port, pb_port) = (free_port(), free_port(), free_port());
+    let pki = work.pki();
+    gatehouse::pki::issue_to_dir(&pki, "pocketbase", San::Uri(POCKETBASE.into()), &pki).unwrap();
+    let pb_log = work.dir.path().join("pocketbase.log");
+    let mut pocketbase = Killed(
+        std::process::Command::new(pocketbase_bin())
+            .args(["serve", "--http", &format!("127.0.0.1:{pb_port}"), "--dir"])
+            .arg(work.dir.path().join("pb_data"))
+            .env("GATEHOUSE_EXCHANGE_URL", format!("https://127.0.0.1:{internal_port}/internal/v1/session/exchange"))
+            .env("GATEHOUSE_CLIENT_CERT", pki.join("pocketbase.crt"))
+            .env("GATEHOUSE_CLIENT_KEY", pki.join("pocketbase.key"))
+            .env("GATEHOUSE_CA", pki.join("ca.crt"))
+            .env("GATEHOUSE_ISSUER", issuer())
+            .env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", &otlp)
+            .env("OTEL_SERVICE_NAME", "pocketbase")
+            .stdout(std::fs::File::create(&pb_log).unwrap())
+            .stderr(std::fs::File::create(work.dir.path().join("pocketbase.err")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let routes =
+        format!("[[routes]]\nprefix = \"/api/pb/\"\nupstream = \"http://127.0.0.1:{pb_port}/\"\nrelay = \"session\"\n");
+    let (mut gatehouse, _) =
+        spawn_gatehouse(&work, &traced_config(&work, &routes, &otlp, internal_port, admin_port)).await;
+    let base = format!("http://localhost:{}", work.port);
+    let mut pb_up = false;
+    for _ in 0..300 {
+        if let Ok(r) = http().get(format!("http://127.0.0.1:{pb_port}/api/health")).send().await
+            && r.status() == 200
+        {
+            pb_up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        pb_up,
+        "PocketBase did not start: {}",
+        std::fs::read_to_string(work.dir.path().join("pocketbase.err")).unwrap_or_default()
+    );
+
+    let (sid, code) = browser_login(&base).await;
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let browser_span = "b7ad6b7169203331";
+    let r = http()
+        .get(format!("{base}/api/pb/api/collections/notes/records"))
+        .header("cookie", format!("{COOKIE}={sid}"))
+        .header("traceparent", format!("00-{trace_id}-{browser_span}-01"))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    assert_eq!(status, 200, "{}", r.text().await.unwrap_or_default());
+    terminate(&mut pocketbase).await;
+    terminate(&mut gatehouse).await;
+
+    let trace = trace_with(&query, trace_id, "POST /internal/v1/session/exchange").await;
+    let spans = trace["spans"].as_array().unwrap();
+    let service_of =
+        |s: &Value| trace["processes"][s["processID"].as_str().unwrap()]["serviceName"].as_str().unwrap().to_owned();
+    let find = |service: &str, kind: &str, name_prefix: &str| {
+        spans
+            .iter()
+            .find(|s| {
+                service_of(s) == service
+                    && tag(s, "span.kind").is_some_and(|k| k == kind)
+                    && s["operationName"].as_str().unwrap().starts_with(name_prefix)
+            })
+            .unwrap_or_else(|| panic!("no {kind} span {name_prefix}… of {service}: {}", names(&trace)))
+    };
+    let proxy = find("gatehouse", "server", "GET /api/{*rest}");
+    let upstream = find("gatehouse", "client", "GET /api/pb/");
+    let pb_server = find("pocketbase", "server", "GET /api/collections/");
+    let pb_client = find("pocketbase", "client", "POST /internal/v1/session/exchange");
+    let exchange = find("gatehouse", "server", "POST /internal/v1/session/exchange");
+    let id = |s: &Value| s["spanID"].as_str().map(str::to_owned);
+    assert_eq!(parent(proxy).as_deref(), Some(browser_span));
+    assert_eq!(parent(upstream), id(proxy));
+    assert_eq!(parent(pb_server), id(upstream), "PocketBase continues Gatehouse's upstream span");
+    assert_eq!(parent(pb_client), id(pb_server));
+    assert_eq!(parent(exchange), id(pb_client), "the exchange continues PocketBase's client span");
+    assert_eq!(tag(exchange, "gatehouse.caller").unwrap(), POCKETBASE);
+
+    // No secret in any trace of either service.
+    let gate = Gate::start(&work, &Options::with_internal(&[POCKETBASE])).await;
+    let (_, tokens) = session_tokens(&gate, &sid).await;
+    gate.stop().await;
+    let text = format!("{}{}", all_traces(&query, "gatehouse").await, all_traces(&query, "pocketbase").await);
+    for (what, secret) in [
+        ("session id", sid.as_str()),
+        ("authorization code", code.as_str()),
+        ("access token", tokens.access_token.as_str()),
+        ("refresh token", tokens.refresh_token.as_deref().unwrap()),
+        ("ID token", tokens.id_token.as_deref().unwrap()),
+    ] {
+        assert!(!text.contains(secret), "a trace contains the {what}");
+    }
     drop(jaeger);
 }
