@@ -183,7 +183,12 @@ pub async fn observe(State(o): State<Arc<Observe>>, req: Request, next: Next) ->
     let method = req.method().as_str().to_owned();
     let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
     let route = template.as_deref().unwrap_or("other");
-    let span = tracing::info_span!(
+    // With tracing off no span is made at all: a per-request span that nobody exports would
+    // still cost its allocation and field formatting in the log layer.
+    let span = if !o.propagation.enabled() {
+        tracing::Span::none()
+    } else {
+        tracing::info_span!(
         "http_request",
         otel.name = format!("{method} {route}"),
         otel.kind = "server",
@@ -199,7 +204,8 @@ pub async fn observe(State(o): State<Arc<Observe>>, req: Request, next: Next) ->
         gatehouse.session = tracing::field::Empty,
         gatehouse.caller = tracing::field::Empty,
         enduser.id = tracing::field::Empty,
-    );
+        )
+    };
     #[cfg(feature = "otel")]
     if o.propagation.accepts(o.face, peer) {
         otel::continue_trace(&span, req.headers());

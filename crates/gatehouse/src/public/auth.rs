@@ -235,7 +235,10 @@ pub async fn password_login(
         Ok(r) => r,
         Err(e) => {
             core.metrics.logins.get_or_create(&Outcome::new("failed")).inc();
-            tracing::info!(%ip, username = %body.username.chars().take(64).collect::<String>(), error = %e, "password login failed");
+            // Not the typed name (lines name users by `sub` only, and a password typed into the
+            // wrong field would land here): a short hash still shows repeated attempts.
+            let username_hash = crate::crypto::hex(&crate::crypto::sha256(body.username.as_bytes())[..4]);
+            tracing::info!(%ip, %username_hash, error = %e, "password login failed");
             return Err(e.into());
         }
     };

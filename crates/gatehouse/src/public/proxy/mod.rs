@@ -221,17 +221,21 @@ async fn forward(st: &PublicState, route: &Route, peer: SocketAddr, mut req: Req
     let mut upstream_req = upstream_request(st, route, peer, req, upgrade, &relay)?;
 
     // The client span of the upstream call; its context replaces any `traceparent` the browser sent.
-    let span = tracing::info_span!(
-        "upstream",
-        otel.name = format!("{} {}", upstream_req.method(), route.prefix),
-        otel.kind = "client",
-        otel.status_code = tracing::field::Empty,
-        http.request.method = upstream_req.method().as_str(),
-        server.address = upstream_req.uri().host().unwrap_or_default(),
-        server.port = upstream_req.uri().port_u16(),
-        gatehouse.route = route.prefix.as_str(),
-        http.response.status_code = tracing::field::Empty,
-    );
+    let span = if !st.core.propagation.enabled() {
+        tracing::Span::none()
+    } else {
+        tracing::info_span!(
+            "upstream",
+            otel.name = format!("{} {}", upstream_req.method(), route.prefix),
+            otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
+            http.request.method = upstream_req.method().as_str(),
+            server.address = upstream_req.uri().host().unwrap_or_default(),
+            server.port = upstream_req.uri().port_u16(),
+            gatehouse.route = route.prefix.as_str(),
+            http.response.status_code = tracing::field::Empty,
+        )
+    };
     crate::telemetry::inject(&st.core.propagation, &span, upstream_req.headers_mut());
     let started = std::time::Instant::now();
     let sent = tracing::Instrument::instrument(route.client.request(upstream_req), span.clone());
