@@ -431,6 +431,7 @@ mod tests {
     fn prometheus_text_names_counters_with_total_and_drops_openmetrics_lines() {
         let m = Metrics::default();
         m.logins.get_or_create(&Outcome::new("ok")).inc();
+        m.observe_http(Face::public, "/auth/me", "GET", 200, Duration::from_millis(1));
         let text = to_prometheus_text(&encode(&m));
         assert!(text.contains(
             "# HELP gatehouse_logins_total Login attempts by outcome.\n# TYPE gatehouse_logins_total counter\n"
