@@ -378,3 +378,39 @@ mod otel {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn propagation(policy: TracePropagation, enabled: bool) -> Propagation {
+        Propagation { enabled, policy, trusted_proxies: vec!["10.0.0.0/8".parse().unwrap()] }
+    }
+
+    #[test]
+    fn whose_trace_context_is_continued() {
+        let proxy = Some("10.1.2.3".parse().unwrap());
+        let stranger = Some("203.0.113.9".parse().unwrap());
+        let any = propagation(TracePropagation::Any, true);
+        assert!(any.accepts(Face::public, stranger) && any.accepts(Face::internal, None));
+        let trusted = propagation(TracePropagation::TrustedProxies, true);
+        assert!(trusted.accepts(Face::public, proxy));
+        assert!(!trusted.accepts(Face::public, stranger) && !trusted.accepts(Face::public, None));
+        assert!(trusted.accepts(Face::internal, stranger), "internal callers are authenticated");
+        let never = propagation(TracePropagation::Never, true);
+        assert!(!never.accepts(Face::public, proxy) && !never.accepts(Face::internal, proxy));
+        let off = propagation(TracePropagation::Any, false);
+        assert!(!off.accepts(Face::public, proxy) && !off.accepts(Face::internal, proxy), "tracing off reads nothing");
+    }
+
+    #[test]
+    fn without_tracing_outgoing_trace_headers_are_left_alone() {
+        let mut h = HeaderMap::new();
+        h.insert("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".parse().unwrap());
+        inject(&propagation(TracePropagation::Any, false), &tracing::Span::none(), &mut h);
+        assert_eq!(h["traceparent"], "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        // With tracing on, the client's header is replaced (here by nothing: no span is active).
+        inject(&propagation(TracePropagation::Any, true), &tracing::Span::none(), &mut h);
+        assert!(h.get("traceparent").is_none());
+    }
+}
