@@ -12,9 +12,18 @@ cleanup() { scripts/keycloak.sh stop test || true; }
 trap cleanup EXIT
 scripts/keycloak.sh start test "$port"
 
+# Jaeger (trace backend of the tracing test), built once from the Go module proxy and cached.
+JAEGER_BIN="$(scripts/jaeger.sh build)"
+export JAEGER_BIN
+# PocketBase with the Gatehouse integration: the trace test puts it between proxy and exchange.
+POCKETBASE_BIN="$(scripts/pocketbase.sh build)"
+export POCKETBASE_BIN
+
 # Build first so build time never counts against test time-outs.
 cargo test --locked --workspace --no-run
 # Integration binaries run one after another; the outage suite stops and restarts Keycloak.
+# tests/it/observability.rs runs promtool (check metrics on a live /metrics, check and unit-test
+# the alert rules in deploy/prometheus/, cross-check rule and dashboard metric names).
 cargo test --locked --workspace
 
 # PocketBase's Gatehouse middleware (Go), the Kubernetes deployment (Helm chart and Envoy

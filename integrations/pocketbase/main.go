@@ -5,12 +5,15 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"log"
 	"os"
+	"time"
 
 	"github.com/pocketbase/pocketbase"
 	"github.com/pocketbase/pocketbase/cmd"
+	"github.com/pocketbase/pocketbase/core"
 	"github.com/pocketbase/pocketbase/plugins/migratecmd"
 
 	"gatehouse.local/integrations/pocketbase/gatehouseauth"
@@ -50,6 +53,19 @@ func main() {
 			os.Exit(2)
 		}
 	}
+
+	// OpenTelemetry (OTEL_EXPORTER_OTLP_* environment); spans are flushed when PocketBase stops.
+	shutdownTracing, err := gatehouseauth.SetupTracing(context.Background())
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "gatehouse-pocketbase: tracing: %v\n", err)
+		os.Exit(2)
+	}
+	app.OnTerminate().BindFunc(func(e *core.TerminateEvent) error {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = shutdownTracing(ctx)
+		return e.Next()
+	})
 
 	if err := app.Execute(); err != nil {
 		log.Fatal(err)

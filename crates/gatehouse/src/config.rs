@@ -198,6 +198,9 @@ pub struct Config {
     /// What happens on SIGTERM.
     #[serde(default)]
     pub shutdown: ShutdownConfig,
+    /// OpenTelemetry traces (docs/observability.md); off unless `endpoint` is set.
+    #[serde(default)]
+    pub tracing: TracingConfig,
     /// The API proxy: `/api/<name>/...` forwarded to internal services (DESIGN §3).
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
@@ -644,6 +647,70 @@ pub struct LogConfig {
     pub level: String,
 }
 
+/// Whose incoming W3C `traceparent`/`tracestate` headers the public listener continues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TracePropagation {
+    /// Any client's (a browser or anyone on the internet can then choose trace ids and sampling).
+    Any,
+    /// Only a peer in `public.trusted_proxies` (the load balancer, an ingress that traces).
+    TrustedProxies,
+    /// Nobody's: every request starts a new trace.
+    Never,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TracingConfig {
+    /// OTLP/HTTP (protobuf) traces endpoint, e.g. `http://otel-collector:4318/v1/traces`. Unset:
+    /// no span is exported and no `traceparent` is read or sent.
+    #[serde(default)]
+    pub endpoint: Option<Url>,
+    /// Fraction (0.0–1.0) of new traces recorded. Parent-based: a request whose accepted
+    /// `traceparent` says sampled (or not) follows that decision.
+    #[serde(default = "defaults::tracing_sample_ratio")]
+    pub sample_ratio: f64,
+    /// Whose `traceparent` the public listener accepts: `any`, `trusted_proxies` or `never`. The
+    /// internal listener accepts its authenticated callers' unless this is `never`.
+    #[serde(default = "defaults::tracing_propagation")]
+    pub propagation: TracePropagation,
+    /// The `service.name` resource attribute.
+    #[serde(default = "defaults::tracing_service_name")]
+    pub service_name: String,
+    /// Longest wait for one export to the collector.
+    #[serde(default = "defaults::tracing_export_timeout", deserialize_with = "de_duration")]
+    pub export_timeout: Duration,
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        Self {
+            endpoint: None,
+            sample_ratio: defaults::tracing_sample_ratio(),
+            propagation: defaults::tracing_propagation(),
+            service_name: defaults::tracing_service_name(),
+            export_timeout: defaults::tracing_export_timeout(),
+        }
+    }
+}
+
+impl TracingConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(0.0..=1.0).contains(&self.sample_ratio) || self.sample_ratio.is_nan() {
+            return Err(invalid("tracing.sample_ratio", "must be between 0.0 and 1.0"));
+        }
+        if let Some(e) = &self.endpoint
+            && !matches!(e.scheme(), "http" | "https")
+        {
+            return Err(invalid("tracing.endpoint", "must be an http:// or https:// OTLP/HTTP URL"));
+        }
+        if self.service_name.trim().is_empty() {
+            return Err(invalid("tracing.service_name", "must not be empty"));
+        }
+        Ok(())
+    }
+}
+
 impl Default for LogConfig {
     fn default() -> Self {
         Self { format: defaults::log_format(), level: defaults::log_level() }
@@ -738,6 +805,18 @@ mod defaults {
     }
     pub fn log_format() -> LogFormat {
         LogFormat::Text
+    }
+    pub fn tracing_sample_ratio() -> f64 {
+        1.0
+    }
+    pub fn tracing_propagation() -> TracePropagation {
+        TracePropagation::TrustedProxies
+    }
+    pub fn tracing_service_name() -> String {
+        "gatehouse".into()
+    }
+    pub fn tracing_export_timeout() -> Duration {
+        Duration::from_secs(10)
     }
     pub fn log_level() -> String {
         "info".into()
@@ -925,6 +1004,7 @@ impl Config {
         if self.shutdown.drain_timeout.is_zero() || self.shutdown.drain_timeout > Duration::from_secs(300) {
             return Err(invalid("shutdown.drain_timeout", "must be between 1ms and 5m"));
         }
+        self.tracing.validate()?;
         let ext = &self.public.external_url;
         match ext.scheme() {
             "https" => {}
@@ -1433,6 +1513,36 @@ mod tests {
             documented_sections.is_empty(),
             "documented sections the configuration does not have: {documented_sections:?}"
         );
+    }
+
+    #[test]
+    fn tracing_is_off_by_default_and_its_keys_are_checked() {
+        Jail::expect_with(|jail| {
+            let c = load(jail, MINIMAL).expect("valid");
+            assert!(c.tracing.endpoint.is_none());
+            assert_eq!(c.tracing.propagation, TracePropagation::TrustedProxies);
+            assert_eq!(c.tracing.sample_ratio, 1.0);
+            let on = format!(
+                "{MINIMAL}\n[tracing]\nendpoint = \"http://127.0.0.1:4318/v1/traces\"\nsample_ratio = 0.25\npropagation = \"never\"\n"
+            );
+            let c = load(jail, &on).expect("valid");
+            assert_eq!(c.tracing.sample_ratio, 0.25);
+            assert_eq!(c.tracing.propagation, TracePropagation::Never);
+            jail.set_env("GATEHOUSE_TRACING__PROPAGATION", "any");
+            assert_eq!(load(jail, &on).expect("valid").tracing.propagation, TracePropagation::Any);
+            for (bad, key) in [
+                ("sample_ratio = 1.5", "tracing.sample_ratio"),
+                ("endpoint = \"grpc://collector:4317\"", "tracing.endpoint"),
+                ("service_name = \" \"", "tracing.service_name"),
+            ] {
+                let text = format!("{MINIMAL}\n[tracing]\n{bad}\n");
+                let err = load(jail, &text).expect_err(bad).to_string();
+                assert!(err.contains(key), "{bad}: {err}");
+            }
+            let unknown = format!("{MINIMAL}\n[tracing]\nendpont = \"http://x\"\n");
+            assert!(load(jail, &unknown).is_err(), "unknown keys are refused");
+            Ok(())
+        });
     }
 
     #[test]

@@ -228,6 +228,8 @@ impl Exchange {
     pub async fn resolve(&self, id: &SessionId, with_token: bool) -> Result<Resolved, ExchangeError> {
         let key = id.key();
         let now = self.clock.now();
+        // The request's span names the session by its hash prefix, never its id.
+        crate::telemetry::record_session(&key.prefix(), "");
         let mut record = self.live_record(&key, now).await?;
         if self.refresh_due(&record) <= now {
             record = self.refresh(&key, now).await?;
@@ -241,6 +243,7 @@ impl Exchange {
             self.authenticate(&key, &record)?;
             None
         };
+        crate::telemetry::record_session(&key.prefix(), &record.claims.sub);
         Ok(Resolved { key, record, access_token })
     }
 
@@ -464,7 +467,14 @@ impl Exchange {
     /// Single-flight refresh: take the session's lock, re-read, and only then call the provider.
     async fn refresh(&self, key: &SessionKey, now: UnixTime) -> Result<SessionRecord, ExchangeError> {
         let lock = self.refresh_lock(key);
-        let _guard = lock.lock().await;
+        // Contention: another request of this session is refreshing already; wait for it.
+        let _guard = match lock.try_lock() {
+            Ok(g) => g,
+            Err(_) => {
+                self.metrics.refresh_lock_waits.inc();
+                lock.lock().await
+            }
+        };
         // Then across replicas (a no-op for the single-node embedded store). Re-read only after both.
         let _remote = self.store.lock_refresh(key).await?;
         let record = self.live_record(key, now).await?;

@@ -19,6 +19,7 @@ pub mod oidc;
 pub mod pki;
 pub mod public;
 pub mod session;
+pub mod telemetry;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -32,13 +33,14 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::clock::{Clock, SystemClock};
-use crate::config::{Config, ConfigError, StoreMode, read_secret_file};
+use crate::config::{Config, ConfigError, StoreKind, StoreMode, read_secret_file};
 use crate::crypto::Keyring;
 use crate::exchange::{Exchange, ExchangeSettings};
 use crate::metrics::Metrics;
 use crate::oidc::{OidcClient, OidcSettings};
 use crate::session::SessionStore;
 use crate::session::embedded::EmbeddedStore;
+use crate::session::observed::ObservedStore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -129,6 +131,8 @@ pub struct Core {
     pub keyring: Arc<Keyring>,
     pub metrics: Arc<Metrics>,
     pub registry: Registry,
+    /// Whether trace context is read and sent (`[tracing]`).
+    pub propagation: telemetry::Propagation,
 }
 
 impl Core {
@@ -144,19 +148,23 @@ impl Core {
                     .map_err(|p| ConfigError::Invalid { key: "oidc.algorithms", problem: p })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let oidc = Arc::new(OidcClient::new(
-            OidcSettings {
-                issuer: config.oidc.issuer.as_str().trim_end_matches('/').to_string(),
-                client_id: config.oidc.client_id.clone(),
-                client_secret,
-                scopes: config.oidc.scopes.clone(),
-                algorithms,
-                trusted_audiences: config.oidc.trusted_audiences.clone(),
-                redirect_uri: config.redirect_uri(),
-                http_timeout: config.oidc.http_timeout,
-            },
-            clock.clone(),
-        )?);
+        let metrics = Arc::new(Metrics::default());
+        let oidc = Arc::new(
+            OidcClient::new(
+                OidcSettings {
+                    issuer: config.oidc.issuer.as_str().trim_end_matches('/').to_string(),
+                    client_id: config.oidc.client_id.clone(),
+                    client_secret,
+                    scopes: config.oidc.scopes.clone(),
+                    algorithms,
+                    trusted_audiences: config.oidc.trusted_audiences.clone(),
+                    redirect_uri: config.redirect_uri(),
+                    http_timeout: config.oidc.http_timeout,
+                },
+                clock.clone(),
+            )?
+            .with_metrics(metrics.clone()),
+        );
         let redis_tls = redis_tls(&config)?;
         let store: Arc<dyn SessionStore> = match config.session.mode() {
             StoreMode::Embedded { path } => Arc::new(EmbeddedStore::open_with(
@@ -186,8 +194,14 @@ impl Core {
                 Arc::new(session::redis::RedisStore::open(url, &redis_tls, config.session.redis_timeout)?)
             }
         };
-        let metrics = Arc::new(Metrics::default());
+        // Every store call is timed, counted on failure and traced (session/observed.rs).
+        let system = match config.session.store {
+            StoreKind::Embedded => "redb",
+            StoreKind::Redis => "redis",
+        };
+        let store: Arc<dyn SessionStore> = Arc::new(ObservedStore::new(store, metrics.clone(), system));
         let mut registry = Registry::default();
+        metrics.preinit(&config);
         metrics.register(&mut registry);
         let secs = |d: Duration| d.as_secs() as i64;
         let exchange = Arc::new(Exchange::new(
@@ -202,7 +216,13 @@ impl Core {
             },
             metrics.clone(),
         ));
-        Ok(Self { config, exchange, keyring, metrics, registry })
+        let propagation = telemetry::Propagation::new(&config);
+        Ok(Self { config, exchange, keyring, metrics, registry, propagation })
+    }
+
+    /// The `observe` middleware's state for one listener.
+    pub fn observer(&self, face: metrics::Face) -> Arc<telemetry::Observe> {
+        Arc::new(telemetry::Observe { face, metrics: self.metrics.clone(), propagation: self.propagation.clone() })
     }
 
     /// Ready = store reachable and provider metadata loaded once.
@@ -308,7 +328,9 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
         tokio::spawn(listener::serve(admin, admin::router(core.clone()), None, rx.clone(), drain)),
         tokio::spawn(discovery_loop(core.clone(), rx.clone())),
         tokio::spawn(sweep_loop(core.clone(), clock, sweep_every, rx.clone())),
+        tokio::spawn(certificate_loop(core.clone(), rx.clone())),
     ];
+    count_sessions(&core).await;
     let mut internal_addr = None;
     if let Some(i) = &core.config.internal {
         let sock = bind(i.listen).await?;
@@ -354,6 +376,53 @@ async fn sweep_loop(core: Arc<Core>, clock: Arc<dyn Clock>, every: Duration, mut
             Ok(0) => {}
             Ok(n) => tracing::info!(swept = n, "expired sessions removed"),
             Err(e) => tracing::warn!(error = %e, "session sweep failed"),
+        }
+        count_sessions(&core).await;
+    }
+}
+
+/// `gatehouse_sessions_active`: counted by the store once per sweep (cheap: redb keeps a table's
+/// length; Redis takes one SCAN), never per request.
+async fn count_sessions(core: &Core) {
+    match core.exchange.store().count().await {
+        Ok(Some(n)) => {
+            core.metrics.sessions_active.set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        Ok(None) => {}
+        Err(e) => tracing::debug!(error = %e, "counting sessions failed"),
+    }
+}
+
+/// `gatehouse_certificate_expiry_timestamp_seconds` for every certificate file Gatehouse loads:
+/// the internal listener's certificate and client CA, and each proxy route's client certificate
+/// and CA. Read again every minute, so a rotated file shows its new expiry (and one that stopped
+/// rotating shows its old one running out — that is what the alert watches).
+fn record_certificates(core: &Core) {
+    let m = &core.metrics;
+    if let Some(i) = &core.config.internal {
+        if let Some(p) = &i.cert {
+            m.record_certificate("internal_server", "-", p);
+        }
+        if let Some(p) = &i.client_ca {
+            m.record_certificate("internal_client_ca", "-", p);
+        }
+    }
+    for r in &core.config.routes {
+        if let Some(p) = &r.client_cert_file {
+            m.record_certificate("route_client", &r.prefix, p);
+        }
+        if let Some(p) = &r.ca_file {
+            m.record_certificate("route_ca", &r.prefix, p);
+        }
+    }
+}
+
+async fn certificate_loop(core: Arc<Core>, mut stop: watch::Receiver<bool>) {
+    loop {
+        record_certificates(&core);
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+            _ = stop.wait_for(|s| *s) => return,
         }
     }
 }

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 // ~15 % of server CPU under load with the system allocator (see docs/benchmarks.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use gatehouse::config::{Config, LogFormat};
+use gatehouse::config::Config;
 
 /// `println!` that ends the process quietly when stdout has been closed
 /// (`gatehouse check-config | head -1`): the reader has what it wanted, so a broken pipe is no
@@ -550,7 +550,6 @@ fn serve(path: &Path) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(&config);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -558,10 +557,20 @@ fn serve(path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Logs and traces (docs/observability.md); the trace exporter runs on the runtime.
+    let telemetry = match runtime.block_on(async { gatehouse::telemetry::init(&config) }) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("gatehouse: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     runtime.block_on(async {
         match gatehouse::start(config, gatehouse::system_clock()).await {
             Ok(running) => {
                 running.until_signal().await;
+                // Flush the spans still buffered (blocking: off the runtime's worker threads).
+                let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -571,16 +580,4 @@ fn serve(path: &Path) -> ExitCode {
             }
         }
     })
-}
-
-fn init_logging(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
-    // Colour codes only for a person at a terminal, never into a file, a pipe or a log collector.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_ansi(ansi);
-    match config.log.format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
 }

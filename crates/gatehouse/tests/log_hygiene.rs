@@ -91,11 +91,22 @@ async fn no_secret_appears_in_any_log_line() {
             .status,
         401
     );
+    // A password typed into the user-name field is refused by Keycloak and never logged.
+    let typed = "Hunter2-typed-into-the-wrong-field";
+    assert_eq!(
+        Browser::default()
+            .post_json(&gate.base, "/auth/login", &json!({"username": typed, "password": "x"}))
+            .await
+            .status,
+        401
+    );
     let pid = p.cookie(&gate.base, COOKIE).unwrap();
     assert_eq!(b.post(&gate.base, "/auth/logout").await.status, 200);
     gate.stop().await;
 
     let logs = String::from_utf8_lossy(&cap.0.lock().unwrap()).to_string();
+    assert!(!logs.contains(typed), "a typed user name (or misplaced password) is not logged");
+    assert!(logs.contains("password login failed") && logs.contains("username_hash"), "failed logins are logged");
     let audit = logs.lines().find(|l| l.contains("session exchange")).expect("exchange audited");
     assert!(audit.contains(POCKETBASE) && audit.contains(&exchanged["claims"]["sub"].as_str().unwrap().to_string()));
     assert!(

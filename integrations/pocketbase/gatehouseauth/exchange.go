@@ -12,6 +12,9 @@ import (
 	"net/http"
 	"strings"
 	"time"
+
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
 )
 
 // Errors of the identity lookup. The middleware maps ErrInvalidSession and ErrInvalidToken to
@@ -97,8 +100,17 @@ func (c *exchangeClient) exchange(ctx context.Context, sessionID string) (*excha
 	}
 	req.Header.Set("Content-Type", "application/json")
 	req.Header.Set("Accept", "application/json")
+	// The client span of this call; its traceparent makes Gatehouse's exchange span its child.
+	span := startExchangeSpan(ctx, req, keyOf(sessionID).prefix())
+	defer span.End()
 
 	res, err := c.client.Do(req)
+	if res != nil {
+		span.SetAttributes(attribute.Int("http.response.status_code", res.StatusCode))
+	}
+	if err != nil || res.StatusCode >= 500 {
+		span.SetStatus(codes.Error, "exchange failed")
+	}
 	if err != nil {
 		// *url.Error names the URL (no secret in it) and the network/TLS cause.
 		return nil, fmt.Errorf("%w: %v", ErrUnavailable, err)

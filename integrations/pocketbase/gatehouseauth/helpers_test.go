@@ -290,9 +290,10 @@ type stubGatehouse struct {
 	url   string
 	calls atomic.Int64
 
-	mu       sync.Mutex
-	sessions map[string]answer
-	forced   *answer // when set, every exchange gets this answer
+	mu          sync.Mutex
+	sessions    map[string]answer
+	forced      *answer // when set, every exchange gets this answer
+	traceparent string  // of the last exchange request
 }
 
 func newStubGatehouse(t *testing.T, pki *pkiFiles) *stubGatehouse {
@@ -332,6 +333,7 @@ func (g *stubGatehouse) serve(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	g.mu.Lock()
+	g.traceparent = r.Header.Get("traceparent")
 	a, ok := g.sessions[req.SessionID]
 	if g.forced != nil {
 		a, ok = *g.forced, true

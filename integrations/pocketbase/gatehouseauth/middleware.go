@@ -98,7 +98,7 @@ func (g *Gatehouse) Register(app core.App) {
 	app.OnServe().Bind(&hook.Handler[*core.ServeEvent]{
 		Id: "gatehouseRegister",
 		Func: func(se *core.ServeEvent) error {
-			se.Router.Bind(g.Middleware(), g.UserTokenGuard())
+			se.Router.Bind(TracingMiddleware(), g.Middleware(), g.UserTokenGuard())
 			return se.Next()
 		},
 	})

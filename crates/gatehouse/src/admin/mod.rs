@@ -102,12 +102,22 @@ async fn require_token(
     next.run(req).await
 }
 
-async fn metrics(State(core): State<Arc<Core>>) -> Response {
+/// OpenMetrics when the scraper asks for it (Prometheus does), the Prometheus text format
+/// otherwise (curl, promtool, older agents).
+async fn metrics(State(core): State<Arc<Core>>, headers: axum::http::HeaderMap) -> Response {
     let mut out = String::new();
-    match prometheus_client::encoding::text::encode(&mut out, &core.registry) {
-        Ok(()) => ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], out)
-            .into_response(),
-        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    if prometheus_client::encoding::text::encode(&mut out, &core.registry).is_err() {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    }
+    let openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("application/openmetrics-text"));
+    if openmetrics {
+        ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], out).into_response()
+    } else {
+        let text = crate::metrics::to_prometheus_text(&out);
+        ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
     }
 }
 

@@ -46,6 +46,9 @@ async fn resolve(
         Err(ExchangeError::ProviderUnavailable) => ("idp_unavailable", "-"),
         Err(ExchangeError::Internal | ExchangeError::LoginEnded) => ("internal_error", "-"),
     };
+    let span = tracing::Span::current();
+    span.record("gatehouse.caller", caller.as_str());
+    span.record("gatehouse.outcome", outcome);
     tracing::info!(
         target: "gatehouse::audit",
         caller = %caller,
@@ -56,7 +59,11 @@ async fn resolve(
         latency_us = started.elapsed().as_micros() as u64,
         "session exchange"
     );
-    st.core.metrics.exchanges.get_or_create(&crate::metrics::Outcome::new(outcome)).inc();
+    st.core
+        .metrics
+        .exchanges
+        .get_or_create(&crate::metrics::ExchangeLabels { outcome: outcome.to_owned(), caller: caller.to_string() })
+        .inc();
     result
 }
 

@@ -52,6 +52,10 @@ pub fn router(core: Arc<Core>, config: &InternalConfig) -> Router {
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .layer(axum::extract::DefaultBodyLimit::max(8 * 1024))
+        .layer(middleware::from_fn_with_state(
+            state.core.observer(crate::metrics::Face::internal),
+            crate::telemetry::observe,
+        ))
         .with_state(state)
 }
 
@@ -75,15 +79,20 @@ async fn authorize(State(st): State<Arc<InternalState>>, mut req: Request, next:
         Ok(id) if st.allow.contains(id.as_str()) => id,
         Ok(id) => {
             tracing::warn!(target: "gatehouse::audit", caller = %id, path = req.uri().path(), outcome = "forbidden", "caller not on internal.allow");
+            // An unlisted caller's name is not a label value (the set would be unbounded).
+            st.core.metrics.exchange_refused("caller_forbidden");
             return ApiError::Forbidden("forbidden", "caller is not allowed".into()).into_response();
         }
         Err(why) => {
             tracing::warn!(target: "gatehouse::audit", reason = why, path = req.uri().path(), outcome = "forbidden", "caller has no valid identity");
+            st.core.metrics.exchange_refused("caller_forbidden");
             return ApiError::Forbidden("forbidden", "caller is not allowed".into()).into_response();
         }
     };
     if st.limiter.check_key(&id).is_err() {
         tracing::warn!(target: "gatehouse::audit", caller = %id, outcome = "rate_limited", "internal rate limit hit");
+        st.core.metrics.rate_limited("internal_caller");
+        st.core.metrics.exchange_refused("rate_limited");
         return ApiError::TooManyRequests.into_response();
     }
     req.extensions_mut().insert(id);

@@ -103,7 +103,7 @@ impl JwksCache {
     }
 
     async fn refresh_locked(&self, http: &Http) -> Result<(), OidcError> {
-        let doc: serde_json::Value = http.get_json(&self.uri).await?;
+        let doc: serde_json::Value = http.get_json("jwks", &self.uri).await?;
         let set = parse_jwks(&doc)?;
         tracing::info!(keys = set.all.len(), "loaded provider signing keys");
         self.keys.store(Arc::new(set));

@@ -89,6 +89,8 @@ pub fn parse_allowed_algorithm(name: &str) -> Result<Algorithm, String> {
 /// HTTP to the provider: timeouts always, redirects never, bounded bodies.
 pub struct Http {
     client: reqwest::Client,
+    /// Latency per endpoint and outcome (`gatehouse_identity_provider_request_duration_seconds`).
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl Http {
@@ -100,10 +102,57 @@ impl Http {
             .user_agent(concat!("gatehouse/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| OidcError::Provider(format!("cannot build HTTP client: {e}")))?;
-        Ok(Self { client })
+        Ok(Self { client, metrics: None })
     }
 
-    async fn get_json<T: serde::de::DeserializeOwned>(&self, url: &str) -> Result<T, OidcError> {
+    /// Time one provider call, count it by outcome, and wrap it in a client span (the endpoint's
+    /// name only: URLs of token endpoints are not secret, but bodies and headers are never recorded).
+    async fn observed<T>(
+        &self,
+        endpoint: &'static str,
+        method: &'static str,
+        call: impl std::future::Future<Output = Result<T, OidcError>>,
+        answered_4xx: impl Fn(&T) -> bool,
+    ) -> Result<T, OidcError> {
+        use tracing::Instrument;
+        let span = tracing::info_span!(
+            "identity_provider",
+            otel.name = format!("{method} {endpoint}"),
+            otel.kind = "client",
+            http.request.method = method,
+            gatehouse.idp.endpoint = endpoint,
+            otel.status_code = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+        );
+        let started = std::time::Instant::now();
+        let out = call.instrument(span.clone()).await;
+        let outcome = match &out {
+            Ok(v) if answered_4xx(v) => "rejected",
+            Ok(_) => "ok",
+            Err(OidcError::Unavailable(_)) => "unavailable",
+            Err(_) => "rejected",
+        };
+        if outcome != "ok" {
+            span.record("otel.status_code", "ERROR");
+            span.record("error.type", outcome);
+        }
+        if let Some(m) = &self.metrics {
+            m.provider_duration
+                .get_or_create(&crate::metrics::ProviderLabels { endpoint, outcome })
+                .observe(started.elapsed().as_secs_f64());
+        }
+        out
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        endpoint: &'static str,
+        url: &str,
+    ) -> Result<T, OidcError> {
+        self.observed(endpoint, "GET", self.get_json_inner(url), |_| false).await
+    }
+
+    async fn get_json_inner<T: serde::de::DeserializeOwned>(&self, url: &str) -> Result<T, OidcError> {
         let resp = self.client.get(url).send().await.map_err(unavailable)?;
         let status = resp.status();
         let body = read_limited(resp).await?;
@@ -116,8 +165,20 @@ impl Http {
         serde_json::from_slice(&body).map_err(|e| OidcError::Provider(format!("{url}: malformed JSON: {e}")))
     }
 
-    /// POST a form to a token-style endpoint with client_secret_basic.
+    /// POST a form to a token-style endpoint with client_secret_basic. A 4xx answer is returned
+    /// (the caller reads the error), but counted as `rejected`.
     async fn post_form(
+        &self,
+        endpoint: &'static str,
+        url: &str,
+        client: &ClientAuth,
+        form: &[(&str, &str)],
+    ) -> Result<(reqwest::StatusCode, Vec<u8>), OidcError> {
+        self.observed(endpoint, "POST", self.post_form_inner(url, client, form), |(status, _)| status.is_client_error())
+            .await
+    }
+
+    async fn post_form_inner(
         &self,
         url: &str,
         client: &ClientAuth,
@@ -254,6 +315,12 @@ impl OidcClient {
         })
     }
 
+    /// Count and time every call to the provider in these metrics.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.http.metrics = Some(metrics);
+        self
+    }
+
     pub fn issuer(&self) -> &str {
         &self.settings.issuer
     }
@@ -270,7 +337,7 @@ impl OidcClient {
             return Ok(());
         }
         let url = format!("{}/.well-known/openid-configuration", self.settings.issuer.trim_end_matches('/'));
-        let meta: Metadata = self.http.get_json(&url).await?;
+        let meta: Metadata = self.http.get_json("discovery", &url).await?;
         if meta.issuer != self.settings.issuer {
             return Err(OidcError::Provider(format!(
                 "discovery issuer `{}` differs from the configured `{}`",
@@ -428,7 +495,12 @@ impl OidcClient {
         };
         let (status, _) = self
             .http
-            .post_form(endpoint, &self.auth, &[("token", refresh_token), ("token_type_hint", "refresh_token")])
+            .post_form(
+                "revocation",
+                endpoint,
+                &self.auth,
+                &[("token", refresh_token), ("token_type_hint", "refresh_token")],
+            )
             .await?;
         if !status.is_success() {
             return Err(OidcError::Provider(format!("revocation answered {status}")));
@@ -486,7 +558,7 @@ impl OidcClient {
 
     async fn token_request(&self, form: &[(&str, &str)]) -> Result<TokenResponse, OidcError> {
         let p = self.provider().await?;
-        let (status, body) = self.http.post_form(&p.meta.token_endpoint, &self.auth, form).await?;
+        let (status, body) = self.http.post_form("token", &p.meta.token_endpoint, &self.auth, form).await?;
         if status.is_success() {
             let tokens: TokenResponse =
                 serde_json::from_slice(&body).map_err(|_| OidcError::Provider("malformed token response".into()))?;

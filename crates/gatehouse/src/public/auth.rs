@@ -206,14 +206,19 @@ pub async fn password_login(
     }
     let ip = limits::client_ip(peer, &headers, &core.config.public.trusted_proxies);
     if !st.limits.check(ip, &body.username) {
-        tracing::warn!(%ip, username = %body.username.chars().take(64).collect::<String>(), "password login rate-limited");
+        // No username in the line: log lines name users by `sub` only, and this one is unverified.
+        tracing::warn!(%ip, "password login rate-limited");
+        core.metrics.rate_limited("login");
         return Err(ApiError::TooManyRequests);
     }
     let result = match core.exchange.oidc().password_grant(&body.username, &body.password).await {
         Ok(r) => r,
         Err(e) => {
             core.metrics.logins.get_or_create(&Outcome::new("failed")).inc();
-            tracing::info!(%ip, username = %body.username.chars().take(64).collect::<String>(), error = %e, "password login failed");
+            // Not the typed name (lines name users by `sub` only, and a password typed into the
+            // wrong field would land here): a short hash still shows repeated attempts.
+            let username_hash = crate::crypto::hex(&crate::crypto::sha256(body.username.as_bytes())[..4]);
+            tracing::info!(%ip, %username_hash, error = %e, "password login failed");
             return Err(e.into());
         }
     };

@@ -72,6 +72,7 @@ pub async fn limit(
         let ip = client_ip(peer, req.headers(), &st.core.config.public.trusted_proxies);
         if !st.requests.check(ip) {
             tracing::debug!(%ip, "request rate limit hit");
+            st.core.metrics.rate_limited("request");
             return crate::error::ApiError::TooManyRequests.into_response();
         }
     }

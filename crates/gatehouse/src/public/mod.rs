@@ -21,7 +21,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use tower_http::sensitive_headers::{SetSensitiveRequestHeadersLayer, SetSensitiveResponseHeadersLayer};
 use tower_http::services::ServeDir;
-use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer};
 
 use crate::Core;
 use crate::config::CookieSettings;
@@ -88,21 +87,12 @@ pub fn router(core: Arc<Core>) -> Result<Router, proxy::RouteError> {
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn_with_state(state.clone(), csrf::check))
         .layer(middleware::from_fn_with_state(state.clone(), limits::limit))
-        // Spans carry the method and path only: the query string may hold an authorization code.
-        .layer(
-            TraceLayer::new_for_http()
-                .make_span_with(
-                    |req: &Request| tracing::debug_span!("public", method = %req.method(), path = %req.uri().path()),
-                )
-                .on_request(())
-                .on_response(DefaultOnResponse::new().level(tracing::Level::DEBUG))
-                // 5xx causes (store, provider) are logged where they happen, with context.
-                .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)),
-        )
         .layer(SetSensitiveRequestHeadersLayer::new([header::COOKIE, header::AUTHORIZATION]))
         .layer(SetSensitiveResponseHeadersLayer::new([header::SET_COOKIE]))
         .layer(axum::extract::DefaultBodyLimit::max(config.public.max_body_bytes))
         .layer(middleware::from_fn(guard_headers))
+        // Outermost: the server span and RED metrics see every answer, refusals included.
+        .layer(middleware::from_fn_with_state(core.observer(crate::metrics::Face::public), crate::telemetry::observe))
         .with_state(state))
 }
 

@@ -35,10 +35,34 @@ const EXPIRY: TableDefinition<(i64, &[u8]), ()> = TableDefinition::new("sessions
 const MARKS: TableDefinition<&str, i64> = TableDefinition::new("marks");
 
 pub struct EmbeddedStore {
-    db: Arc<Database>,
+    db: Arc<ContainedDb>,
     path: Arc<PathBuf>,
     /// Set once a write found the file damaged: from then on writes and readiness fail with it.
     damaged: Arc<OnceLock<String>>,
+}
+
+/// The database, closed inside the panic guard too: redb's drop flushes its allocator state, and
+/// on a damaged file that can panic wherever the last reference happens to go (seen in the
+/// random-damage test as an escape from a store being dropped).
+struct ContainedDb(Option<Database>);
+
+impl std::ops::Deref for ContainedDb {
+    type Target = Database;
+    fn deref(&self) -> &Database {
+        // Only `drop` takes it out, and nothing can deref a value being dropped.
+        #[allow(clippy::expect_used)]
+        self.0.as_ref().expect("the database is present until drop")
+    }
+}
+
+impl Drop for ContainedDb {
+    fn drop(&mut self) {
+        if let Some(db) = self.0.take()
+            && let Err(panic) = contained(move || drop(db))
+        {
+            tracing::error!(error = %panic, "closing the damaged session file panicked inside redb; contained");
+        }
+    }
 }
 
 /// How to open the file (from `[session]`).
@@ -264,7 +288,11 @@ impl EmbeddedStore {
     }
 
     fn from_db(db: Database, path: &Path) -> Self {
-        Self { db: Arc::new(db), path: Arc::new(path.to_path_buf()), damaged: Arc::new(OnceLock::new()) }
+        Self {
+            db: Arc::new(ContainedDb(Some(db))),
+            path: Arc::new(path.to_path_buf()),
+            damaged: Arc::new(OnceLock::new()),
+        }
     }
 
     /// Map a failure to what callers see; latch file damage found by a write or scan.
@@ -650,6 +678,15 @@ impl SessionStore for EmbeddedStore {
             Ok(n)
         })
         .await
+    }
+
+    async fn count(&self) -> Result<Option<u64>, StoreError> {
+        // redb keeps a table's length in its metadata: no scan.
+        self.read(Scope::Lookup, |db| {
+            let txn = db.begin_read().map_err(err)?;
+            let t = txn.open_table(SESSIONS).map_err(err)?;
+            t.len().map(Some).map_err(err)
+        })
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

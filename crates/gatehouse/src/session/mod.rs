@@ -3,6 +3,7 @@
 //! stores see `SHA-256(id)`, so a store dump cannot be replayed.
 
 pub mod embedded;
+pub mod observed;
 pub mod redis;
 
 use std::fmt;
@@ -208,6 +209,12 @@ pub trait SessionStore: Send + Sync + 'static {
     /// while another holder has it. Backends serving one process may return a no-op guard (the
     /// exchange already serialises refreshes inside a process).
     async fn lock_refresh(&self, key: &SessionKey) -> Result<RefreshGuard, StoreError>;
+    /// How many session records exist (expired ones not yet removed included), for the
+    /// `gatehouse_sessions_active` gauge; `None` when the backend cannot say. Called by the
+    /// sweeper, not per request.
+    async fn count(&self) -> Result<Option<u64>, StoreError> {
+        Ok(None)
+    }
 }
 
 /// Releases a refresh lock when dropped.

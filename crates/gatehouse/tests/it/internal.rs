@@ -377,13 +377,14 @@ async fn the_rust_client_exchanges_caches_and_types_its_errors() {
     let first = client.exchange(&sid).await.unwrap();
     assert_eq!(first.claims.preferred_username.as_deref(), Some("alice"));
     assert!(!format!("{first:?}").contains(&first.access_token), "Debug hides the token");
-    let before = gate.metric("gatehouse_exchanges_total{outcome=\"ok\"}").await;
+    let ok_series = format!("gatehouse_exchanges_total{{outcome=\"ok\",caller=\"{POCKETBASE}\"}}");
+    let before = gate.metric(&ok_series).await;
     let second = client.exchange(&sid).await.unwrap();
     assert_eq!(second.access_token, first.access_token);
-    assert_eq!(gate.metric("gatehouse_exchanges_total{outcome=\"ok\"}").await, before, "served from the cache");
+    assert_eq!(gate.metric(&ok_series).await, before, "served from the cache");
     client.forget(&sid);
     client.exchange(&sid).await.unwrap();
-    assert_eq!(gate.metric("gatehouse_exchanges_total{outcome=\"ok\"}").await, before + 1.0);
+    assert_eq!(gate.metric(&ok_series).await, before + 1.0);
     assert!(matches!(client.exchange(&"A".repeat(43)).await, Err(gatehouse_client::Error::InvalidSession)));
     let other = client_cert(&ca, vec![San::Uri("spiffe://gatehouse.local/ns/x/sa/y".into())]);
     let unlisted = gatehouse_client::Client::new(gatehouse_client::ClientConfig::new(

@@ -193,6 +193,8 @@ pub async fn handle(
         _ => "5xx",
     };
     st.core.metrics.proxied.get_or_create(&RouteOutcome::new(&route.prefix, class)).inc();
+    let mut outcome = outcome;
+    outcome.extensions_mut().insert(crate::telemetry::RouteLabel(route.prefix.clone()));
     outcome
 }
 
@@ -216,10 +218,48 @@ async fn forward(st: &PublicState, route: &Route, peer: SocketAddr, mut req: Req
 
     // Take the client's side of a possible upgrade before the request is consumed.
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let upstream_req = upstream_request(st, route, peer, req, upgrade, &relay)?;
+    let mut upstream_req = upstream_request(st, route, peer, req, upgrade, &relay)?;
 
+    // The client span of the upstream call; its context replaces any `traceparent` the browser sent.
+    let span = if !st.core.propagation.enabled() {
+        tracing::Span::none()
+    } else {
+        tracing::info_span!(
+            "upstream",
+            otel.name = format!("{} {}", upstream_req.method(), route.prefix),
+            otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
+            http.request.method = upstream_req.method().as_str(),
+            server.address = upstream_req.uri().host().unwrap_or_default(),
+            server.port = upstream_req.uri().port_u16(),
+            gatehouse.route = route.prefix.as_str(),
+            http.response.status_code = tracing::field::Empty,
+        )
+    };
+    crate::telemetry::inject(&st.core.propagation, &span, upstream_req.headers_mut());
     let started = std::time::Instant::now();
-    let mut resp = match tokio::time::timeout(route.timeout, route.client.request(upstream_req)).await {
+    let sent = tracing::Instrument::instrument(route.client.request(upstream_req), span.clone());
+    let answered = tokio::time::timeout(route.timeout, sent).await;
+    st.core
+        .metrics
+        .upstream_duration
+        .get_or_create(&crate::metrics::HttpDurationLabels {
+            face: crate::metrics::Face::public,
+            route: route.prefix.clone(),
+        })
+        .observe(started.elapsed().as_secs_f64());
+    match &answered {
+        Ok(Ok(r)) => {
+            span.record("http.response.status_code", r.status().as_u16());
+            if r.status().is_server_error() {
+                span.record("otel.status_code", "ERROR");
+            }
+        }
+        _ => {
+            span.record("otel.status_code", "ERROR");
+        }
+    }
+    let mut resp = match answered {
         Err(_) => {
             tracing::warn!(route = %route.prefix, "upstream did not answer in time");
             return Err(ApiError::UpstreamTimeout);

@@ -237,6 +237,11 @@ impl SessionStore for RedisStore {
         Ok(removed)
     }
 
+    async fn count(&self) -> Result<Option<u64>, StoreError> {
+        // One SCAN over the session keys per sweep; records live until their TTL fires.
+        Ok(Some(self.scan(&format!("{PREFIX}:s:*")).await?.len() as u64))
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         idempotent!(self, c => redis::cmd("PING").query_async::<String>(&mut c)).map(|_| ())
     }
