@@ -8,7 +8,7 @@ export KEYCLOAK_TEST_PORT ?= 18180
 export KEYCLOAK_URL ?= http://localhost:$(KEYCLOAK_TEST_PORT)
 CARGO ?= cargo
 
-.PHONY: all setup build lint test unit-test demo bench clean-cache
+.PHONY: all setup build lint test unit-test demo bench fuzz clean-cache
 
 all: build
 
@@ -33,6 +33,10 @@ test: lint
 
 demo: build
 	@scripts/demo.sh $(CARGO_TARGET_DIR)/release/gatehouse
+
+# Fuzz every parser of outside input; FUZZ_SECONDS per target (default 60).
+fuzz: setup
+	@scripts/fuzz.sh
 
 bench: build
 	@scripts/bench.sh $(CARGO_TARGET_DIR)/release/gatehouse

@@ -26,6 +26,9 @@ cargo test --locked --workspace --no-run
 # the alert rules in deploy/prometheus/, cross-check rule and dashboard metric names).
 cargo test --locked --workspace
 
+# Every parser of outside input under libFuzzer for a short while (make fuzz runs longer).
+scripts/fuzz.sh 15
+
 # PocketBase's Gatehouse middleware (Go), the Kubernetes deployment (Helm chart and Envoy
 # bootstraps, validated without a cluster), then the whole platform in headless Chromium.
 scripts/pocketbase.sh test

@@ -22,6 +22,9 @@ pub mod session;
 pub mod telemetry;
 pub mod tls;
 
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;

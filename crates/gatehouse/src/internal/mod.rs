@@ -3,7 +3,7 @@
 //! loopback), only by callers on the exact allow-list, rate-limited and audited per caller.
 
 mod exchange;
-mod xfcc;
+pub(crate) mod xfcc;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
