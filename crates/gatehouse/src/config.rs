@@ -48,6 +48,10 @@ fn describe(e: &figment::Error) -> String {
             let hint = closest(value, expected).map(|b| format!("; did you mean `{b}`?")).unwrap_or_default();
             format!("`{key}`: `{value}` is not one of {}{hint}", quoted(expected))
         }
+        // The value of a secret is never echoed back, not even a wrongly typed one.
+        Kind::InvalidType(_, expected) | Kind::InvalidValue(_, expected) if secret_key(&key) => {
+            format!("`{key}`: expected {expected} (the value given is not shown: it may be a secret)")
+        }
         Kind::InvalidType(actual, expected) => {
             format!("`{key}`: expected {expected}, found {actual}{}", example(&key, expected))
         }
@@ -68,6 +72,16 @@ fn describe(e: &figment::Error) -> String {
         }
     };
     format!("{text}{source}")
+}
+
+/// Keys whose values are secrets (or hold one, like a Redis URL with a password).
+fn secret_key(key: &str) -> bool {
+    let name = key.rsplit('.').next().unwrap_or(key);
+    ["secret", "key", "password", "token", "redis_url", "redis_sentinels", "redis_cluster_nodes"]
+        .iter()
+        .any(|w| name.contains(w))
+        && !name.ends_with("_file")
+        && !name.ends_with("_files")
 }
 
 fn quoted(names: &[&str]) -> String {
@@ -1415,6 +1429,8 @@ mod tests {
             assert!(!e.contains("default."), "no internal prefix: {e}");
             let e = err(jail, &format!("{MINIMAL}\n[admin]\nlisten = 9090"));
             assert!(e.contains("`admin.listen`") && e.contains("for example: listen = \"0.0.0.0:9090\""), "{e}");
+            let e = err(jail, &MINIMAL.replace("client_secret = \"s3cret\"", "client_secret = 918273645"));
+            assert!(e.contains("`oidc.client_secret`") && !e.contains("918273645"), "no secret echoed: {e}");
             let e = err(jail, &format!("{MINIMAL}\n[log]\nformat = \"jsno\""));
             assert!(e.contains("did you mean `json`?"), "{e}");
             for (level, hint) in
