@@ -9,6 +9,7 @@ mod limits;
 mod login_state;
 pub mod proxy;
 pub mod return_to;
+pub mod views;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,12 +53,16 @@ pub struct PublicState {
     pub limits: LoginLimits,
     pub requests: RequestLimits,
     pub proxy: proxy::Proxy,
+    /// Composed views (`[[views]]`), served under `/api/views/`.
+    pub views: views::Views,
 }
 
 /// The public router; fails if a route's TLS files cannot be used.
 pub fn router(core: Arc<Core>) -> Result<Router, proxy::RouteError> {
     let config = &core.config;
     let proxy = proxy::Proxy::new(config)?;
+    let views = views::Views::new(&config.views, &proxy)
+        .map_err(|problem| proxy::RouteError { prefix: "/api/views/".into(), problem })?;
     let state = Arc::new(PublicState {
         cookie: config.cookie(),
         origin: config.public_origin(),
@@ -67,6 +72,7 @@ pub fn router(core: Arc<Core>) -> Result<Router, proxy::RouteError> {
         ),
         requests: RequestLimits::new(config.public.rate_limit_per_second, config.public.rate_limit_burst),
         proxy,
+        views,
         core: core.clone(),
     });
     spawn_limit_cleanup(&state);
@@ -80,6 +86,10 @@ pub fn router(core: Arc<Core>) -> Result<Router, proxy::RouteError> {
         .route("/readyz", get(readyz))
         // Everything under /api/ is the proxy's (a JSON 404 for unknown routes), never a static file.
         .route("/api/{*rest}", any(proxy::handle));
+    if !state.views.is_empty() {
+        // More specific than `/api/{*rest}`: views own `/api/views/` (no route may sit there).
+        router = router.route("/api/views/{*rest}", get(views::handle));
+    }
     router = match &config.public.static_dir {
         Some(dir) => router.fallback_service(ServeDir::new(dir).fallback(get(not_found).post(not_found))),
         None => router.fallback(not_found),
