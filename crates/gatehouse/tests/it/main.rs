@@ -14,3 +14,4 @@ mod proxy;
 mod replicas;
 mod sessions;
 mod shutdown;
+mod views;

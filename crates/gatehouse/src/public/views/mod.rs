@@ -219,6 +219,16 @@ async fn answer(st: Arc<PublicState>, peer: SocketAddr, req: Request) -> Result<
     }
     out.insert("partial".into(), Value::Array(partial));
     let body = serde_json::to_vec(&Value::Object(out)).map_err(|_| ApiError::Internal)?;
+    // Defence in depth: an allow-list that names a field in which an upstream echoes the relay
+    // header must still not hand the session id or the access token to page script.
+    let secrets = [Some(session.as_str()), bearer.as_deref().and_then(|b| b.strip_prefix("Bearer "))];
+    if secrets.into_iter().flatten().any(|s| contains(&body, s.as_bytes())) {
+        tracing::error!(view = %view.name, "a view's answer held the session id or access token: refused");
+        let body = json!({"error": "view_leak", "message": "the view's answer was refused: it held a credential"});
+        let mut resp = (StatusCode::BAD_GATEWAY, Json(body)).into_response();
+        resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        return Ok(resp);
+    }
     let etag = format!("\"{}\"", crate::crypto::hex(&crate::crypto::sha256(&body)[..16]));
     let not_modified = req
         .headers()
@@ -261,4 +271,8 @@ async fn join_all<F: std::future::Future>(futures: impl Iterator<Item = F>) -> V
     })
     .await;
     outputs.into_iter().flatten().collect()
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
 }
