@@ -57,8 +57,9 @@ pub struct PublicState {
     pub views: views::Views,
 }
 
-/// The public router; fails if a route's TLS files cannot be used.
-pub fn router(core: Arc<Core>) -> Result<Router, proxy::RouteError> {
+/// The public router, with any extension endpoints (`crate::extend`); fails if a route's TLS
+/// files cannot be used or an extension path is not allowed.
+pub fn router(core: Arc<Core>, extensions: crate::extend::Extensions) -> Result<Router, proxy::RouteError> {
     let config = &core.config;
     let proxy = proxy::Proxy::new(config)?;
     let views = views::Views::new(&config.views, &proxy)
@@ -94,8 +95,16 @@ pub fn router(core: Arc<Core>) -> Result<Router, proxy::RouteError> {
         Some(dir) => router.fallback_service(ServeDir::new(dir).fallback(get(not_found).post(not_found))),
         None => router.fallback(not_found),
     };
+    let mut router: Router =
+        router.method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed }).with_state(state.clone());
+    let prefixes: Vec<String> = config.routes.iter().map(|r| r.prefix.clone()).collect();
+    let ext = extensions
+        .into_router(&prefixes)
+        .map_err(|problem| proxy::RouteError { prefix: "extensions".into(), problem })?;
+    // Extension endpoints sit inside every layer below (CSRF, rate limit, header guard), plus
+    // their own guard (same-origin reads, no-store) and the state their `User` extractor reads.
+    router = router.merge(ext.layer(middleware::from_fn(crate::extend::guard)).layer(axum::Extension(state.clone())));
     Ok(router
-        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn_with_state(state.clone(), csrf::check))
         .layer(middleware::from_fn_with_state(state.clone(), limits::limit))
         // Spans carry the method and path only: the query string may hold an authorization code.
@@ -112,8 +121,7 @@ pub fn router(core: Arc<Core>) -> Result<Router, proxy::RouteError> {
         .layer(SetSensitiveRequestHeadersLayer::new([header::COOKIE, header::AUTHORIZATION]))
         .layer(SetSensitiveResponseHeadersLayer::new([header::SET_COOKIE]))
         .layer(axum::extract::DefaultBodyLimit::max(config.public.max_body_bytes))
-        .layer(middleware::from_fn(guard_headers))
-        .with_state(state))
+        .layer(middleware::from_fn(guard_headers)))
 }
 
 fn spawn_limit_cleanup(state: &Arc<PublicState>) {
