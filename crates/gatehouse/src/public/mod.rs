@@ -1,7 +1,7 @@
 //! The North-South face: what browsers reach through the load balancer. Login, callback,
 //! logout, `/auth/me`, health, and static files — never an internal route.
 
-mod auth;
+pub(crate) mod auth;
 mod backchannel;
 pub mod cookies;
 pub mod csrf;

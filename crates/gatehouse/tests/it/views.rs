@@ -155,6 +155,19 @@ path = "items/{id}?owner={claim.sub}"
 fields = ["path"]
 
 [[views]]
+name = "home"
+[[views.parts]]
+name = "me"
+route = "@session"
+fields = ["preferred_username", "client_roles.*", "session.expires_at"]
+[[views.parts]]
+name = "items"
+route = "/api/svc/"
+path = "list"
+target = "data.items"
+fields = ["id"]
+
+[[views]]
 name = "leaky"
 [[views.parts]]
 name = "echo"
@@ -267,6 +280,20 @@ async fn parameters_are_substituted_safely_and_injections_are_refused_before_any
     let r = e.view("/api/views/note/n-1_a.b~").await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["note"]["path"], format!("/v/items/n-1_a.b~?owner={sub}"));
+
+    // An `@session` part: the user's claims as /auth/me has them, allow-listed, no upstream call
+    // for it (only `items` reaches the upstream); `*` keeps every client's roles.
+    let hits = e.up.hits.load(Ordering::SeqCst);
+    let home = e.view("/api/views/home").await;
+    assert_eq!(home.status, 200, "{}", home.body);
+    let v = home.json();
+    assert_eq!(v["me"]["preferred_username"], "alice");
+    assert!(v["me"]["client_roles"]["gatehouse"].as_array().is_some_and(|r| !r.is_empty()), "{v}");
+    assert!(v["me"]["session"]["expires_at"].as_i64().is_some());
+    let me_keys: Vec<&String> = v["me"].as_object().unwrap().keys().collect();
+    assert_eq!(me_keys, ["client_roles", "preferred_username", "session"], "only the allow-listed claims");
+    assert_eq!(v["items"], json!([{"id": "n1"}, {"id": "n2"}]));
+    assert_eq!(e.up.hits.load(Ordering::SeqCst), hits + 1);
 
     let hits = e.up.hits.load(Ordering::SeqCst);
     // Sent byte for byte: an HTTP client library would normalise `..` away before sending.
@@ -480,6 +507,8 @@ async fn check_config_refuses_views_on_unknown_routes_and_bad_templates() {
     assert_eq!(load(part("/api/svc/", "x/{claim.sub}", "")), Ok(()));
     for (extra, needle) in [
         (part("/api/nope/", "x", ""), "no [[routes]] entry"),
+        (part("@session", "x", ""), "no path"),
+        (part("/api/svc/", "x", "rename = { \"a\" = \"b.c\" }"), "one key"),
         (part("/api/svc/", "x/{id}", ""), "{id}"),
         (part("/api/svc/", "/abs", ""), "relative"),
         (part("/api/svc/", "a/../b", ""), "dot segment"),

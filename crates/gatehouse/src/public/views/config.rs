@@ -43,10 +43,12 @@ pub enum Policy {
 pub struct PartConfig {
     pub name: String,
     /// The `prefix` of an existing `[[routes]]` entry: the call inherits its upstream, relay,
-    /// TLS, connection pool and in-flight limit.
+    /// TLS, connection pool and in-flight limit. Or `@session`: the signed-in user's claims and
+    /// session expiries (as `/auth/me`), without an upstream call.
     pub route: String,
     /// Path (and optional query) relative to the route's upstream URL, with `{param}` and
-    /// `{claim.sub}` / `{claim.preferred_username}` placeholders.
+    /// `{claim.sub}` / `{claim.preferred_username}` placeholders. Empty for `@session`.
+    #[serde(default)]
     pub path: String,
     /// Where the part lands in the answer (default: the part's name).
     #[serde(default)]
@@ -119,6 +121,14 @@ fn is_field_path(s: &str) -> bool {
     s.split('.').all(is_field_name)
 }
 
+/// An allow-list entry: field names, or `*` for every key of a map.
+fn is_field_pattern(s: &str) -> bool {
+    s.split('.').all(|step| step == "*" || is_field_name(step))
+}
+
+/// The `route` of a part that reads the signed-in user's session instead of calling an upstream.
+pub const SESSION_SOURCE: &str = "@session";
+
 impl ViewConfig {
     /// The request path pattern.
     pub fn path(&self) -> String {
@@ -171,10 +181,21 @@ impl ViewConfig {
             if !is_field_name(&p.name) {
                 return Err(pbad("views.parts.name", "use letters, digits, `_`, `-`".into()));
             }
-            if !routes.iter().any(|r| r.prefix == p.route) {
-                return Err(pbad("views.parts.route", format!("no [[routes]] entry has prefix `{}`", p.route)));
+            if p.route == SESSION_SOURCE {
+                if !p.path.is_empty() {
+                    return Err(pbad("views.parts.path", format!("a `{SESSION_SOURCE}` part has no path")));
+                }
+            } else if !routes.iter().any(|r| r.prefix == p.route) {
+                return Err(pbad(
+                    "views.parts.route",
+                    format!("no [[routes]] entry has prefix `{}` (or use `{SESSION_SOURCE}`)", p.route),
+                ));
+            } else {
+                Template::parse(&p.path, &params).map_err(|why| pbad("views.parts.path", why))?;
             }
-            Template::parse(&p.path, &params).map_err(|why| pbad("views.parts.path", why))?;
+            if let Some(f) = p.fields.iter().find(|f| !is_field_pattern(f)) {
+                return Err(pbad("views.parts.fields", format!("`{f}` is not a dotted field path")));
+            }
             let key = p.key.clone().unwrap_or_else(|| p.name.clone());
             if !is_field_name(&key) || key == "partial" {
                 return Err(pbad(

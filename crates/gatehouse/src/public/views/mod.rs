@@ -49,8 +49,9 @@ struct Part {
     name: String,
     key: String,
     route: String,
-    relay: Relay,
-    template: Template,
+    /// `None` for an `@session` part (no upstream call).
+    relay: Option<Relay>,
+    template: Option<Template>,
     target: Option<String>,
     shape: Shape,
     policy: Policy,
@@ -73,18 +74,25 @@ impl Views {
             let params = c.params();
             let mut parts = Vec::new();
             for p in &c.parts {
-                let route =
-                    proxy.route_by_prefix(&p.route).ok_or_else(|| format!("view {}: no route {}", c.name, p.route))?;
+                let session = p.route == config::SESSION_SOURCE;
+                let (relay, timeout, template) = if session {
+                    (None, c.deadline, None)
+                } else {
+                    let route = proxy
+                        .route_by_prefix(&p.route)
+                        .ok_or_else(|| format!("view {}: no route {}", c.name, p.route))?;
+                    (Some(route.relay()), route.timeout(), Some(Template::parse(&p.path, &params)?))
+                };
                 parts.push(Part {
                     name: p.name.clone(),
                     key: p.key.clone().unwrap_or_else(|| p.name.clone()),
                     route: p.route.clone(),
-                    relay: route.relay(),
-                    template: Template::parse(&p.path, &params)?,
+                    relay,
+                    template,
                     target: p.target.clone(),
                     shape: Shape::new(&p.fields, &p.rename)?,
                     policy: p.policy,
-                    timeout: p.timeout.unwrap_or(route.timeout()).min(c.deadline),
+                    timeout: p.timeout.unwrap_or(timeout).min(c.deadline),
                     max_bytes: p.max_bytes,
                 });
             }
@@ -92,7 +100,7 @@ impl Views {
                 name: c.name.clone(),
                 segments: c.path().split('/').map(|s| (!s.starts_with('{')).then(|| s.to_owned())).collect(),
                 deadline: c.deadline,
-                needs_token: parts.iter().any(|p| p.relay == Relay::Bearer),
+                needs_token: parts.iter().any(|p| p.relay == Some(Relay::Bearer)),
                 parts,
             });
         }
@@ -167,27 +175,37 @@ async fn answer(st: Arc<PublicState>, peer: SocketAddr, req: Request) -> Result<
     // Render every path before calling anything: one bad value refuses the whole view.
     let mut paths = Vec::with_capacity(view.parts.len());
     for part in &view.parts {
-        paths.push(
-            part.template
-                .render(&params, &claims.sub, &username)
-                .map_err(|why| ApiError::bad_request("bad_parameter", why))?,
-        );
+        paths.push(match &part.template {
+            Some(t) => {
+                t.render(&params, &claims.sub, &username).map_err(|why| ApiError::bad_request("bad_parameter", why))?
+            }
+            None => String::new(),
+        });
     }
+    let me = super::auth::me_body(&resolved.record);
     let bearer = resolved.access_token.map(|t| format!("Bearer {t}"));
     let session = id.expose().to_owned();
     let headers: HeaderMap = req.headers().clone();
 
     let calls = view.parts.iter().zip(&paths).map(|(part, rest)| {
         let relay = match part.relay {
-            Relay::Bearer => bearer.as_deref().unwrap_or_default(),
-            Relay::Session => session.as_str(),
+            Some(Relay::Bearer) => bearer.as_deref().unwrap_or_default(),
+            Some(Relay::Session) => session.as_str(),
+            None => "",
         };
+        let me = &me;
         let st = &st;
         let headers = &headers;
         async move {
             let trusted = &st.core.config.public.trusted_proxies;
-            let got =
-                st.proxy.get_json(&part.route, rest, relay, peer, headers, trusted, part.timeout, part.max_bytes).await;
+            let got = match part.relay {
+                None => Ok(me.clone()),
+                Some(_) => {
+                    st.proxy
+                        .get_json(&part.route, rest, relay, peer, headers, trusted, part.timeout, part.max_bytes)
+                        .await
+                }
+            };
             got.and_then(|v| {
                 let sub = match &part.target {
                     Some(t) => shape::target(&v, t).ok_or(CallFailure::NotJson)?,

@@ -25,6 +25,9 @@ impl Shape {
             }
         }
         for (from, to) in rename {
+            if from.split('.').any(|step| step == "*") {
+                return Err(format!("rename `{from}`: `*` cannot be renamed"));
+            }
             if to.is_empty() || to.contains('.') {
                 return Err(format!("rename `{from}` → `{to}`: the new name is one key, without dots"));
             }
@@ -66,8 +69,21 @@ impl Shape {
             Value::Object(obj) => {
                 let mut out = Map::new();
                 for (key, (out_key, child)) in &self.children {
+                    if key == "*" {
+                        continue;
+                    }
                     if let Some(shaped) = obj.get(key).and_then(|c| child.apply(c)) {
                         out.insert(out_key.clone(), shaped);
+                    }
+                }
+                // `*`: every other key of a map (client id → roles), shaped by what is listed beneath.
+                if let Some((_, any)) = self.children.get("*") {
+                    for (key, value) in obj {
+                        if !self.children.contains_key(key)
+                            && let Some(shaped) = any.apply(value)
+                        {
+                            out.insert(key.clone(), shaped);
+                        }
                     }
                 }
                 Some(Value::Object(out))
@@ -124,6 +140,14 @@ mod tests {
         let v = json!({"items": [{"a": {"b": 1, "c": 2}}]});
         let s = shape(&["items.a.b"], &[("items.a", "alpha"), ("items.a.b", "beta")]);
         assert_eq!(s.apply(&v).unwrap(), json!({"items": [{"alpha": {"beta": 1}}]}));
+    }
+
+    #[test]
+    fn a_star_step_keeps_every_key_of_a_map_shaped_by_what_follows() {
+        let v = json!({"roles": {"app": ["r1"], "other": ["r2"], "odd": {"deep": 1}}, "x": 1});
+        assert_eq!(shape(&["roles.*"], &[]).apply(&v).unwrap(), json!({"roles": {"app": ["r1"], "other": ["r2"]}}));
+        let v = json!({"m": {"a": {"keep": 1, "drop": 2}, "b": {"keep": 3}}});
+        assert_eq!(shape(&["m.*.keep"], &[]).apply(&v).unwrap(), json!({"m": {"a": {"keep": 1}, "b": {"keep": 3}}}));
     }
 
     #[test]
