@@ -1,5 +1,5 @@
 // End-to-end browser tests of the Gatehouse demo: Keycloak login, the HttpOnly session cookie,
-// "My notes" through the /api/pb/ proxy to PocketBase (with live updates), isolation between
+// the main screen from one composed view (/api/views/home), "My notes" through the /api/pb/ proxy to PocketBase (with live updates), isolation between
 // users, CSRF and cross-origin defences, and sign-out.
 //
 // Run through scripts/e2e.sh, which starts Keycloak, Gatehouse and PocketBase and sets
@@ -142,6 +142,30 @@ function suite() {
     assert.ok(await page.locator('#signout').isVisible(), 'a signed-in user should see "Sign out"');
     await h.screenshot(env, page, 'alice-signed-in');
     s.alicePage = page;
+  });
+
+  // ---------------------------------------------------------------- 1b
+
+  step('1b. the main screen comes from one composed view: the user and her notes in one request, allow-listed fields only', async (t) => {
+    if (!needs(t, 'alicePage')) return;
+    const page = s.alicePage;
+    await page.locator('#notes').waitFor({ state: 'visible' });
+    await h.notesLoaded(page);
+    await s.aliceRec.settle();
+    const home = s.aliceRec.bodies.filter((b) => b.url === `${env.gatehouse}/api/views/home` && b.status === 200);
+    assert.ok(home.length >= 1, `the main screen should have been loaded from GET /api/views/home; responses: ${s.aliceRec.responses.map((r) => `${r.method} ${r.url} ${r.status}`).join(', ')}`);
+    const body = JSON.parse(home[home.length - 1].body);
+    assert.deepEqual(Object.keys(body).sort(), ['me', 'notes', 'partial'], `the view answers exactly its parts: ${home[home.length - 1].body}`);
+    assert.deepEqual(body.partial, [], 'both parts arrived');
+    assert.equal(body.me.preferred_username, 'alice');
+    assert.ok(body.me.client_roles && typeof body.me.client_roles === 'object', 'client roles pass through the * step');
+    assert.ok(Array.isArray(body.notes.items) && typeof body.notes.totalItems === 'number', `notes summary from PocketBase: ${JSON.stringify(body.notes)}`);
+    for (const n of body.notes.items) {
+      assert.deepEqual(Object.keys(n).sort().filter((k) => !['created', 'id', 'text'].includes(k)), [], `only id, text and created of a note reach the page: ${JSON.stringify(n)}`);
+    }
+    const separate = s.aliceRec.responses.filter((r) => r.url.startsWith(`${env.gatehouse}/auth/me`) || r.url.startsWith(`${env.gatehouse}${h.NOTES}`));
+    assert.deepEqual(separate.map((r) => r.url), [], 'the main screen needs neither /auth/me nor a separate notes request');
+    await h.screenshot(env, page, 'alice-home-view');
   });
 
   // ---------------------------------------------------------------- 2
