@@ -36,6 +36,7 @@ demo: build
 
 bench: build
 	@scripts/bench.sh $(CARGO_TARGET_DIR)/release/gatehouse
+	@scripts/bench-views.sh $(CARGO_TARGET_DIR)/release/gatehouse $(CARGO_TARGET_DIR)/release/examples/baseline
 
 clean-cache:
 	rm -rf $(GATEHOUSE_CACHE)
