@@ -24,6 +24,59 @@
   function signedOut() {
     me = null;
     show('signed-out');
+    offerPasswordForm();
+  }
+
+  // Password login (the form posts to Gatehouse, which checks the credentials with Keycloak). The
+  // form is offered only when Gatehouse has password login on: POST /auth/login with an empty
+  // body answers 400 (invalid request) when it is on and 404 when it is off, without a call to
+  // Keycloak and without counting against the login rate limits.
+  let passwordLogin = null; // unknown until asked once
+  async function offerPasswordForm() {
+    if (passwordLogin === null) {
+      try {
+        const resp = await fetch('/auth/login', {
+          method: 'POST',
+          credentials: 'same-origin',
+          headers: { 'X-CSRF': '1', 'Content-Type': 'application/json', Accept: 'application/json' },
+          body: '{}',
+        });
+        passwordLogin = resp.status === 400;
+      } catch (_) {
+        return;
+      }
+    }
+    $('password-form').hidden = !passwordLogin;
+  }
+
+  async function passwordSignIn(event) {
+    event.preventDefault();
+    const error = $('pw-error');
+    error.hidden = true;
+    const button = $('pw-submit');
+    button.disabled = true;
+    try {
+      const resp = await fetch('/auth/login', {
+        method: 'POST',
+        credentials: 'same-origin',
+        headers: { 'X-CSRF': '1', 'Content-Type': 'application/json', Accept: 'application/json' },
+        body: JSON.stringify({ username: $('pw-username').value, password: $('pw-password').value }),
+      });
+      if (!resp.ok) {
+        error.textContent =
+          resp.status === 401 ? 'Wrong username or password.' : await errorMessage(resp);
+        error.hidden = false;
+        return;
+      }
+      $('pw-password').value = '';
+      show('loading');
+      load();
+    } catch (_) {
+      error.textContent = 'Gatehouse cannot be reached.';
+      error.hidden = false;
+    } finally {
+      button.disabled = false;
+    }
   }
 
   function text(id, value, fallback) {
@@ -527,6 +580,7 @@
   })();
 
   $('signout').addEventListener('click', signOut);
+  $('password-form').addEventListener('submit', passwordSignIn);
   $('refresh').addEventListener('click', load);
   $('retry').addEventListener('click', () => {
     show('loading');

@@ -647,6 +647,38 @@ function suite() {
     await h.screenshot(env, page, 'alice-keycloak-asks-password-again');
   });
 
+  // ---------------------------------------------------------------- 9b
+
+  step('9b. the username/password form beside "Sign in with Keycloak" signs bob in through Gatehouse; it never posts to Keycloak', async (t) => {
+    const { context, recorder } = await newContext('bob-password');
+    try {
+      const page = await recorder.newPage('bob-password');
+      await page.goto(`${env.gatehouse}/`);
+      await page.locator('#signed-out').waitFor({ state: 'visible' });
+      await page.locator('#password-form').waitFor({ state: 'visible' });
+      await page.fill('#pw-username', 'bob');
+      await page.fill('#pw-password', 'not-bobs-password');
+      await page.click('#pw-submit');
+      await page.locator('#pw-error').waitFor({ state: 'visible' });
+      assert.match(await page.textContent('#pw-error'), /wrong username or password/i, 'a wrong password is refused');
+      assert.ok(await page.locator('#signed-out').isVisible(), 'still signed out after a wrong password');
+      await page.fill('#pw-password', 'bob-password');
+      await page.click('#pw-submit');
+      await page.locator('#signed-in').waitFor({ state: 'visible' });
+      assert.equal((await page.textContent('#username')).trim(), 'bob', 'the app shows bob after the password login');
+      await h.notesLoaded(page);
+      await recorder.settle();
+      const kc = recorder.responses.filter((r) => new URL(r.url).origin === env.keycloakOrigin);
+      assert.deepEqual(kc.map((r) => `${r.method} ${r.url}`), [], 'the browser never talks to Keycloak for a password login');
+      const logins = recorder.responses.filter((r) => r.method === 'POST' && r.url === `${env.gatehouse}/auth/login`);
+      assert.deepEqual(logins.map((r) => r.status).filter((st) => st !== 400), [401, 200], 'the form posted to Gatehouse: refused, then accepted');
+      assertNoSecrets(t, recorder, {});
+      await h.screenshot(env, page, 'bob-password-signed-in');
+    } finally {
+      await context.close();
+    }
+  });
+
   // ---------------------------------------------------------------- 10
 
   step('10. over the whole run: no JWT or session id in any response, no CSP violation, no script error', async (t) => {
