@@ -233,6 +233,15 @@ function suite() {
     await h.notesLoaded(page);
     shown = await h.shownNotes(page);
     for (const text of texts) assert.ok(shown.includes(text), `after a reload the list should still show ${JSON.stringify(text)}; shown: ${JSON.stringify(shown)}`);
+    // After the reload the list came from the composed view: the notes, with only id, text and created.
+    await s.aliceRec.settle();
+    const homes = s.aliceRec.bodies.filter((b) => b.url === `${env.gatehouse}/api/views/home` && b.status === 200);
+    const home = JSON.parse(homes[homes.length - 1].body);
+    for (const text of texts) {
+      const n = home.notes.items.find((i) => i.text === text);
+      assert.ok(n, `the view's notes part should hold ${JSON.stringify(text)}: ${homes[homes.length - 1].body.slice(0, 500)}`);
+      assert.deepEqual(Object.keys(n).sort(), ['created', 'id', 'text'], `only the allow-listed fields of a note (no owner, updated, collectionId): ${JSON.stringify(n)}`);
+    }
 
     const users = await h.pageFetch(page, h.USERS, { csrf: false });
     assert.equal(users.status, 200, `GET ${h.USERS} should be 200, got ${users.status ?? users.error}: ${users.text}`);
