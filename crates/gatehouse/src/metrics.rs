@@ -29,6 +29,21 @@ impl RouteOutcome {
     }
 }
 
+/// A composed view's answer: the view's name (from config) and the outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ViewOutcome {
+    pub view: String,
+    pub outcome: String,
+}
+
+/// A failed part of a composed view: view and part names (from config) and the reason.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ViewPartFailure {
+    pub view: String,
+    pub part: String,
+    pub reason: String,
+}
+
 #[derive(Default)]
 pub struct Metrics {
     pub sessions_created: Counter,
@@ -40,6 +55,11 @@ pub struct Metrics {
     pub exchanges: Family<Outcome, Counter>,
     /// Requests through the API proxy, by route and outcome (`ok`, `4xx`, `5xx`, `upgraded`).
     pub proxied: Family<RouteOutcome, Counter>,
+    /// Composed views answered, by view and outcome (`ok`, `partial`, `not_modified`,
+    /// `part_failed`, `4xx`, `5xx`).
+    pub views: Family<ViewOutcome, Counter>,
+    /// Failed parts of composed views, by view, part and reason.
+    pub view_part_failures: Family<ViewPartFailure, Counter>,
 }
 
 impl Metrics {
@@ -58,6 +78,12 @@ impl Metrics {
             "gatehouse_proxied_requests",
             "API proxy requests by route and outcome",
             self.proxied.clone(),
+        );
+        registry.register("gatehouse_views", "Composed view requests by view and outcome", self.views.clone());
+        registry.register(
+            "gatehouse_view_part_failures",
+            "Failed parts of composed views by view, part and reason",
+            self.view_part_failures.clone(),
         );
     }
 }

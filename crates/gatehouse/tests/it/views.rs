@@ -430,6 +430,11 @@ async fn required_parts_fail_the_view_and_optional_parts_are_listed_as_partial()
     }
     assert!(!r.body.contains("upstream detail"), "upstream error bodies never pass through");
 
+    let m = |labels: &str| format!("gatehouse_view_part_failures_total{{{labels}}}");
+    assert_eq!(e.gate.metric(&m("view=\"mixed\",part=\"late\",reason=\"timeout\"")).await, 1.0);
+    assert_eq!(e.gate.metric(&m("view=\"mixed\",part=\"e401\",reason=\"upstream_denied\"")).await, 1.0);
+    assert_eq!(e.gate.metric("gatehouse_views_total{view=\"mixed\",outcome=\"partial\"}").await, 1.0);
+
     // An upstream's 401 is that part's failure; the Gatehouse session lives on.
     assert_eq!(e.b.get(&format!("{}/auth/me", e.gate.base)).await.status, 200);
 
@@ -447,6 +452,7 @@ async fn required_parts_fail_the_view_and_optional_parts_are_listed_as_partial()
         assert!(v.get("ok").is_none() && !r.body.contains("\"name\""), "{view}: no partial data: {}", r.body);
         assert_eq!(r.header("cache-control").as_deref(), Some("no-store"));
     }
+    assert_eq!(e.gate.metric("gatehouse_views_total{view=\"strict\",outcome=\"part_failed\"}").await, 1.0);
     e.gate.stop().await;
 }
 

@@ -29,6 +29,7 @@ use super::proxy::json_call::CallFailure;
 use super::{PublicState, cookies};
 use crate::config::Relay;
 use crate::error::ApiError;
+use crate::metrics::{ViewOutcome, ViewPartFailure};
 use crate::session::SessionId;
 pub use config::{PartConfig, Policy, ViewConfig};
 use shape::Shape;
@@ -128,11 +129,34 @@ pub async fn handle(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     req: Request,
 ) -> Response {
-    match answer(st, peer, req).await {
+    let view = st.views.find(req.uri().path()).map(|(i, _)| st.views.views[i].name.clone());
+    let core = st.core.clone();
+    let resp = match answer(st, peer, req).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
+    };
+    // Unknown paths are not counted: their names would come from the request.
+    if let Some(view) = view {
+        let outcome = match resp.status().as_u16() {
+            304 => "not_modified",
+            200 if resp.extensions().get::<Partial>().is_some() => "partial",
+            200 => "ok",
+            502 if resp.extensions().get::<PartFailed>().is_some() => "part_failed",
+            s if s < 500 => "4xx",
+            _ => "5xx",
+        };
+        core.metrics.views.get_or_create(&ViewOutcome { view, outcome: outcome.into() }).inc();
     }
+    resp
 }
+
+/// Marks an answer with optional parts missing (for the metric).
+#[derive(Clone, Copy)]
+struct Partial;
+
+/// Marks a 502 caused by a required part (for the metric).
+#[derive(Clone, Copy)]
+struct PartFailed;
 
 /// A view's own failure: which part, and why, in the standard error shape.
 fn part_failed(view: &str, part: &str, why: CallFailure) -> Response {
@@ -145,6 +169,7 @@ fn part_failed(view: &str, part: &str, why: CallFailure) -> Response {
     });
     let mut resp = (StatusCode::BAD_GATEWAY, Json(body)).into_response();
     resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp.extensions_mut().insert(PartFailed);
     resp
 }
 
@@ -222,6 +247,13 @@ async fn answer(st: Arc<PublicState>, peer: SocketAddr, req: Request) -> Result<
 
     let mut out = Map::new();
     let mut partial = Vec::new();
+    for (part, result) in view.parts.iter().zip(&results) {
+        if let Err(why) = result {
+            let label =
+                ViewPartFailure { view: view.name.clone(), part: part.name.clone(), reason: why.reason().into() };
+            st.core.metrics.view_part_failures.get_or_create(&label).inc();
+        }
+    }
     for (part, result) in view.parts.iter().zip(results) {
         match result {
             Ok(v) => {
@@ -235,6 +267,7 @@ async fn answer(st: Arc<PublicState>, peer: SocketAddr, req: Request) -> Result<
             }
         }
     }
+    let partial_empty = partial.is_empty();
     out.insert("partial".into(), Value::Array(partial));
     let body = serde_json::to_vec(&Value::Object(out)).map_err(|_| ApiError::Internal)?;
     // Defence in depth: an allow-list that names a field in which an upstream echoes the relay
@@ -261,6 +294,9 @@ async fn answer(st: Arc<PublicState>, peer: SocketAddr, req: Request) -> Result<
     } else {
         ([(header::CONTENT_TYPE, "application/json")], body).into_response()
     };
+    if !partial_empty {
+        resp.extensions_mut().insert(Partial);
+    }
     let h = resp.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&etag) {
         h.insert(header::ETAG, v);
