@@ -1,7 +1,8 @@
 // Gatehouse demo front end. Plain JavaScript, no build step, no inline script (CSP-friendly).
 //
 // The browser never sees a token: it holds only the HttpOnly session cookie (which this script
-// cannot and does not read) and asks Gatehouse who it is via GET /auth/me. "My notes" talks to
+// cannot and does not read). Its main screen is one composed view, GET /api/views/home: who the
+// user is (from the session) and their newest notes (from PocketBase). "My notes" then talks to
 // PocketBase through Gatehouse's proxy (/api/pb/...): the cookie goes along (same origin),
 // Gatehouse turns it into the user, and PocketBase's rules show each user only their own notes.
 'use strict';
@@ -23,6 +24,59 @@
   function signedOut() {
     me = null;
     show('signed-out');
+    offerPasswordForm();
+  }
+
+  // Password login (the form posts to Gatehouse, which checks the credentials with Keycloak). The
+  // form is offered only when Gatehouse has password login on: POST /auth/login with an empty
+  // body answers 400 (invalid request) when it is on and 404 when it is off, without a call to
+  // Keycloak and without counting against the login rate limits.
+  let passwordLogin = null; // unknown until asked once
+  async function offerPasswordForm() {
+    if (passwordLogin === null) {
+      try {
+        const resp = await fetch('/auth/login', {
+          method: 'POST',
+          credentials: 'same-origin',
+          headers: { 'X-CSRF': '1', 'Content-Type': 'application/json', Accept: 'application/json' },
+          body: '{}',
+        });
+        passwordLogin = resp.status === 400;
+      } catch (_) {
+        return;
+      }
+    }
+    $('password-form').hidden = !passwordLogin;
+  }
+
+  async function passwordSignIn(event) {
+    event.preventDefault();
+    const error = $('pw-error');
+    error.hidden = true;
+    const button = $('pw-submit');
+    button.disabled = true;
+    try {
+      const resp = await fetch('/auth/login', {
+        method: 'POST',
+        credentials: 'same-origin',
+        headers: { 'X-CSRF': '1', 'Content-Type': 'application/json', Accept: 'application/json' },
+        body: JSON.stringify({ username: $('pw-username').value, password: $('pw-password').value }),
+      });
+      if (!resp.ok) {
+        error.textContent =
+          resp.status === 401 ? 'Wrong username or password.' : await errorMessage(resp);
+        error.hidden = false;
+        return;
+      }
+      $('pw-password').value = '';
+      show('loading');
+      load();
+    } catch (_) {
+      error.textContent = 'Gatehouse cannot be reached.';
+      error.hidden = false;
+    } finally {
+      button.disabled = false;
+    }
   }
 
   function text(id, value, fallback) {
@@ -111,7 +165,8 @@
     if (soonest !== Infinity && soonest * 1000 <= Date.now()) load();
   }
 
-  function render(body) {
+  // `firstNotes`: the notes part of the view (null when PocketBase did not answer in time).
+  function render(body, firstNotes) {
     me = body;
     const display = body.name || body.preferred_username || body.email || body.sub;
     text('name', display, 'Signed in');
@@ -126,7 +181,7 @@
     setTime('idle-expires', session.idle_expires_at);
     setTime('expires', session.expires_at);
     show('signed-in');
-    notes.start(body.sub);
+    notes.start(body.sub, firstNotes);
     tick();
     if (!ticker) ticker = setInterval(tick, 1000);
   }
@@ -156,10 +211,12 @@
     return `Gatehouse answered HTTP ${resp.status}.`;
   }
 
+  // The main screen is one composed view (GET /api/views/home): the user from the session and
+  // their newest notes from PocketBase, in one request, with only the fields shown here.
   async function load() {
     let resp;
     try {
-      resp = await fetch('/auth/me', {
+      resp = await fetch('/api/views/home', {
         credentials: 'same-origin',
         headers: { Accept: 'application/json' },
         cache: 'no-store',
@@ -176,11 +233,15 @@
       fail(await errorMessage(resp));
       return;
     }
+    let home;
     try {
-      render(await resp.json());
+      home = await resp.json();
+      if (!home || !home.me) throw new Error('no user');
     } catch (e) {
       fail('Gatehouse sent an answer this page does not understand.');
+      return;
     }
+    render(home.me, home.notes);
   }
 
   async function signOut() {
@@ -266,11 +327,18 @@
     let retry = null;
     let generation = 0; // bumped by stop(): answers that arrive later are for a view that is gone
 
-    function start(forSub) {
+    function start(forSub, first) {
       if (sub === forSub) return;
       stop();
       sub = forSub;
-      reload();
+      if (first && Array.isArray(first.items)) {
+        // Already in the view's answer: no second request for the list.
+        items = new Map(first.items.map((r) => [r.id, r]));
+        loaded = true;
+        render();
+      } else {
+        reload();
+      }
       connect();
     }
 
@@ -512,6 +580,7 @@
   })();
 
   $('signout').addEventListener('click', signOut);
+  $('password-form').addEventListener('submit', passwordSignIn);
   $('refresh').addEventListener('click', load);
   $('retry').addEventListener('click', () => {
     show('loading');

@@ -59,6 +59,20 @@ listen = "127.0.0.1:$ADMIN_PORT"
 prefix = "/api/pb/"
 upstream = "http://127.0.0.1:$PB_PORT/"
 relay = "session"
+
+# The web app's main screen in one request: the user from the session and their newest notes.
+[[views]]
+name = "home"
+[[views.parts]]
+name = "me"
+route = "@session"
+fields = ["sub", "email", "preferred_username", "name", "realm_roles", "client_roles.*", "groups", "session.expires_at", "session.idle_expires_at"]
+[[views.parts]]
+name = "notes"
+route = "/api/pb/"
+path = "api/collections/notes/records?sort=-created&perPage=200"
+fields = ["totalItems", "items.id", "items.text", "items.created"]
+policy = "optional"
 CONF
     chmod 600 "$1"
 }

@@ -1,5 +1,5 @@
 // End-to-end browser tests of the Gatehouse demo: Keycloak login, the HttpOnly session cookie,
-// "My notes" through the /api/pb/ proxy to PocketBase (with live updates), isolation between
+// the main screen from one composed view (/api/views/home), "My notes" through the /api/pb/ proxy to PocketBase (with live updates), isolation between
 // users, CSRF and cross-origin defences, and sign-out.
 //
 // Run through scripts/e2e.sh, which starts Keycloak, Gatehouse and PocketBase and sets
@@ -144,6 +144,30 @@ function suite() {
     s.alicePage = page;
   });
 
+  // ---------------------------------------------------------------- 1b
+
+  step('1b. the main screen comes from one composed view: the user and her notes in one request, allow-listed fields only', async (t) => {
+    if (!needs(t, 'alicePage')) return;
+    const page = s.alicePage;
+    await page.locator('#notes').waitFor({ state: 'visible' });
+    await h.notesLoaded(page);
+    await s.aliceRec.settle();
+    const home = s.aliceRec.bodies.filter((b) => b.url === `${env.gatehouse}/api/views/home` && b.status === 200);
+    assert.ok(home.length >= 1, `the main screen should have been loaded from GET /api/views/home; responses: ${s.aliceRec.responses.map((r) => `${r.method} ${r.url} ${r.status}`).join(', ')}`);
+    const body = JSON.parse(home[home.length - 1].body);
+    assert.deepEqual(Object.keys(body).sort(), ['me', 'notes', 'partial'], `the view answers exactly its parts: ${home[home.length - 1].body}`);
+    assert.deepEqual(body.partial, [], 'both parts arrived');
+    assert.equal(body.me.preferred_username, 'alice');
+    assert.ok(body.me.client_roles && typeof body.me.client_roles === 'object', 'client roles pass through the * step');
+    assert.ok(Array.isArray(body.notes.items) && typeof body.notes.totalItems === 'number', `notes summary from PocketBase: ${JSON.stringify(body.notes)}`);
+    for (const n of body.notes.items) {
+      assert.deepEqual(Object.keys(n).sort().filter((k) => !['created', 'id', 'text'].includes(k)), [], `only id, text and created of a note reach the page: ${JSON.stringify(n)}`);
+    }
+    const separate = s.aliceRec.responses.filter((r) => r.url.startsWith(`${env.gatehouse}/auth/me`) || r.url.startsWith(`${env.gatehouse}${h.NOTES}`));
+    assert.deepEqual(separate.map((r) => r.url), [], 'the main screen needs neither /auth/me nor a separate notes request');
+    await h.screenshot(env, page, 'alice-home-view');
+  });
+
   // ---------------------------------------------------------------- 2
 
   step('2. document.cookie shows no session cookie, while the HttpOnly cookie does authenticate', async (t) => {
@@ -209,6 +233,15 @@ function suite() {
     await h.notesLoaded(page);
     shown = await h.shownNotes(page);
     for (const text of texts) assert.ok(shown.includes(text), `after a reload the list should still show ${JSON.stringify(text)}; shown: ${JSON.stringify(shown)}`);
+    // After the reload the list came from the composed view: the notes, with only id, text and created.
+    await s.aliceRec.settle();
+    const homes = s.aliceRec.bodies.filter((b) => b.url === `${env.gatehouse}/api/views/home` && b.status === 200);
+    const home = JSON.parse(homes[homes.length - 1].body);
+    for (const text of texts) {
+      const n = home.notes.items.find((i) => i.text === text);
+      assert.ok(n, `the view's notes part should hold ${JSON.stringify(text)}: ${homes[homes.length - 1].body.slice(0, 500)}`);
+      assert.deepEqual(Object.keys(n).sort(), ['created', 'id', 'text'], `only the allow-listed fields of a note (no owner, updated, collectionId): ${JSON.stringify(n)}`);
+    }
 
     const users = await h.pageFetch(page, h.USERS, { csrf: false });
     assert.equal(users.status, 200, `GET ${h.USERS} should be 200, got ${users.status ?? users.error}: ${users.text}`);
@@ -621,6 +654,38 @@ function suite() {
     assert.ok(page.url().startsWith(env.keycloak), `"Sign in" should stay on Keycloak's login form, but went on to ${page.url()}`);
     assert.ok(await page.locator('#password').isVisible(), "Keycloak should ask for alice's password again");
     await h.screenshot(env, page, 'alice-keycloak-asks-password-again');
+  });
+
+  // ---------------------------------------------------------------- 9b
+
+  step('9b. the username/password form beside "Sign in with Keycloak" signs bob in through Gatehouse; it never posts to Keycloak', async (t) => {
+    const { context, recorder } = await newContext('bob-password');
+    try {
+      const page = await recorder.newPage('bob-password');
+      await page.goto(`${env.gatehouse}/`);
+      await page.locator('#signed-out').waitFor({ state: 'visible' });
+      await page.locator('#password-form').waitFor({ state: 'visible' });
+      await page.fill('#pw-username', 'bob');
+      await page.fill('#pw-password', 'not-bobs-password');
+      await page.click('#pw-submit');
+      await page.locator('#pw-error').waitFor({ state: 'visible' });
+      assert.match(await page.textContent('#pw-error'), /wrong username or password/i, 'a wrong password is refused');
+      assert.ok(await page.locator('#signed-out').isVisible(), 'still signed out after a wrong password');
+      await page.fill('#pw-password', 'bob-password');
+      await page.click('#pw-submit');
+      await page.locator('#signed-in').waitFor({ state: 'visible' });
+      assert.equal((await page.textContent('#username')).trim(), 'bob', 'the app shows bob after the password login');
+      await h.notesLoaded(page);
+      await recorder.settle();
+      const kc = recorder.responses.filter((r) => new URL(r.url).origin === env.keycloakOrigin);
+      assert.deepEqual(kc.map((r) => `${r.method} ${r.url}`), [], 'the browser never talks to Keycloak for a password login');
+      const logins = recorder.responses.filter((r) => r.method === 'POST' && r.url === `${env.gatehouse}/auth/login`);
+      assert.deepEqual(logins.map((r) => r.status).filter((st) => st !== 400), [401, 200], 'the form posted to Gatehouse: refused, then accepted');
+      assertNoSecrets(t, recorder, {});
+      await h.screenshot(env, page, 'bob-password-signed-in');
+    } finally {
+      await context.close();
+    }
   });
 
   // ---------------------------------------------------------------- 10

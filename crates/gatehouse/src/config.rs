@@ -218,6 +218,9 @@ pub struct Config {
     /// The API proxy: `/api/<name>/...` forwarded to internal services (DESIGN §3).
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
+    /// Composed views: `GET /api/views/<name>` merged from calls to routes' upstreams (docs/views.md).
+    #[serde(default)]
+    pub views: Vec<crate::public::views::ViewConfig>,
 }
 
 /// How a proxied request carries the user to the upstream.
@@ -1227,6 +1230,7 @@ impl Config {
                 return Err(invalid("routes.prefix", format!("`{}` is listed twice", route.prefix)));
             }
         }
+        crate::public::views::config::validate_all(&self.views, &self.routes)?;
         tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| invalid("log.level", e.to_string()))?;
         Ok(())
     }

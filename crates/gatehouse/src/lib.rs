@@ -12,6 +12,7 @@ pub mod config;
 pub mod crypto;
 pub mod error;
 pub mod exchange;
+pub mod extend;
 pub mod internal;
 mod listener;
 pub mod metrics;
@@ -300,6 +301,15 @@ async fn shutdown_signal() {
 
 /// Build the core and start every listener and background task.
 pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, StartError> {
+    start_with(config, clock, extend::Extensions::default()).await
+}
+
+/// [`start`], with endpoints written in Rust added to the public listener (`extend`).
+pub async fn start_with(
+    config: Config,
+    clock: Arc<dyn Clock>,
+    extensions: extend::Extensions,
+) -> Result<Running, StartError> {
     for w in config.warnings() {
         tracing::warn!("{w}");
     }
@@ -316,7 +326,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
         })?),
         _ => None,
     };
-    let public_router = public::router(core.clone())?;
+    let public_router = public::router(core.clone(), extensions)?;
     let (tx, rx) = watch::channel(false);
     let drain = core.config.shutdown.drain_timeout;
     let bind = |addr| async move { TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source }) };

@@ -157,6 +157,21 @@ fn histogram() -> Histogram {
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
+/// A composed view's answer: the view's name (from config) and the outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ViewOutcome {
+    pub view: String,
+    pub outcome: String,
+}
+
+/// A failed part of a composed view: view and part names (from config) and the reason.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ViewPartFailure {
+    pub view: String,
+    pub part: String,
+    pub reason: String,
+}
+
 pub struct Metrics {
     pub sessions_created: Counter,
     /// Calls to the provider's token endpoint with a refresh token, by outcome (`ok`,
@@ -181,6 +196,11 @@ pub struct Metrics {
     /// Sessions created minus sessions ended by this replica since it started (see docs).
     pub sessions_active: Gauge,
     pub cert_expiry: Family<CertLabels, Gauge>,
+    /// Composed views answered, by view and outcome (`ok`, `partial`, `not_modified`,
+    /// `part_failed`, `4xx`, `5xx`).
+    pub views: Family<ViewOutcome, Counter>,
+    /// Failed parts of composed views, by view, part and reason.
+    pub view_part_failures: Family<ViewPartFailure, Counter>,
 }
 
 impl Default for Metrics {
@@ -201,6 +221,8 @@ impl Default for Metrics {
             rate_limited: Family::default(),
             sessions_active: Gauge::default(),
             cert_expiry: Family::default(),
+            views: Family::default(),
+            view_part_failures: Family::default(),
         };
         // Series that alerts divide by exist from the start (a ratio over a missing series is
         // "no data", and an alert on it never fires).
@@ -283,6 +305,12 @@ impl Metrics {
             "gatehouse_certificate_expiry_timestamp_seconds",
             "Not-after time of each loaded certificate (earliest in a bundle), Unix seconds",
             self.cert_expiry.clone(),
+        );
+        registry.register("gatehouse_views", "Composed view requests by view and outcome", self.views.clone());
+        registry.register(
+            "gatehouse_view_part_failures",
+            "Failed parts of composed views by view, part and reason",
+            self.view_part_failures.clone(),
         );
         // A gauge named `…_info` with value 1 (the Prometheus convention) rather than an
         // OpenMetrics `info` type, which promtool and the Prometheus text parser reject.

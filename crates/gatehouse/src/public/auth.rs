@@ -233,7 +233,7 @@ fn session_id(st: &PublicState, headers: &HeaderMap) -> Option<SessionId> {
     cookies::read(headers, &st.cookie.name).and_then(|v| SessionId::parse(&v))
 }
 
-fn me_body(r: &SessionRecord) -> serde_json::Value {
+pub(crate) fn me_body(r: &SessionRecord) -> serde_json::Value {
     let c = &r.claims;
     json!({
         "sub": c.sub,

@@ -1,7 +1,7 @@
 //! The North-South face: what browsers reach through the load balancer. Login, callback,
 //! logout, `/auth/me`, health, and static files — never an internal route.
 
-mod auth;
+pub(crate) mod auth;
 mod backchannel;
 pub mod cookies;
 pub mod csrf;
@@ -9,6 +9,7 @@ mod limits;
 mod login_state;
 pub mod proxy;
 pub mod return_to;
+pub mod views;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,12 +52,17 @@ pub struct PublicState {
     pub limits: LoginLimits,
     pub requests: RequestLimits,
     pub proxy: proxy::Proxy,
+    /// Composed views (`[[views]]`), served under `/api/views/`.
+    pub views: views::Views,
 }
 
-/// The public router; fails if a route's TLS files cannot be used.
-pub fn router(core: Arc<Core>) -> Result<Router, proxy::RouteError> {
+/// The public router, with any extension endpoints (`crate::extend`); fails if a route's TLS
+/// files cannot be used or an extension path is not allowed.
+pub fn router(core: Arc<Core>, extensions: crate::extend::Extensions) -> Result<Router, proxy::RouteError> {
     let config = &core.config;
     let proxy = proxy::Proxy::new(config)?;
+    let views = views::Views::new(&config.views, &proxy)
+        .map_err(|problem| proxy::RouteError { prefix: "/api/views/".into(), problem })?;
     let state = Arc::new(PublicState {
         cookie: config.cookie(),
         origin: config.public_origin(),
@@ -66,6 +72,7 @@ pub fn router(core: Arc<Core>) -> Result<Router, proxy::RouteError> {
         ),
         requests: RequestLimits::new(config.public.rate_limit_per_second, config.public.rate_limit_burst),
         proxy,
+        views,
         core: core.clone(),
     });
     spawn_limit_cleanup(&state);
@@ -79,12 +86,24 @@ pub fn router(core: Arc<Core>) -> Result<Router, proxy::RouteError> {
         .route("/readyz", get(readyz))
         // Everything under /api/ is the proxy's (a JSON 404 for unknown routes), never a static file.
         .route("/api/{*rest}", any(proxy::handle));
+    if !state.views.is_empty() {
+        // More specific than `/api/{*rest}`: views own `/api/views/` (no route may sit there).
+        router = router.route("/api/views/{*rest}", get(views::handle));
+    }
     router = match &config.public.static_dir {
         Some(dir) => router.fallback_service(ServeDir::new(dir).fallback(get(not_found).post(not_found))),
         None => router.fallback(not_found),
     };
+    let mut router: Router =
+        router.method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed }).with_state(state.clone());
+    let prefixes: Vec<String> = config.routes.iter().map(|r| r.prefix.clone()).collect();
+    let ext = extensions
+        .into_router(&prefixes)
+        .map_err(|problem| proxy::RouteError { prefix: "extensions".into(), problem })?;
+    // Extension endpoints sit inside every layer below (CSRF, rate limit, header guard), plus
+    // their own guard (same-origin reads, no-store) and the state their `User` extractor reads.
+    router = router.merge(ext.layer(middleware::from_fn(crate::extend::guard)).layer(axum::Extension(state.clone())));
     Ok(router
-        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn_with_state(state.clone(), csrf::check))
         .layer(middleware::from_fn_with_state(state.clone(), limits::limit))
         .layer(SetSensitiveRequestHeadersLayer::new([header::COOKIE, header::AUTHORIZATION]))
@@ -92,8 +111,7 @@ pub fn router(core: Arc<Core>) -> Result<Router, proxy::RouteError> {
         .layer(axum::extract::DefaultBodyLimit::max(config.public.max_body_bytes))
         .layer(middleware::from_fn(guard_headers))
         // Outermost: the server span and RED metrics see every answer, refusals included.
-        .layer(middleware::from_fn_with_state(core.observer(crate::metrics::Face::public), crate::telemetry::observe))
-        .with_state(state))
+        .layer(middleware::from_fn_with_state(core.observer(crate::metrics::Face::public), crate::telemetry::observe)))
 }
 
 fn spawn_limit_cleanup(state: &Arc<PublicState>) {

@@ -6,6 +6,7 @@
 //! security headers (`response_headers.rs`).
 
 pub(crate) mod headers;
+pub mod json_call;
 pub mod path;
 mod response_headers;
 mod stream;
@@ -62,8 +63,8 @@ struct Route {
 #[derive(Debug, thiserror::Error)]
 #[error("route {prefix}: {problem}")]
 pub struct RouteError {
-    prefix: String,
-    problem: String,
+    pub(crate) prefix: String,
+    pub(crate) problem: String,
 }
 
 pub struct Proxy {
