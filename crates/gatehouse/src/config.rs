@@ -74,6 +74,23 @@ fn describe(e: &figment::Error) -> String {
     format!("{text}{source}")
 }
 
+/// A URL as it may be shown: no user info, no query (Redis URLs carry `?pass=` there).
+pub fn redacted_url(u: &Url) -> String {
+    let mut c = u.clone();
+    let _ = c.set_username("");
+    let _ = c.set_password(None);
+    c.set_query(None);
+    c.to_string()
+}
+
+/// `redacted_url` for a string that may not even parse (then only its scheme is shown).
+pub fn redacted_str(u: &str) -> String {
+    match Url::parse(u) {
+        Ok(parsed) => redacted_url(&parsed),
+        Err(_) => format!("{}://…", u.split("://").next().unwrap_or("?").chars().take(16).collect::<String>()),
+    }
+}
+
 /// Keys whose values are secrets (or hold one, like a Redis URL with a password).
 fn secret_key(key: &str) -> bool {
     let name = key.rsplit('.').next().unwrap_or(key);
@@ -901,11 +918,13 @@ impl RouteConfig {
             ));
         }
         let u = &self.upstream;
+        // Shown in messages without user info: a password in the URL must not reach a log.
+        let shown = redacted_url(u);
         match u.scheme() {
             "http" if self.ca_file.is_some() || self.client_cert_file.is_some() => {
                 return Err(invalid(
                     "routes.ca_file",
-                    format!("`{u}` is plain http: TLS files need an https:// upstream"),
+                    format!("`{shown}` is plain http: TLS files need an https:// upstream"),
                 ));
             }
             // The relay header carries a session id or an access token: in the clear it may only
@@ -914,7 +933,7 @@ impl RouteConfig {
                 return Err(invalid(
                     "routes.upstream",
                     format!(
-                        "`{u}` is plain http to a host that is not loopback: the relayed {} would cross the network \
+                        "`{shown}` is plain http to a host that is not loopback: the relayed {} would cross the network \
                          in the clear; use https (with ca_file) or set allow_plaintext_relay = true",
                         match self.relay {
                             Relay::Session => "session id",
@@ -927,22 +946,24 @@ impl RouteConfig {
             "https" if self.ca_file.is_none() => {
                 return Err(invalid(
                     "routes.ca_file",
-                    format!("`{u}` is https: set ca_file, the CA its certificate chains to"),
+                    format!("`{shown}` is https: set ca_file, the CA its certificate chains to"),
                 ));
             }
             "https" => {}
-            other => return Err(invalid("routes.upstream", format!("`{u}`: scheme `{other}` is not http or https"))),
+            other => {
+                return Err(invalid("routes.upstream", format!("`{shown}`: scheme `{other}` is not http or https")));
+            }
         }
         if self.client_cert_file.is_some() != self.client_key_file.is_some() {
             return Err(invalid("routes.client_cert_file", "set client_cert_file and client_key_file together"));
         }
         if u.host_str().is_none() || !u.username().is_empty() || u.password().is_some() {
-            return Err(invalid("routes.upstream", format!("`{u}` needs a host and no user info")));
+            return Err(invalid("routes.upstream", format!("`{shown}` needs a host and no user info")));
         }
         if u.query().is_some() || u.fragment().is_some() || !u.path().ends_with('/') {
             return Err(invalid(
                 "routes.upstream",
-                format!("`{u}`: no query or fragment, and the path must end in `/`"),
+                format!("`{shown}`: no query or fragment, and the path must end in `/`"),
             ));
         }
         if self.timeout.is_zero() {
@@ -1170,7 +1191,7 @@ impl Config {
             if let Some(bad) = s.redis_sentinels.iter().find(|u| !plain_ok(u)) {
                 return Err(invalid(
                     "session.redis_sentinels",
-                    format!("`{bad}` is not a redis:// URL (TLS through Sentinel is not supported)"),
+                    format!("`{}` is not a redis:// URL (TLS through Sentinel is not supported)", redacted_str(bad)),
                 ));
             }
             let tls_nodes = s.redis_cluster_nodes.iter().filter(|u| u.starts_with("rediss://")).count();
@@ -1179,7 +1200,7 @@ impl Config {
             {
                 return Err(invalid(
                     "session.redis_cluster_nodes",
-                    format!("`{bad}` is not a redis:// or rediss:// URL"),
+                    format!("`{}` is not a redis:// or rediss:// URL", redacted_str(bad)),
                 ));
             }
             if tls_nodes != 0 && tls_nodes != s.redis_cluster_nodes.len() {
@@ -1435,6 +1456,13 @@ mod tests {
             assert!(e.contains("`admin.listen`") && e.contains("for example: listen = \"0.0.0.0:9090\""), "{e}");
             let e = err(jail, &MINIMAL.replace("client_secret = \"s3cret\"", "client_secret = 918273645"));
             assert!(e.contains("`oidc.client_secret`") && !e.contains("918273645"), "no secret echoed: {e}");
+            let e = err(
+                jail,
+                &format!(
+                    "{MINIMAL}\n[[routes]]\nprefix = \"/api/a/\"\nupstream = \"https://svc:hunter2pw@api.example/\"\nrelay = \"bearer\"\n"
+                ),
+            );
+            assert!(e.contains("https://api.example/") && !e.contains("hunter2pw"), "no password from a URL: {e}");
             let e = err(jail, &format!("{MINIMAL}\n[log]\nformat = \"jsno\""));
             assert!(e.contains("did you mean `json`?"), "{e}");
             for (level, hint) in

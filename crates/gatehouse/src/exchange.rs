@@ -387,7 +387,9 @@ impl Exchange {
         let (Some(jti), Some(exp)) = (s("jti"), claims.get("exp").and_then(serde_json::Value::as_i64)) else {
             return Err(LogoutTokenError::Invalid);
         };
-        let until = exp + crate::oidc::id_token::LEEWAY;
+        // Kept well past the last moment the token still validates (exp + leeway), so clock
+        // differences between replicas and Redis leave no window for a replay.
+        let until = exp + crate::oidc::id_token::LEEWAY + 300;
         match self.store.mark(LOGOUT_JTI, jti, until).await {
             Ok(true) => {}
             Ok(false) => {
@@ -1018,5 +1020,27 @@ mod tests {
         let mut other = stub_login(&p);
         other.provider_sid = Some("another-sid".into());
         assert!(ex.start(other, ClientInfo::default()).await.is_ok());
+    }
+
+    /// Without an ID token, the refreshed access token is the only proof: roles the provider
+    /// removed are removed here, and an access token that does not verify ends the session.
+    #[tokio::test]
+    async fn a_refresh_without_an_id_token_drops_removed_roles_and_refuses_a_bad_access_token() {
+        let clock = Arc::new(SystemClock::default());
+        let p = crate::oidc::stub::Provider::start(clock.clone()).await;
+        p.id_token_on_refresh.store(false, std::sync::atomic::Ordering::SeqCst);
+        let dir = tempfile::tempdir().unwrap();
+        let ex = stub_core(&p, clock.clone(), embedded(&dir), 30);
+        let (id, _) = ex.start(stub_login(&p), ClientInfo::default()).await.unwrap();
+        p.roles.lock().unwrap().clear();
+        clock.advance(400);
+        let r = ex.resolve(&id, true).await.unwrap();
+        assert!(r.record.claims.realm_roles.is_empty(), "a role removed at the provider is gone");
+
+        *p.access_azp.lock().unwrap() = "another-client".into();
+        clock.advance(400);
+        assert!(matches!(ex.resolve(&id, true).await, Err(ExchangeError::InvalidSession)));
+        assert!(ex.store().get(&id.key()).await.unwrap().is_none(), "session ended");
+        assert_eq!(p.revocations.load(std::sync::atomic::Ordering::SeqCst), 1, "new refresh token revoked");
     }
 }

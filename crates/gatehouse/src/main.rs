@@ -502,13 +502,7 @@ fn check_config(path: &Path) -> ExitCode {
 /// The store and only the settings that apply to it; never a password from a Redis URL.
 fn store_summary(config: &Config) -> String {
     let s = &config.session;
-    let redacted = |u: &str| match url::Url::parse(u) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            let _ = parsed.set_password(Some("***"));
-            parsed.to_string()
-        }
-        _ => u.to_string(),
-    };
+    let redacted = |u: &str| gatehouse::config::redacted_str(u);
     use gatehouse::config::StoreMode;
     match s.mode() {
         StoreMode::Embedded { path } => format!("embedded file {}", path.display()),

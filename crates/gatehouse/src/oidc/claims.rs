@@ -66,16 +66,13 @@ impl UserClaims {
     }
 
     /// Take roles and groups from a verified access token, keeping the identity fields: a refresh
-    /// response without an ID token proves no new identity, only current authorizations.
+    /// response without an ID token proves no new identity, only current authorizations. A claim
+    /// the new token lacks means none: roles and groups removed at the provider are removed here.
     pub fn refresh_roles(&mut self, access: &Map<String, Value>) {
-        if has_roles(access) {
-            let fresh = Self::from_tokens(access, None);
-            self.realm_roles = fresh.realm_roles;
-            self.client_roles = fresh.client_roles;
-        }
-        if access.contains_key("groups") {
-            self.groups = strings(access.get("groups"));
-        }
+        let fresh = Self::from_tokens(access, Some(access));
+        self.realm_roles = fresh.realm_roles;
+        self.client_roles = fresh.client_roles;
+        self.groups = strings(access.get("groups"));
     }
 
     /// The user key: (`iss`, `sub`), never the email (SECURITY 16).

@@ -447,7 +447,13 @@ impl OidcClient {
     ) -> Result<UserClaims, OidcError> {
         let Some(id_token) = tokens.id_token.as_deref() else {
             let mut claims = current.clone();
-            if let Some(access) = self.verified_access_claims(&tokens.access_token).await? {
+            // A JWT access token that does not verify is a verdict here, not a reason to keep the
+            // old roles: the new token would be stored and relayed.
+            if let Some(access) = self.verified_access_claims(&tokens.access_token, true).await? {
+                let s = |k: &str| access.get(k).and_then(Value::as_str);
+                if s("sub").is_some_and(|sub| sub != current.sub) || s("iss").is_some_and(|iss| iss != current.iss) {
+                    return Err(OidcError::InvalidToken("refreshed access token names another subject"));
+                }
                 claims.refresh_roles(&access);
             }
             return Ok(claims);
@@ -462,7 +468,7 @@ impl OidcClient {
         let access_claims = if claims::has_roles(&id_claims) {
             None
         } else {
-            self.verified_access_claims(&tokens.access_token).await?
+            self.verified_access_claims(&tokens.access_token, true).await?
         };
         let claims = UserClaims::from_tokens(&id_claims, access_claims.as_ref());
         if claims.iss != current.iss || claims.sub != current.sub {
@@ -473,13 +479,18 @@ impl OidcClient {
 
     /// The access token's claims if it is a JWT that verifies (Keycloak's are). An opaque access
     /// token has none; a transient failure (JWKS unreachable) is an error the caller may retry.
-    async fn verified_access_claims(&self, access_token: &str) -> Result<Option<Map<String, Value>>, OidcError> {
+    /// `strict` (a refresh): a JWT that does not verify is an error too.
+    async fn verified_access_claims(
+        &self,
+        access_token: &str,
+        strict: bool,
+    ) -> Result<Option<Map<String, Value>>, OidcError> {
         if access_token.split('.').count() != 3 {
             return Ok(None);
         }
         match self.validate_jwt(access_token, TokenKind::Access, None, None, KeySource::TokenEndpoint).await {
             Ok(c) => Ok(Some(c)),
-            Err(e) if e.is_transient() => Err(e),
+            Err(e) if e.is_transient() || strict => Err(e),
             Err(e) => {
                 tracing::warn!(error = %e, "access token claims not used (token does not validate)");
                 Ok(None)
@@ -590,7 +601,7 @@ impl OidcClient {
         let access_claims = if claims::has_roles(&id_claims) {
             None
         } else {
-            self.verified_access_claims(&tokens.access_token).await?
+            self.verified_access_claims(&tokens.access_token, false).await?
         };
         let claims = UserClaims::from_tokens(&id_claims, access_claims.as_ref());
         let provider_sid = id_claims.get("sid").and_then(Value::as_str).map(str::to_owned);

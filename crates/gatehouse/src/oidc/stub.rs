@@ -61,6 +61,7 @@ pub struct Provider {
     pub sub: Mutex<String>,
     pub roles: Mutex<Vec<String>>,
     pub access_lifetime: AtomicUsize,
+    pub access_azp: Mutex<String>,
     /// Counters.
     pub refreshes: AtomicUsize,
     pub revocations: AtomicUsize,
@@ -83,6 +84,7 @@ impl Provider {
             sub: Mutex::new("user-1".into()),
             roles: Mutex::new(vec!["reader".into()]),
             access_lifetime: AtomicUsize::new(300),
+            access_azp: Mutex::new(CLIENT.into()),
             refreshes: AtomicUsize::new(0),
             revocations: AtomicUsize::new(0),
             jwks_hits: AtomicUsize::new(0),
@@ -116,7 +118,7 @@ impl Provider {
         let k = keys.last().unwrap();
         let access = sign(
             k,
-            &json!({"iss": self.issuer, "aud": "account", "azp": CLIENT, "sub": sub, "typ": "Bearer",
+            &json!({"iss": self.issuer, "aud": "account", "azp": *self.access_azp.lock().unwrap(), "sub": sub, "typ": "Bearer",
                 "iat": now, "exp": now + lifetime, "jti": format!("at-{n}"),
                 "realm_access": {"roles": *self.roles.lock().unwrap()}}),
         );

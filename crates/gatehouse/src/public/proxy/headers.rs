@@ -29,6 +29,12 @@ const STRIPPED_REQUEST: &[&str] = &[
     "cf-connecting-ip",
     "x-client-ip",
     "x-cluster-client-ip",
+    // API keys: a browser-supplied one could pass for a service's credential upstream.
+    "x-api-key",
+    "api-key",
+    "apikey",
+    // W3C baggage is browser-controlled key=value data that upstream SDKs read (`enduser.id=…`).
+    "baggage",
 ];
 
 /// Request header prefixes never forwarded, in either policy.
@@ -45,6 +51,8 @@ const STRIPPED_REQUEST_PREFIXES: &[&str] = &[
     "x-goog-authenticated-",
     "x-apigateway-",
     "cf-access-",
+    // Client-certificate and client-identity headers of other proxies (x-client-dn, -cert-chain…).
+    "x-client-",
 ];
 
 /// Words that make a header name identity-looking wherever they stand between `-`s:
@@ -102,6 +110,14 @@ const IDENTITY_WORDS: &[&str] = &[
     "admin",
     "session",
     "webauth",
+    // Joined spellings and client-certificate identities.
+    "remoteuser",
+    "authuser",
+    "useremail",
+    "clientcert",
+    "cert",
+    "certificate",
+    "dn",
 ];
 
 /// Standard request headers (lower-case) that are never identity headers: kept in both policies,
@@ -111,7 +127,6 @@ const STANDARD_REQUEST: &[&str] = &[
     "accept-charset",
     "accept-encoding",
     "accept-language",
-    "baggage",
     "cache-control",
     "content-encoding",
     "content-language",
@@ -356,6 +371,18 @@ mod tests {
                 HeaderName::from_bytes(spelled.replace('-', "_").as_bytes()).unwrap(),
                 HeaderValue::from_static("admin"),
             );
+        }
+        for extra in [
+            "x-client-dn",
+            "x-tls-client-cert",
+            "x-arr-clientcert",
+            "x-remoteuser",
+            "x-authuser",
+            "x-api-key",
+            "apikey",
+            "baggage",
+        ] {
+            h.append(HeaderName::from_static(extra), HeaderValue::from_static("admin"));
         }
         for ok in [
             "accept",
