@@ -247,6 +247,18 @@ impl Exchange {
         Ok(Resolved { key, record, access_token })
     }
 
+    /// Whether a session still exists, unexpired and authentic — without sliding its idle
+    /// timeout or refreshing it: an open stream's re-check must not keep an unattended session
+    /// alive, only notice when it has ended.
+    pub async fn still_live(&self, id: &SessionId) -> Result<(), ExchangeError> {
+        let key = id.key();
+        let record = self.store.get(&key).await?.ok_or(ExchangeError::InvalidSession)?;
+        if record.is_expired(self.clock.now()) {
+            return Err(ExchangeError::InvalidSession);
+        }
+        self.authenticate(&key, &record)
+    }
+
     /// Log out: delete the session, revoke its refresh token at the provider (a failed revocation
     /// is logged; the session is gone either way) and return the provider's end-session URL. No
     /// `id_token_hint`: it would put a JWT into a browser-visible URL (SECURITY 8).

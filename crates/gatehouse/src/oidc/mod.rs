@@ -551,7 +551,6 @@ impl OidcClient {
         access_token: Option<&str>,
         source: KeySource,
     ) -> Result<Map<String, Value>, OidcError> {
-        let p = self.provider().await?;
         let exp = Expectations {
             issuer: &self.settings.issuer,
             client_id: &self.settings.client_id,
@@ -562,7 +561,9 @@ impl OidcClient {
             access_token,
             now: self.clock.now(),
         };
+        // Shape and header first: a malformed token never makes us contact the provider.
         let peeked = id_token::peek(token, &exp)?;
+        let p = self.provider().await?;
         let key = p.jwks.key(&self.http, peeked.kid.as_deref(), source).await?;
         id_token::verify(token, &peeked, &key, &exp)
     }

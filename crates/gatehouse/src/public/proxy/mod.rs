@@ -400,7 +400,7 @@ async fn tunnel(
                 return;
             }
             _ = recheck.tick() => {
-                if matches!(exchange.resolve(&id, false).await, Err(crate::exchange::ExchangeError::InvalidSession)) {
+                if matches!(exchange.still_live(&id).await, Err(crate::exchange::ExchangeError::InvalidSession)) {
                     tracing::info!(route = %prefix, "session ended: tunnel closed");
                     return;
                 }

@@ -76,9 +76,10 @@ impl<B, H> Rechecked<B, H> {
                 return false;
             }
             let (exchange, id) = (self.exchange.clone(), self.id.clone());
-            self.check = Some(Box::pin(async move {
-                !matches!(exchange.resolve(&id, false).await, Err(ExchangeError::InvalidSession))
-            }));
+            self.check =
+                Some(Box::pin(
+                    async move { !matches!(exchange.still_live(&id).await, Err(ExchangeError::InvalidSession)) },
+                ));
         }
     }
 }
