@@ -7,6 +7,7 @@ mod admin;
 mod cli;
 mod demo;
 mod deploy;
+mod gateway;
 mod harness;
 mod internal;
 mod login;
