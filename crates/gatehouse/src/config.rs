@@ -1617,4 +1617,31 @@ mod tests {
             Ok(())
         });
     }
+
+    #[test]
+    fn check_listener_needs_a_caller_credential_off_loopback() {
+        Jail::expect_with(|jail| {
+            fn err(jail: &mut Jail, text: &str) -> String {
+                load(jail, text).err().map(|e| e.to_string()).unwrap_or_default()
+            }
+            let c = load(jail, &format!("{MINIMAL}\n[check]\n")).expect("loopback default");
+            assert!(c.check.as_ref().is_some_and(|c| c.listen.ip().is_loopback() && !c.mtls()));
+            let e = err(jail, &format!("{MINIMAL}\n[check]\nlisten = \"0.0.0.0:8444\""));
+            assert!(e.contains("check.listen") && e.contains("mutual TLS"), "{e}");
+            jail.create_file("short.key", "tooshort")?;
+            let e = err(jail, &format!("{MINIMAL}\n[check]\nlisten = \"0.0.0.0:8444\"\nkey_file = \"short.key\""));
+            assert!(e.contains("check.key_file"), "{e}");
+            jail.create_file("check.key", &"k".repeat(40))?;
+            let c = load(jail, &format!("{MINIMAL}\n[check]\nlisten = \"0.0.0.0:8444\"\nkey_file = \"check.key\""))
+                .expect("a shared key is enough");
+            assert!(c.warnings().iter().any(|w| w.contains("check.listen")), "plain HTTP off loopback warns");
+            let e = err(jail, &format!("{MINIMAL}\n[check]\ncert = \"check.key\""));
+            assert!(e.contains("check.key") && e.contains("go together"), "{e}");
+            let e = err(jail, &format!("{MINIMAL}\n[check]\nclaim_headers = [\"password\"]"));
+            assert!(e.contains("check.claim_headers"), "{e}");
+            let e = err(jail, &format!("{MINIMAL}\n[check]\nlisten = \"127.0.0.1:8080\""));
+            assert!(e.contains("must differ"), "{e}");
+            Ok(())
+        });
+    }
 }

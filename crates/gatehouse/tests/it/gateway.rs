@@ -49,8 +49,10 @@ struct Nginx {
 }
 
 impl Drop for Nginx {
+    /// SIGTERM, not SIGKILL: the master then stops its workers (a killed master leaves them
+    /// running, holding the port and the test's output pipe).
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        let _ = std::process::Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
         let _ = self.child.wait();
     }
 }
@@ -146,6 +148,8 @@ http {{
             .arg("-c")
             .arg(&path)
             .args(["-g", "daemon off;"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("nginx starts");
