@@ -389,3 +389,29 @@ async fn with_mutual_tls_only_allowed_gateway_identities_may_check() {
     assert_eq!(r.status(), 401, "allowed gateway, no session");
     gate.stop().await;
 }
+
+#[tokio::test]
+async fn a_store_outage_denies_with_503_never_allows() {
+    let mut redis = Redis::start().await;
+    let s = setup(Options { redis_url: Some(redis.url()), ..Options::default() }).await;
+    let sid = edge_login(&s, "alice").await;
+    let check = |path: &'static str| {
+        http()
+            .get(format!("http://{}{path}", s.check))
+            .header("cookie", session_cookie(&sid))
+            .header("x-gatehouse-check-key", CHECK_KEY)
+            .send()
+    };
+    assert_eq!(check("/check").await.unwrap().status(), 200, "before the outage");
+    redis.stop().await;
+    let r = check("/check").await.unwrap();
+    assert_eq!(r.status(), 503, "store down: unavailable, not allowed and not logged out");
+    assert!(r.headers().get("authorization").is_none());
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "store_unavailable");
+    // nginx's auth_request turns any status but 2xx/401/403 into 500: still a denial, and the
+    // upstream never sees the request.
+    let through = http().get(format!("{}/app/x", s.edge)).header("cookie", session_cookie(&sid)).send().await.unwrap();
+    assert_eq!(through.status(), 500);
+    assert!(!through.text().await.unwrap().contains("\"headers\""), "the upstream was not reached");
+    s.gate.stop().await;
+}
