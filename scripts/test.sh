@@ -12,6 +12,8 @@ cleanup() { scripts/keycloak.sh stop test || true; }
 trap cleanup EXIT
 scripts/keycloak.sh start test "$port"
 
+# Caddy for the gateway tests (tests/it/gateway.rs; nginx comes from scripts/setup.sh): built once, cached.
+scripts/caddy.sh >/dev/null
 # Build first so build time never counts against test time-outs.
 cargo test --locked --workspace --no-run
 # Integration binaries run one after another; the outage suite stops and restarts Keycloak.

@@ -158,6 +158,61 @@ http {{
     }
 }
 
+fn caddy_bin() -> PathBuf {
+    let cache = std::env::var("GATEHOUSE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/gatehouse"));
+    let p = cache.join("caddy-v2.11.9/bin/caddy");
+    assert!(p.exists(), "caddy is not installed: run scripts/caddy.sh");
+    p
+}
+
+impl Nginx {
+    /// Caddy (same process handling: one child, SIGTERM on drop) with `forward_auth`.
+    async fn caddy(port: u16, public: SocketAddr, check: SocketAddr, upstream: SocketAddr) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = format!(
+            r#"{{
+  admin off
+  auto_https off
+  persist_config off
+  storage file_system {d}/data
+}}
+http://localhost:{port} {{
+  bind 127.0.0.1
+  handle /auth/* {{
+    reverse_proxy {public}
+  }}
+  handle {{
+    forward_auth {check} {{
+      uri /check?redirect=1
+      header_up X-Gatehouse-Check-Key "{CHECK_KEY}"
+      copy_headers Authorization X-Gatehouse-Sub X-Gatehouse-Cookie>Cookie
+    }}
+    reverse_proxy {upstream}
+  }}
+}}
+"#,
+            d = dir.path().display()
+        );
+        let path = dir.path().join("Caddyfile");
+        std::fs::write(&path, conf).unwrap();
+        let child = std::process::Command::new(caddy_bin())
+            .args(["run", "--adapter", "caddyfile", "--config"])
+            .arg(&path)
+            .env("HOME", dir.path())
+            .env("XDG_DATA_HOME", dir.path())
+            .env("XDG_CONFIG_HOME", dir.path())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("caddy starts");
+        wait_port(port).await;
+        Self { child, _dir: dir }
+    }
+}
+
 struct Setup {
     gate: Gate,
     _work: Workdir,
@@ -174,6 +229,16 @@ fn check_config(work: &Workdir) -> String {
 }
 
 async fn setup(base: Options) -> Setup {
+    setup_with(base, Gateway::Nginx).await
+}
+
+#[derive(Clone, Copy)]
+enum Gateway {
+    Nginx,
+    Caddy,
+}
+
+async fn setup_with(base: Options, gw: Gateway) -> Setup {
     let work = Workdir::new();
     let edge_port = free_registered_port();
     let o = Options { external_port: Some(edge_port), extra: check_config(&work), ..base };
@@ -181,7 +246,10 @@ async fn setup(base: Options) -> Setup {
     let r = gate.running.as_ref().unwrap();
     let check = r.check_addr.expect("check listener");
     let upstream = start_echo().await;
-    let nginx = Nginx::start(edge_port, r.public_addr, check, upstream).await;
+    let nginx = match gw {
+        Gateway::Nginx => Nginx::start(edge_port, r.public_addr, check, upstream).await,
+        Gateway::Caddy => Nginx::caddy(edge_port, r.public_addr, check, upstream).await,
+    };
     Setup { gate, _work: work, _nginx: nginx, edge: format!("http://localhost:{edge_port}"), check }
 }
 
@@ -413,5 +481,50 @@ async fn a_store_outage_denies_with_503_never_allows() {
     let through = http().get(format!("{}/app/x", s.edge)).header("cookie", session_cookie(&sid)).send().await.unwrap();
     assert_eq!(through.status(), 500);
     assert!(!through.text().await.unwrap().contains("\"headers\""), "the upstream was not reached");
+    s.gate.stop().await;
+}
+
+/// Caddy's `forward_auth` (the auth subrequest is always GET; the method arrives in
+/// `X-Forwarded-Method`, the URI in `X-Forwarded-Uri`): token forwarded, forgeries replaced,
+/// session cookie not forwarded, 401 for fetch, login redirect for page loads, CSRF on POST.
+#[tokio::test]
+async fn caddy_forward_auth_forwards_the_token_and_enforces_the_same_rules() {
+    let s = setup_with(Options::default(), Gateway::Caddy).await;
+    let sid = edge_login(&s, "alice").await;
+    let (rec, tokens) = session_tokens(&s.gate, &sid).await;
+    let c = http();
+    let r = c
+        .get(format!("{}/items?x=1", s.edge))
+        .header("cookie", session_cookie(&sid))
+        .header("authorization", "Bearer forged")
+        .header("x-gatehouse-sub", "admin")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen: Value = r.json().await.unwrap();
+    let h = &seen["headers"];
+    assert_eq!(h["authorization"], format!("Bearer {}", tokens.access_token).as_str(), "ours, once");
+    assert_eq!(h["x-gatehouse-sub"], rec.claims.sub.as_str());
+    let cookies = h["cookie"].as_str().unwrap_or("");
+    assert!(!cookies.contains(&sid) && cookies.contains("theme=dark"), "cookies upstream: {cookies}");
+    let fetch = c.get(format!("{}/items", s.edge)).header("sec-fetch-mode", "cors").send().await.unwrap();
+    assert_eq!(fetch.status(), 401);
+    assert_eq!(fetch.json::<Value>().await.unwrap()["error"], "unauthenticated");
+    let nav = c.get(format!("{}/page", s.edge)).header("sec-fetch-mode", "navigate").send().await.unwrap();
+    assert_eq!(nav.status(), 302);
+    assert_eq!(nav.headers()["location"].to_str().unwrap(), format!("{}/auth/login?return_to=%2Fpage", s.edge));
+    let post = |csrf: bool| {
+        let mut r =
+            c.post(format!("{}/items", s.edge)).header("cookie", session_cookie(&sid)).header("origin", &s.edge);
+        if csrf {
+            r = r.header("x-csrf", "1");
+        }
+        r.send()
+    };
+    assert_eq!(post(false).await.unwrap().status(), 403, "CSRF applies to the original POST");
+    let ok = post(true).await.unwrap();
+    assert_eq!(ok.status(), 200);
+    assert_eq!(ok.json::<Value>().await.unwrap()["method"], "POST");
     s.gate.stop().await;
 }
