@@ -1,7 +1,8 @@
 //! The HTTP check (`/check`) for forward-auth gateways and Envoy's `http_service`. Reads the
 //! original request from the gateway's conventions — nginx `auth_request` / ingress-nginx
 //! `auth-url` (`X-Original-Method`, `X-Original-URL`), Traefik ForwardAuth and Caddy
-//! `forward_auth` (`X-Forwarded-Method`, `X-Forwarded-Uri`) — and answers 200 with
+//! `forward_auth` (`X-Forwarded-Method`, `X-Forwarded-Uri`), Envoy `http_service` (the check
+//! request's own method, and its path after `/check`) — and answers 200 with
 //! `Authorization: Bearer <access token>` for the gateway to copy upstream, or 401/403/503.
 
 use std::sync::Arc;
@@ -44,14 +45,20 @@ fn original_path(req: &Request) -> String {
     if let Some(u) = h.get("x-forwarded-uri").and_then(|v| v.to_str().ok()) {
         return u.to_string();
     }
-    "/".into()
+    // Envoy `http_service`: `/check` + the original path and query.
+    match req.uri().path_and_query().map(|p| p.as_str()).and_then(|p| p.strip_prefix(super::PATH)) {
+        Some(rest) if rest.starts_with('/') => rest.to_string(),
+        _ => "/".into(),
+    }
 }
 
 pub async fn check(State(st): State<Arc<CheckState>>, req: Request) -> Response {
     let Ok(method) = original_method(&req) else {
         return crate::error::ApiError::bad_request("bad_request", "unreadable original method").into_response();
     };
-    let redirect = req.uri().query().is_some_and(|q| q.split('&').any(|p| p == "redirect=1"));
+    // `?redirect=1` only on the bare `/check` (under Envoy the query is the original request's).
+    let redirect =
+        req.uri().path() == super::PATH && req.uri().query().is_some_and(|q| q.split('&').any(|p| p == "redirect=1"));
     let creq = CheckRequest { method, path_and_query: original_path(&req), headers: req.headers() };
     let mut resp = match decide(&st, &creq).await {
         Decision::Allow { access_token, claim_headers, other_cookies } => {

@@ -61,6 +61,8 @@ pub fn router(core: Arc<Core>, config: &CheckConfig) -> Router {
     Router::new()
         // Any method: nginx's `auth_request` subrequest keeps the original request's method.
         .route(PATH, any(http::check))
+        // Envoy's ext_authz `http_service` with `path_prefix: /check` appends the original path.
+        .route("/check/{*original}", any(http::check))
         .fallback(|| async { ApiError::NotFound })
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .layer(axum::extract::DefaultBodyLimit::max(0))

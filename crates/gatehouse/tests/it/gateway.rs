@@ -153,8 +153,12 @@ http {{
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("nginx starts");
+        let mut me = Self { child, _dir: dir };
         wait_port(port).await;
-        Self { child, _dir: dir }
+        // Something answering on the port is not enough: it must be our gateway, still running.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(me.child.try_wait().unwrap().is_none(), "the gateway exited (port {port} taken?)");
+        me
     }
 }
 
@@ -208,8 +212,12 @@ http://localhost:{port} {{
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("caddy starts");
+        let mut me = Self { child, _dir: dir };
         wait_port(port).await;
-        Self { child, _dir: dir }
+        // Something answering on the port is not enough: it must be our gateway, still running.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(me.child.try_wait().unwrap().is_none(), "the gateway exited (port {port} taken?)");
+        me
     }
 }
 
@@ -240,7 +248,10 @@ enum Gateway {
 
 async fn setup_with(base: Options, gw: Gateway) -> Setup {
     let work = Workdir::new();
-    let edge_port = free_registered_port();
+    // An ephemeral port, not one of the registered 18000-18039 (other tests' Gatehouses take
+    // those round-robin and could grab it before the gateway binds). No test here completes a
+    // code flow through the edge, so Keycloak never checks this redirect URI.
+    let edge_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let o = Options { external_port: Some(edge_port), extra: check_config(&work), ..base };
     let gate = Gate::start(&work, &o).await;
     let r = gate.running.as_ref().unwrap();
@@ -526,5 +537,47 @@ async fn caddy_forward_auth_forwards_the_token_and_enforces_the_same_rules() {
     let ok = post(true).await.unwrap();
     assert_eq!(ok.status(), 200);
     assert_eq!(ok.json::<Value>().await.unwrap()["method"], "POST");
+    s.gate.stop().await;
+}
+
+/// Envoy's ext_authz `http_service` (`path_prefix: /check`): the original method is the check
+/// request's own, the original path follows `/check`.
+#[tokio::test]
+async fn envoy_http_service_form_reads_the_path_after_check() {
+    let s = setup(Options::default()).await;
+    let sid = edge_login(&s, "alice").await;
+    let c = http();
+    let url = format!("http://{}/check/app/page?a=1", s.check);
+    let ok = c
+        .get(&url)
+        .header("cookie", session_cookie(&sid))
+        .header("x-gatehouse-check-key", CHECK_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    assert!(looks_like_jwt(ok.headers()["authorization"].to_str().unwrap()));
+    let nav = c
+        .get(&url)
+        .header("x-gatehouse-check-key", CHECK_KEY)
+        .header("sec-fetch-mode", "navigate")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(nav.status(), 401);
+    assert_eq!(
+        nav.headers()["x-gatehouse-login"].to_str().unwrap(),
+        format!("{}/auth/login?return_to=%2Fapp%2Fpage%3Fa%3D1", s.edge)
+    );
+    let post = c
+        .post(&url)
+        .header("cookie", session_cookie(&sid))
+        .header("x-gatehouse-check-key", CHECK_KEY)
+        .header("origin", "http://evil.example")
+        .header("x-csrf", "1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(post.status(), 403, "CSRF on the check request's own method");
     s.gate.stop().await;
 }
