@@ -11,6 +11,8 @@ command -v mvn >/dev/null || need+=(maven)
 command -v wrk >/dev/null || need+=(wrk)
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v redis-sentinel >/dev/null || need+=(redis-sentinel)
+# nginx (auth_request) fronts Gatehouse's check listener in the gateway tests; run unprivileged per test.
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
 # Python venvs hold the offline Kubernetes schema validator (scripts/deploy-test.sh installs it from PyPI).
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 # promtool (Debian `prometheus`) checks /metrics, the alerting rules and their unit tests.

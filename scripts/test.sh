@@ -19,6 +19,8 @@ export JAEGER_BIN
 POCKETBASE_BIN="$(scripts/pocketbase.sh build)"
 export POCKETBASE_BIN
 
+# Caddy for the gateway tests (tests/it/gateway.rs; nginx comes from scripts/setup.sh): built once, cached.
+scripts/caddy.sh >/dev/null
 # Build first so build time never counts against test time-outs.
 cargo test --locked --workspace --no-run
 # Integration binaries run one after another; the outage suite stops and restarts Keycloak.

@@ -220,6 +220,9 @@ pub struct Config {
     /// The East-West listener (session exchange for internal services); absent = not started.
     #[serde(default)]
     pub internal: Option<InternalConfig>,
+    /// The check listener (the gateway's auth check: forward-auth / ext_authz); absent = not started.
+    #[serde(default)]
+    pub check: Option<CheckConfig>,
     /// The admin listener (metrics, health).
     #[serde(default)]
     pub admin: AdminConfig,
@@ -608,6 +611,121 @@ pub struct InternalConfig {
     pub rate_limit_per_second: u32,
 }
 
+/// The check listener: gateways (nginx `auth_request`, ingress-nginx `auth-url`, Traefik, Caddy,
+/// Envoy `http_service`) ask it "who is this browser?". An allowed answer carries the user's access
+/// token, so it is never the public listener and it authenticates its caller.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckConfig {
+    /// Address of the check listener.
+    #[serde(default = "defaults::check_listen")]
+    pub listen: SocketAddr,
+    /// Server certificate chain (PEM): set it (with `key` and `client_ca`) for mutual TLS.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// CA bundle (PEM) the gateway's client certificate must chain to.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    /// With mutual TLS: gateway identities allowed to call (exact SPIFFE IDs or DNS names).
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// A shared key (at least 32 printable characters) the gateway sends in `X-Gatehouse-Check-Key`,
+    /// for gateways that cannot present a client certificate. Re-read on every check.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// Claims copied into response headers for the upstream, e.g. `["sub", "preferred_username"]`
+    /// become `x-gatehouse-sub`, `x-gatehouse-preferred-username`. Known: sub, preferred_username,
+    /// email, name, realm_roles (comma-separated), groups (comma-separated).
+    #[serde(default)]
+    pub claim_headers: Vec<String>,
+    /// How often the TLS files are checked for changes.
+    #[serde(default = "defaults::reload_interval", deserialize_with = "de_duration")]
+    pub reload_interval: Duration,
+    /// Longest time a client may take to complete the TLS handshake.
+    #[serde(default = "defaults::handshake_timeout", deserialize_with = "de_duration")]
+    pub handshake_timeout: Duration,
+}
+
+/// Claims `check.claim_headers` may name.
+pub const CHECK_CLAIMS: &[&str] = &["sub", "preferred_username", "email", "name", "realm_roles", "groups"];
+
+impl CheckConfig {
+    /// Mutual TLS when a server certificate is configured.
+    pub fn mtls(&self) -> bool {
+        self.cert.is_some()
+    }
+
+    fn validate(&self, all: &Config) -> Result<(), ConfigError> {
+        let others = [Some(all.public.listen), Some(all.admin.listen), all.internal.as_ref().map(|i| i.listen)];
+        if others.into_iter().flatten().any(|o| same_port(self.listen, o)) {
+            return Err(invalid(
+                "check.listen",
+                "must differ from public.listen, admin.listen and internal.listen: an allowed check carries the user's token",
+            ));
+        }
+        if self.mtls() || self.key.is_some() || self.client_ca.is_some() {
+            for (key, path) in
+                [("check.cert", &self.cert), ("check.key", &self.key), ("check.client_ca", &self.client_ca)]
+            {
+                match path {
+                    None => return Err(invalid(key, "cert, key and client_ca go together (mutual TLS)")),
+                    Some(p) if !p.is_file() => {
+                        return Err(invalid(key, format!("{} is not a readable file", p.display())));
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        if let Some(path) = &self.key_file {
+            read_check_key(path)?;
+        }
+        if !self.mtls() && self.key_file.is_none() && !self.listen.ip().is_loopback() {
+            return Err(invalid(
+                "check.listen",
+                format!(
+                    "{} is not loopback: the check answers with users' access tokens, so it needs mutual TLS \
+                     (cert, key, client_ca, allow) or a shared key (key_file)",
+                    self.listen
+                ),
+            ));
+        }
+        for id in &self.allow {
+            if let Err(why) = crate::tls::identity::parse_allow_entry(id) {
+                return Err(invalid("check.allow", format!("`{id}`: {why}")));
+            }
+        }
+        for c in &self.claim_headers {
+            if !CHECK_CLAIMS.contains(&c.as_str()) {
+                return Err(invalid("check.claim_headers", format!("`{c}`: not one of {CHECK_CLAIMS:?}")));
+            }
+        }
+        if self.reload_interval < Duration::from_secs(1) {
+            return Err(invalid("check.reload_interval", "must be at least 1s"));
+        }
+        if self.handshake_timeout < Duration::from_millis(100) || self.handshake_timeout > Duration::from_secs(60) {
+            return Err(invalid("check.handshake_timeout", "must be between 100ms and 60s"));
+        }
+        Ok(())
+    }
+}
+
+/// Read and check the check listener's shared key (see `check.key_file`).
+pub fn read_check_key(path: &Path) -> Result<SecretString, ConfigError> {
+    use secrecy::ExposeSecret;
+    let key = read_secret_file("check.key_file", path)?;
+    let k = key.expose_secret();
+    if k.len() < ADMIN_TOKEN_MIN_LEN || !k.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(invalid(
+            "check.key_file",
+            format!("{} must hold at least {ADMIN_TOKEN_MIN_LEN} printable characters without spaces", path.display()),
+        ));
+    }
+    Ok(key)
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShutdownConfig {
@@ -824,6 +942,9 @@ mod defaults {
     }
     pub fn internal_listen() -> SocketAddr {
         SocketAddr::from(([0, 0, 0, 0], 8443))
+    }
+    pub fn check_listen() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 8444))
     }
     pub fn internal_mode() -> InternalMode {
         InternalMode::Mtls
@@ -1245,6 +1366,9 @@ impl Config {
         if let Some(i) = &self.internal {
             i.validate(self)?;
         }
+        if let Some(c) = &self.check {
+            c.validate(self)?;
+        }
         for (n, route) in self.routes.iter().enumerate() {
             route.validate()?;
             if self.routes[..n].iter().any(|r| r.prefix == route.prefix) {
@@ -1310,6 +1434,15 @@ impl Config {
                      (not `{id}.<namespace>.svc…`); prefer a SPIFFE ID or the full Service name"
                 ));
             }
+        }
+        if let Some(c) = &self.check
+            && !c.mtls()
+            && !c.listen.ip().is_loopback()
+        {
+            w.push(format!(
+                "check.listen {} without mutual TLS: the shared key and users' access tokens cross the network in plain HTTP",
+                c.listen
+            ));
         }
         if self.oidc.password_login {
             w.push("oidc.password_login is on: Gatehouse sees user passwords (rate-limited)".into());
@@ -1792,6 +1925,33 @@ mod tests {
             assert!(!cookie.secure);
             assert_eq!(cookie.name, "Http-gatehouse");
             assert!(!c.warnings().is_empty());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn check_listener_needs_a_caller_credential_off_loopback() {
+        Jail::expect_with(|jail| {
+            fn err(jail: &mut Jail, text: &str) -> String {
+                load(jail, text).err().map(|e| e.to_string()).unwrap_or_default()
+            }
+            let c = load(jail, &format!("{MINIMAL}\n[check]\n")).expect("loopback default");
+            assert!(c.check.as_ref().is_some_and(|c| c.listen.ip().is_loopback() && !c.mtls()));
+            let e = err(jail, &format!("{MINIMAL}\n[check]\nlisten = \"0.0.0.0:8444\""));
+            assert!(e.contains("check.listen") && e.contains("mutual TLS"), "{e}");
+            jail.create_file("short.key", "tooshort")?;
+            let e = err(jail, &format!("{MINIMAL}\n[check]\nlisten = \"0.0.0.0:8444\"\nkey_file = \"short.key\""));
+            assert!(e.contains("check.key_file"), "{e}");
+            jail.create_file("check.key", &"k".repeat(40))?;
+            let c = load(jail, &format!("{MINIMAL}\n[check]\nlisten = \"0.0.0.0:8444\"\nkey_file = \"check.key\""))
+                .expect("a shared key is enough");
+            assert!(c.warnings().iter().any(|w| w.contains("check.listen")), "plain HTTP off loopback warns");
+            let e = err(jail, &format!("{MINIMAL}\n[check]\ncert = \"check.key\""));
+            assert!(e.contains("check.key") && e.contains("go together"), "{e}");
+            let e = err(jail, &format!("{MINIMAL}\n[check]\nclaim_headers = [\"password\"]"));
+            assert!(e.contains("check.claim_headers"), "{e}");
+            let e = err(jail, &format!("{MINIMAL}\n[check]\nlisten = \"127.0.0.1:8080\""));
+            assert!(e.contains("must differ"), "{e}");
             Ok(())
         });
     }

@@ -7,6 +7,7 @@
 //! depend on the core, never on each other. `tls` and `pki` serve the internal listener.
 
 pub mod admin;
+pub mod check;
 pub mod clock;
 pub mod config;
 pub mod crypto;
@@ -255,6 +256,8 @@ pub struct Running {
     pub internal_addr: Option<SocketAddr>,
     /// The live internal TLS config (tests force a reload instead of waiting for the poll).
     pub internal_tls: Option<Arc<tls::ReloadingConfig>>,
+    /// The check listener (gateway auth check), when `[check]` is configured.
+    pub check_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -358,7 +361,26 @@ pub async fn start_with(
         }
         tasks.push(tokio::spawn(listener::serve(sock, router, tls, rx.clone(), drain)));
     }
-    Ok(Running { core, public_addr, admin_addr, internal_addr, internal_tls, shutdown: tx, tasks })
+    let mut check_addr = None;
+    if let Some(c) = &core.config.check {
+        let sock = bind(c.listen).await?;
+        check_addr = Some(sock.local_addr().map_err(|source| StartError::Bind { addr: c.listen, source })?);
+        tracing::info!(check_addr = ?check_addr, mtls = c.mtls(), "check listener");
+        let tls = match c.mtls() {
+            true => {
+                let t = tls::ReloadingConfig::new(tls::TlsPaths {
+                    cert: c.cert.clone().unwrap_or_default(),
+                    key: c.key.clone().unwrap_or_default(),
+                    client_ca: c.client_ca.clone().unwrap_or_default(),
+                })?;
+                tasks.push(tokio::spawn(t.clone().watch(c.reload_interval, rx.clone())));
+                Some(listener::TlsSettings { config: t, handshake_timeout: c.handshake_timeout })
+            }
+            false => None,
+        };
+        tasks.push(tokio::spawn(listener::serve(sock, check::router(core.clone(), c), tls, rx.clone(), drain)));
+    }
+    Ok(Running { core, public_addr, admin_addr, internal_addr, internal_tls, check_addr, shutdown: tx, tasks })
 }
 
 /// Load provider metadata at start-up, retrying with backoff until it succeeds once.

@@ -493,6 +493,25 @@ fn check_config(path: &Path) -> ExitCode {
             }
         }
     }
+    if let Some(c) = &config.check {
+        let how = match (c.mtls(), c.key_file.is_some()) {
+            (true, _) => format!("mutual TLS, {} allowed gateway(s)", c.allow.len()),
+            (false, true) => "shared key (X-Gatehouse-Check-Key)".to_string(),
+            (false, false) => "loopback only, no caller credential".to_string(),
+        };
+        say!("  check listener    {} ({how})", c.listen);
+        if c.mtls() {
+            let paths = gatehouse::tls::TlsPaths {
+                cert: c.cert.clone().unwrap_or_default(),
+                key: c.key.clone().unwrap_or_default(),
+                client_ca: c.client_ca.clone().unwrap_or_default(),
+            };
+            if let Err(e) = gatehouse::tls::load(&paths) {
+                eprintln!("{}: invalid configuration: check TLS: {e}", path.display());
+                return ExitCode::from(2);
+            }
+        }
+    }
     for w in config.warnings() {
         say!("  warning: {w}");
     }

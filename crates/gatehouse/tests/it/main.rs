@@ -8,6 +8,7 @@ mod cli;
 mod demo;
 mod deploy;
 mod extend;
+mod gateway;
 mod harness;
 mod internal;
 mod login;

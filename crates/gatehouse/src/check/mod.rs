@@ -1,0 +1,109 @@
+//! The check face: a gateway in front of the application (nginx `auth_request`, ingress-nginx
+//! `auth-url`, Traefik ForwardAuth, Caddy `forward_auth`) asks "who is this browser?" and, when
+//! allowed, gets the user's access token to forward upstream. Because an allowed answer carries a
+//! token, this face lives on its own listener (`[check]`), never the public one, and
+//! authenticates its caller first: mutual TLS with an identity on `check.allow`, or a shared key
+//! in `X-Gatehouse-Check-Key` compared in constant time. A thin adapter over the core: the
+//! session is resolved (and refreshed, single-flight) by `Exchange::resolve`, nothing else.
+
+mod decide;
+mod http;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use secrecy::ExposeSecret;
+use tower_http::sensitive_headers::{SetSensitiveRequestHeadersLayer, SetSensitiveResponseHeadersLayer};
+
+use crate::Core;
+use crate::config::{CheckConfig, CookieSettings};
+use crate::error::ApiError;
+use crate::tls::identity::Caller;
+
+pub use decide::{CheckRequest, Decision, Denied};
+
+/// The header a gateway without a client certificate sends the shared key in.
+pub const KEY_HEADER: &str = "x-gatehouse-check-key";
+/// The path of the HTTP check.
+pub const PATH: &str = "/check";
+
+pub struct CheckState {
+    pub core: Arc<Core>,
+    mtls: bool,
+    allow: HashSet<String>,
+    key_file: Option<std::path::PathBuf>,
+    pub(crate) cookie: CookieSettings,
+    pub(crate) origin: String,
+    pub(crate) claim_headers: Vec<String>,
+}
+
+pub fn router(core: Arc<Core>, config: &CheckConfig) -> Router {
+    let state = Arc::new(CheckState {
+        cookie: core.config.cookie(),
+        origin: core.config.public_origin(),
+        core,
+        mtls: config.mtls(),
+        allow: config.allow.iter().cloned().collect(),
+        key_file: config.key_file.clone(),
+        claim_headers: config.claim_headers.clone(),
+    });
+    let sensitive = [
+        axum::http::header::COOKIE,
+        axum::http::header::AUTHORIZATION,
+        axum::http::HeaderName::from_static(KEY_HEADER),
+        axum::http::HeaderName::from_static(http::COOKIE_OUT),
+    ];
+    Router::new()
+        // Any method: nginx's `auth_request` subrequest keeps the original request's method.
+        .route(PATH, any(http::check))
+        // Envoy's ext_authz `http_service` with `path_prefix: /check` appends the original path.
+        .route("/check/{*original}", any(http::check))
+        .fallback(|| async { ApiError::NotFound })
+        .layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .layer(axum::extract::DefaultBodyLimit::max(0))
+        .layer(SetSensitiveResponseHeadersLayer::new(sensitive.clone()))
+        .layer(SetSensitiveRequestHeadersLayer::new(sensitive))
+        .with_state(state)
+}
+
+/// Is the caller a gateway we trust? Runs before anything else; refusals are audited.
+async fn authorize(State(st): State<Arc<CheckState>>, req: Request, next: Next) -> Response {
+    match caller(&st, &req) {
+        Ok(_) => next.run(req).await,
+        Err(why) => {
+            tracing::warn!(target: "gatehouse::audit", reason = why, path = req.uri().path(), outcome = "forbidden", "check caller not authenticated");
+            ApiError::Forbidden("forbidden", "caller is not allowed".into()).into_response()
+        }
+    }
+}
+
+/// Either credential is enough when both are configured; with neither (a loopback listener,
+/// which `check-config` insists on) the socket itself is the boundary.
+fn caller(st: &CheckState, req: &Request) -> Result<String, &'static str> {
+    if !st.mtls && st.key_file.is_none() {
+        return Ok("loopback".into());
+    }
+    let mut why = "no credential";
+    if st.mtls {
+        match req.extensions().get::<Caller>().map(|c| &c.0) {
+            Some(Ok(id)) if st.allow.contains(id.as_str()) => return Ok(id.to_string()),
+            Some(Ok(_)) => why = "caller not on check.allow",
+            Some(Err(e)) => why = e,
+            None => why = "no client certificate",
+        }
+    }
+    if let (Some(path), Some(sent)) = (&st.key_file, req.headers().get(KEY_HEADER)) {
+        // Re-read per check so a rotated file takes effect at once; a missing file allows nobody.
+        let key = crate::config::read_check_key(path).map_err(|_| "check.key_file unreadable")?;
+        if crate::crypto::ct_eq(key.expose_secret().as_bytes(), sent.as_bytes()) {
+            return Ok("shared-key".into());
+        }
+        return Err("wrong check key");
+    }
+    Err(why)
+}
