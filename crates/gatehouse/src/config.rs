@@ -633,7 +633,7 @@ pub struct CheckConfig {
     #[serde(default)]
     pub allow: Vec<String>,
     /// A shared key (at least 32 printable characters) the gateway sends in `X-Gatehouse-Check-Key`,
-    /// for gateways that cannot present a client certificate. Re-read on every check.
+    /// for gateways that cannot present a client certificate. Re-read every `reload_interval`.
     #[serde(default)]
     pub key_file: Option<PathBuf>,
     /// Claims copied into response headers for the upstream, e.g. `["sub", "preferred_username"]`

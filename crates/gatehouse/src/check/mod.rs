@@ -37,6 +37,9 @@ pub struct CheckState {
     mtls: bool,
     allow: HashSet<String>,
     key_file: Option<std::path::PathBuf>,
+    /// SHA-256 of the shared key, read at start and again every `reload_interval` (the file is
+    /// not read on the per-request path); `None` when it could not be read: nobody gets in by key.
+    key_hash: arc_swap::ArcSwapOption<[u8; 32]>,
     pub(crate) cookie: CookieSettings,
     pub(crate) origin: String,
     pub(crate) claim_headers: Vec<String>,
@@ -50,8 +53,23 @@ pub fn router(core: Arc<Core>, config: &CheckConfig) -> Router {
         mtls: config.mtls(),
         allow: config.allow.iter().cloned().collect(),
         key_file: config.key_file.clone(),
+        key_hash: arc_swap::ArcSwapOption::empty(),
         claim_headers: config.claim_headers.clone(),
     });
+    if state.key_file.is_some() {
+        load_key(&state);
+        // A rotated key file takes effect within `reload_interval`; the task ends with the state.
+        let (weak, every) = (Arc::downgrade(&state), config.reload_interval);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(st) = weak.upgrade() else { break };
+                load_key(&st);
+            }
+        });
+    }
     let sensitive = [
         axum::http::header::COOKIE,
         axum::http::header::AUTHORIZATION,
@@ -97,13 +115,25 @@ fn caller(st: &CheckState, req: &Request) -> Result<String, &'static str> {
             None => why = "no client certificate",
         }
     }
-    if let (Some(path), Some(sent)) = (&st.key_file, req.headers().get(KEY_HEADER)) {
-        // Re-read per check so a rotated file takes effect at once; a missing file allows nobody.
-        let key = crate::config::read_check_key(path).map_err(|_| "check.key_file unreadable")?;
-        if crate::crypto::ct_eq(key.expose_secret().as_bytes(), sent.as_bytes()) {
+    if let (Some(_), Some(sent)) = (&st.key_file, req.headers().get(KEY_HEADER)) {
+        let key = st.key_hash.load_full().ok_or("check.key_file unreadable")?;
+        // Hashes of equal length on both sides: neither timing nor length says anything about the key.
+        if crate::crypto::ct_eq(&crate::crypto::sha256(sent.as_bytes()), key.as_ref()) {
             return Ok("shared-key".into());
         }
         return Err("wrong check key");
     }
     Err(why)
+}
+
+/// (Re)read the shared key; an unreadable or too short file leaves no key (fail closed).
+fn load_key(st: &CheckState) {
+    let Some(path) = &st.key_file else { return };
+    match crate::config::read_check_key(path) {
+        Ok(key) => st.key_hash.store(Some(Arc::new(crate::crypto::sha256(key.expose_secret().as_bytes())))),
+        Err(e) => {
+            tracing::error!(error = %e, "check.key_file unreadable: no gateway can authenticate by key");
+            st.key_hash.store(None);
+        }
+    }
 }
