@@ -49,6 +49,8 @@ impl RouteOutcome {
 pub enum Face {
     public,
     internal,
+    /// The gateways' check listener (`[check]`).
+    check,
 }
 
 impl Face {
@@ -56,6 +58,7 @@ impl Face {
         match self {
             Face::public => "public",
             Face::internal => "internal",
+            Face::check => "check",
         }
     }
 }

@@ -156,8 +156,9 @@ impl Propagation {
         }
         match (self.policy, face) {
             (TracePropagation::Never, _) => false,
-            // Internal callers are authenticated services (mTLS or the mesh's XFCC).
-            (_, Face::internal) | (TracePropagation::Any, _) => true,
+            // Internal callers are authenticated services (mTLS or the mesh's XFCC); check callers
+            // are gateways (mTLS, shared key or loopback) whose own span is the parent to keep.
+            (_, Face::internal | Face::check) | (TracePropagation::Any, _) => true,
             (TracePropagation::TrustedProxies, Face::public) => {
                 peer.is_some_and(|ip| self.trusted_proxies.iter().any(|n| n.contains(&ip)))
             }
@@ -399,6 +400,7 @@ mod tests {
         assert!(trusted.accepts(Face::public, proxy));
         assert!(!trusted.accepts(Face::public, stranger) && !trusted.accepts(Face::public, None));
         assert!(trusted.accepts(Face::internal, stranger), "internal callers are authenticated");
+        assert!(trusted.accepts(Face::check, stranger), "check callers are authenticated gateways");
         let never = propagation(TracePropagation::Never, true);
         assert!(!never.accepts(Face::public, proxy) && !never.accepts(Face::internal, proxy));
         let off = propagation(TracePropagation::Any, false);

@@ -86,6 +86,11 @@ pub fn router(core: Arc<Core>, config: &CheckConfig) -> Router {
         .layer(axum::extract::DefaultBodyLimit::max(0))
         .layer(SetSensitiveResponseHeadersLayer::new(sensitive.clone()))
         .layer(SetSensitiveRequestHeadersLayer::new(sensitive))
+        // Outermost: the server span and RED metrics see every answer, refused callers included.
+        .layer(middleware::from_fn_with_state(
+            state.core.observer(crate::metrics::Face::check),
+            crate::telemetry::observe,
+        ))
         .with_state(state)
 }
 

@@ -439,6 +439,14 @@ async fn the_check_listener_refuses_unauthenticated_callers_and_the_public_one_h
         assert_eq!(r.status(), 404, "public listener {path}");
         assert!(r.headers().get("authorization").is_none());
     }
+    // The check listener has its own RED series, refusals included.
+    let series = |class: &str| {
+        format!(
+            "gatehouse_http_requests_total{{face=\"check\",route=\"/check\",method=\"GET\",status_class=\"{class}\"}}"
+        )
+    };
+    assert_eq!(s.gate.metric(&series("4xx")).await, 3.0, "three refused callers counted");
+    assert_eq!(s.gate.metric(&series("2xx")).await, 1.0, "one allowed check counted");
     s.gate.stop().await;
 }
 
