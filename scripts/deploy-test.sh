@@ -60,6 +60,11 @@ GATEHOUSE="$work/gatehouse"
 
 render() { "$HELM" template gh "$CHART" --namespace gatehouse --kube-version "$KUBE_VERSION" "$@"; }
 
+# The chart ships the alerting rules as a PrometheusRule from its own copy (Helm reads files
+# inside the chart only): the copy must be the promtool-tested original.
+cmp -s "$REPO_ROOT/deploy/prometheus/gatehouse-alerts.yml" "$CHART/files/gatehouse-alerts.yml" ||
+    die "deploy/helm/gatehouse/files/gatehouse-alerts.yml differs from deploy/prometheus/gatehouse-alerts.yml (copy it)"
+
 # --- 1-3: lint, render, validate, assert ---
 envoy_renders=()
 for values in "$CHART"/ci/*.yaml; do
@@ -71,7 +76,7 @@ for values in "$CHART"/ci/*.yaml; do
     render -f "$values" >"$out/rendered.yaml" || die "helm template $name"
     "$KV" --strict --quiet "$out/rendered.yaml" >"$out/validate.txt" 2>&1 || { cat "$out/validate.txt" >&2; die "kubernetes-validate $name"; }
     # Only the CRD kinds (no schema in kubernetes-validate) may be skipped; chart_assert checks them.
-    if grep -v -E "Couldn't find schema for kind (Certificate|ServiceMonitor) " "$out/validate.txt" | grep -q .; then
+    if grep -v -E "Couldn't find schema for kind (Certificate|ServiceMonitor|PrometheusRule) " "$out/validate.txt" | grep -q .; then
         cat "$out/validate.txt" >&2
         die "kubernetes-validate $name: unexpected output"
     fi
@@ -112,6 +117,8 @@ sed '0,/readOnlyRootFilesystem: true/ s//readOnlyRootFilesystem: false/' "$base/
 expect_caught "a writable root filesystem" "$everything" "$work/selftest/rw.yaml"
 sed 's/^    mode = "envoy"$/    mode = "envoy"\n    bogus = 1/' "$base/rendered.yaml" >"$work/selftest/badtoml.yaml"
 expect_caught "a gatehouse.toml that check-config refuses" "$everything" "$work/selftest/badtoml.yaml"
+sed '/kind: PrometheusRule/,$ s/for: 5m$/for: 50m/' "$base/rendered.yaml" >"$work/selftest/rule.yaml"
+expect_caught "a PrometheusRule that is not the tested rules" "$everything" "$work/selftest/rule.yaml"
 
 # --- 4: bad values are refused, naming the value ---
 minimal="$CHART/ci/minimal-values.yaml"

@@ -234,6 +234,20 @@ def main():
         if [e["port"] for e in sm["spec"]["endpoints"]] != ["admin"] or sm["spec"]["endpoints"][0]["path"] != "/metrics":
             fail("the ServiceMonitor must scrape /metrics on the admin port")
 
+    # The PrometheusRule carries exactly the repository's alerting rules (promtool-tested there).
+    want_rule = bool(values.get("metrics", {}).get("prometheusRule", {}).get("enabled"))
+    rules = by_kind.get("PrometheusRule", [])
+    if want_rule != bool(rules):
+        fail(f"prometheusRule.enabled is {want_rule} but {len(rules)} PrometheusRule objects were rendered")
+    if rules:
+        repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        with open(os.path.join(repo, "deploy", "prometheus", "gatehouse-alerts.yml")) as f:
+            source = yaml.safe_load(f)
+        if rules[0]["spec"]["groups"] != source["groups"]:
+            fail("the PrometheusRule's groups differ from deploy/prometheus/gatehouse-alerts.yml")
+        if rules[0]["metadata"]["labels"].get("release") != values["metrics"]["prometheusRule"].get("labels", {}).get("release"):
+            fail("the PrometheusRule does not carry the configured labels")
+
     # --- gatehouse.toml through `gatehouse check-config`, with test files at the mounted paths. ---
     cm = next((o for o in by_kind.get("ConfigMap", []) if "gatehouse.toml" in (o.get("data") or {})), None)
     if cm is None:
