@@ -65,6 +65,14 @@ impl From<StoreError> for ExchangeError {
     }
 }
 
+/// The core's dependencies as readiness sees them.
+#[derive(Debug, Clone, Copy)]
+pub struct Health {
+    pub store: bool,
+    pub identity_provider: bool,
+    pub draining: bool,
+}
+
 pub struct ExchangeSettings {
     pub idle_timeout: i64,
     pub absolute_timeout: i64,
@@ -144,12 +152,66 @@ impl Exchange {
         }
     }
 
+    /// The store itself, for tests that inspect records. Faces never call it: every session
+    /// operation is a method here (`lib.rs` has a test that scans the faces for it).
+    #[doc(hidden)]
     pub fn store(&self) -> &Arc<dyn SessionStore> {
         &self.store
     }
 
+    /// The OIDC client itself, for tests. Faces use the login operations below.
+    #[doc(hidden)]
     pub fn oidc(&self) -> &Arc<OidcClient> {
         &self.oidc
+    }
+
+    /// Where to send a browser to log in (authorization code + PKCE + nonce).
+    pub async fn authorization_url(&self, state: &str, nonce: &str, verifier: &str) -> Result<String, OidcError> {
+        self.oidc.authorization_url(state, nonce, verifier).await
+    }
+
+    /// Redeem a callback's code: the response's `iss` (RFC 9207) first, then the code grant with
+    /// the login's verifier and nonce. The result still goes through [`Exchange::start`].
+    pub async fn redeem_code(
+        &self,
+        response_issuer: Option<&str>,
+        code: &str,
+        verifier: &str,
+        nonce: &str,
+    ) -> Result<LoginResult, OidcError> {
+        self.oidc.check_response_issuer(response_issuer).await?;
+        self.oidc.redeem_code(code, verifier, nonce).await
+    }
+
+    /// The resource-owner password grant (only when `oidc.password_login` is on).
+    pub async fn password_grant(&self, username: &str, password: &str) -> Result<LoginResult, OidcError> {
+        self.oidc.password_grant(username, password).await
+    }
+
+    /// Load the provider's metadata (start-up retries this until it succeeds once).
+    pub async fn discover(&self) -> Result<(), OidcError> {
+        self.oidc.discover().await
+    }
+
+    /// What readiness needs: the store answers (within 2 s), provider metadata is loaded, and
+    /// the process is not draining.
+    pub async fn health(&self) -> Health {
+        let store = tokio::time::timeout(std::time::Duration::from_secs(2), self.store.ping()).await;
+        Health {
+            store: matches!(store, Ok(Ok(()))),
+            identity_provider: self.oidc.is_ready(),
+            draining: self.is_draining(),
+        }
+    }
+
+    /// Remove expired sessions (the sweeper).
+    pub async fn sweep(&self) -> Result<usize, StoreError> {
+        self.store.sweep(self.clock.now()).await
+    }
+
+    /// How many sessions the store holds, when it can tell cheaply.
+    pub async fn count(&self) -> Result<Option<u64>, StoreError> {
+        self.store.count().await
     }
 
     pub fn now(&self) -> UnixTime {

@@ -174,7 +174,7 @@ impl User {
             Relay::Session => self.id.expose().to_owned(),
         };
         let timeout: Duration = r.timeout();
-        let trusted = &self.state.core.config.public.trusted_proxies;
+        let trusted = &self.state.settings.trusted_proxies;
         proxy
             .get_json(route, path, &relay, self.peer, &self.headers, trusted, timeout, max_bytes)
             .await
@@ -192,8 +192,7 @@ impl<S: Send + Sync> FromRequestParts<S> for User {
             .and_then(|v| SessionId::parse(&v))
             .ok_or(ApiError::Unauthenticated)?;
         // The token is decrypted only when some route relays it.
-        let with_token = state.core.config.routes.iter().any(|r| r.relay == Relay::Bearer);
-        let resolved = state.core.exchange.resolve(&id, with_token).await?;
+        let resolved = state.core.exchange.resolve(&id, state.settings.any_bearer_route).await?;
         let r = &resolved.record;
         Ok(Self {
             claims: r.claims.clone(),

@@ -6,15 +6,15 @@
 //! `exchange` on top; `public` (North-South), `internal` (East-West) and `admin` are faces that
 //! depend on the core, never on each other. `tls` and `pki` serve the internal listener.
 
-pub mod admin;
-pub mod check;
+mod admin;
+mod check;
 pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod error;
 pub mod exchange;
 pub mod extend;
-pub mod internal;
+mod internal;
 mod listener;
 pub mod metrics;
 pub mod oidc;
@@ -131,7 +131,6 @@ fn redis_tls(config: &Config) -> Result<session::redis::RedisTls, StartError> {
 
 /// Everything the faces share.
 pub struct Core {
-    pub config: Config,
     pub exchange: Arc<Exchange>,
     pub keyring: Arc<Keyring>,
     pub metrics: Arc<Metrics>,
@@ -141,8 +140,8 @@ pub struct Core {
 }
 
 impl Core {
-    pub fn build(config: Config, clock: Arc<dyn Clock>) -> Result<Self, StartError> {
-        let Secrets { keyring, client_secret } = load_secrets(&config)?;
+    pub fn build(config: &Config, clock: Arc<dyn Clock>) -> Result<Self, StartError> {
+        let Secrets { keyring, client_secret } = load_secrets(config)?;
         let keyring = Arc::new(keyring);
         let algorithms = config
             .oidc
@@ -170,7 +169,7 @@ impl Core {
             )?
             .with_metrics(metrics.clone()),
         );
-        let redis_tls = redis_tls(&config)?;
+        let redis_tls = redis_tls(config)?;
         let store: Arc<dyn SessionStore> = match config.session.mode() {
             StoreMode::Embedded { path } => Arc::new(EmbeddedStore::open_with(
                 path,
@@ -206,7 +205,7 @@ impl Core {
         };
         let store: Arc<dyn SessionStore> = Arc::new(ObservedStore::new(store, metrics.clone(), system));
         let mut registry = Registry::default();
-        metrics.preinit(&config);
+        metrics.preinit(config);
         metrics.register(&mut registry);
         let secs = |d: Duration| d.as_secs() as i64;
         let exchange = Arc::new(Exchange::new(
@@ -221,8 +220,8 @@ impl Core {
             },
             metrics.clone(),
         ));
-        let propagation = telemetry::Propagation::new(&config);
-        Ok(Self { config, exchange, keyring, metrics, registry, propagation })
+        let propagation = telemetry::Propagation::new(config);
+        Ok(Self { exchange, keyring, metrics, registry, propagation })
     }
 
     /// The `observe` middleware's state for one listener.
@@ -230,18 +229,15 @@ impl Core {
         Arc::new(telemetry::Observe { face, metrics: self.metrics.clone(), propagation: self.propagation.clone() })
     }
 
-    /// Ready = store reachable and provider metadata loaded once.
+    /// Ready = store reachable and provider metadata loaded once, and not draining.
     pub async fn readiness(&self) -> (bool, serde_json::Value) {
-        let store = tokio::time::timeout(Duration::from_secs(2), self.exchange.store().ping()).await;
-        let store_ok = matches!(store, Ok(Ok(())));
-        let idp_ok = self.exchange.oidc().is_ready();
-        let draining = self.exchange.is_draining();
-        let ready = store_ok && idp_ok && !draining;
+        let h = self.exchange.health().await;
+        let ready = h.store && h.identity_provider && !h.draining;
         let body = serde_json::json!({
             "ready": ready,
-            "store": if store_ok { "ok" } else { "unavailable" },
-            "identity_provider": if idp_ok { "ok" } else { "metadata not loaded" },
-            "shutting_down": draining,
+            "store": if h.store { "ok" } else { "unavailable" },
+            "identity_provider": if h.identity_provider { "ok" } else { "metadata not loaded" },
+            "shutting_down": h.draining,
         });
         (ready, body)
     }
@@ -260,13 +256,14 @@ pub struct Running {
     pub check_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    drain: Duration,
 }
 
 impl Running {
     /// Readiness false at once, stop accepting, let in-flight requests and background
     /// revocations finish within `shutdown.drain_timeout`, stop background tasks.
     pub async fn shutdown(self) {
-        let drain = self.core.config.shutdown.drain_timeout;
+        let drain = self.drain;
         let started = tokio::time::Instant::now();
         self.core.exchange.start_draining();
         let _ = self.shutdown.send(true);
@@ -319,9 +316,9 @@ pub async fn start_with(
     let public_listen = config.public.listen;
     let admin_listen = config.admin.listen;
     let sweep_every = config.session.sweep_interval;
-    let core = Arc::new(Core::build(config, clock.clone())?);
+    let core = Arc::new(Core::build(&config, clock.clone())?);
     // Refuse to start with broken certificates rather than fail every handshake later.
-    let internal_tls = match &core.config.internal {
+    let internal_tls = match &config.internal {
         Some(i) if i.mode == config::InternalMode::Mtls => Some(tls::ReloadingConfig::new(tls::TlsPaths {
             cert: i.cert.clone().unwrap_or_default(),
             key: i.key.clone().unwrap_or_default(),
@@ -329,9 +326,9 @@ pub async fn start_with(
         })?),
         _ => None,
     };
-    let public_router = public::router(core.clone(), extensions)?;
+    let public_router = public::router(core.clone(), &config, extensions)?;
     let (tx, rx) = watch::channel(false);
-    let drain = core.config.shutdown.drain_timeout;
+    let drain = config.shutdown.drain_timeout;
     let bind = |addr| async move { TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source }) };
     let public = bind(public_listen).await?;
     let admin = bind(admin_listen).await?;
@@ -341,14 +338,14 @@ pub async fn start_with(
 
     let mut tasks = vec![
         tokio::spawn(listener::serve(public, public_router, None, rx.clone(), drain)),
-        tokio::spawn(listener::serve(admin, admin::router(core.clone()), None, rx.clone(), drain)),
+        tokio::spawn(listener::serve(admin, admin::router(core.clone(), &config.admin), None, rx.clone(), drain)),
         tokio::spawn(discovery_loop(core.clone(), rx.clone())),
-        tokio::spawn(sweep_loop(core.clone(), clock, sweep_every, rx.clone())),
-        tokio::spawn(certificate_loop(core.clone(), rx.clone())),
+        tokio::spawn(sweep_loop(core.clone(), sweep_every, rx.clone())),
+        tokio::spawn(certificate_loop(core.clone(), certificates(&config), rx.clone())),
     ];
     count_sessions(&core).await;
     let mut internal_addr = None;
-    if let Some(i) = &core.config.internal {
+    if let Some(i) = &config.internal {
         let sock = bind(i.listen).await?;
         internal_addr = Some(sock.local_addr().map_err(|source| StartError::Bind { addr: i.listen, source })?);
         tracing::info!(internal_addr = ?internal_addr, mode = ?i.mode, "internal listener");
@@ -362,7 +359,7 @@ pub async fn start_with(
         tasks.push(tokio::spawn(listener::serve(sock, router, tls, rx.clone(), drain)));
     }
     let mut check_addr = None;
-    if let Some(c) = &core.config.check {
+    if let Some(c) = &config.check {
         let sock = bind(c.listen).await?;
         check_addr = Some(sock.local_addr().map_err(|source| StartError::Bind { addr: c.listen, source })?);
         tracing::info!(check_addr = ?check_addr, mtls = c.mtls(), "check listener");
@@ -378,16 +375,22 @@ pub async fn start_with(
             }
             false => None,
         };
-        tasks.push(tokio::spawn(listener::serve(sock, check::router(core.clone(), c), tls, rx.clone(), drain)));
+        tasks.push(tokio::spawn(listener::serve(
+            sock,
+            check::router(core.clone(), &config, c),
+            tls,
+            rx.clone(),
+            drain,
+        )));
     }
-    Ok(Running { core, public_addr, admin_addr, internal_addr, internal_tls, check_addr, shutdown: tx, tasks })
+    Ok(Running { core, public_addr, admin_addr, internal_addr, internal_tls, check_addr, shutdown: tx, tasks, drain })
 }
 
 /// Load provider metadata at start-up, retrying with backoff until it succeeds once.
 async fn discovery_loop(core: Arc<Core>, mut stop: watch::Receiver<bool>) {
     let mut delay = Duration::from_millis(500);
     loop {
-        match core.exchange.oidc().discover().await {
+        match core.exchange.discover().await {
             Ok(()) => return,
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?delay, "identity provider metadata not loaded yet")
@@ -401,13 +404,13 @@ async fn discovery_loop(core: Arc<Core>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-async fn sweep_loop(core: Arc<Core>, clock: Arc<dyn Clock>, every: Duration, mut stop: watch::Receiver<bool>) {
+async fn sweep_loop(core: Arc<Core>, every: Duration, mut stop: watch::Receiver<bool>) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        match core.exchange.store().sweep(clock.now()).await {
+        match core.exchange.sweep().await {
             Ok(0) => {}
             Ok(n) => tracing::info!(swept = n, "expired sessions removed"),
             Err(e) => tracing::warn!(error = %e, "session sweep failed"),
@@ -419,7 +422,7 @@ async fn sweep_loop(core: Arc<Core>, clock: Arc<dyn Clock>, every: Duration, mut
 /// `gatehouse_sessions_active`: counted by the store once per sweep (cheap: redb keeps a table's
 /// length; Redis takes one SCAN), never per request.
 async fn count_sessions(core: &Core) {
-    match core.exchange.store().count().await {
+    match core.exchange.count().await {
         Ok(Some(n)) => {
             core.metrics.sessions_active.set(i64::try_from(n).unwrap_or(i64::MAX));
         }
@@ -432,29 +435,36 @@ async fn count_sessions(core: &Core) {
 /// the internal listener's certificate and client CA, and each proxy route's client certificate
 /// and CA. Read again every minute, so a rotated file shows its new expiry (and one that stopped
 /// rotating shows its old one running out — that is what the alert watches).
-fn record_certificates(core: &Core) {
-    let m = &core.metrics;
-    if let Some(i) = &core.config.internal {
+fn certificates(config: &Config) -> Vec<(&'static str, String, std::path::PathBuf)> {
+    let mut out = Vec::new();
+    if let Some(i) = &config.internal {
         if let Some(p) = &i.cert {
-            m.record_certificate("internal_server", "-", p);
+            out.push(("internal_server", "-".to_owned(), p.clone()));
         }
         if let Some(p) = &i.client_ca {
-            m.record_certificate("internal_client_ca", "-", p);
+            out.push(("internal_client_ca", "-".to_owned(), p.clone()));
         }
     }
-    for r in &core.config.routes {
+    for r in &config.routes {
         if let Some(p) = &r.client_cert_file {
-            m.record_certificate("route_client", &r.prefix, p);
+            out.push(("route_client", r.prefix.clone(), p.clone()));
         }
         if let Some(p) = &r.ca_file {
-            m.record_certificate("route_ca", &r.prefix, p);
+            out.push(("route_ca", r.prefix.clone(), p.clone()));
         }
     }
+    out
 }
 
-async fn certificate_loop(core: Arc<Core>, mut stop: watch::Receiver<bool>) {
+async fn certificate_loop(
+    core: Arc<Core>,
+    files: Vec<(&'static str, String, std::path::PathBuf)>,
+    mut stop: watch::Receiver<bool>,
+) {
     loop {
-        record_certificates(&core);
+        for (kind, prefix, path) in &files {
+            core.metrics.record_certificate(kind, prefix, path);
+        }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(60)) => {}
             _ = stop.wait_for(|s| *s) => return,
@@ -465,4 +475,46 @@ async fn certificate_loop(core: Arc<Core>, mut stop: watch::Receiver<bool>) {
 /// The default clock for `serve`.
 pub fn system_clock() -> Arc<SystemClock> {
     Arc::new(SystemClock::default())
+}
+
+#[cfg(test)]
+mod layering {
+    //! The layering rule, checked on the source: faces reach sessions and the provider only
+    //! through the core's operations (`Exchange`), never the store or the OIDC client directly.
+    use std::path::Path;
+
+    fn sources(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                sources(&p, out);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                out.push(p);
+            }
+        }
+    }
+
+    #[test]
+    fn faces_use_the_core_not_the_store_or_the_oidc_client() {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut files = vec![src.join("extend.rs")];
+        for face in ["public", "internal", "check", "admin"] {
+            sources(&src.join(face), &mut files);
+        }
+        assert!(files.len() > 10, "the faces' sources were found: {files:?}");
+        let mut offences = Vec::new();
+        for f in &files {
+            let text = std::fs::read_to_string(f).unwrap();
+            for (n, line) in text.lines().enumerate() {
+                let code = line.split("//").next().unwrap_or("");
+                if ["exchange.store()", "exchange.oidc()", "SessionStore", "OidcClient"]
+                    .iter()
+                    .any(|p| code.contains(p))
+                {
+                    offences.push(format!("{}:{}: {}", f.display(), n + 1, line.trim()));
+                }
+            }
+        }
+        assert!(offences.is_empty(), "faces reaching past the core:\n{}", offences.join("\n"));
+    }
 }

@@ -24,21 +24,30 @@ use crate::error::ApiError;
 use crate::exchange::{RevokeError, Selector};
 use crate::session::{SessionKey, SessionRecord};
 
-pub fn router(core: Arc<Core>) -> Router {
+/// The admin face's state: the core plus what it needs from `[admin]`, read at start-up.
+pub struct AdminState {
+    pub core: Arc<Core>,
+    /// `admin.token_file`; re-read on every session-API call (rotation without restart).
+    pub token_file: Option<std::path::PathBuf>,
+}
+
+pub fn router(core: Arc<Core>, config: &crate::config::AdminConfig) -> Router {
+    let loopback = config.listen.ip().is_loopback();
+    let state = Arc::new(AdminState { core, token_file: config.token_file.clone() });
     // `route_layer`: the token check runs for matched session-API routes only, so probes, metrics
     // and the 404 fallback are unaffected.
     let session_api = Router::new()
         .route("/admin/v1/sessions", get(list).delete(revoke_many))
         .route("/admin/v1/sessions/{prefix}", delete(revoke_one))
-        .route_layer(axum::middleware::from_fn_with_state(core.clone(), require_token));
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .merge(session_api)
         .fallback(|| async { ApiError::NotFound })
-        .layer(axum::middleware::from_fn_with_state(core.config.admin.listen.ip().is_loopback(), loopback_host))
-        .with_state(core)
+        .layer(axum::middleware::from_fn_with_state(loopback, loopback_host))
+        .with_state(state)
 }
 
 /// On a loopback listener, only loopback `Host` names are answered: a web page cannot reach the
@@ -67,11 +76,11 @@ async fn loopback_host(
 /// is read on every call (admin calls are rare) so a rotated Kubernetes Secret takes effect without
 /// a restart; an unreadable file fails closed.
 async fn require_token(
-    State(core): State<Arc<Core>>,
+    State(st): State<Arc<AdminState>>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let Some(path) = &core.config.admin.token_file else {
+    let Some(path) = &st.token_file else {
         return next.run(req).await;
     };
     let expected = match crate::config::read_admin_token(path) {
@@ -104,7 +113,8 @@ async fn require_token(
 
 /// OpenMetrics when the scraper asks for it (Prometheus does), the Prometheus text format
 /// otherwise (curl, promtool, older agents).
-async fn metrics(State(core): State<Arc<Core>>, headers: axum::http::HeaderMap) -> Response {
+async fn metrics(State(st): State<Arc<AdminState>>, headers: axum::http::HeaderMap) -> Response {
+    let core = &st.core;
     let mut out = String::new();
     if prometheus_client::encoding::text::encode(&mut out, &core.registry).is_err() {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
@@ -121,7 +131,8 @@ async fn metrics(State(core): State<Arc<Core>>, headers: axum::http::HeaderMap) 
     }
 }
 
-async fn readyz(State(core): State<Arc<Core>>) -> Response {
+async fn readyz(State(st): State<Arc<AdminState>>) -> Response {
+    let core = &st.core;
     let (ready, body) = core.readiness().await;
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(body)).into_response()
@@ -148,7 +159,11 @@ const MAX_PAGE: usize = 500;
 /// `GET /admin/v1/sessions?sub=SUB`, `?username=NAME`, `?email=ADDRESS` (exact, case-insensitive;
 /// these two scan every session, fine for an operator's look-up, not for a hot path), or
 /// `?all=true&limit=N&after=PREFIX` (every live session, ordered by hash, paginated).
-async fn list(State(core): State<Arc<Core>>, Query(q): Query<HashMap<String, String>>) -> Result<Response, ApiError> {
+async fn list(
+    State(st): State<Arc<AdminState>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let core = &st.core;
     let ex = &core.exchange;
     let eq = |a: Option<&String>, b: &str| a.is_some_and(|a| a.eq_ignore_ascii_case(b));
     let (sessions, next) = match (q.get("sub"), q.get("username"), q.get("email"), q.get("all").map(String::as_str)) {
@@ -191,9 +206,10 @@ async fn list(State(core): State<Arc<Core>>, Query(q): Query<HashMap<String, Str
 
 /// `DELETE /admin/v1/sessions?sub=SUB` (one user) or `?all=true` (everything).
 async fn revoke_many(
-    State(core): State<Arc<Core>>,
+    State(st): State<Arc<AdminState>>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
+    let core = &st.core;
     let which = match (q.get("sub"), q.get("all").map(String::as_str)) {
         (Some(sub), None) => Selector::User(sub),
         (None, Some("true")) => Selector::All,
@@ -203,7 +219,8 @@ async fn revoke_many(
 }
 
 /// `DELETE /admin/v1/sessions/{prefix}`: one session, by at least 8 hex characters of its hash.
-async fn revoke_one(State(core): State<Arc<Core>>, Path(prefix): Path<String>) -> Result<Response, ApiError> {
+async fn revoke_one(State(st): State<Arc<AdminState>>, Path(prefix): Path<String>) -> Result<Response, ApiError> {
+    let core = &st.core;
     let prefix = prefix.to_ascii_lowercase();
     if prefix.len() < 8 || prefix.len() > 64 || !prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(ApiError::bad_request("invalid_request", "give at least 8 hex characters of the session hash"));

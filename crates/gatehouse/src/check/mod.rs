@@ -25,8 +25,6 @@ use crate::config::{CheckConfig, CookieSettings};
 use crate::error::ApiError;
 use crate::tls::identity::Caller;
 
-pub use decide::{CheckRequest, Decision, Denied};
-
 /// The header a gateway without a client certificate sends the shared key in.
 pub const KEY_HEADER: &str = "x-gatehouse-check-key";
 /// The path of the HTTP check.
@@ -45,10 +43,11 @@ pub struct CheckState {
     pub(crate) claim_headers: Vec<String>,
 }
 
-pub fn router(core: Arc<Core>, config: &CheckConfig) -> Router {
+/// `all` is read here, at start-up, for the cookie and the origin the CSRF rule compares.
+pub fn router(core: Arc<Core>, all: &crate::config::Config, config: &CheckConfig) -> Router {
     let state = Arc::new(CheckState {
-        cookie: core.config.cookie(),
-        origin: core.config.public_origin(),
+        cookie: all.cookie(),
+        origin: all.public_origin(),
         core,
         mtls: config.mtls(),
         allow: config.allow.iter().cloned().collect(),

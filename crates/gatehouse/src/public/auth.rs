@@ -50,7 +50,7 @@ pub async fn login_start(
         return_to: return_to::sanitize(q.return_to.as_deref()),
         started_at: core.exchange.now(),
     };
-    let url = core.exchange.oidc().authorization_url(&login.state, &login.nonce, &login.verifier).await?;
+    let url = core.exchange.authorization_url(&login.state, &login.nonce, &login.verifier).await?;
     let mut login = login;
     let mut sealed = login.seal(&core.keyring).ok_or(ApiError::Internal)?;
     // Keep the cookie under the 4 KB browsers accept (SECURITY 3): a huge return_to becomes `/`.
@@ -83,7 +83,7 @@ pub async fn callback(
     Query(q): Query<CallbackQuery>,
     headers: HeaderMap,
 ) -> Response {
-    let ip = limits::client_ip(peer, &headers, &st.core.config.public.trusted_proxies);
+    let ip = limits::client_ip(peer, &headers, &st.settings.trusted_proxies);
     // Whatever happens, the login cookie is single-use.
     let mut resp = match finish_login(&st, q, &headers, ip).await {
         Ok(resp) => resp,
@@ -124,9 +124,7 @@ async fn finish_login(
         tracing::warn!("login callback with a state that does not match this browser's login");
         return Err(ApiError::bad_request("login_failed", "state does not match the login started in this browser"));
     }
-    let oidc = core.exchange.oidc();
-    oidc.check_response_issuer(q.iss.as_deref()).await?;
-    let result = oidc.redeem_code(&code, &login.verifier, &login.nonce).await?;
+    let result = core.exchange.redeem_code(q.iss.as_deref(), &code, &login.verifier, &login.nonce).await?;
     // The core refuses a login whose provider session was logged out meanwhile (back-channel).
     let (id, _) = start_session(st, result, headers, ip).await?;
     let mut resp = match st.cookie.same_site {
@@ -188,7 +186,7 @@ pub async fn password_login(
     body: Result<Json<PasswordLogin>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let core = &st.core;
-    if !core.config.oidc.password_login {
+    if !st.settings.password_login {
         return Err(ApiError::NotFound);
     }
     let Json(body) = body.map_err(|e| {
@@ -204,14 +202,14 @@ pub async fn password_login(
     if body.username.is_empty() || body.username.len() > 256 || body.password.is_empty() || body.password.len() > 1024 {
         return Err(ApiError::bad_request("invalid_request", "username or password empty or too long"));
     }
-    let ip = limits::client_ip(peer, &headers, &core.config.public.trusted_proxies);
+    let ip = limits::client_ip(peer, &headers, &st.settings.trusted_proxies);
     if !st.limits.check(ip, &body.username) {
         // No username in the line: log lines name users by `sub` only, and this one is unverified.
         tracing::warn!(%ip, "password login rate-limited");
         core.metrics.rate_limited("login");
         return Err(ApiError::TooManyRequests);
     }
-    let result = match core.exchange.oidc().password_grant(&body.username, &body.password).await {
+    let result = match core.exchange.password_grant(&body.username, &body.password).await {
         Ok(r) => r,
         Err(e) => {
             core.metrics.logins.get_or_create(&Outcome::new("failed")).inc();
@@ -264,7 +262,7 @@ pub async fn me(State(st): State<Arc<PublicState>>, headers: HeaderMap) -> Resul
 pub async fn logout(State(st): State<Arc<PublicState>>, headers: HeaderMap) -> Result<Response, ApiError> {
     let core = &st.core;
     let id = session_id(&st, &headers);
-    let logout_url = core.exchange.logout(id.as_ref(), &core.config.post_logout_redirect_uri()).await?;
+    let logout_url = core.exchange.logout(id.as_ref(), &st.settings.post_logout_redirect_uri).await?;
     let mut resp = Json(json!({"logout_url": logout_url})).into_response();
     let h = resp.headers_mut();
     h.append(header::SET_COOKIE, cookies::clear_session(&st.cookie));

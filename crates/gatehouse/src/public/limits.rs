@@ -69,7 +69,7 @@ pub async fn limit(
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
     if st.requests.per_ip.is_some() && !UNLIMITED.contains(&req.uri().path()) {
-        let ip = client_ip(peer, req.headers(), &st.core.config.public.trusted_proxies);
+        let ip = client_ip(peer, req.headers(), &st.settings.trusted_proxies);
         if !st.requests.check(ip) {
             tracing::debug!(%ip, "request rate limit hit");
             st.core.metrics.rate_limited("request");

@@ -24,7 +24,7 @@ use tower_http::sensitive_headers::{SetSensitiveRequestHeadersLayer, SetSensitiv
 use tower_http::services::ServeDir;
 
 use crate::Core;
-use crate::config::CookieSettings;
+use crate::config::{Config, CookieSettings};
 use crate::error::ApiError;
 pub use limits::{LoginLimits, RequestLimits};
 
@@ -45,8 +45,33 @@ pub const ROUTES: &[(&str, &str)] = &[
 /// Total size of request headers we accept (SECURITY 24).
 const MAX_HEADER_BYTES: usize = 16 * 1024;
 
+/// What the public face needs from the configuration, derived once at start-up: handlers never
+/// read the configuration itself.
+pub struct Settings {
+    /// Peers whose `X-Forwarded-For` names the client (rate limits, audit).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// `oidc.password_login`: `POST /auth/login` answers 404 when off.
+    pub password_login: bool,
+    /// Where the provider sends the browser after logout.
+    pub post_logout_redirect_uri: String,
+    /// Whether some route relays the access token (only then is it decrypted for extensions).
+    pub any_bearer_route: bool,
+}
+
+impl Settings {
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            trusted_proxies: config.public.trusted_proxies.clone(),
+            password_login: config.oidc.password_login,
+            post_logout_redirect_uri: config.post_logout_redirect_uri(),
+            any_bearer_route: config.routes.iter().any(|r| r.relay == crate::config::Relay::Bearer),
+        }
+    }
+}
+
 pub struct PublicState {
     pub core: Arc<Core>,
+    pub settings: Settings,
     pub cookie: CookieSettings,
     pub origin: String,
     pub limits: LoginLimits,
@@ -58,12 +83,16 @@ pub struct PublicState {
 
 /// The public router, with any extension endpoints (`crate::extend`); fails if a route's TLS
 /// files cannot be used or an extension path is not allowed.
-pub fn router(core: Arc<Core>, extensions: crate::extend::Extensions) -> Result<Router, proxy::RouteError> {
-    let config = &core.config;
+pub fn router(
+    core: Arc<Core>,
+    config: &Config,
+    extensions: crate::extend::Extensions,
+) -> Result<Router, proxy::RouteError> {
     let proxy = proxy::Proxy::new(config)?;
     let views = views::Views::new(&config.views, &proxy)
         .map_err(|problem| proxy::RouteError { prefix: "/api/views/".into(), problem })?;
     let state = Arc::new(PublicState {
+        settings: Settings::from_config(config),
         cookie: config.cookie(),
         origin: config.public_origin(),
         limits: LoginLimits::new(

@@ -341,7 +341,7 @@ fn upstream_request(
 
     let proxy = &st.proxy;
     let mut out = headers::for_upstream(req.headers(), upgrade, &route.request_headers);
-    let trusted = &st.core.config.public.trusted_proxies;
+    let trusted = &st.settings.trusted_proxies;
     if let Ok(v) = HeaderValue::from_str(&forwarded_for(req.headers(), peer, trusted)) {
         out.insert("x-forwarded-for", v);
     }

@@ -222,7 +222,7 @@ async fn answer(st: Arc<PublicState>, peer: SocketAddr, req: Request) -> Result<
         let st = &st;
         let headers = &headers;
         async move {
-            let trusted = &st.core.config.public.trusted_proxies;
+            let trusted = &st.settings.trusted_proxies;
             let got = match part.relay {
                 None => Ok(me.clone()),
                 Some(_) => {
