@@ -22,7 +22,7 @@ use tonic::transport::{Channel, Endpoint};
 use crate::harness::*;
 
 const CHECK_KEY: &str = "envoy-check-key-0123456789abcdefghijklmnopq";
-const SENTINEL_NO_KEY: &str = "";
+const NO_KEY: &str = "";
 
 struct Setup {
     gate: Gate,
@@ -352,7 +352,7 @@ async fn the_check_listener_refuses_unauthenticated_grpc_callers() {
     let mut c = client(s.check).await;
     let cookie = format!("{COOKIE}={sid}");
     let req = || check_request("GET", "/app/items", &[("cookie", cookie.as_str())]);
-    for key in [SENTINEL_NO_KEY, "wrong", &CHECK_KEY[..CHECK_KEY.len() - 1]] {
+    for key in [NO_KEY, "wrong", &CHECK_KEY[..CHECK_KEY.len() - 1]] {
         let e = call(&mut c, key, req()).await.expect_err("refused");
         assert_eq!(e.code(), tonic::Code::PermissionDenied, "key {key:?}");
         assert_eq!(e.message(), "caller is not allowed");
@@ -361,6 +361,9 @@ async fn the_check_listener_refuses_unauthenticated_grpc_callers() {
     let smuggled = check_request("GET", "/", &[("cookie", &cookie), ("x-gatehouse-check-key", CHECK_KEY)]);
     assert_eq!(call(&mut c, "", smuggled).await.expect_err("refused").code(), tonic::Code::PermissionDenied);
     ok(&call(&mut c, CHECK_KEY, req()).await.unwrap());
+    // Counted in the check listener's RED series (a gRPC answer is HTTP 200 whatever it says).
+    let series = "gatehouse_http_requests_total{face=\"check\",route=\"/envoy.service.auth.v3.Authorization/{*method}\",method=\"POST\",status_class=\"2xx\"}";
+    assert_eq!(s.gate.metric(series).await, 5.0, "four refused calls and one check");
     s.gate.stop().await;
 }
 
@@ -453,4 +456,19 @@ async fn an_expired_token_is_refreshed_once_for_twenty_concurrent_grpc_checks() 
     assert_ne!(seen.iter().next().unwrap(), &format!("Bearer {}", before.access_token), "the token was refreshed");
     assert_eq!(admin.refresh_events(rec.provider_sid.as_deref().unwrap()).await, 1, "exactly one refresh at Keycloak");
     s.gate.stop().await;
+}
+
+/// With neither mutual TLS nor a key (loopback only), the socket is the boundary: a gRPC caller
+/// on loopback needs no credential, over h2c.
+#[tokio::test]
+async fn a_loopback_check_listener_without_credentials_serves_grpc_over_h2c() {
+    let work = Workdir::new();
+    let extra = "[check]\nlisten = \"127.0.0.1:0\"\n".to_string();
+    let gate = Gate::start(&work, &Options { extra, ..Options::default() }).await;
+    let sid = logged_in(&gate, "alice").await;
+    let mut c = client(gate.running.as_ref().unwrap().check_addr.unwrap()).await;
+    let cookie = format!("{COOKIE}={sid}");
+    let r = call(&mut c, NO_KEY, check_request("GET", "/", &[("cookie", cookie.as_str())])).await.unwrap();
+    assert!(looks_like_jwt(&ok(&r).headers[0].header.as_ref().unwrap().value));
+    gate.stop().await;
 }
