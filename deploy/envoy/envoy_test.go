@@ -3,7 +3,8 @@
 // fields refused), validated with ValidateAll, and every typed_config (Any) is unpacked into its
 // message and validated too (ValidateAll does not descend into Any). Then the security-relevant
 // settings are asserted: the RBAC principals are exactly the allowed callers, XFCC is
-// SANITIZE_SET with the URI, client certificates are required, upstreams are where they must be.
+// SANITIZE_SET with the URI, client certificates are required, upstreams are where they must be;
+// for the edge (edge-ext-authz.yaml), that ext_authz fails closed and talks gRPC over mutual TLS.
 //
 // Besides the files in this directory, a sidecar rendered by the Helm chart is checked when
 // GATEHOUSE_ENVOY_RENDERED names it; GATEHOUSE_ENVOY_RENDERED_ALLOW then lists (comma-separated)
@@ -18,16 +19,19 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	bootstrapv3 "github.com/envoyproxy/go-control-plane/envoy/config/bootstrap/v3"
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	rbacv3 "github.com/envoyproxy/go-control-plane/envoy/config/rbac/v3"
+	extauthzv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_authz/v3"
 	rbacfilter "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/rbac/v3"
 	routerfilter "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
+	upstreamhttpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protoreflect"
@@ -37,7 +41,8 @@ import (
 
 // The extension types the files use must be registered for Any resolution; naming one value of
 // each package keeps the imports (and documents which extensions are allowed).
-var _ = []proto.Message{&rbacfilter.RBAC{}, &routerfilter.Router{}, &hcmv3.HttpConnectionManager{}, &tlsv3.DownstreamTlsContext{}}
+var _ = []proto.Message{&rbacfilter.RBAC{}, &routerfilter.Router{}, &hcmv3.HttpConnectionManager{}, &tlsv3.DownstreamTlsContext{},
+	&extauthzv3.ExtAuthz{}, &upstreamhttpv3.HttpProtocolOptions{}}
 
 type validator interface{ ValidateAll() error }
 
@@ -338,4 +343,166 @@ func TestRenderedSidecar(t *testing.T) {
 	}
 	allow := strings.Split(os.Getenv("GATEHOUSE_ENVOY_RENDERED_ALLOW"), ",")
 	checkInternal(t, path, allow)
+}
+
+// edgeProblems lists what is wrong with an edge bootstrap that puts Gatehouse's gRPC ext_authz in
+// front of the application (empty: nothing). A list, not t.Errorf, so the self-test can show each
+// check fires on a doctored file.
+func edgeProblems(b *bootstrapv3.Bootstrap) []string {
+	var p []string
+	bad := func(format string, a ...any) { p = append(p, fmt.Sprintf(format, a...)) }
+	if ip := net.ParseIP(b.GetAdmin().GetAddress().GetSocketAddress().GetAddress()); ip == nil || !ip.IsLoopback() {
+		bad("Envoy's admin listener must be on loopback")
+	}
+	ls := b.GetStaticResources().GetListeners()
+	if len(ls) != 1 || len(ls[0].GetFilterChains()) != 1 || len(ls[0].GetFilterChains()[0].GetFilters()) != 1 {
+		return append(p, "want one listener with one filter chain holding the HTTP connection manager")
+	}
+	var h hcmv3.HttpConnectionManager
+	if err := ls[0].GetFilterChains()[0].GetFilters()[0].GetTypedConfig().UnmarshalTo(&h); err != nil {
+		return append(p, "the listener's filter is not the HTTP connection manager")
+	}
+	if h.GetForwardClientCertDetails() == hcmv3.HttpConnectionManager_FORWARD_ONLY ||
+		h.GetForwardClientCertDetails() == hcmv3.HttpConnectionManager_ALWAYS_FORWARD_ONLY {
+		bad("a client-supplied XFCC must never be forwarded")
+	}
+	filters := h.GetHttpFilters()
+	if len(filters) < 2 || filters[len(filters)-1].GetName() != "envoy.filters.http.router" {
+		return append(p, "the router must be the last HTTP filter")
+	}
+	var az *extauthzv3.ExtAuthz
+	for _, f := range filters[:len(filters)-1] {
+		var x extauthzv3.ExtAuthz
+		if f.GetTypedConfig().UnmarshalTo(&x) == nil {
+			az = &x
+		}
+	}
+	if az == nil {
+		return append(p, "no ext_authz filter before the router")
+	}
+	if az.GetFailureModeAllow() {
+		bad("failure_mode_allow must be false: an unreachable Gatehouse must deny")
+	}
+	if az.GetStatusOnError().GetCode() != 503 {
+		bad("status_on_error = %v, want 503", az.GetStatusOnError().GetCode())
+	}
+	if az.GetIncludePeerCertificate() {
+		bad("include_peer_certificate must be off")
+	}
+	if az.GetWithRequestBody() != nil {
+		bad("with_request_body must be off: Gatehouse decides on headers only")
+	}
+	if az.GetTransportApiVersion() != corev3.ApiVersion_V3 {
+		bad("transport_api_version = %v, want V3", az.GetTransportApiVersion())
+	}
+	gs := az.GetGrpcService()
+	if gs == nil || gs.GetEnvoyGrpc().GetClusterName() == "" {
+		return append(p, "ext_authz must use grpc_service with envoy_grpc (Gatehouse's gRPC face)")
+	}
+	if t := gs.GetTimeout().AsDuration(); gs.GetTimeout() == nil || t <= 0 || t > 5*time.Second {
+		bad("grpc_service.timeout = %v, want set and at most 5s", t)
+	}
+	// Gatehouse needs the cookie and the CSRF inputs, and must see forged x-gatehouse-* to remove them.
+	if m := az.GetAllowedHeaders(); m != nil {
+		seen := map[string]bool{}
+		for _, pat := range m.GetPatterns() {
+			seen[pat.GetExact()+"|"+pat.GetPrefix()] = true
+		}
+		for _, want := range []string{"cookie|", "origin|", "x-csrf|", "sec-fetch-mode|", "sec-fetch-site|", "accept|", "|x-gatehouse-"} {
+			if !seen[want] {
+				bad("allowed_headers lacks %q", want)
+			}
+		}
+	}
+	// The check cluster: HTTP/2, mutual TLS with a client certificate, Gatehouse's name verified.
+	var cluster *clusterv3.Cluster
+	for _, c := range b.GetStaticResources().GetClusters() {
+		if c.GetName() == gs.GetEnvoyGrpc().GetClusterName() {
+			cluster = c
+		}
+	}
+	if cluster == nil {
+		return append(p, "no cluster "+gs.GetEnvoyGrpc().GetClusterName())
+	}
+	var po upstreamhttpv3.HttpProtocolOptions
+	if a := cluster.GetTypedExtensionProtocolOptions()["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]; a == nil || a.UnmarshalTo(&po) != nil ||
+		po.GetExplicitHttpConfig().GetHttp2ProtocolOptions() == nil {
+		bad("the check cluster must speak HTTP/2 (gRPC)")
+	}
+	var utc tlsv3.UpstreamTlsContext
+	if ts := cluster.GetTransportSocket(); ts == nil || ts.GetTypedConfig().UnmarshalTo(&utc) != nil {
+		bad("the check cluster must use TLS")
+	} else {
+		ctx := utc.GetCommonTlsContext()
+		if len(ctx.GetTlsCertificateSdsSecretConfigs()) == 0 && len(ctx.GetTlsCertificates()) == 0 {
+			bad("no client certificate: the check listener authenticates Envoy by it")
+		}
+		if ctx.GetValidationContext().GetTrustedCa() == nil || len(ctx.GetValidationContext().GetMatchTypedSubjectAltNames()) == 0 {
+			bad("Gatehouse's certificate must be verified (trusted_ca and match_typed_subject_alt_names)")
+		}
+		if !slices.Contains(ctx.GetAlpnProtocols(), "h2") {
+			bad("alpn_protocols must offer h2")
+		}
+	}
+	// Only /auth/ (Gatehouse's own routes, to its public listener) skips the check.
+	for _, vh := range h.GetRouteConfig().GetVirtualHosts() {
+		for _, r := range vh.GetRoutes() {
+			off := false
+			if a := r.GetTypedPerFilterConfig()["envoy.filters.http.ext_authz"]; a != nil {
+				var pr extauthzv3.ExtAuthzPerRoute
+				off = a.UnmarshalTo(&pr) == nil && pr.GetDisabled()
+			}
+			if off && (r.GetMatch().GetPrefix() != "/auth/" || r.GetRoute().GetCluster() != "gatehouse_public") {
+				bad("route %v skips the check but is not Gatehouse's /auth/", r.GetMatch())
+			}
+			if r.GetRoute().GetCluster() == gs.GetEnvoyGrpc().GetClusterName() {
+				bad("route %v exposes the check listener to browsers", r.GetMatch())
+			}
+		}
+	}
+	return p
+}
+
+func TestEdgeExtAuthz(t *testing.T) {
+	for _, problem := range edgeProblems(load(t, "edge-ext-authz.yaml")) {
+		t.Error(problem)
+	}
+}
+
+// TestEdgeChecksFire proves each edge check can fail: doctored copies of the file must be refused.
+func TestEdgeChecksFire(t *testing.T) {
+	good, err := os.ReadFile("edge-ext-authz.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, c := range map[string][2]string{
+		"fails open":          {"failure_mode_allow: false", "failure_mode_allow: true"},
+		"error status":        {"status_on_error: {code: 503}", "status_on_error: {code: 403}"},
+		"peer certificate":    {"include_peer_certificate: false", "include_peer_certificate: true"},
+		"request body":        {"include_peer_certificate: false", "include_peer_certificate: false\n                      with_request_body: {max_request_bytes: 1024}"},
+		"no timeout":          {"timeout: 2s\n", "\n"},
+		"HTTP/1 to the check": {"http2_protocol_options: {}", "http_protocol_options: {}"},
+		"no client cert":      {"            tls_certificate_sds_secret_configs:\n              - name: envoy-svid\n", ""},
+		"check skipped":       {"                        - match: {prefix: /}\n                          route:\n                            cluster: app\n", "                        - match: {prefix: /}\n                          typed_per_filter_config:\n                            envoy.filters.http.ext_authz:\n                              \"@type\": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute\n                              disabled: true\n                          route:\n                            cluster: app\n"},
+		"no x-gatehouse-":     {"                          - {prefix: x-gatehouse-}\n", ""},
+	} {
+		broken := strings.Replace(string(good), c[0], c[1], 1)
+		if broken == string(good) {
+			t.Fatalf("%s: the replacement did not apply", name)
+		}
+		path := t.TempDir() + "/edge.yaml"
+		if err := os.WriteFile(path, []byte(broken), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		b, err := parse(path)
+		if err != nil {
+			t.Logf("%s: refused by validation: %v", name, err)
+			continue
+		}
+		if p := edgeProblems(b); len(p) == 0 {
+			t.Errorf("%s: accepted", name)
+		} else {
+			t.Logf("%s: refused: %v", name, p)
+		}
+	}
 }

@@ -1,7 +1,8 @@
-//! The check's one decision, independent of how the gateway asked (HTTP forward-auth today; the
-//! Envoy gRPC face would adapt the same `CheckRequest`): session cookie → `Exchange::resolve` with
-//! the token (which refreshes at most once per session) → the CSRF and fetch-metadata rules of the
-//! public face → allow with the token and claim headers, or deny with the status a gateway shows.
+//! The check's one decision, independent of how the gateway asked (HTTP forward-auth in `http`,
+//! Envoy ext_authz gRPC in `grpc`; both build the same `CheckRequest`): session cookie →
+//! `Exchange::resolve` with the token (which refreshes at most once per session) → the CSRF and
+//! fetch-metadata rules of the public face → allow with the token and claim headers, or deny with
+//! the status a gateway shows.
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, header};
 

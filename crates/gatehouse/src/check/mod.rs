@@ -1,12 +1,14 @@
 //! The check face: a gateway in front of the application (nginx `auth_request`, ingress-nginx
-//! `auth-url`, Traefik ForwardAuth, Caddy `forward_auth`) asks "who is this browser?" and, when
-//! allowed, gets the user's access token to forward upstream. Because an allowed answer carries a
-//! token, this face lives on its own listener (`[check]`), never the public one, and
-//! authenticates its caller first: mutual TLS with an identity on `check.allow`, or a shared key
-//! in `X-Gatehouse-Check-Key` compared in constant time. A thin adapter over the core: the
-//! session is resolved (and refreshed, single-flight) by `Exchange::resolve`, nothing else.
+//! `auth-url`, Traefik ForwardAuth, Caddy `forward_auth`, Envoy ext_authz over HTTP or gRPC) asks
+//! "who is this browser?" and, when allowed, gets the user's access token to forward upstream.
+//! Because an allowed answer carries a token, this face lives on its own listener (`[check]`),
+//! never the public one, and authenticates its caller first: mutual TLS with an identity on
+//! `check.allow`, or a shared key in `X-Gatehouse-Check-Key` (a header, or gRPC metadata)
+//! compared in constant time. Two thin adapters (`http`, `grpc`) over one decision (`decide`):
+//! the session is resolved (and refreshed, single-flight) by `Exchange::resolve`, nothing else.
 
 mod decide;
+mod grpc;
 mod http;
 
 use std::collections::HashSet;
@@ -80,6 +82,8 @@ pub fn router(core: Arc<Core>, all: &crate::config::Config, config: &CheckConfig
         .route(PATH, any(http::check))
         // Envoy's ext_authz `http_service` with `path_prefix: /check` appends the original path.
         .route("/check/{*original}", any(http::check))
+        // Envoy ext_authz v3 over gRPC (HTTP/2), on the same listener and behind the same caller check.
+        .route_service(&grpc::route(), grpc::service(state.clone()))
         .fallback(|| async { ApiError::NotFound })
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .layer(axum::extract::DefaultBodyLimit::max(0))
@@ -99,9 +103,19 @@ async fn authorize(State(st): State<Arc<CheckState>>, req: Request, next: Next) 
         Ok(_) => next.run(req).await,
         Err(why) => {
             tracing::warn!(target: "gatehouse::audit", reason = why, path = req.uri().path(), outcome = "forbidden", "check caller not authenticated");
+            if is_grpc(&req) {
+                // A gRPC error, not an ext_authz answer: this caller is not an Envoy we trust, so
+                // it gets no `CheckResponse` (an Envoy with a wrong key or certificate fails
+                // closed with its `status_on_error`).
+                return tonic::Status::permission_denied("caller is not allowed").into_http::<axum::body::Body>();
+            }
             ApiError::Forbidden("forbidden", "caller is not allowed".into()).into_response()
         }
     }
+}
+
+fn is_grpc(req: &Request) -> bool {
+    req.headers().get(axum::http::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
 /// Either credential is enough when both are configured; with neither (a loopback listener,

@@ -7,6 +7,7 @@ mod admin;
 mod cli;
 mod demo;
 mod deploy;
+mod ext_authz;
 mod extend;
 mod gateway;
 mod harness;
