@@ -14,6 +14,7 @@ mod internal;
 mod login;
 mod observability;
 mod proxy;
+mod ratelimit;
 mod replicas;
 mod sessions;
 mod shutdown;
