@@ -120,12 +120,13 @@ async fn the_per_username_login_limit_holds_across_replicas_and_keeps_no_usernam
     let origin = a.base.clone(); // both replicas advertise A's URL (one load balancer)
     let (mut allowed, mut refused) = (0, None);
     let started = Instant::now();
-    let mut i = 0;
-    while started.elapsed() < Duration::from_secs(2) {
+    // Twice the limit plus two, alternating replicas: per-process buckets would let 2 × per_user
+    // through; shared ones per_user (one more per 15 s elapsed, the refill at 4 per minute).
+    let attempts = 2 * per_user + 2;
+    for i in 0..attempts {
         let gate = if i % 2 == 0 { &a } else { &b };
         // Alternate the case: Keycloak's usernames are case-insensitive, so are the buckets.
         let name = if i % 3 == 0 { user.to_uppercase() } else { user.clone() };
-        i += 1;
         let r = http()
             .post(format!("{}/auth/login", gate.base))
             .header("x-csrf", "1")
@@ -140,11 +141,11 @@ async fn the_per_username_login_limit_holds_across_replicas_and_keeps_no_usernam
             other => panic!("unexpected status {other}: {}", r.text().await.unwrap()),
         }
     }
-    eprintln!("password logins for one username over two replicas: {allowed} reached Keycloak in {i} attempts");
-    assert_eq!(
-        allowed,
-        per_user,
-        "the per-user burst, once for both replicas (per process it would be {})",
+    let refilled = (started.elapsed().as_secs() / 15) as usize;
+    eprintln!("password logins for one username over two replicas: {allowed} reached Keycloak in {attempts} attempts");
+    assert!(
+        allowed >= per_user && allowed <= per_user + refilled,
+        "the per-user burst, once for both replicas (per process it would be {}): {allowed}",
         2 * per_user
     );
     let headers = refused.expect("attempts beyond the limit were refused");
