@@ -28,8 +28,9 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("request body too large")]
     PayloadTooLarge,
+    /// A rate limit refused the request; the decision gives `Retry-After` and the `RateLimit` fields.
     #[error("too many requests; retry later")]
-    TooManyRequests,
+    TooManyRequests(crate::limit::Decision),
     #[error("invalid username or password")]
     InvalidCredentials,
     #[error("the identity provider is unavailable; retry shortly")]
@@ -57,7 +58,7 @@ impl ApiError {
             Self::NotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::PayloadTooLarge => "payload_too_large",
-            Self::TooManyRequests => "rate_limited",
+            Self::TooManyRequests(_) => "rate_limited",
             Self::InvalidCredentials => "invalid_credentials",
             Self::ProviderUnavailable => "idp_unavailable",
             Self::StoreUnavailable => "store_unavailable",
@@ -77,7 +78,7 @@ impl ApiError {
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
+            Self::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::ProviderUnavailable | Self::StoreUnavailable | Self::UpstreamBusy => StatusCode::SERVICE_UNAVAILABLE,
             Self::ProviderError | Self::BadGateway => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -129,7 +130,10 @@ impl ApiError {
 
     /// Whether the same request may succeed later: then the answer carries `Retry-After`.
     pub fn retryable(&self) -> bool {
-        matches!(self, Self::ProviderUnavailable | Self::StoreUnavailable | Self::TooManyRequests | Self::UpstreamBusy)
+        matches!(
+            self,
+            Self::ProviderUnavailable | Self::StoreUnavailable | Self::TooManyRequests(_) | Self::UpstreamBusy
+        )
     }
 }
 
@@ -148,7 +152,20 @@ impl IntoResponse for ApiError {
         let mut resp = (status, Json(json!({"error": self.code(), "message": self.to_string()}))).into_response();
         let h = resp.headers_mut();
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        if self.retryable() {
+        if let Self::TooManyRequests(d) = &self {
+            // The limit's own numbers: Retry-After rounded up, and the IETF draft's fields
+            // (draft-ietf-httpapi-ratelimit-headers-11; see docs/configuration.md).
+            let fields = [
+                (header::RETRY_AFTER, d.retry_after_secs().to_string()),
+                (header::HeaderName::from_static("ratelimit-policy"), d.policy_header()),
+                (header::HeaderName::from_static("ratelimit"), d.ratelimit_header()),
+            ];
+            for (name, value) in fields {
+                if let Ok(v) = HeaderValue::from_str(&value) {
+                    h.insert(name, v);
+                }
+            }
+        } else if self.retryable() {
             h.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
         }
         resp
@@ -218,7 +235,15 @@ mod tests {
             ApiError::NotFound,
             ApiError::MethodNotAllowed,
             ApiError::PayloadTooLarge,
-            ApiError::TooManyRequests,
+            ApiError::TooManyRequests(crate::limit::Decision {
+                kind: crate::limit::Kind::Request,
+                allowed: false,
+                retry_after: std::time::Duration::from_millis(1500),
+                limit: 20,
+                window_secs: 1,
+                remaining: 0,
+                reset: std::time::Duration::from_millis(1200),
+            }),
             ApiError::InvalidCredentials,
             ApiError::ProviderUnavailable,
             ApiError::StoreUnavailable,
@@ -237,7 +262,13 @@ mod tests {
                 }
                 Fault::Gatehouse => assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{code}"),
             }
+            let limited = matches!(e, ApiError::TooManyRequests(_));
             let resp = e.into_response();
+            if limited {
+                assert_eq!(resp.headers()[header::RETRY_AFTER], "2", "seconds, rounded up");
+                assert_eq!(resp.headers()["ratelimit-policy"], "\"ip\";q=20;w=1");
+                assert_eq!(resp.headers()["ratelimit"], "\"ip\";r=0;t=2");
+            }
             assert_eq!(resp.headers().contains_key(header::RETRY_AFTER), retry, "{code}");
             assert_eq!(resp.headers()[header::CACHE_CONTROL], "no-store", "{code}");
         }

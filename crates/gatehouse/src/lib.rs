@@ -15,6 +15,7 @@ pub mod error;
 pub mod exchange;
 pub mod extend;
 mod internal;
+pub mod limit;
 mod listener;
 pub mod metrics;
 pub mod oidc;
@@ -134,6 +135,8 @@ pub struct Core {
     pub exchange: Arc<Exchange>,
     pub keyring: Arc<Keyring>,
     pub metrics: Arc<Metrics>,
+    /// Every rate limit of every face (shared through Redis with the Redis store).
+    pub limiter: Arc<limit::Limiter>,
     pub registry: Registry,
     /// Whether trace context is read and sent (`[tracing]`).
     pub propagation: telemetry::Propagation,
@@ -170,6 +173,8 @@ impl Core {
             .with_metrics(metrics.clone()),
         );
         let redis_tls = redis_tls(config)?;
+        // The Redis store also keeps the rate-limit buckets (shared by every replica).
+        let mut redis: Option<Arc<session::redis::RedisStore>> = None;
         let store: Arc<dyn SessionStore> = match config.session.mode() {
             StoreMode::Embedded { path } => Arc::new(EmbeddedStore::open_with(
                 path,
@@ -184,20 +189,27 @@ impl Core {
                     Some(path) => Some(read_secret_file("session.redis_master_password_file", path)?),
                     None => None,
                 };
-                Arc::new(session::redis::RedisStore::open_sentinel(
-                    sentinels,
-                    master,
-                    password.as_ref().map(|p| p.expose_secret()),
+                redis
+                    .insert(Arc::new(session::redis::RedisStore::open_sentinel(
+                        sentinels,
+                        master,
+                        password.as_ref().map(|p| p.expose_secret()),
+                        config.session.redis_timeout,
+                    )?))
+                    .clone()
+            }
+            StoreMode::Cluster { nodes } => redis
+                .insert(Arc::new(session::redis::RedisStore::open_cluster(
+                    nodes,
+                    &redis_tls,
                     config.session.redis_timeout,
-                )?)
-            }
-            StoreMode::Cluster { nodes } => {
-                Arc::new(session::redis::RedisStore::open_cluster(nodes, &redis_tls, config.session.redis_timeout)?)
-            }
-            StoreMode::Redis { url } => {
-                Arc::new(session::redis::RedisStore::open(url, &redis_tls, config.session.redis_timeout)?)
-            }
+                )?))
+                .clone(),
+            StoreMode::Redis { url } => redis
+                .insert(Arc::new(session::redis::RedisStore::open(url, &redis_tls, config.session.redis_timeout)?))
+                .clone(),
         };
+        let limiter = Arc::new(limit::Limiter::new(config, redis, metrics.clone()));
         // Every store call is timed, counted on failure and traced (session/observed.rs).
         let system = match config.session.store {
             StoreKind::Embedded => "redb",
@@ -221,7 +233,7 @@ impl Core {
             metrics.clone(),
         ));
         let propagation = telemetry::Propagation::new(config);
-        Ok(Self { exchange, keyring, metrics, registry, propagation })
+        Ok(Self { exchange, keyring, metrics, limiter, registry, propagation })
     }
 
     /// The `observe` middleware's state for one listener.

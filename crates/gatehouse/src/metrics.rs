@@ -110,6 +110,23 @@ pub struct ProviderLabels {
     pub outcome: &'static str,
 }
 
+/// What a rate limit did when its store (Redis) could not answer (`session.rate_limit_on_store_error`).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum StoreErrorAction {
+    /// The request went through unlimited (fail open).
+    allowed,
+    /// The request was refused with 503 (fail closed).
+    refused,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitStoreErrorLabels {
+    /// As in `LimitLabels`.
+    pub limit: &'static str,
+    pub action: StoreErrorAction,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LimitLabels {
     /// `request` (per-IP request rate on the public listener), `login` (password login
@@ -196,6 +213,8 @@ pub struct Metrics {
     pub store_errors: Family<StoreErrorLabels, Counter>,
     pub provider_duration: HistogramFamily<ProviderLabels>,
     pub rate_limited: Family<LimitLabels, Counter>,
+    /// Rate-limit checks the shared store could not answer, by limit and what was done.
+    pub rate_limit_store_errors: Family<LimitStoreErrorLabels, Counter>,
     /// Sessions created minus sessions ended by this replica since it started (see docs).
     pub sessions_active: Gauge,
     pub cert_expiry: Family<CertLabels, Gauge>,
@@ -222,6 +241,7 @@ impl Default for Metrics {
             store_errors: Family::default(),
             provider_duration: Family::new_with_constructor(histogram),
             rate_limited: Family::default(),
+            rate_limit_store_errors: Family::default(),
             sessions_active: Gauge::default(),
             cert_expiry: Family::default(),
             views: Family::default(),
@@ -300,6 +320,11 @@ impl Metrics {
             self.rate_limited.clone(),
         );
         registry.register(
+            "gatehouse_rate_limit_store_errors",
+            "Rate-limit checks the shared store (Redis) could not answer, by limit and action (allowed = failed open, refused = 503)",
+            self.rate_limit_store_errors.clone(),
+        );
+        registry.register(
             "gatehouse_sessions_active",
             "Sessions created minus sessions ended by this replica since it started (approximate; sum over replicas)",
             self.sessions_active.clone(),
@@ -331,6 +356,11 @@ impl Metrics {
         }
         for limit in ["request", "login", "internal_caller"] {
             let _ = self.rate_limited.get_or_create(&LimitLabels { limit });
+            if config.session.store == crate::config::StoreKind::Redis {
+                for action in [StoreErrorAction::allowed, StoreErrorAction::refused] {
+                    let _ = self.rate_limit_store_errors.get_or_create(&LimitStoreErrorLabels { limit, action });
+                }
+            }
         }
         for operation in STORE_OPERATIONS {
             for kind in ["unavailable", "corrupt"] {
@@ -386,6 +416,12 @@ impl Metrics {
     /// the caller label is `-`, since a refused caller's name is not bounded by configuration.
     pub fn exchange_refused(&self, outcome: &'static str) {
         self.exchanges.get_or_create(&ExchangeLabels { outcome: outcome.to_owned(), caller: "-".into() }).inc();
+    }
+
+    /// A rate-limit check the store could not answer; `allowed` when it failed open.
+    pub fn rate_limit_store_error(&self, limit: &'static str, allowed: bool) {
+        let action = if allowed { StoreErrorAction::allowed } else { StoreErrorAction::refused };
+        self.rate_limit_store_errors.get_or_create(&LimitStoreErrorLabels { limit, action }).inc();
     }
 
     pub fn rate_limited(&self, limit: &'static str) {

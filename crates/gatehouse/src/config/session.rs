@@ -83,6 +83,10 @@ pub struct SessionConfig {
     /// Timeout of every Redis call.
     #[serde(default = "defaults::redis_timeout", deserialize_with = "de_duration")]
     pub redis_timeout: Duration,
+    /// Rate limits when Redis cannot answer: `split` (logins refused with 503, reads let through),
+    /// `open` (everything let through) or `closed` (every limited request refused with 503).
+    #[serde(default)]
+    pub rate_limit_on_store_error: crate::limit::OnStoreError,
     /// A session ends after this long without a request.
     #[serde(default = "defaults::idle_timeout", deserialize_with = "de_duration")]
     pub idle_timeout: Duration,
@@ -150,6 +154,7 @@ impl Default for SessionConfig {
             redis_client_cert_file: None,
             redis_client_key_file: None,
             redis_timeout: defaults::redis_timeout(),
+            rate_limit_on_store_error: Default::default(),
             idle_timeout: defaults::idle_timeout(),
             absolute_timeout: defaults::absolute_timeout(),
             encryption_key_file: None,

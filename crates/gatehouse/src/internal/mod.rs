@@ -7,7 +7,6 @@ pub(crate) mod xfcc;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use axum::Router;
@@ -15,36 +14,23 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 use crate::Core;
 use crate::config::{InternalConfig, InternalMode};
 use crate::error::ApiError;
-use crate::tls::identity::{Caller, CallerIdentity};
+use crate::limit::Kind;
+use crate::tls::identity::Caller;
 
 pub struct InternalState {
     pub core: Arc<Core>,
     mode: InternalMode,
     allow: HashSet<String>,
-    limiter: DefaultKeyedRateLimiter<CallerIdentity>,
 }
 
 pub fn router(core: Arc<Core>, config: &InternalConfig) -> Router {
-    let rate = NonZeroU32::new(config.rate_limit_per_second).unwrap_or(NonZeroU32::MIN);
-    let state = Arc::new(InternalState {
-        core,
-        mode: config.mode,
-        allow: config.allow.iter().cloned().collect(),
-        limiter: RateLimiter::keyed(Quota::per_second(rate)),
-    });
-    let weak = Arc::downgrade(&state);
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(std::time::Duration::from_secs(60)).await;
-            let Some(s) = weak.upgrade() else { break };
-            s.limiter.retain_recent();
-        }
-    });
+    // The per-caller limit is the core's `Limiter` (`Kind::InternalCaller`), shared across replicas
+    // with the Redis store; its idle local buckets are pruned by the public face's cleanup task.
+    let state = Arc::new(InternalState { core, mode: config.mode, allow: config.allow.iter().cloned().collect() });
     Router::new()
         .route("/internal/v1/session/exchange", post(exchange::exchange_json))
         .route("/internal/v1/token", post(exchange::token_exchange))
@@ -89,11 +75,14 @@ async fn authorize(State(st): State<Arc<InternalState>>, mut req: Request, next:
             return ApiError::Forbidden("forbidden", "caller is not allowed".into()).into_response();
         }
     };
-    if st.limiter.check_key(&id).is_err() {
-        tracing::warn!(target: "gatehouse::audit", caller = %id, outcome = "rate_limited", "internal rate limit hit");
-        st.core.metrics.rate_limited("internal_caller");
-        st.core.metrics.exchange_refused("rate_limited");
-        return ApiError::TooManyRequests.into_response();
+    match st.core.limiter.check(Kind::InternalCaller, id.as_str()).await {
+        Ok(d) if d.allowed => {}
+        Ok(d) => {
+            tracing::warn!(target: "gatehouse::audit", caller = %id, outcome = "rate_limited", "internal rate limit hit");
+            st.core.metrics.exchange_refused("rate_limited");
+            return ApiError::TooManyRequests(d).into_response();
+        }
+        Err(_) => return ApiError::StoreUnavailable.into_response(),
     }
     req.extensions_mut().insert(id);
     next.run(req).await

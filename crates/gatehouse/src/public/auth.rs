@@ -203,11 +203,10 @@ pub async fn password_login(
         return Err(ApiError::bad_request("invalid_request", "username or password empty or too long"));
     }
     let ip = limits::client_ip(peer, &headers, &st.settings.trusted_proxies);
-    if !st.limits.check(ip, &body.username) {
+    if let Err(e) = limits::login_attempt(&core.limiter, ip, &body.username).await {
         // No username in the line: log lines name users by `sub` only, and this one is unverified.
-        tracing::warn!(%ip, "password login rate-limited");
-        core.metrics.rate_limited("login");
-        return Err(ApiError::TooManyRequests);
+        tracing::warn!(%ip, error = e.code(), "password login refused by its rate limit");
+        return Err(e);
     }
     let result = match core.exchange.password_grant(&body.username, &body.password).await {
         Ok(r) => r,

@@ -1,82 +1,57 @@
-//! Rate limits: every public request per client IP, password logins per IP and per username
-//! (SECURITY 18). The IP comes from `X-Forwarded-For` only when the direct peer is a configured
+//! The public face's rate limits: every public request per client IP, password logins per IP and
+//! per username (SECURITY 18), all through the core's one `Limiter` (shared by every replica with
+//! the Redis store). The IP comes from `X-Forwarded-For` only when the direct peer is a configured
 //! trusted proxy. Keyed by IP, not by the session cookie: a client could mint fresh cookie values
 //! at will, never fresh addresses.
 
 use std::net::{IpAddr, SocketAddr};
-use std::num::NonZeroU32;
 
 use axum::http::HeaderMap;
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use axum::response::IntoResponse;
 use ipnet::IpNet;
 
-pub struct LoginLimits {
-    per_ip: DefaultKeyedRateLimiter<IpAddr>,
-    per_user: DefaultKeyedRateLimiter<String>,
-}
-
-impl LoginLimits {
-    pub fn new(per_ip_per_minute: u32, per_user_per_minute: u32) -> Self {
-        let q = |n: u32| Quota::per_minute(NonZeroU32::new(n.max(1)).unwrap_or(NonZeroU32::MIN));
-        Self { per_ip: RateLimiter::keyed(q(per_ip_per_minute)), per_user: RateLimiter::keyed(q(per_user_per_minute)) }
-    }
-
-    /// Both buckets must have room; usernames compare case-insensitively (Keycloak's do).
-    pub fn check(&self, ip: IpAddr, username: &str) -> bool {
-        self.per_ip.check_key(&ip).is_ok() && self.per_user.check_key(&username.to_lowercase()).is_ok()
-    }
-
-    /// Forget idle keys; called periodically or memory grows with every IP ever seen.
-    pub fn retain_recent(&self) {
-        self.per_ip.retain_recent();
-        self.per_user.retain_recent();
-    }
-}
-
-/// All public requests, per client IP (health checks and Keycloak's back-channel call excepted).
-pub struct RequestLimits {
-    per_ip: Option<DefaultKeyedRateLimiter<IpAddr>>,
-}
-
-impl RequestLimits {
-    pub fn new(per_second: u32, burst: u32) -> Self {
-        let per_ip = NonZeroU32::new(per_second).map(|rate| {
-            let burst = NonZeroU32::new(burst.max(per_second)).unwrap_or(rate);
-            RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst))
-        });
-        Self { per_ip }
-    }
-
-    pub fn check(&self, ip: IpAddr) -> bool {
-        self.per_ip.as_ref().is_none_or(|l| l.check_key(&ip).is_ok())
-    }
-
-    pub fn retain_recent(&self) {
-        if let Some(l) = &self.per_ip {
-            l.retain_recent();
-        }
-    }
-}
+use crate::error::ApiError;
+use crate::limit::{Class, Kind, Limiter};
 
 /// Paths the per-IP limit leaves alone: probes, and the server-to-server logout from Keycloak.
 pub const UNLIMITED: &[&str] = &["/healthz", "/readyz", "/auth/backchannel-logout"];
 
+/// The per-IP request limit, before routing. A login start counts as a login for the outage
+/// policy (refused while Redis is down, by default); everything else as a read.
 pub async fn limit(
     axum::extract::State(st): axum::extract::State<std::sync::Arc<super::PublicState>>,
     axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<SocketAddr>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
-    use axum::response::IntoResponse;
-    if st.requests.per_ip.is_some() && !UNLIMITED.contains(&req.uri().path()) {
+    let limiter = &st.core.limiter;
+    let path = req.uri().path();
+    if limiter.is_on(Kind::Request) && !UNLIMITED.contains(&path) {
         let ip = client_ip(peer, req.headers(), &st.settings.trusted_proxies);
-        if !st.requests.check(ip) {
-            tracing::debug!(%ip, "request rate limit hit");
-            st.core.metrics.rate_limited("request");
-            return crate::error::ApiError::TooManyRequests.into_response();
+        let class = if path == "/auth/login" { Class::Login } else { Class::Read };
+        match limiter.check_as(Kind::Request, &ip.to_string(), class).await {
+            Ok(d) if d.allowed => {}
+            Ok(d) => {
+                tracing::debug!(%ip, "request rate limit hit");
+                return ApiError::TooManyRequests(d).into_response();
+            }
+            Err(_) => return ApiError::StoreUnavailable.into_response(),
         }
     }
     next.run(req).await
+}
+
+/// A password login attempt: the client IP's bucket, then the username's (only when the IP's had
+/// room, so one IP cannot drain other users' buckets beyond its own limit).
+pub async fn login_attempt(limiter: &Limiter, ip: IpAddr, username: &str) -> Result<(), ApiError> {
+    for (kind, key) in [(Kind::LoginIp, ip.to_string()), (Kind::LoginUser, username.to_owned())] {
+        match limiter.check(kind, &key).await {
+            Ok(d) if d.allowed => {}
+            Ok(d) => return Err(ApiError::TooManyRequests(d)),
+            Err(_) => return Err(ApiError::StoreUnavailable),
+        }
+    }
+    Ok(())
 }
 
 /// The client's IP: the peer, or the right-most untrusted `X-Forwarded-For` hop behind trusted proxies.
@@ -124,27 +99,23 @@ mod tests {
         );
     }
 
-    #[test]
-    fn request_limit_per_ip_with_burst() {
-        let l = RequestLimits::new(1, 3);
-        let a: IpAddr = "10.0.0.1".parse().unwrap();
-        assert!((0..3).all(|_| l.check(a)), "the burst passes");
-        assert!(!l.check(a), "then the rate holds");
-        assert!(l.check("10.0.0.2".parse().unwrap()), "other clients have their own bucket");
-        let off = RequestLimits::new(0, 0);
-        assert!((0..10_000).all(|_| off.check(a)), "0 turns it off");
-    }
-
-    #[test]
-    fn limits_per_ip_and_per_user() {
-        let l = LoginLimits::new(3, 2);
+    #[tokio::test]
+    async fn login_limits_per_ip_and_per_user() {
+        use crate::limit::{OnStoreError, Quota};
+        let quotas =
+            |ip, user| vec![(Kind::LoginIp, Quota::per_minute(ip)), (Kind::LoginUser, Quota::per_minute(user))];
+        let metrics = std::sync::Arc::new(crate::metrics::Metrics::default());
+        let l = Limiter::with_quotas(quotas(3, 2), None, OnStoreError::Split, metrics.clone());
         let ip: IpAddr = "1.1.1.1".parse().unwrap();
-        assert!(l.check(ip, "alice"));
-        assert!(l.check(ip, "ALICE"));
-        assert!(!l.check(ip, "alice"), "per-user limit");
-        assert!(!l.check("2.2.2.2".parse().unwrap(), "Alice"), "per-user limit holds across IPs");
-        let l = LoginLimits::new(2, 100);
-        assert!(l.check(ip, "a") && l.check(ip, "b"));
-        assert!(!l.check(ip, "c"), "per-IP limit");
+        assert!(login_attempt(&l, ip, "alice").await.is_ok());
+        assert!(login_attempt(&l, ip, "ALICE").await.is_ok());
+        let refused = login_attempt(&l, ip, "alice").await;
+        assert!(matches!(refused, Err(ApiError::TooManyRequests(d)) if d.kind == Kind::LoginUser), "per-user limit");
+        let other = login_attempt(&l, "2.2.2.2".parse().unwrap(), "Alice").await;
+        assert!(matches!(other, Err(ApiError::TooManyRequests(_))), "per-user limit holds across IPs");
+        let l = Limiter::with_quotas(quotas(2, 100), None, OnStoreError::Split, metrics);
+        assert!(login_attempt(&l, ip, "a").await.is_ok() && login_attempt(&l, ip, "b").await.is_ok());
+        let refused = login_attempt(&l, ip, "c").await;
+        assert!(matches!(refused, Err(ApiError::TooManyRequests(d)) if d.kind == Kind::LoginIp), "per-IP limit");
     }
 }

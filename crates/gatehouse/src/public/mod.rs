@@ -26,7 +26,6 @@ use tower_http::services::ServeDir;
 use crate::Core;
 use crate::config::{Config, CookieSettings};
 use crate::error::ApiError;
-pub use limits::{LoginLimits, RequestLimits};
 
 /// Every public route: (method, path). The router is checked against this table in tests, and
 /// the CSRF test walks it, so a new route cannot skip CSRF by accident.
@@ -74,8 +73,6 @@ pub struct PublicState {
     pub settings: Settings,
     pub cookie: CookieSettings,
     pub origin: String,
-    pub limits: LoginLimits,
-    pub requests: RequestLimits,
     pub proxy: proxy::Proxy,
     /// Composed views (`[[views]]`), served under `/api/views/`.
     pub views: views::Views,
@@ -95,11 +92,6 @@ pub fn router(
         settings: Settings::from_config(config),
         cookie: config.cookie(),
         origin: config.public_origin(),
-        limits: LoginLimits::new(
-            config.oidc.password_login_per_ip_per_minute,
-            config.oidc.password_login_per_user_per_minute,
-        ),
-        requests: RequestLimits::new(config.public.rate_limit_per_second, config.public.rate_limit_burst),
         proxy,
         views,
         core: core.clone(),
@@ -150,8 +142,7 @@ fn spawn_limit_cleanup(state: &Arc<PublicState>) {
         loop {
             tick.tick().await;
             let Some(state) = weak.upgrade() else { break };
-            state.limits.retain_recent();
-            state.requests.retain_recent();
+            state.core.limiter.retain_recent();
         }
     });
 }

@@ -55,6 +55,10 @@ pub struct Options {
     pub extra: String,
     /// Extra keys for the `[public]` table.
     pub public_extra: String,
+    /// Extra keys for the `[oidc]` table.
+    pub oidc_extra: String,
+    /// Extra keys for the `[session]` table.
+    pub session_extra: String,
     /// Start the internal listener (mTLS with the work dir's dev PKI) with this allow-list.
     pub internal_allow: Option<Vec<String>>,
     pub internal_rate: u32,
@@ -76,6 +80,8 @@ impl Default for Options {
             same_site: "lax",
             extra: String::new(),
             public_extra: String::new(),
+            oidc_extra: String::new(),
+            session_extra: String::new(),
             internal_allow: None,
             internal_rate: 1000,
             redis_url: None,
@@ -140,9 +146,11 @@ client_secret = "{secret}"
 password_login = {pw}
 refresh_skew = "{skew}"
 http_timeout = "{http_timeout}"
+{oidc_extra}
 [session]
 path = "{path}"
 {redis}
+{session_extra}
 encryption_key = "{key}"
 same_site = "{same_site}"
 [admin]
@@ -164,6 +172,8 @@ listen = "127.0.0.1:0"
             same_site = o.same_site,
             extra = o.extra,
             public_extra = o.public_extra,
+            oidc_extra = o.oidc_extra,
+            session_extra = o.session_extra,
             internal = match &o.internal_allow {
                 None => String::new(),
                 Some(allow) => format!(

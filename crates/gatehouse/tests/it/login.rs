@@ -350,7 +350,10 @@ async fn public_requests_are_rate_limited_per_client_ip_when_configured() {
     assert!(statuses.contains(&429), "then 429: {statuses:?}");
     let r = http().get(&me).send().await.unwrap();
     assert_eq!(r.status(), 429);
-    assert_eq!(r.headers()["retry-after"], "5");
+    // One request per 500 ms: retry within a second (rounded up); the IETF draft's fields.
+    assert_eq!(r.headers()["retry-after"], "1");
+    assert_eq!(r.headers()["ratelimit-policy"], "\"ip\";q=5;w=3");
+    assert!(r.headers()["ratelimit"].to_str().unwrap().starts_with("\"ip\";r=0;t="));
     assert_eq!(r.json::<serde_json::Value>().await.unwrap()["error"], "rate_limited");
     // Probes are never limited; another client (behind the trusted proxy) has its own bucket.
     assert_eq!(http().get(format!("{}/healthz", gate.base)).send().await.unwrap().status(), 200);

@@ -15,6 +15,7 @@ mod internal;
 mod login;
 mod observability;
 mod proxy;
+mod ratelimit;
 mod replicas;
 mod sessions;
 mod shutdown;

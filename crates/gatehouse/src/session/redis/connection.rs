@@ -173,6 +173,7 @@ impl RedisStore {
             renew: Script::new(
                 "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0",
             ),
+            gcra: super::ratelimit::gcra_script(),
         }
     }
 

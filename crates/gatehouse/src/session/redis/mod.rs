@@ -50,6 +50,10 @@ macro_rules! idempotent {
     }};
 }
 
+// After the macro: the rate-limit script uses `idempotent!`.
+mod ratelimit;
+pub use ratelimit::{GcraOutcome, bucket_key};
+
 const PREFIX: &str = "gatehouse";
 
 pub struct RedisStore {
@@ -59,6 +63,7 @@ pub struct RedisStore {
     take: Script,
     release: Script,
     renew: Script,
+    gcra: Script,
 }
 
 fn session_key(hex: &str) -> String {
