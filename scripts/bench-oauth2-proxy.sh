@@ -10,7 +10,8 @@
 # Environment: BENCH_DURATION (s per run, 10), ROUNDS (alternating rounds, 3), BENCH_CONNECTIONS (32),
 # BENCH_FIXED_RATE (req/s for the fixed-rate p99, 2000), FOOTPRINT_CONNECTIONS (10000),
 # FOOTPRINT_SESSIONS (logins per product for the per-session footprint, 1000), STORM_REQUESTS (100),
-# STORM_DELAY_MS (300), BENCH_OUT (markdown file to prepend the result to; empty = print only).
+# STORM_DELAY_MS (300), BENCH_OUT (markdown file to prepend the result to, default docs/benchmarks.md;
+# empty = print only), BENCH_LABEL (added to the result's heading, e.g. "shared, noisy machine").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN="${1:-${CARGO_TARGET_DIR:-target}/release/gatehouse}"
@@ -51,7 +52,7 @@ GATEHOUSE_BIN="$BIN" OAUTH2_PROXY_BIN="$O2P" VEGETA_BIN="$VEGETA" BENCH_WORK="$W
 
 if [ -n "$OUT" ]; then
   cpu_model=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
-  block="### $(date -u +%Y-%m-%d) — Gatehouse vs oauth2-proxy $O2P_VERSION
+  block="### $(date -u +%Y-%m-%d) — Gatehouse vs oauth2-proxy $O2P_VERSION${BENCH_LABEL:+ ($BENCH_LABEL)}
 
 Machine: $(nproc) cores ($cpu_model), $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -r). Command: \`scripts/bench-oauth2-proxy.sh\`
 (BENCH_DURATION=${BENCH_DURATION:-10} ROUNDS=${ROUNDS:-3} FOOTPRINT_SESSIONS=${FOOTPRINT_SESSIONS:-1000}).
