@@ -22,7 +22,7 @@ O2P_VERSION=v7.15.6
 VEGETA_VERSION=v12.13.0
 
 [ -x "$BIN" ] || { echo "bench-oauth2-proxy: $BIN missing (cargo build --locked --release -p gatehouse)" >&2; exit 1; }
-for tool in wrk nginx redis-server redis-cli taskset go; do
+for tool in wrk nginx redis-server redis-cli taskset ss go; do
   command -v "$tool" >/dev/null || { echo "bench-oauth2-proxy: $tool missing (scripts/setup.sh installs it)" >&2; exit 1; }
 done
 [ "$(nproc)" -ge 2 ] || { echo "bench-oauth2-proxy: needs 2 cores (server on 0, load on 1)" >&2; exit 1; }

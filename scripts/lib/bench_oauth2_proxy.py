@@ -60,6 +60,7 @@ CHECK_KEY = secrets.token_urlsafe(36)
 HZ = os.sysconf("SC_CLK_TCK")
 
 procs = []  # (name, Popen)
+ADMIN = []  # the Admin client, for the bench user's logout at exit
 
 
 def log(*a):
@@ -602,6 +603,7 @@ def main():
                         "storm_delay_ms": STORM_DELAY_MS}}
 
     admin = Admin()
+    ADMIN.append(admin)
     admin.ensure_user()
     for cid, life in (("bench-gatehouse", None), ("bench-gatehouse-short", 10),
                       ("bench-oauth2-proxy", None), ("bench-oauth2-proxy-short", 10)):
@@ -724,13 +726,13 @@ def main():
     # http_proxy, and the delaying proxy forwards the proxy-form requests to Keycloak unchanged.
     storm_env = {"http_proxy": via, "HTTP_PROXY": via, "no_proxy": "", "NO_PROXY": ""}
     short = 'refresh_skew = "2s"'
-    sgh = start_gh("gh-storm", P["gh_storm"], "bench-gatehouse-short", "bench-gatehouse-short-secret", "embedded",
+    start_gh("gh-storm", P["gh_storm"], "bench-gatehouse-short", "bench-gatehouse-short-secret", "embedded",
                    extra_oidc=short, env=storm_env)
-    sghr = start_gh("gh-storm-redis", P["gh_storm_redis"], "bench-gatehouse-short", "bench-gatehouse-short-secret",
+    start_gh("gh-storm-redis", P["gh_storm_redis"], "bench-gatehouse-short", "bench-gatehouse-short-secret",
                     "redis", extra_oidc=short, env=storm_env)
-    so = start_o2p("o2p-storm", P["o2p_storm"], "bench-oauth2-proxy-short", "bench-oauth2-proxy-short-secret",
+    start_o2p("o2p-storm", P["o2p_storm"], "bench-oauth2-proxy-short", "bench-oauth2-proxy-short-secret",
                    "cookie", refresh="5s", token_url=via)
-    sor = start_o2p("o2p-storm-redis", P["o2p_storm_redis"], "bench-oauth2-proxy-short",
+    start_o2p("o2p-storm-redis", P["o2p_storm_redis"], "bench-oauth2-proxy-short",
                     "bench-oauth2-proxy-short-secret", "redis", refresh="5s", token_url=via)
     c0 = stats["chunks"]
     sessions = {"gatehouse": (gh_login(P["gh_storm"]), f"http://127.0.0.1:{P['gh_storm']}/auth/me", "bench-gatehouse-short"),
@@ -753,7 +755,6 @@ def main():
                     "kc_chunks_delayed": stats["chunks"] - c1}
         log("storm", name, st[name])
     stop_proxy.set()
-    admin.logout_user()
 
     Path(OUT_JSON).write_text(json.dumps(results, indent=1))
     print(render(results))
@@ -853,7 +854,14 @@ if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "render":
         print(render(json.loads(Path(sys.argv[2]).read_text())))
         sys.exit(0)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops what we started
     try:
         main()
     finally:
         stop_all()
+        # End the bench user's Keycloak sessions (hundreds of logins) on the shared instance.
+        for a in ADMIN:
+            try:
+                a.logout_user()
+            except Exception as e:  # noqa: BLE001 - best effort at exit
+                log("could not log the bench user out at Keycloak:", e)
