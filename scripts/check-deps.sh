@@ -1,12 +1,26 @@
 #!/usr/bin/env bash
-# One crypto backend (aws-lc-rs). If `ring` is compiled into the tree, rustls' provider lookup
-# can panic at runtime, so fail the build instead. (`ring` may sit in Cargo.lock for an optional
-# feature nobody enables; only what `cargo tree` would build counts.)
+# Supply chain, run by `make lint`: `cargo deny check bans licenses sources` against deny.toml
+# (ring and openssl banned, permissive licences only, crates.io only, duplicates reported).
+# cargo-deny is built once from crates.io and cached under ${GATEHOUSE_CACHE:-~/.cache/gatehouse}.
+# A self-test proves the ban list is enforced on this graph: a policy banning a crate we do use
+# must fail.
 set -euo pipefail
-tree=$(cargo tree --locked --workspace --target all -e normal,build,dev -i ring 2>/dev/null || true)
-if [ -n "$tree" ]; then
-  echo "check-deps: the crate \`ring\` is in the dependency tree; use aws-lc-rs only:" >&2
-  echo "$tree" >&2
-  exit 1
+cd "$(dirname "$0")/.."
+CACHE="${GATEHOUSE_CACHE:-$HOME/.cache/gatehouse}"
+VERSION="0.20.2"
+DENY="$CACHE/cargo-deny/bin/cargo-deny"
+if ! "$DENY" --version 2>/dev/null | grep -q "$VERSION"; then
+    echo "check-deps: installing cargo-deny $VERSION (cargo install, cached in $CACHE/cargo-deny; a few minutes once)" >&2
+    cargo install --locked --quiet "cargo-deny@$VERSION" --root "$CACHE/cargo-deny" \
+        --target-dir "$CACHE/cargo-install-target"
 fi
-echo "check-deps: ok (ring is not built)"
+"$DENY" --log-level error --config deny.toml check bans licenses sources
+probe="$(mktemp)"
+trap 'rm -f "$probe"' EXIT
+sed 's/^    { crate = "ring" },$/    { crate = "ring" },\n    { crate = "tokio" },/' deny.toml >"$probe"
+grep -q 'crate = "tokio"' "$probe" || { echo "check-deps: self-test policy not written" >&2; exit 1; }
+if "$DENY" --log-level error --config "$probe" check bans >/dev/null 2>&1; then
+    echo "check-deps: self-test failed: a banned crate in the graph was not refused" >&2
+    exit 1
+fi
+echo "check-deps: ok (cargo deny: bans, licenses, sources; ban self-test refused tokio)"
