@@ -29,3 +29,26 @@ impl Clock for SystemClock {
         real + self.offset.load(Ordering::Relaxed)
     }
 }
+
+/// A clock that stands still until told to move: tests that count rate-limited events (JWKS
+/// refetch floors) must not see the wall clock tick over a second boundary mid-test.
+#[derive(Debug)]
+pub struct ManualClock {
+    now: AtomicI64,
+}
+
+impl ManualClock {
+    pub fn at(now: UnixTime) -> Self {
+        Self { now: AtomicI64::new(now) }
+    }
+
+    pub fn advance(&self, seconds: i64) {
+        self.now.fetch_add(seconds, Ordering::Relaxed);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> UnixTime {
+        self.now.load(Ordering::Relaxed)
+    }
+}

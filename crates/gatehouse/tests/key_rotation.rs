@@ -5,12 +5,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests may fail loudly
 
-#[path = "it/harness.rs"]
-mod harness;
-
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use harness::*;
+use gatehouse_testkit::*;
 use serde_json::{Value, json};
 
 fn kid_of(jwt: &str) -> String {

@@ -4,14 +4,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests may fail loudly
 
-#[path = "it/harness.rs"]
-mod harness;
-
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use harness::*;
+use gatehouse_testkit::*;
 use serde_json::json;
 
 #[derive(Clone, Default)]

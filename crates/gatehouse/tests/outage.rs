@@ -5,13 +5,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests may fail loudly
 
-#[path = "it/harness.rs"]
-mod harness;
-
 use std::process::Command;
 use std::time::Duration;
 
-use harness::*;
+use gatehouse_testkit::*;
 use serde_json::json;
 
 fn keycloak(action: &str) {

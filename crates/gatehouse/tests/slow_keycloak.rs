@@ -6,13 +6,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests may fail loudly
 
-#[path = "it/harness.rs"]
-mod harness;
-
 use std::process::Command;
 use std::time::Duration;
 
-use harness::*;
+use gatehouse_testkit::*;
 
 /// The test Keycloak's process id, from the pid file `scripts/keycloak.sh` keeps (never a
 /// pattern match over every process on the machine).

@@ -9,14 +9,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests may fail loudly
 
-#[path = "it/harness.rs"]
-mod harness;
-
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use harness::*;
+use gatehouse_testkit::*;
 
 const PAGE: usize = 4096;
 
@@ -291,4 +288,9 @@ async fn the_binary_on_a_damaged_session_file_fails_cleanly_or_serves() {
     let out = Command::new(gatehouse()).args(["sessions", "reset", "--yes", "--store"]).arg(&store).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!store.exists());
+}
+
+/// The `gatehouse` binary Cargo built for these tests.
+fn bin() -> &'static std::path::Path {
+    std::path::Path::new(env!("CARGO_BIN_EXE_gatehouse"))
 }

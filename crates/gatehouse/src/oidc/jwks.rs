@@ -6,13 +6,14 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use jsonwebtoken::jwk::{Jwk, KeyAlgorithm, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey};
 
 use super::{Http, OidcError};
+use crate::clock::{Clock, UnixTime};
 
 /// One verification key from the JWKS.
 pub struct SigningKey {
@@ -41,8 +42,8 @@ pub enum KeySource {
 /// When each source last started a refetch.
 #[derive(Default)]
 struct LastFetch {
-    token_endpoint: Option<Instant>,
-    unauthenticated: Option<Instant>,
+    token_endpoint: Option<UnixTime>,
+    unauthenticated: Option<UnixTime>,
 }
 
 pub struct JwksCache {
@@ -55,16 +56,20 @@ pub struct JwksCache {
     /// Floor for tokens from the token endpoint: short, it only guards against a provider that
     /// keeps signing with a key it does not publish.
     min_refetch_trusted: Duration,
+    /// The floors are measured on the injected clock (whole seconds), so tests move time
+    /// instead of sleeping through them.
+    clock: Arc<dyn Clock>,
 }
 
 impl JwksCache {
-    pub fn new(uri: String, min_refetch: Duration, min_refetch_trusted: Duration) -> Self {
+    pub fn new(uri: String, min_refetch: Duration, min_refetch_trusted: Duration, clock: Arc<dyn Clock>) -> Self {
         Self {
             uri,
             keys: ArcSwap::from_pointee(KeySet::default()),
             fetch: tokio::sync::Mutex::new(LastFetch::default()),
             min_refetch,
             min_refetch_trusted,
+            clock,
         }
     }
 
@@ -86,12 +91,13 @@ impl JwksCache {
             KeySource::TokenEndpoint => (&mut last.token_endpoint, self.min_refetch_trusted),
             KeySource::Unauthenticated => (&mut last.unauthenticated, self.min_refetch),
         };
+        let now = self.clock.now();
         if let Some(at) = *slot
-            && at.elapsed() < floor
+            && now.saturating_sub(at) < floor.as_secs() as i64
         {
             return Err(OidcError::UnknownKey);
         }
-        *slot = Some(Instant::now());
+        *slot = Some(now);
         self.refresh_locked(http).await?;
         Self::pick(&self.keys.load(), kid).ok_or(OidcError::UnknownKey)
     }

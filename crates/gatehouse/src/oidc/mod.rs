@@ -351,7 +351,8 @@ impl OidcClient {
         ] {
             Url::parse(u).map_err(|_| OidcError::Provider(format!("discovery `{name}` is not a URL")))?;
         }
-        let jwks = JwksCache::new(meta.jwks_uri.clone(), JWKS_REFETCH_FLOOR, JWKS_TRUSTED_REFETCH_FLOOR);
+        let jwks =
+            JwksCache::new(meta.jwks_uri.clone(), JWKS_REFETCH_FLOOR, JWKS_TRUSTED_REFETCH_FLOOR, self.clock.clone());
         jwks.refresh(&self.http).await?;
         self.provider.store(Some(Arc::new(Provider { meta, jwks })));
         tracing::info!(issuer = %self.settings.issuer, "identity provider metadata loaded");

@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 use super::Http;
 use super::id_token::{self, Expectations, TokenKind};
 use super::jwks::{JwksCache, KeySource};
+use crate::clock::ManualClock;
 
 const ISS: &str = "https://idp.test/realms/r";
 const CLIENT: &str = "gatehouse";
@@ -261,13 +262,15 @@ async fn unknown_kid_refetches_once_single_flight_rate_limited_and_survives_fail
     let hits = Arc::new(AtomicUsize::new(0));
     let uri = jwks_server(keys.clone(), hits.clone()).await;
     let http = Arc::new(Http::new(Duration::from_secs(5)).unwrap());
-    let cache = Arc::new(JwksCache::new(uri, Duration::from_millis(300), Duration::from_millis(300)));
+    let clock = Arc::new(ManualClock::at(1_000_000));
+    let floor = Duration::from_secs(1);
+    let cache = Arc::new(JwksCache::new(uri, floor, floor, clock.clone()));
     cache.refresh(&http).await.unwrap();
     assert_eq!(hits.load(Ordering::SeqCst), 1);
     assert!(cache.key(&http, Some("k1"), KeySource::TokenEndpoint).await.is_ok());
 
     // Rotation: k2 appears at the provider. 20 concurrent look-ups of the new kid → one fetch.
-    tokio::time::sleep(Duration::from_millis(350)).await;
+    clock.advance(1);
     keys.store(Arc::new(json!({"keys": [k1.jwk.clone(), k2.jwk.clone()]})));
     let mut tasks = Vec::new();
     for _ in 0..20 {
@@ -285,8 +288,13 @@ async fn unknown_kid_refetches_once_single_flight_rate_limited_and_survives_fail
     }
     assert!(hits.load(Ordering::SeqCst) <= 3, "rate-limited refetch: {}", hits.load(Ordering::SeqCst));
 
+    // Within the floor nothing more is fetched, however many unknown kids arrive...
+    let before = hits.load(Ordering::SeqCst);
+    assert!(cache.key(&http, Some("k9"), KeySource::TokenEndpoint).await.is_err());
+    assert_eq!(hits.load(Ordering::SeqCst), before, "the trusted floor holds until the clock moves");
+
     // The provider breaks (no usable keys): we keep the keys we had.
-    tokio::time::sleep(Duration::from_millis(350)).await;
+    clock.advance(1);
     keys.store(Arc::new(json!({"nope": true})));
     assert!(cache.key(&http, Some("k3"), KeySource::TokenEndpoint).await.is_err());
     assert!(cache.key(&http, Some("k1"), KeySource::TokenEndpoint).await.is_ok(), "old keys survive a failed fetch");
@@ -318,9 +326,10 @@ async fn unauthenticated_kid_spray_cannot_block_a_key_rotation() {
     let uri = jwks_server(keys.clone(), hits.clone()).await;
     let http = Http::new(Duration::from_secs(5)).unwrap();
     // The production floors' order of magnitude: a long one for unauthenticated input.
-    let cache = JwksCache::new(uri, Duration::from_secs(10), Duration::from_millis(200));
+    let clock = Arc::new(ManualClock::at(1_000_000));
+    let cache = JwksCache::new(uri, Duration::from_secs(10), Duration::from_secs(1), clock.clone());
     cache.refresh(&http).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(250)).await;
+    clock.advance(1);
 
     // The forged logout token triggers the one unauthenticated refetch it is allowed...
     assert!(matches!(

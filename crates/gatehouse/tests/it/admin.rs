@@ -7,6 +7,7 @@ use std::sync::Arc;
 use gatehouse::clock::SystemClock;
 use serde_json::Value;
 
+use crate::bin;
 use crate::harness::*;
 
 const TOKEN: &str = "k8s-admin-token-0123456789abcdefghijklmnopqrstuv";

@@ -4,6 +4,7 @@
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, Stdio};
 
+use crate::bin;
 use crate::harness::*;
 
 fn check_config(path: &std::path::Path) -> std::process::Output {

@@ -10,7 +10,6 @@ mod deploy;
 mod ext_authz;
 mod extend;
 mod gateway;
-mod harness;
 mod internal;
 mod login;
 mod observability;
@@ -21,3 +20,11 @@ mod sessions;
 mod shutdown;
 mod traces;
 mod views;
+
+/// The shared test kit, under the name the modules use (`crate::harness::*`).
+use gatehouse_testkit as harness;
+
+/// The `gatehouse` binary Cargo built for these tests.
+pub fn bin() -> &'static std::path::Path {
+    std::path::Path::new(env!("CARGO_BIN_EXE_gatehouse"))
+}

@@ -6,6 +6,7 @@ use std::time::Duration;
 use gatehouse::pki::San;
 use serde_json::{Value, json};
 
+use crate::bin;
 use crate::harness::*;
 
 #[tokio::test]
@@ -396,25 +397,21 @@ fn free_port() -> u16 {
 async fn sentinel_setup() -> SentinelSetup {
     let dir = tempfile::tempdir().unwrap();
     let (p, r, s) = (free_port(), free_port(), free_port());
-    let redis = |port: u16, extra: &[String]| {
+    let redis = |port: u16, extra: Vec<String>| {
         let d = dir.path().join(port.to_string());
         std::fs::create_dir_all(&d).unwrap();
-        std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        async move {
+            let port_s = port.to_string();
             // Both need the password: the replica may become the master.
-            .args(["--requirepass", SENTINEL_PW, "--masterauth", SENTINEL_PW])
-            .args(extra)
-            .arg("--dir")
-            .arg(&d)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap()
+            let mut args = vec!["--port", &port_s, "--appendonly", "no", "--requirepass", SENTINEL_PW];
+            args.extend(["--masterauth", SENTINEL_PW]);
+            args.extend(extra.iter().map(String::as_str));
+            redis_server(&args, &d, port).await
+        }
     };
     // No diskless-sync delay: Redis 7 otherwise waits 5 s before the replica's first sync.
-    let primary = redis(p, &["--repl-diskless-sync-delay".into(), "0".into()]);
-    wait_port(p).await;
-    let replica = redis(r, &["--replicaof".into(), "127.0.0.1".into(), p.to_string()]);
-    wait_port(r).await;
+    let primary = redis(p, vec!["--repl-diskless-sync-delay".into(), "0".into()]).await;
+    let replica = redis(r, vec!["--replicaof".into(), "127.0.0.1".into(), p.to_string()]).await;
     let mut linked = false;
     for _ in 0..100 {
         if redis_cli(r, &["info", "replication"]).contains("master_link_status:up") {

@@ -3,6 +3,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use crate::bin;
 use crate::harness::*;
 
 #[tokio::test]

@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::bin;
 use crate::harness::*;
 
 #[tokio::test]

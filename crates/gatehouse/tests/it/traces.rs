@@ -14,6 +14,7 @@ use std::time::Duration;
 use gatehouse::pki::San;
 use serde_json::{Value, json};
 
+use crate::bin;
 use crate::harness::*;
 
 fn jaeger_bin() -> PathBuf {

@@ -319,24 +319,10 @@ mod tests {
         std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
     }
 
-    /// A `redis-server` (Debian package) with these arguments and its files in `dir`, once
-    /// `port` accepts connections.
+    /// A `redis-server` with these arguments and its files in `dir`, once `port` accepts
+    /// connections (the test kit's one spawner: it fails loudly if Redis does not come up).
     async fn redis_server(args: &[&str], dir: &std::path::Path, port: u16) -> std::process::Child {
-        let child = std::process::Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--save", ""])
-            .args(args)
-            .arg("--dir")
-            .arg(dir)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed (scripts/setup.sh)");
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        child
+        gatehouse_testkit::redis_server(args, dir, port).await
     }
 
     /// The shared store contract against a real `redis-server` (Debian package) on a free port.

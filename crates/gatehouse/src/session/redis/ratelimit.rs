@@ -94,19 +94,7 @@ mod tests {
     async fn gcra_script_math() {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let dir = tempfile::tempdir().unwrap();
-        let mut child = std::process::Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--save", "", "--port", &port.to_string()])
-            .arg("--dir")
-            .arg(dir.path())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed (scripts/setup.sh)");
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let mut child = gatehouse_testkit::redis_server(&["--port", &port.to_string()], dir.path(), port).await;
         let store = RedisStore::open(
             &format!("redis://127.0.0.1:{port}"),
             &super::super::RedisTls::default(),

@@ -1,12 +1,14 @@
-//! Test environment: a real Gatehouse (in-process, or as a child process) against the real
-//! Keycloak started by `make test` (`scripts/keycloak.sh start test 18180`), and a tiny browser
-//! (manual cookie jar, no redirect following) that walks Keycloak's real login form.
+//! Gatehouse's test kit (dev-only, never published): a real Gatehouse (in-process) against the
+//! real Keycloak started by `make test` (`scripts/keycloak.sh start test 18180`), real Redis
+//! servers it starts and stops by their own process handles, and a tiny browser (manual cookie jar,
+//! no redirect following) that walks Keycloak's real login form. Every test binary uses it.
 
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+// Test code: a broken environment should fail the test at once, loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::TcpListener as StdListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
@@ -111,6 +113,12 @@ pub struct Workdir {
     pub dir: tempfile::TempDir,
     pub port: u16,
     pub key: String,
+}
+
+impl Default for Workdir {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Workdir {
@@ -520,10 +528,6 @@ pub fn looks_like_jwt(s: &str) -> bool {
     })
 }
 
-pub fn bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_gatehouse"))
-}
-
 /// An HTTPS client for the internal listener: trusts `server_ca`, presents `client` (if any).
 pub fn mtls_client(server_ca_pem: &str, client: Option<&gatehouse::pki::Issued>) -> reqwest::Client {
     use rustls_pki_types::pem::PemObject;
@@ -574,28 +578,11 @@ impl Redis {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// Start (again) on the same port and data directory, with AOF on every write.
     pub async fn restart(&mut self) {
-        let child = std::process::Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-            ])
-            .arg("--dir")
-            .arg(self.dir.path())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server (Debian package redis-server) must be installed: scripts/setup.sh does it");
-        self.child = Some(child);
-        wait_port(self.port).await;
+        let port = self.port.to_string();
+        let args = ["--port", &port, "--appendonly", "yes", "--appendfsync", "always"];
+        self.child = Some(redis_server(&args, self.dir.path(), self.port).await);
     }
 
     /// SIGTERM: Redis flushes its AOF and exits.
@@ -614,6 +601,41 @@ impl Drop for Redis {
             let _ = c.wait();
         }
     }
+}
+
+/// The one way tests start Redis: `redis-server` (Debian package) on loopback with `args`, its
+/// files and log in `dir`, returned once `port` accepts connections. Fails loudly, with Redis' own
+/// log, if the server exits or does not listen within 5 s — no test runs against no Redis. The
+/// caller stops it by this handle (never by a process-name match).
+pub async fn redis_server(args: &[&str], dir: &std::path::Path, port: u16) -> std::process::Child {
+    let log = dir.join(format!("redis-{port}.log"));
+    let mut child = std::process::Command::new("redis-server")
+        .args(["--bind", "127.0.0.1", "--save", ""])
+        .args(args)
+        .arg("--dir")
+        .arg(dir)
+        .arg("--logfile")
+        .arg(&log)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server (Debian package redis-server) must be installed: scripts/setup.sh does it");
+    for _ in 0..100 {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("redis-server on port {port} exited ({status}) before listening:\n{}", read_log(&log));
+        }
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return child;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("redis-server on port {port} did not listen within 5 s:\n{}", read_log(&log));
+}
+
+fn read_log(path: &std::path::Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| format!("(no log: {e})"))
 }
 
 /// Wait until something listens on a loopback port.
