@@ -84,3 +84,44 @@ pub fn session_record(data: &[u8]) {
         let _ = r.encode();
     }
 }
+
+/// A Redis reply as the store decodes it: the RESP parser, then every shape the store reads —
+/// a record (`HGET d`), a SCAN page of session hashes, the GCRA script's four integers.
+pub fn redis_reply(data: &[u8]) {
+    let Ok(v) = redis::parse_redis_value(data) else { return };
+    if let Ok(Some(bytes)) = redis::from_redis_value::<Option<Vec<u8>>>(v.clone()) {
+        session_record(&bytes);
+    }
+    if let Ok((_, page)) = redis::from_redis_value::<(u64, Vec<String>)>(v.clone()) {
+        for name in page {
+            // As `sessions_by_prefix` reads a SCAN page: the hash between the key's braces.
+            let hex = name.trim_start_matches("gatehouse:s:{").trim_end_matches('}');
+            let _ = crate::session::redis::parse_hex_key(hex);
+        }
+    }
+    if let Ok((a, r, t, n)) = redis::from_redis_value::<(i64, i64, i64, i64)>(v) {
+        let o = crate::session::redis::ratelimit::GcraOutcome::from_reply(a, r, t, n);
+        assert!(o.remaining == 0 || n > 0, "{o:?}");
+    }
+}
+
+/// An Envoy ext_authz `CheckRequest` (protobuf, as Envoy sends it): the original request's
+/// headers, method and path as the gRPC face reads them, and the allowed answer built from them.
+pub fn ext_authz(data: &[u8]) {
+    use envoy_types::pb::envoy::service::auth::v3::CheckRequest as EnvoyCheckRequest;
+    use prost::Message;
+    let Ok(req) = EnvoyCheckRequest::decode(data) else { return };
+    let Some(http) = req.attributes.as_ref().and_then(|a| a.request.as_ref()).and_then(|r| r.http.as_ref()) else {
+        return;
+    };
+    let headers = crate::check::grpc::original_headers(http);
+    let Ok(method) = axum::http::Method::from_bytes(http.method.as_bytes()) else { return };
+    let path_and_query = if http.path.starts_with('/') { http.path.clone() } else { "/".into() };
+    let creq = crate::check::decide::CheckRequest { method, path_and_query, headers: &headers };
+    let _ = creq.is_navigation();
+    let others = crate::check::decide::other_cookies(&headers, "__Host-Http-gatehouse", "__Host-Http-gatehouse-login");
+    let names = others.split(';').map(|p| p.split('=').next().unwrap_or_default().trim());
+    assert!(!names.clone().any(|n| n == "__Host-Http-gatehouse"), "the session cookie never goes upstream: {others:?}");
+    assert!(!names.clone().any(|n| n == "__Host-Http-gatehouse-login"), "nor the login cookie: {others:?}");
+    let _ = crate::check::grpc::allowed(&headers, "token", &[], &others);
+}

@@ -98,7 +98,7 @@ impl Authorization for Grpc {
 /// `encode_raw_headers: true`: one entry per header line, cookies not joined) when present, else
 /// from `headers` (one entry per name; Envoy joins several `cookie` headers with "; ").
 /// Pseudo-headers (`:path`, …) and unparseable entries are skipped.
-fn original_headers(http: &HttpRequest) -> HeaderMap {
+pub(crate) fn original_headers(http: &HttpRequest) -> HeaderMap {
     let mut out = HeaderMap::new();
     let mut add = |k: &str, v: &[u8]| {
         if let (Ok(name), Ok(value)) = (HeaderName::from_bytes(k.as_bytes()), HttpHeaderValue::from_bytes(v)) {
@@ -135,7 +135,7 @@ fn status(code: tonic::Code, message: &str) -> Option<rpc::Status> {
     Some(rpc::Status { code: code as i32, message: message.into(), details: Vec::new() })
 }
 
-fn allowed(
+pub(crate) fn allowed(
     original: &HeaderMap,
     access_token: &str,
     claim_headers: &[(HeaderName, HttpHeaderValue)],

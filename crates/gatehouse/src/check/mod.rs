@@ -7,8 +7,8 @@
 //! compared in constant time. Two thin adapters (`http`, `grpc`) over one decision (`decide`):
 //! the session is resolved (and refreshed, single-flight) by `Exchange::resolve`, nothing else.
 
-mod decide;
-mod grpc;
+pub(crate) mod decide;
+pub(crate) mod grpc;
 mod http;
 
 use std::collections::HashSet;

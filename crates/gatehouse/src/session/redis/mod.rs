@@ -51,7 +51,7 @@ macro_rules! idempotent {
 }
 
 // After the macro: the rate-limit script uses `idempotent!`.
-mod ratelimit;
+pub(crate) mod ratelimit;
 pub use ratelimit::{GcraOutcome, bucket_key};
 
 const PREFIX: &str = "gatehouse";
@@ -79,7 +79,7 @@ fn mark_key(kind: &str, id: &str) -> String {
     format!("{PREFIX}:m:{{{kind}:{}}}", crypto::hex(&crypto::sha256(id.as_bytes())))
 }
 
-fn parse_hex_key(hex: &str) -> Option<SessionKey> {
+pub(crate) fn parse_hex_key(hex: &str) -> Option<SessionKey> {
     if hex.len() != 64 {
         return None;
     }

@@ -66,13 +66,20 @@ impl RedisStore {
             .arg(emission_us)
             .arg(burst.max(1))
             .invoke_async(&mut c))?;
+        Ok(GcraOutcome::from_reply(allowed, retry_us, reset_us, remaining))
+    }
+}
+
+impl GcraOutcome {
+    /// The script's four integers, whatever Redis sent: negative times read as zero.
+    pub(crate) fn from_reply(allowed: i64, retry_us: i64, reset_us: i64, remaining: i64) -> Self {
         let us = |v: i64| Duration::from_micros(v.max(0) as u64);
-        Ok(GcraOutcome {
+        Self {
             allowed: allowed == 1,
             retry_after: us(retry_us),
             reset: us(reset_us),
             remaining: u32::try_from(remaining.max(0)).unwrap_or(u32::MAX),
-        })
+        }
     }
 }
 
