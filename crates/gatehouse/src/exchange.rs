@@ -592,6 +592,12 @@ impl Exchange {
     /// The refresh proper, run by one request per session and process: take the cross-replica
     /// lock, re-read, and only then call the provider.
     async fn refresh_single(&self, key: &SessionKey, now: UnixTime) -> Result<SessionRecord, ExchangeError> {
+        // A request that read the record just before the previous refresher stored its own finds
+        // the new tokens here, without a lock round (two Redis commands and a renewer) for nothing.
+        let record = self.live_record(key, now).await?;
+        if self.refresh_due(&record) > now {
+            return Ok(record);
+        }
         // Across replicas (a no-op for the single-node embedded store). Re-read only after it.
         let _remote = self.store.lock_refresh(key).await?;
         let record = self.live_record(key, now).await?;
