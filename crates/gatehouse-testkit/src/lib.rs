@@ -681,3 +681,40 @@ pub async fn replica_pair(redis: &Redis, base: Options) -> (Workdir, Gate, Workd
     let b = Gate::start(&wb, &ob).await;
     (wa, a, wb, b)
 }
+
+/// Concurrent session exchanges (one per entry of `internals`, the replicas' internal URLs) for
+/// one session whose access token is due: each answer's status, access token and the moment it
+/// arrived. Waiters on a refresh finish right after the refresher when they are released by its
+/// outcome, and a poll interval later (per waiter, when they queue) when they are not.
+pub async fn refresh_burst(
+    internals: &[String],
+    client: &reqwest::Client,
+    session_id: &str,
+) -> Vec<(u16, String, std::time::Instant)> {
+    // All requests leave together, so all of them arrive while the refresh is in flight.
+    let start = Arc::new(tokio::sync::Barrier::new(internals.len()));
+    let mut tasks = Vec::new();
+    for internal in internals {
+        let (url, client, sid, start) =
+            (format!("{internal}/internal/v1/session/exchange"), client.clone(), session_id.to_string(), start.clone());
+        tasks.push(tokio::spawn(async move {
+            start.wait().await;
+            let r = client.post(url).json(&serde_json::json!({"session_id": sid})).send().await.unwrap();
+            let status = r.status().as_u16();
+            let body: Value = r.json().await.unwrap_or(Value::Null);
+            (status, body["access_token"].as_str().unwrap_or_default().to_string(), std::time::Instant::now())
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+/// The time between the first and the last answer of a burst.
+pub fn release_spread(answers: &[(u16, String, std::time::Instant)]) -> Duration {
+    let first = answers.iter().map(|a| a.2).min().unwrap();
+    let last = answers.iter().map(|a| a.2).max().unwrap();
+    last - first
+}

@@ -3,7 +3,7 @@
 //! end it. `/auth/me`, the proxy, the internal exchange and Envoy's ext_authz are adapters over it.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 
 use crate::clock::{Clock, UnixTime};
 use crate::crypto::Keyring;
@@ -13,7 +13,7 @@ use crate::oidc::jwks::KeySource;
 use crate::oidc::{LoginResult, OidcClient, OidcError, TokenResponse, UserClaims};
 use crate::session::{SessionId, SessionKey, SessionRecord, SessionStore, StoreError, TokenSet};
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ExchangeError {
     /// Unknown, expired, revoked or ended: one answer for all (no oracle).
     #[error("invalid session")]
@@ -112,8 +112,13 @@ pub struct Exchange {
     clock: Arc<dyn Clock>,
     settings: ExchangeSettings,
     metrics: Arc<Metrics>,
-    /// One refresh per session at a time in this process; waiters re-read the record afterwards.
-    refresh_locks: Mutex<HashMap<SessionKey, Weak<tokio::sync::Mutex<()>>>>,
+    /// The refresh in flight per session in this process. Concurrent requests of that session
+    /// wait on its channel and take its outcome the moment the refresher has stored it (no
+    /// polling); only the refresher takes the store's cross-replica lock.
+    refresh_flights: Mutex<HashMap<SessionKey, Flight>>,
+    /// Sessions whose last refresh failed for want of the provider (5xx, timeout): until the
+    /// backoff passes, their requests are answered without calling the provider again.
+    refresh_backoff: Mutex<HashMap<SessionKey, Backoff>>,
     /// The skew-versus-lifetime warning is logged once per process.
     skew_warned: std::sync::atomic::AtomicBool,
     /// Work that outlives its request (revoking removed sessions' refresh tokens): flushed, or
@@ -121,6 +126,38 @@ pub struct Exchange {
     background: tokio_util::task::TaskTracker,
     /// Set on SIGTERM: readiness answers false from then on.
     draining: std::sync::atomic::AtomicBool,
+}
+
+/// A refresh's outcome as its waiters see it: `None` until the refresher has one.
+type Flight = tokio::sync::watch::Receiver<Option<Result<SessionRecord, ExchangeError>>>;
+
+/// Per-session backoff after a provider failure: the first lasts `BACKOFF_FIRST`, each further
+/// consecutive failure doubles it, up to `BACKOFF_MAX`.
+#[derive(Clone, Copy)]
+struct Backoff {
+    until: tokio::time::Instant,
+    failures: u32,
+}
+const BACKOFF_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
+const BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+/// A failure this long after the previous backoff ended starts the schedule again.
+const BACKOFF_RESET: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Removes a refresh flight from the table when the refresher is done or was cancelled (its
+/// request went away): waiters then see the outcome, or the closed channel and try again.
+struct FlightGuard<'a> {
+    flights: &'a Mutex<HashMap<SessionKey, Flight>>,
+    key: SessionKey,
+    tx: tokio::sync::watch::Sender<Option<Result<SessionRecord, ExchangeError>>>,
+}
+
+impl Drop for FlightGuard<'_> {
+    fn drop(&mut self) {
+        let mut map = self.flights.lock().unwrap_or_else(|p| p.into_inner());
+        if map.get(&self.key).is_some_and(|rx| rx.same_channel(&self.tx.subscribe())) {
+            map.remove(&self.key);
+        }
+    }
 }
 
 const TOKENS_AAD: &[u8] = b"gatehouse-session-tokens-v1:";
@@ -145,7 +182,8 @@ impl Exchange {
             clock,
             settings,
             metrics,
-            refresh_locks: Mutex::new(HashMap::new()),
+            refresh_flights: Mutex::new(HashMap::new()),
+            refresh_backoff: Mutex::new(HashMap::new()),
             skew_warned: Default::default(),
             background: tokio_util::task::TaskTracker::new(),
             draining: Default::default(),
@@ -294,7 +332,17 @@ impl Exchange {
         crate::telemetry::record_session(&key.prefix(), "");
         let mut record = self.live_record(&key, now).await?;
         if self.refresh_due(&record) <= now {
-            record = self.refresh(&key, now).await?;
+            record = if self.backing_off(&key) {
+                // The provider just failed this session's refresh: answer now, without calling
+                // it again — with the still-valid token, or a 503 as the refresh itself would.
+                self.metrics.refresh_backoffs.inc();
+                if record.access_expires_at <= now {
+                    return Err(ExchangeError::ProviderUnavailable);
+                }
+                record
+            } else {
+                self.refresh(&key, now).await?
+            };
         }
         let record = self.touch(&key, record, now).await;
         // Always check the envelope, even for /auth/me: its AAD authenticates the claims we answer
@@ -471,7 +519,14 @@ impl Exchange {
                 return Err(LogoutTokenError::Replayed);
             }
             Err(e) => {
-                tracing::error!(error = %e, "session store unavailable for back-channel logout");
+                // The `SET NX` may have landed even though its answer did not (a timeout): take the
+                // mark back, or the provider's retry of this very token would be refused as a
+                // replay and its sessions would live on. On the same connection the delete runs
+                // after the set, so it undoes it even when both time out on our side.
+                tracing::error!(error = %e, "session store unavailable for back-channel logout; its jti is released for a retry");
+                if let Err(e) = self.store.unmark(LOGOUT_JTI, jti).await {
+                    tracing::warn!(error = %e, "could not release the logout token's jti");
+                }
                 return Err(LogoutTokenError::Unavailable);
             }
         }
@@ -540,18 +595,72 @@ impl Exchange {
         }
     }
 
-    /// Single-flight refresh: take the session's lock, re-read, and only then call the provider.
+    /// Single-flight refresh in this process: the first request of a session becomes its
+    /// refresher; the others wait on its channel and are released with its outcome the moment it
+    /// is stored. If the refresher's request goes away mid-way, a waiter takes over.
     async fn refresh(&self, key: &SessionKey, now: UnixTime) -> Result<SessionRecord, ExchangeError> {
-        let lock = self.refresh_lock(key);
-        // Contention: another request of this session is refreshing already; wait for it.
-        let _guard = match lock.try_lock() {
-            Ok(g) => g,
-            Err(_) => {
-                self.metrics.refresh_lock_waits.inc();
-                lock.lock().await
+        loop {
+            let joined = {
+                let mut map = self.refresh_flights.lock().unwrap_or_else(|p| p.into_inner());
+                match map.get(key) {
+                    Some(rx) => Err(rx.clone()),
+                    None => {
+                        let (tx, rx) = tokio::sync::watch::channel(None);
+                        map.insert(*key, rx);
+                        Ok(FlightGuard { flights: &self.refresh_flights, key: *key, tx })
+                    }
+                }
+            };
+            match joined {
+                Ok(flight) => {
+                    let outcome = self.refresh_single(key, now).await;
+                    flight.tx.send_replace(Some(outcome.clone()));
+                    return outcome;
+                }
+                Err(mut rx) => {
+                    self.metrics.refresh_lock_waits.inc();
+                    if let Ok(done) = rx.wait_for(Option::is_some).await
+                        && let Some(outcome) = done.as_ref()
+                    {
+                        return outcome.clone();
+                    }
+                    // The refresher was cancelled before it had an outcome: try again.
+                }
             }
+        }
+    }
+
+    /// Whether the session's refresh is backing off after a provider failure.
+    fn backing_off(&self, key: &SessionKey) -> bool {
+        let map = self.refresh_backoff.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(key).is_some_and(|b| tokio::time::Instant::now() < b.until)
+    }
+
+    /// Remember a provider failure for the session: its requests back off, growing per failure.
+    fn back_off(&self, key: &SessionKey) {
+        let now = tokio::time::Instant::now();
+        let mut map = self.refresh_backoff.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() > 4096 {
+            map.retain(|_, b| b.until + BACKOFF_RESET > now);
+        }
+        let failures = match map.get(key) {
+            Some(b) if b.until + BACKOFF_RESET > now => b.failures.saturating_add(1),
+            _ => 1,
         };
-        // Then across replicas (a no-op for the single-node embedded store). Re-read only after both.
+        let wait = BACKOFF_FIRST.saturating_mul(1 << failures.saturating_sub(1).min(8)).min(BACKOFF_MAX);
+        map.insert(*key, Backoff { until: now + wait, failures });
+    }
+
+    /// The refresh proper, run by one request per session and process: take the cross-replica
+    /// lock, re-read, and only then call the provider.
+    async fn refresh_single(&self, key: &SessionKey, now: UnixTime) -> Result<SessionRecord, ExchangeError> {
+        // A request that read the record just before the previous refresher stored its own finds
+        // the new tokens here, without a lock round (two Redis commands and a renewer) for nothing.
+        let record = self.live_record(key, now).await?;
+        if self.refresh_due(&record) > now {
+            return Ok(record);
+        }
+        // Across replicas (a no-op for the single-node embedded store). Re-read only after it.
         let _remote = self.store.lock_refresh(key).await?;
         let record = self.live_record(key, now).await?;
         if self.refresh_due(&record) > now {
@@ -572,6 +681,7 @@ impl Exchange {
                 // Nothing was issued, so the stored refresh token is still good: a timeout or 5xx
                 // never ends a session, and a still-valid access token keeps serving.
                 self.count_refresh("unavailable");
+                self.back_off(key);
                 return if still_valid {
                     tracing::warn!(session = %key, error = %e, "token refresh failed; session kept, access token still valid");
                     Ok(record)
@@ -586,6 +696,7 @@ impl Exchange {
         match self.validate_refreshed(&tokens, &record.claims).await {
             Ok(claims) => {
                 self.count_refresh("ok");
+                self.refresh_backoff.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
                 let access_expires_at = self.oidc.access_expiry(&tokens);
                 self.warn_if_skew_exceeds_lifetime(access_expires_at - now);
                 let next = TokenSet {
@@ -706,19 +817,6 @@ impl Exchange {
     fn idle_expiry(&self, now: UnixTime, absolute: UnixTime, refresh_expires_at: Option<UnixTime>) -> UnixTime {
         let idle = (now + self.settings.idle_timeout).min(absolute);
         refresh_expires_at.map_or(idle, |r| idle.min(r))
-    }
-
-    fn refresh_lock(&self, key: &SessionKey) -> Arc<tokio::sync::Mutex<()>> {
-        let mut map = self.refresh_locks.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(lock) = map.get(key).and_then(Weak::upgrade) {
-            return lock;
-        }
-        if map.len() > 1024 {
-            map.retain(|_, w| w.strong_count() > 0);
-        }
-        let lock = Arc::new(tokio::sync::Mutex::new(()));
-        map.insert(*key, Arc::downgrade(&lock));
-        lock
     }
 
     /// The envelope's AAD binds it to its session key and to the record fields someone with write
@@ -1118,5 +1216,124 @@ mod tests {
         assert!(matches!(ex.resolve(&id, true).await, Err(ExchangeError::InvalidSession)));
         assert!(ex.store().get(&id.key()).await.unwrap().is_none(), "session ended");
         assert_eq!(p.revocations.load(std::sync::atomic::Ordering::SeqCst), 1, "new refresh token revoked");
+    }
+
+    /// Concurrent requests of one session in one process: one refresh at the provider, and every
+    /// waiter takes the refresher's outcome (the same new token) without a lock round of its own.
+    #[tokio::test]
+    async fn concurrent_requests_share_one_refresh_and_its_token() {
+        use std::sync::atomic::Ordering;
+        let clock = Arc::new(SystemClock::default());
+        let p = crate::oidc::stub::Provider::start(clock.clone()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let ex = Arc::new(stub_core(&p, clock.clone(), embedded(&dir), 30));
+        let (id, _) = ex.start(stub_login(&p), ClientInfo::default()).await.unwrap();
+        clock.advance(400);
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..20 {
+            let (ex, id) = (ex.clone(), SessionId::parse(id.expose()).unwrap());
+            set.spawn(async move { ex.resolve(&id, true).await.map(|r| r.access_token) });
+        }
+        let tokens: Vec<_> = set.join_all().await.into_iter().map(|r| r.unwrap().unwrap()).collect();
+        assert_eq!(p.refreshes.load(Ordering::SeqCst), 1, "exactly one refresh");
+        assert!(tokens.iter().all(|t| *t == tokens[0]), "every waiter has the new token");
+        let stored = ex.open(&id.key(), &ex.store().get(&id.key()).await.unwrap().unwrap()).unwrap();
+        assert_eq!(stored.access_token, tokens[0]);
+        assert!(ex.refresh_flights.lock().unwrap().is_empty(), "no flight left behind");
+    }
+
+    /// SECURITY: while the provider fails a session's refresh (5xx), that session's requests get
+    /// the 503 at once for a short, growing backoff instead of each calling the provider again —
+    /// and the first request after the backoff does call it, so the session recovers by itself.
+    #[tokio::test]
+    async fn a_failing_provider_is_not_hammered_per_request() {
+        use std::sync::atomic::Ordering;
+        let clock = Arc::new(SystemClock::default());
+        let p = crate::oidc::stub::Provider::start(clock.clone()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let ex = Arc::new(stub_core(&p, clock.clone(), embedded(&dir), 30));
+        let (id, _) = ex.start(stub_login(&p), ClientInfo::default()).await.unwrap();
+        clock.advance(400);
+        p.token_down.store(true, Ordering::SeqCst);
+        let unavailable = |r: Result<Resolved, ExchangeError>| matches!(r, Err(ExchangeError::ProviderUnavailable));
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..10 {
+            let (ex, id) = (ex.clone(), SessionId::parse(id.expose()).unwrap());
+            set.spawn(async move { unavailable(ex.resolve(&id, true).await) });
+        }
+        assert!(set.join_all().await.into_iter().all(|u| u), "a burst: 503 for all");
+        assert_eq!(p.token_calls.load(Ordering::SeqCst), 1, "a burst makes one provider call");
+        for _ in 0..5 {
+            assert!(unavailable(ex.resolve(&id, true).await));
+        }
+        assert_eq!(p.token_calls.load(Ordering::SeqCst), 1, "backing off: no call");
+        assert_eq!(ex.metrics.refresh_backoffs.get(), 5);
+        tokio::time::sleep(Duration::from_millis(1100)).await; // the first backoff (1 s) is over
+        assert!(unavailable(ex.resolve(&id, true).await));
+        assert_eq!(p.token_calls.load(Ordering::SeqCst), 2, "tried again after the backoff");
+        tokio::time::sleep(Duration::from_millis(1100)).await; // the second one is 2 s
+        assert!(unavailable(ex.resolve(&id, true).await));
+        assert_eq!(p.token_calls.load(Ordering::SeqCst), 2, "the backoff grows");
+        p.token_down.store(false, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        assert!(ex.resolve(&id, true).await.is_ok(), "recovers once the provider is back");
+        assert_eq!(p.refreshes.load(Ordering::SeqCst), 1);
+        assert!(ex.resolve(&id, true).await.is_ok());
+        assert!(!ex.backing_off(&id.key()), "a success clears the backoff");
+        assert!(ex.store().get(&id.key()).await.unwrap().is_some(), "an outage never ends a session");
+    }
+
+    /// SECURITY: a back-channel logout whose replay mark (`SET NX`) timed out after Redis had
+    /// taken it must not leave the mark behind: the provider's retry of the same token would be
+    /// refused as a replay and the sessions would live on. Redis is paused for writes so the
+    /// mark lands only after the store has given up on it.
+    #[tokio::test]
+    async fn a_logout_whose_replay_mark_timed_out_can_be_delivered_again() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let rdir = tempfile::tempdir().unwrap();
+        struct Kill(std::process::Child);
+        impl Drop for Kill {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let _redis = Kill(
+            std::process::Command::new("redis-server")
+                .args(["--bind", "127.0.0.1", "--save", "", "--port", &port.to_string()])
+                .arg("--dir")
+                .arg(rdir.path())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("redis-server must be installed (scripts/setup.sh)"),
+        );
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let url = format!("redis://127.0.0.1:{port}");
+        let store = crate::session::redis::RedisStore::open(
+            &url,
+            &crate::session::redis::RedisTls::default(),
+            Duration::from_millis(300),
+        )
+        .unwrap();
+        let clock = Arc::new(SystemClock::default());
+        let p = crate::oidc::stub::Provider::start(clock.clone()).await;
+        let ex = stub_core(&p, clock.clone(), Arc::new(store), 30);
+        let (id, _) = ex.start(stub_login(&p), ClientInfo::default()).await.unwrap();
+        let token = p.logout_token("jti-1");
+        let mut admin = redis::Client::open(url.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
+        let _: () = redis::cmd("CLIENT").arg("PAUSE").arg(1000).arg("WRITE").query_async(&mut admin).await.unwrap();
+        assert!(matches!(ex.accept_logout_token(&token, 60).await, Err(LogoutTokenError::Unavailable)));
+        tokio::time::sleep(Duration::from_millis(1200)).await; // the pause is over; the SET NX ran
+        assert_eq!(ex.accept_logout_token(&token, 60).await.unwrap(), 1, "the retry is accepted");
+        assert!(ex.store().get(&id.key()).await.unwrap().is_none(), "and the session is gone");
+        assert!(
+            matches!(ex.accept_logout_token(&token, 60).await, Err(LogoutTokenError::Replayed)),
+            "a third delivery is a replay"
+        );
     }
 }

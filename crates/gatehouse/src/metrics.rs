@@ -199,6 +199,9 @@ pub struct Metrics {
     pub refreshes: Family<Outcome, Counter>,
     /// Refreshes that waited for another request's (or replica's) refresh of the same session.
     pub refresh_lock_waits: Counter,
+    /// Requests answered without a refresh because the session is backing off after the
+    /// provider failed its last refresh (5xx, timeout).
+    pub refresh_backoffs: Counter,
     /// Logins (code flow and password), by outcome.
     pub logins: Family<Outcome, Counter>,
     /// Session exchanges on the internal listener, by outcome and caller.
@@ -231,6 +234,7 @@ impl Default for Metrics {
             sessions_created: Counter::default(),
             refreshes: Family::default(),
             refresh_lock_waits: Counter::default(),
+            refresh_backoffs: Counter::default(),
             logins: Family::default(),
             exchanges: Family::default(),
             proxied: Family::default(),
@@ -268,6 +272,11 @@ impl Metrics {
             "gatehouse_token_refresh_lock_waits",
             "Refreshes that waited for a concurrent refresh of the same session",
             self.refresh_lock_waits.clone(),
+        );
+        registry.register(
+            "gatehouse_token_refresh_backoffs",
+            "Requests not sent to the provider because their session's refresh is backing off after a provider failure",
+            self.refresh_backoffs.clone(),
         );
         registry.register("gatehouse_logins", "Login attempts by outcome", self.logins.clone());
         registry.register(

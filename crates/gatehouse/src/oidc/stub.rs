@@ -62,7 +62,10 @@ pub struct Provider {
     pub roles: Mutex<Vec<String>>,
     pub access_lifetime: AtomicUsize,
     pub access_azp: Mutex<String>,
+    /// The token endpoint answers 503 (an outage) while set.
+    pub token_down: AtomicBool,
     /// Counters.
+    pub token_calls: AtomicUsize,
     pub refreshes: AtomicUsize,
     pub revocations: AtomicUsize,
     pub jwks_hits: AtomicUsize,
@@ -85,6 +88,8 @@ impl Provider {
             roles: Mutex::new(vec!["reader".into()]),
             access_lifetime: AtomicUsize::new(300),
             access_azp: Mutex::new(CLIENT.into()),
+            token_down: AtomicBool::new(false),
+            token_calls: AtomicUsize::new(0),
             refreshes: AtomicUsize::new(0),
             revocations: AtomicUsize::new(0),
             jwks_hits: AtomicUsize::new(0),
@@ -102,6 +107,20 @@ impl Provider {
     /// The provider starts signing with a new key (published in the JWKS, if it is up).
     pub fn rotate_key(&self, kid: &str) {
         self.keys.lock().unwrap().push(key(kid));
+    }
+
+    /// A back-channel logout token for the stub session, signed with the current key.
+    pub fn logout_token(&self, jti: &str) -> String {
+        let now = self.clock.now();
+        let keys = self.keys.lock().unwrap();
+        let k = keys.last().unwrap();
+        let mut h = Header::new(Algorithm::ES256);
+        h.kid = Some(k.kid.clone());
+        h.typ = Some("logout+jwt".into());
+        let claims = json!({"iss": self.issuer, "aud": CLIENT, "iat": now, "exp": now + 120, "jti": jti,
+            "sid": "stub-sid", "sub": *self.sub.lock().unwrap(),
+            "events": {"http://schemas.openid.net/event/backchannel-logout": {}}});
+        jsonwebtoken::encode(&h, &claims, &k.enc).unwrap()
     }
 
     /// Tokens as a login would return them (the refresh token is live).
@@ -162,6 +181,10 @@ async fn jwks(State(p): State<Arc<Provider>>) -> Response {
 }
 
 async fn token(State(p): State<Arc<Provider>>, Form(form): Form<HashMap<String, String>>) -> Response {
+    p.token_calls.fetch_add(1, Ordering::SeqCst);
+    if p.token_down.load(Ordering::SeqCst) {
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    }
     let presented = form.get("refresh_token").cloned().unwrap_or_default();
     if form.get("grant_type").map(String::as_str) != Some("refresh_token")
         || p.live_refresh.lock().unwrap().remove(&presented).is_none()

@@ -95,6 +95,48 @@ async fn fifty_requests_over_two_replicas_refresh_once_and_lose_nothing() {
     b.stop().await;
 }
 
+/// Issue 14 (the refresh stall) across replicas: a burst split over two replicas on one Redis.
+/// One replica refreshes; on the other, one request waits on the Redis refresh lock and is woken
+/// by its release message, and that replica's other requests wait on it in process: exactly one
+/// refresh, every answer has the new token, the last answer comes within 100 ms of the first, and
+/// the Redis lock is taken once per replica — not once per request (each with its 25 ms polls),
+/// as before.
+#[tokio::test]
+async fn a_refresh_on_one_replica_releases_the_other_replicas_waiters_at_once() {
+    let redis = Redis::start().await;
+    let base = Options { internal_allow: Some(vec![POCKETBASE.into()]), ..Options::short_tokens() };
+    let (wa, a, _wb, b) = replica_pair(&redis, base).await;
+    let sid = logged_in(&a, "alice").await;
+    let (rec, old) = session_tokens(&a, &sid).await;
+    let admin = KcAdmin::connect().await;
+    let ca = wa.ca();
+    let client = mtls_client(&ca.cert_pem, Some(&client_cert(&ca, vec![San::Uri(POCKETBASE.into())])));
+    let internals: Vec<String> = (0..30).map(|i| if i % 2 == 0 { a.internal() } else { b.internal() }).collect();
+    // Warm the client's connection pool, so the measured burst is not spread by TLS handshakes.
+    refresh_burst(&internals, &client, &sid).await;
+    a.clock.advance(9);
+    b.clock.advance(9);
+    const LOCK_ROUNDS: &str = "gatehouse_session_store_operation_duration_seconds_count{operation=\"lock_refresh\"";
+    let before = a.metric(LOCK_ROUNDS).await + b.metric(LOCK_ROUNDS).await;
+    let answers = refresh_burst(&internals, &client, &sid).await;
+    let rounds = a.metric(LOCK_ROUNDS).await + b.metric(LOCK_ROUNDS).await - before;
+    // One per replica at most: the refresher's, and the other replica's one waiter's.
+    eprintln!("Redis refresh-lock rounds: {rounds}");
+    assert!((1.0..=2.0).contains(&rounds), "{rounds} lock rounds: requests took the Redis refresh lock one by one");
+    let (_, new) = session_tokens(&a, &sid).await;
+    assert_ne!(new.access_token, old.access_token, "refreshed");
+    for (status, token, _) in &answers {
+        assert_eq!(*status, 200);
+        assert_eq!(*token, new.access_token, "every answer, on either replica, has the stored new token");
+    }
+    assert_eq!(admin.refresh_events(rec.provider_sid.as_deref().unwrap()).await, 1, "one refresh across replicas");
+    let spread = release_spread(&answers);
+    eprintln!("refresh release spread: {spread:?}");
+    assert!(spread < Duration::from_millis(100), "waiters released {spread:?} after the first answer");
+    a.stop().await;
+    b.stop().await;
+}
+
 #[tokio::test]
 async fn keycloak_back_channel_logout_ends_the_session_on_every_replica() {
     let redis = Redis::start().await;

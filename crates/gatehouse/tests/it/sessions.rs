@@ -4,6 +4,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use crate::bin;
+use gatehouse::pki::San;
+
 use crate::harness::*;
 
 #[tokio::test]
@@ -278,4 +280,55 @@ async fn check_config_accepts_a_good_file_and_names_the_key_of_a_bad_one() {
         assert!(err.contains(key), "expected `{key}` in: {err}");
         assert!(!err.contains("gatehouse-dev-secret") && !err.contains(&work.key), "no secret in the error");
     }
+}
+
+/// Issue 14 (the refresh stall): 20 concurrent exchanges of a session whose access token is due,
+/// in one process. Exactly one refresh at Keycloak, every waiter answers with the new token, and
+/// the waiters are released the moment the refresher has stored it: the last answer comes within
+/// 100 ms of the first. (Before, each waiter queued for the session's lock and took the Redis
+/// refresh lock in turn, polling it every 25 ms: the spread was hundreds of milliseconds.)
+async fn waiters_are_released_with_the_refreshed_token(redis: Option<&Redis>) {
+    let work = Workdir::new();
+    let o = Options {
+        internal_allow: Some(vec![POCKETBASE.into()]),
+        redis_url: redis.map(Redis::url),
+        ..Options::short_tokens()
+    };
+    let gate = Gate::start(&work, &o).await;
+    let id = logged_in(&gate, "alice").await;
+    let (before, old) = session_tokens(&gate, &id).await;
+    let admin = KcAdmin::connect().await;
+    let ca = work.ca();
+    let client = mtls_client(&ca.cert_pem, Some(&client_cert(&ca, vec![San::Uri(POCKETBASE.into())])));
+    // Warm the client's connection pool, so the measured burst is not spread by TLS handshakes.
+    refresh_burst(&vec![gate.internal(); 20], &client, &id).await;
+    gate.clock.advance(9); // the 10 s access token is inside the 2 s skew: due for a refresh
+    const LOCK_ROUNDS: &str = "gatehouse_session_store_operation_duration_seconds_count{operation=\"lock_refresh\"";
+    let before_rounds = gate.metric(LOCK_ROUNDS).await;
+    let answers = refresh_burst(&vec![gate.internal(); 20], &client, &id).await;
+    let rounds = gate.metric(LOCK_ROUNDS).await - before_rounds;
+    assert_eq!(rounds, 1.0, "only the refresher takes the store's refresh lock");
+    let (_, new) = session_tokens(&gate, &id).await;
+    assert_ne!(new.access_token, old.access_token, "refreshed");
+    for (status, token, _) in &answers {
+        assert_eq!(*status, 200);
+        assert_eq!(*token, new.access_token, "every waiter answers with the stored new token");
+    }
+    assert_eq!(admin.refresh_events(before.provider_sid.as_deref().unwrap()).await, 1, "exactly one refresh");
+    let spread = release_spread(&answers);
+    eprintln!("refresh release spread: {spread:?}");
+    assert!(spread < Duration::from_millis(100), "waiters released {spread:?} after the first answer");
+    assert!(gate.metric("gatehouse_token_refresh_lock_waits_total").await >= 1.0, "there were waiters");
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn refresh_waiters_are_released_at_once_on_the_embedded_store() {
+    waiters_are_released_with_the_refreshed_token(None).await;
+}
+
+#[tokio::test]
+async fn refresh_waiters_are_released_at_once_on_redis() {
+    let redis = Redis::start().await;
+    waiters_are_released_with_the_refreshed_token(Some(&redis)).await;
 }

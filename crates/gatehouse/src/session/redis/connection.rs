@@ -12,6 +12,7 @@ use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServer
 use redis::{Cmd, Pipeline, RedisFuture, Script, Value};
 
 use super::RedisStore;
+use super::notify::{Released, Source};
 use crate::session::{SessionStore, StoreError};
 
 /// Where connections come from: one server (the manager reconnects by itself), or the master
@@ -29,7 +30,7 @@ pub(super) struct ClusterBackend {
 }
 
 pub(super) struct SentinelBackend {
-    client: tokio::sync::Mutex<SentinelClient>,
+    client: std::sync::Arc<tokio::sync::Mutex<SentinelClient>>,
     current: std::sync::Mutex<Option<MultiplexedConnection>>,
 }
 
@@ -115,7 +116,7 @@ impl RedisStore {
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_secs(2));
         let conn = client.get_connection_manager_lazy(config).map_err(unavailable)?;
-        Ok(Self::with_backend(Backend::Direct(conn), timeout))
+        Ok(Self::with_backend(Backend::Direct(conn), Source::Nodes(vec![client]), timeout))
     }
 
     /// Through Redis Sentinel: `sentinels` are the Sentinel nodes (their own credentials in their
@@ -132,11 +133,13 @@ impl RedisStore {
         });
         let client = SentinelClient::build(sentinels.to_vec(), master, node, SentinelServerType::Master)
             .map_err(|e| StoreError::Unavailable(format!("invalid sentinel configuration: {e}")))?;
+        let client = std::sync::Arc::new(tokio::sync::Mutex::new(client));
         Ok(Self::with_backend(
             Backend::Sentinel(Box::new(SentinelBackend {
-                client: tokio::sync::Mutex::new(client),
+                client: client.clone(),
                 current: std::sync::Mutex::new(None),
             })),
+            Source::Sentinel(client),
             timeout,
         ))
     }
@@ -149,16 +152,30 @@ impl RedisStore {
         }
         let client =
             builder.build().map_err(|e| StoreError::Unavailable(format!("invalid cluster configuration: {e}")))?;
+        // Release messages are plain PUBLISHes, which every node forwards: any seed node will do.
+        let seeds = nodes
+            .iter()
+            .map(|n| {
+                if n.starts_with("rediss://") {
+                    redis::Client::build_with_tls(n.as_str(), tls.certificates())
+                } else {
+                    redis::Client::open(n.as_str())
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| StoreError::Unavailable(format!("invalid cluster configuration: {e}")))?;
         Ok(Self::with_backend(
             Backend::Cluster(Box::new(ClusterBackend { client, current: tokio::sync::Mutex::new(None) })),
+            Source::Nodes(seeds),
             timeout,
         ))
     }
 
-    pub(super) fn with_backend(backend: Backend, timeout: Duration) -> Self {
+    pub(super) fn with_backend(backend: Backend, source: Source, timeout: Duration) -> Self {
         Self {
             backend,
             timeout,
+            released: Released::new(source, timeout),
             cas: Script::new(
                 "if redis.call('HGET', KEYS[1], 'v') ~= ARGV[1] then return 0 end \
                  redis.call('HSET', KEYS[1], 'v', ARGV[2], 'd', ARGV[3]) \
@@ -167,8 +184,15 @@ impl RedisStore {
             take: Script::new(
                 "local d = redis.call('HGET', KEYS[1], 'd') if d then redis.call('DEL', KEYS[1]) end return d",
             ),
+            // Delete our own lock and announce it in one step, so waiters never hear of a release
+            // that has not happened yet.
             release: Script::new(
-                "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
+                "if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) \
+                 redis.call('PUBLISH', ARGV[2], ARGV[3]) return 1 end return 0",
+            ),
+            acquire: Script::new(
+                "if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {1, 0} end \
+                 return {0, redis.call('PTTL', KEYS[1])}",
             ),
             renew: Script::new(
                 "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0",
