@@ -70,10 +70,7 @@ fn envoy_request(cookie: &str) -> CheckRequest {
         (":scheme", "https"),
         ("accept", "application/json"),
         ("accept-language", "en-GB,en;q=0.9"),
-        (
-            "user-agent",
-            "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0",
-        ),
+        ("user-agent", "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"),
         ("referer", "https://app.example.com/notes"),
         ("cookie", cookie),
         ("x-forwarded-proto", "https"),
