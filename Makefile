@@ -41,6 +41,7 @@ fuzz: setup
 bench: build
 	@scripts/bench.sh $(CARGO_TARGET_DIR)/release/gatehouse
 	@scripts/bench-views.sh $(CARGO_TARGET_DIR)/release/gatehouse $(CARGO_TARGET_DIR)/release/examples/baseline
+	@scripts/bench-check.sh $(CARGO_TARGET_DIR)/release/gatehouse
 	@scripts/bench-oauth2-proxy.sh $(CARGO_TARGET_DIR)/release/gatehouse
 
 clean-cache:

@@ -432,7 +432,7 @@ def redis_keys():
 
 # ------------------------------------------------------------------ configuration
 
-def gh_config(name, port, client, secret, store, check=False, extra_oidc=""):
+def gh_config(name, port, client, secret, store, check=False, extra_oidc="", check_port=None):
     key = WORK / "gh.key"
     if not key.exists():
         key.write_text(base64.b64encode(os.urandom(32)).decode())
@@ -464,14 +464,14 @@ upstream = "http://127.0.0.1:{P['upstream']}/"
 relay = "bearer"
 """
     if check:
-        cfg += f'[check]\nlisten = "127.0.0.1:{P["gh_check"]}"\nkey_file = "{WORK}/check.key"\n'
+        cfg += f'[check]\nlisten = "127.0.0.1:{check_port or P["gh_check"]}"\nkey_file = "{WORK}/check.key"\n'
     path = WORK / f"{name}.toml"
     path.write_text(cfg)
     return path
 
 
-def start_gh(name, port, client, secret, store, check=False, extra_oidc="", env=None):
-    cfg = gh_config(name, port, client, secret, store, check, extra_oidc)
+def start_gh(name, port, client, secret, store, check=False, extra_oidc="", env=None, check_port=None):
+    cfg = gh_config(name, port, client, secret, store, check, extra_oidc, check_port)
     p = start(name, [GH, "serve", "--config", str(cfg)], env={"TOKIO_WORKER_THREADS": "1", **(env or {})})
     wait_http(f"http://127.0.0.1:{port}/readyz", ok=(200,), proc=p)
     return p
