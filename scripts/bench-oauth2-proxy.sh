@@ -9,7 +9,9 @@
 #
 # Environment: BENCH_DURATION (s per run, 10), ROUNDS (alternating rounds, 3), BENCH_CONNECTIONS (32),
 # BENCH_FIXED_RATE (req/s for the fixed-rate p99, 2000), FOOTPRINT_CONNECTIONS (10000),
-# FOOTPRINT_SESSIONS (logins per product for the per-session footprint, 1000), STORM_REQUESTS (100),
+# FOOTPRINT_SESSIONS (oauth2-proxy logins for its per-session Redis footprint, 1000),
+# FOOTPRINT_LIVE_SESSIONS (Gatehouse sessions minted by examples/mint_sessions.rs for the measured
+# footprint, embedded and Redis, 100000; 0 skips), MINT_BIN (that example), STORM_REQUESTS (100),
 # STORM_DELAY_MS (300), BENCH_OUT (markdown file to prepend the result to, default docs/benchmarks.md;
 # empty = print only), BENCH_LABEL (added to the result's heading, e.g. "shared, noisy machine").
 set -euo pipefail
@@ -22,6 +24,12 @@ O2P_VERSION=v7.15.6
 VEGETA_VERSION=v12.13.0
 
 [ -x "$BIN" ] || { echo "bench-oauth2-proxy: $BIN missing (cargo build --locked --release -p gatehouse)" >&2; exit 1; }
+MINT="${MINT_BIN:-$(dirname "$BIN")/examples/mint_sessions}"
+if [ ! -x "$MINT" ] && [ "${FOOTPRINT_LIVE_SESSIONS:-100000}" != 0 ]; then
+  echo "bench-oauth2-proxy: building examples/mint_sessions (the live-session footprint)" >&2
+  cargo build --locked --release -p gatehouse --example mint_sessions
+  MINT="${CARGO_TARGET_DIR:-target}/release/examples/mint_sessions"
+fi
 for tool in wrk nginx redis-server redis-cli taskset ss go; do
   command -v "$tool" >/dev/null || { echo "bench-oauth2-proxy: $tool missing (scripts/setup.sh installs it)" >&2; exit 1; }
 done
@@ -47,7 +55,7 @@ WORK="$CACHE/bench-oauth2-proxy"
 rm -rf "$WORK" && mkdir -p "$WORK"
 OUT="${BENCH_OUT-docs/benchmarks.md}"
 table="$WORK/table.md"
-GATEHOUSE_BIN="$BIN" OAUTH2_PROXY_BIN="$O2P" VEGETA_BIN="$VEGETA" BENCH_WORK="$WORK" BENCH_JSON="$WORK/results.json" \
+GATEHOUSE_BIN="$BIN" MINT_BIN="$MINT" OAUTH2_PROXY_BIN="$O2P" VEGETA_BIN="$VEGETA" BENCH_WORK="$WORK" BENCH_JSON="$WORK/results.json" \
   python3 scripts/lib/bench_oauth2_proxy.py | tee "$table"
 
 if [ -n "$OUT" ]; then
@@ -55,7 +63,7 @@ if [ -n "$OUT" ]; then
   block="### $(date -u +%Y-%m-%d) — Gatehouse vs oauth2-proxy $O2P_VERSION${BENCH_LABEL:+ ($BENCH_LABEL)}
 
 Machine: $(nproc) cores ($cpu_model), $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -r). Command: \`scripts/bench-oauth2-proxy.sh\`
-(BENCH_DURATION=${BENCH_DURATION:-10} ROUNDS=${ROUNDS:-3} FOOTPRINT_SESSIONS=${FOOTPRINT_SESSIONS:-1000}).
+(BENCH_DURATION=${BENCH_DURATION:-10} ROUNDS=${ROUNDS:-3} FOOTPRINT_SESSIONS=${FOOTPRINT_SESSIONS:-1000} FOOTPRINT_LIVE_SESSIONS=${FOOTPRINT_LIVE_SESSIONS:-100000}).
 
 $(cat "$table")"
   python3 - "$OUT" "$block" <<'PY'

@@ -17,7 +17,7 @@ RATE="${BENCH_RATE:-20000}"
 OUT="${BENCH_OUT:-docs/benchmarks.md}"
 
 command -v oha >/dev/null || { echo "bench: installing the load generator oha (cargo install, cached in ~/.cargo/bin)"; cargo install --locked oha >/dev/null; }
-cargo build --locked --release -p gatehouse --example baseline --example baseline_mtls
+cargo build --locked --release -p gatehouse --example baseline --example baseline_mtls --example mint_sessions
 BASELINE="${CARGO_TARGET_DIR:-target}/release/examples/baseline"
 BASELINE_MTLS="${CARGO_TARGET_DIR:-target}/release/examples/baseline_mtls"
 INT_PORT=18443

@@ -47,6 +47,10 @@ CONNS = int(E.get("BENCH_CONNECTIONS", "32"))
 FIXED_RATE = int(E.get("BENCH_FIXED_RATE", "2000"))
 N_CONNS = int(E.get("FOOTPRINT_CONNECTIONS", "10000"))
 N_SESSIONS = int(E.get("FOOTPRINT_SESSIONS", "1000"))
+# Live sessions minted through Gatehouse's own code (examples/mint_sessions.rs) for the measured,
+# not extrapolated, footprint with that many sessions (embedded file and Redis).
+N_LIVE = int(E.get("FOOTPRINT_LIVE_SESSIONS", "100000"))
+MINT = E.get("MINT_BIN", "")
 STORM = int(E.get("STORM_REQUESTS", "100"))
 STORM_DELAY_MS = int(E.get("STORM_DELAY_MS", "300"))
 OUT_JSON = E.get("BENCH_JSON", str(WORK / "results.json"))
@@ -55,7 +59,7 @@ USER, PASSWORD = "bench-user", "bench-user-password"
 # Ports outside the 18000-18039 range the tests and the other bench scripts use.
 P = dict(gh=18950, gh_check=18951, gh_redis=18952, o2p=18953, o2p_redis=18954,
          gh_storm=18955, gh_storm_redis=18956, o2p_storm=18957, o2p_storm_redis=18959,
-         kc_delay=18958, redis=18960, upstream=18961, ng_gh=18962, ng_o2p=18963)
+         kc_delay=18958, redis=18960, upstream=18961, ng_gh=18962, ng_o2p=18963, gh_live=18964)
 CHECK_KEY = secrets.token_urlsafe(36)
 HZ = os.sysconf("SC_CLK_TCK")
 
@@ -118,6 +122,17 @@ def rss_kib(pid):
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
+
+
+def rss_parts_kib(pid):
+    """RSS split into anonymous memory (heap, stacks: what the process allocated) and file-backed
+    pages (its own code and the shared libraries, clean and reclaimable)."""
+    v = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        k, _, rest = line.partition(":")
+        v[k] = int(rest.split()[0])
+    return {"rss": v["Rss"], "anon": v["Anonymous"], "file": v["Rss"] - v["Anonymous"],
+            "anon_huge": v.get("AnonHugePages", 0)}
 
 
 # ------------------------------------------------------------------ Keycloak admin (idempotent)
@@ -430,6 +445,70 @@ def redis_keys():
                               text=True).stdout.strip() or 0)
 
 
+def mint(config, n, ids_out):
+    """N live sessions in the store `config` names, through Gatehouse's code (mint_sessions)."""
+    out = subprocess.run(["taskset", "-c", "1", MINT, str(config), str(n), USER, "-", str(ids_out)],
+                         env={**os.environ, "MINT_PASSWORD": PASSWORD}, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"mint_sessions failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def check_sample(port, ids_file, k=500):
+    """k of the minted sessions, spread over the whole set, through the server's /auth/me: all
+    must answer 200 (they are live sessions, not just bytes in a store)."""
+    ids = ids_file.read_text().split()
+    step = max(len(ids) // k, 1)
+    s = requests.Session()
+    codes = {}
+    for sid in ids[::step][:k]:
+        c = s.get(f"http://127.0.0.1:{port}/auth/me", headers={"Cookie": f"__Host-Http-gatehouse={sid}"},
+                  timeout=30).status_code
+        codes[c] = codes.get(c, 0) + 1
+    if set(codes) != {200}:
+        raise SystemExit(f"minted sessions through /auth/me on {port}: {codes}")
+    return sum(codes.values())
+
+
+def live_sessions_embedded():
+    """A Gatehouse of its own on a file with N_LIVE sessions: minted while it is stopped (the file
+    is locked by the server), then RSS after start (which runs the integrity check over the whole
+    file), after a sample of /auth/me, and the file's size."""
+    port = P["gh_live"]
+    cfg = gh_config("gh-live", port, "bench-gatehouse-mint", "bench-gatehouse-mint-secret", "embedded")
+    ids = WORK / "gh-live.ids"
+    m = mint(cfg, N_LIVE, ids)
+    size = (WORK / "gh-live.redb").stat().st_size
+    t0 = time.time()
+    p = start("gh-live", [GH, "serve", "--config", str(cfg)], env={"TOKIO_WORKER_THREADS": "1"})
+    wait_http(f"http://127.0.0.1:{port}/readyz", ok=(200,), timeout=300, proc=p)
+    started = time.time() - t0
+    time.sleep(1)
+    r = {"minted": m, "file_bytes": size, "file_per_session_b": size / N_LIVE,
+         "start_seconds": round(started, 1), "rss_after_start": rss_parts_kib(p.pid)}
+    r["checked"] = check_sample(port, ids)
+    r["rss_after_sample"] = rss_parts_kib(p.pid)
+    stop(p)
+    ids.unlink()
+    return r
+
+
+def live_sessions_redis(ghr):
+    """N_LIVE sessions minted into the Redis the running Gatehouse uses: used_memory and keys per
+    session, and that Gatehouse's RSS before and after a sample of /auth/me."""
+    ids = WORK / "gh-redis-live.ids"
+    u0, k0, r0 = redis_used(), redis_keys(), rss_parts_kib(ghr.pid)
+    # Same Redis and session key as the running Gatehouse; the mint client's longer tokens.
+    cfg = gh_config("gh-redis-mint", P["gh_redis"], "bench-gatehouse-mint", "bench-gatehouse-mint-secret", "redis")
+    m = mint(cfg, N_LIVE, ids)
+    r = {"minted": m, "redis_per_session_b": (redis_used() - u0) / N_LIVE,
+         "keys_per_session": (redis_keys() - k0) / N_LIVE, "rss_before": r0}
+    r["checked"] = check_sample(P["gh_redis"], ids)
+    r["rss_after_sample"] = rss_parts_kib(ghr.pid)
+    ids.unlink()
+    return r
+
+
 # ------------------------------------------------------------------ configuration
 
 def gh_config(name, port, client, secret, store, check=False, extra_oidc="", check_port=None):
@@ -605,7 +684,10 @@ def main():
     admin = Admin()
     ADMIN.append(admin)
     admin.ensure_user()
-    for cid, life in (("bench-gatehouse", None), ("bench-gatehouse-short", 10),
+    # bench-gatehouse-mint: the minted sessions share one real token set (one login), so they are
+    # checked while its access token is valid — a refresh would rotate the one refresh token and
+    # end the others. 20 minutes covers minting 100,000 and the check.
+    for cid, life in (("bench-gatehouse", None), ("bench-gatehouse-short", 10), ("bench-gatehouse-mint", 1200),
                       ("bench-oauth2-proxy", None), ("bench-oauth2-proxy-short", 10)):
         admin.ensure_client(cid, f"{cid}-secret", life)
     log("Keycloak: user", USER, "and the bench-* clients are in place")
@@ -627,6 +709,7 @@ def main():
     time.sleep(1)
     results["rss_idle_kib"] = {"gatehouse": rss_kib(gh.pid), "gatehouse_redis": rss_kib(ghr.pid),
                                "oauth2_proxy": rss_kib(o2p.pid), "oauth2_proxy_redis": rss_kib(o2pr.pid)}
+    results["rss_idle_parts_kib"] = {"gatehouse": rss_parts_kib(gh.pid), "oauth2_proxy": rss_parts_kib(o2p.pid)}
 
     ghc, ghrc = gh_login(P["gh"]), gh_login(P["gh_redis"])
     oc, orc = o2p_login(P["o2p"]), o2p_login(P["o2p_redis"])
@@ -682,21 +765,16 @@ def main():
                                 ("check", f"http://127.0.0.1:{P['gh_check']}/check", check_headers, True, gh.pid),
                                 ("auth_me", f"{gh_url}/auth/me", {"Cookie": ghc}, True, gh.pid))
 
-    # Footprint: sessions (real logins; Gatehouse has no faster way to mint them).
-    ss = results["sessions"] = {"n": N_SESSIONS}
-    redb = WORK / "gh.redb"
-    r0, f0 = rss_kib(gh.pid), redb.stat().st_size
-    t0 = time.time()
-    ok = many_logins(lambda: gh_login(P["gh"]), N_SESSIONS)
-    ss["gatehouse"] = {"ok": ok, "seconds": round(time.time() - t0, 1), "rss_kib": rss_kib(gh.pid),
-                       "rss_per_session_b": (rss_kib(gh.pid) - r0) * 1024 / max(ok, 1),
-                       "file_per_session_b": (redb.stat().st_size - f0) / max(ok, 1)}
-    u0, k0 = redis_used(), redis_keys()
-    r0 = rss_kib(ghr.pid)
-    ok = many_logins(lambda: gh_login(P["gh_redis"]), N_SESSIONS)
-    ss["gatehouse_redis"] = {"ok": ok, "redis_per_session_b": (redis_used() - u0) / max(ok, 1),
-                             "keys_per_session": (redis_keys() - k0) / max(ok, 1),
-                             "rss_per_session_b": (rss_kib(ghr.pid) - r0) * 1024 / max(ok, 1)}
+    # Footprint: live sessions. Gatehouse's are minted through its own code (one real Keycloak
+    # login, then Exchange::start N times: examples/mint_sessions.rs) and checked through the
+    # server; oauth2-proxy can only get sessions by real logins (FOOTPRINT_SESSIONS of them, then
+    # extrapolated).
+    ss = results["sessions"] = {"n": N_SESSIONS, "live": N_LIVE}
+    if MINT and N_LIVE > 0:
+        ss["gatehouse_live"] = live_sessions_embedded()
+        log("live sessions, embedded:", ss["gatehouse_live"])
+        ss["gatehouse_redis_live"] = live_sessions_redis(ghr)
+        log("live sessions, Redis:", ss["gatehouse_redis_live"])
     u0, k0 = redis_used(), redis_keys()
     r0 = rss_kib(o2pr.pid)
     t0 = time.time()
@@ -819,22 +897,36 @@ def render(r):
     lines.append(f"| KiB per idle keep-alive connection ({g['established']} / {o['established']} of {r['meta']['idle_connections']} held) | "
                  f"{g['kib_per_conn']:.1f} (RSS {g['rss_kib'] / 1024:.0f} MiB) | {o['kib_per_conn']:.1f} (RSS {o['rss_kib'] / 1024:.0f} MiB) | {g['kib_per_conn'] / max(o['kib_per_conn'], 0.01):.2f} | "
                  f"≤ 16 KiB | {'met' if g['kib_per_conn'] <= 16 and g['established'] >= r['meta']['idle_connections'] else 'missed'} |")
+    parts = r.get("rss_idle_parts_kib")
+    if parts:
+        gp, op = parts["gatehouse"], parts["oauth2_proxy"]
+        lines.append(f"| RSS idle: anonymous (heap, stacks) · file-backed (code, libraries) (MiB) | "
+                     f"{gp['anon'] / 1024:.1f} · {gp['file'] / 1024:.1f} | {op['anon'] / 1024:.1f} · {op['file'] / 1024:.1f} | "
+                     f"{gp['anon'] / max(op['anon'], 1):.2f} · {gp['file'] / max(op['file'], 1):.2f} | — | — |")
     s = r["sessions"]
-    n = s["n"]
-    def per(b):  # an RSS delta over a few hundred sessions can be below the allocator's noise
-        return f"{b:.0f} B (≈ {b * 1e5 / 2**20:.0f} MiB at 100k)" if b > 0 else "below noise"
-    g = s["gatehouse"]
-    lines.append(f"| embedded store, {n} logins: RSS after (MiB); RSS per session; file per session | "
-                 f"{g['rss_kib'] / 1024:.1f}; {per(g['rss_per_session_b'])}; {per(g['file_per_session_b'])} | "
-                 "— (cookie store: no server state; the session travels in a "
-                 f"{r.get('o2p_cookie_bytes', 0)}-byte cookie) | — | — | — |")
-    gr, orr = s["gatehouse_redis"]["redis_per_session_b"], s["oauth2_proxy_redis"]["redis_per_session_b"]
-    lines.append(f"| Redis `used_memory` per session, bytes ({n} logins; × 100,000 = MiB) | {gr:.0f} (≈ {gr * 1e5 / 2**20:.0f} MiB) | "
-                 f"{orr:.0f} (≈ {orr * 1e5 / 2**20:.0f} MiB) | {gr / max(orr, 1):.2f} | — | — |")
-    lines.append(f"| Redis keys per session | {s['gatehouse_redis']['keys_per_session']:.1f} | "
-                 f"{s['oauth2_proxy_redis']['keys_per_session']:.1f} | — | — | — |")
-    lines.append(f"| process RSS per session on Redis | {per(s['gatehouse_redis']['rss_per_session_b'])} | "
-                 f"{per(s['oauth2_proxy_redis']['rss_per_session_b'])} | — | — | — |")
+    n, live = s["n"], s.get("live", 0)
+
+    def mib(kib):
+        return f"{kib / 1024:.1f}"
+    if "gatehouse_live" in s:
+        g = s["gatehouse_live"]
+        lines.append(f"| embedded store, {live} live sessions (minted, {g['checked']} checked via `/auth/me`): RSS after start · after the sample (MiB, anonymous part); file | "
+                     f"{mib(g['rss_after_start']['rss'])} ({mib(g['rss_after_start']['anon'])}) · {mib(g['rss_after_sample']['rss'])} "
+                     f"({mib(g['rss_after_sample']['anon'])}); {g['file_bytes'] / 2**20:.0f} MiB = {g['file_per_session_b']:.0f} B/session; "
+                     f"start {g['start_seconds']} s | — (cookie store: no server state; the session travels in a "
+                     f"{r.get('o2p_cookie_bytes', 0)}-byte cookie) | — | — | — |")
+    orr = s["oauth2_proxy_redis"]["redis_per_session_b"]
+    if "gatehouse_redis_live" in s:
+        g = s["gatehouse_redis_live"]
+        gr = g["redis_per_session_b"]
+        lines.append(f"| Redis `used_memory` per session, bytes (Gatehouse: {live} live sessions, measured; oauth2-proxy: "
+                     f"{n} logins, × 100,000 extrapolated) | {gr:.0f} (= {gr * live / 2**20:.0f} MiB) | "
+                     f"{orr:.0f} (≈ {orr * 1e5 / 2**20:.0f} MiB) | {gr / max(orr, 1):.2f} | — | — |")
+        lines.append(f"| Redis keys per session | {g['keys_per_session']:.1f} | "
+                     f"{s['oauth2_proxy_redis']['keys_per_session']:.1f} | — | — | — |")
+        lines.append(f"| process RSS with the sessions in Redis (MiB; Gatehouse before · after minting and a sample of "
+                     f"{g['checked']}) | {mib(g['rss_before']['rss'])} · {mib(g['rss_after_sample']['rss'])} | "
+                     f"{mib(s['oauth2_proxy_redis']['rss_kib'])} after {n} logins | — | — | — |")
     st = r["storm"]
     STORM, STORM_DELAY_MS = m["storm_requests"], m["storm_delay_ms"]  # noqa: N806
     lines += ["", f"Refresh storm: {STORM} concurrent requests on one session whose 10 s access token has expired, "

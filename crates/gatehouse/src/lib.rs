@@ -182,6 +182,7 @@ impl Core {
                     integrity_check: config.session.integrity_check,
                     integrity_check_timeout: config.session.integrity_check_timeout,
                     on_corrupt: config.session.on_corrupt,
+                    cache_bytes: config.session.cache_bytes,
                 },
             )?),
             StoreMode::Sentinel { sentinels, master, password_file } => {

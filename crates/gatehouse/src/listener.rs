@@ -3,19 +3,26 @@
 //! with the config current at accept time → per-connection extensions (peer address, and the
 //! verified caller for mutual TLS) → hyper serves the router with a timer (slow-header clients are
 //! cut off) and graceful shutdown.
+//!
+//! Memory per open connection matters (10,000 idle keep-alive connections are a normal load for a
+//! gateway, see docs/benchmarks.md): the router is shared by every connection (an `Arc` clone),
+//! and the per-connection facts reach handlers as request extensions inserted per request.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use axum::extract::ConnectInfo;
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
+use tower::ServiceExt as _;
+use tower::util::Oneshot;
 
 use crate::tls::ReloadingConfig;
 use crate::tls::identity::{self, Caller};
@@ -55,13 +62,15 @@ pub async fn serve(
             _ = async { let _ = stop.wait_for(|s| *s).await; } => break,
         };
         let _ = tcp.set_nodelay(true);
-        let router = router.clone().layer(axum::Extension(ConnectInfo(peer)));
+        let router = router.clone();
         let watcher = graceful.watcher();
         let tls = tls.as_ref().map(|t| (TlsAcceptor::from(t.config.current()), t.handshake_timeout));
         tokio::spawn(async move {
             let _permit = permit;
             match tls {
-                None => serve_connection(TokioIo::new(tcp), router, watcher, peer).await,
+                None => {
+                    serve_connection(TokioIo::new(tcp), PerConnection { router, peer, caller: None }, watcher).await
+                }
                 Some((acceptor, timeout)) => {
                     let stream = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
                         Ok(Ok(s)) => s,
@@ -83,7 +92,12 @@ pub async fn serve(
                             .ok_or("no client certificate")
                             .and_then(|c| identity::from_certificate(c)),
                     );
-                    serve_connection(TokioIo::new(stream), router.layer(axum::Extension(caller)), watcher, peer).await
+                    serve_connection(
+                        TokioIo::new(stream),
+                        PerConnection { router, peer, caller: Some(caller) },
+                        watcher,
+                    )
+                    .await
                 }
             }
         });
@@ -99,18 +113,42 @@ pub async fn serve(
     }
 }
 
-async fn serve_connection<I>(
-    io: TokioIo<I>,
+/// The service of one connection: the shared router, with the connection's peer address (read by
+/// `ConnectInfo`) and, on mutual TLS, the verified caller put into each request's extensions.
+///
+/// Not `router.layer(Extension(..))` per connection: `Router::layer` rebuilds the whole route
+/// table, so every open connection held its own copy (tens of KiB each with 10,000 idle
+/// keep-alive connections), and each accept paid for building it.
+#[derive(Clone)]
+struct PerConnection {
     router: Router,
-    watcher: hyper_util::server::graceful::Watcher,
     peer: SocketAddr,
-) where
+    caller: Option<Caller>,
+}
+
+impl hyper::service::Service<http::Request<Incoming>> for PerConnection {
+    type Response = axum::response::Response;
+    type Error = Infallible;
+    type Future = Oneshot<Router, http::Request<Incoming>>;
+
+    fn call(&self, mut req: http::Request<Incoming>) -> Self::Future {
+        req.extensions_mut().insert(ConnectInfo(self.peer));
+        if let Some(caller) = &self.caller {
+            req.extensions_mut().insert(caller.clone());
+        }
+        self.router.clone().oneshot(req)
+    }
+}
+
+async fn serve_connection<I>(io: TokioIo<I>, service: PerConnection, watcher: hyper_util::server::graceful::Watcher)
+where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT).max_buf_size(64 * 1024);
     builder.http2().timer(TokioTimer::new()).max_concurrent_streams(256);
-    let conn = builder.serve_connection_with_upgrades(io, TowerToHyperService::new(router));
+    let peer = service.peer;
+    let conn = builder.serve_connection_with_upgrades(io, service);
     if let Err(e) = watcher.watch(conn.into_owned()).await {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
     }

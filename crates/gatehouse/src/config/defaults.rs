@@ -46,6 +46,11 @@ pub fn store() -> StoreKind {
 pub fn store_path() -> PathBuf {
     PathBuf::from("data/sessions.redb")
 }
+/// 16 MiB: the hot part of a store of 100,000 sessions (the tree's upper levels and the recently
+/// used records) fits; docs/benchmarks.md has the measurement.
+pub fn cache_bytes() -> usize {
+    16 << 20
+}
 pub fn integrity_check() -> bool {
     true
 }

@@ -15,7 +15,7 @@ use url::Url;
 
 mod admin;
 mod check;
-mod defaults;
+pub(crate) mod defaults;
 mod internal;
 mod oidc;
 mod public;

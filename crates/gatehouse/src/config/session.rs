@@ -126,7 +126,15 @@ pub struct SessionConfig {
     /// the recovery command) or `move_aside` (rename it with a timestamp, start with an empty store).
     #[serde(default)]
     pub on_corrupt: OnCorrupt,
+    /// Embedded store: most bytes of the file redb keeps cached in memory (read cache and write
+    /// buffer). redb's own default is 1 GiB, which let the process grow with the file; the OS page
+    /// cache still holds the rest of the file, so a small cache costs a system call, not a disk read.
+    #[serde(default = "defaults::cache_bytes")]
+    pub cache_bytes: usize,
 }
+
+/// The smallest `session.cache_bytes`: below it redb evicts the upper tree levels on every lookup.
+const MIN_CACHE_BYTES: usize = 1 << 20;
 
 /// What start-up does when the embedded store's file is damaged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -167,6 +175,7 @@ impl Default for SessionConfig {
             integrity_check: defaults::integrity_check(),
             integrity_check_timeout: defaults::integrity_check_timeout(),
             on_corrupt: OnCorrupt::default(),
+            cache_bytes: defaults::cache_bytes(),
         }
     }
 }
@@ -195,6 +204,9 @@ impl SessionConfig {
                 "session.integrity_check_timeout",
                 "must be at least 1s (set session.integrity_check = false to skip the check)",
             ));
+        }
+        if s.cache_bytes < MIN_CACHE_BYTES {
+            return Err(invalid("session.cache_bytes", "must be at least 1048576 (1 MiB)"));
         }
         // Each store mode takes only its own keys: a key of another mode is a mistake to report,
         // not to ignore.

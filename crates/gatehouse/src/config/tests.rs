@@ -219,6 +219,19 @@ fn session_file_damage_keys() {
     });
 }
 
+/// redb's cache is bounded by default (16 MiB, not redb's 1 GiB), can be set, and not below 1 MiB.
+#[test]
+fn session_cache_bytes() {
+    Jail::expect_with(|jail| {
+        assert_eq!(load(jail, MINIMAL).expect("valid").session.cache_bytes, 16 << 20);
+        let c = load(jail, &format!("{MINIMAL}\ncache_bytes = 67108864")).expect("valid");
+        assert_eq!(c.session.cache_bytes, 64 << 20);
+        let err = load(jail, &format!("{MINIMAL}\ncache_bytes = 1000")).unwrap_err().to_string();
+        assert!(err.contains("session.cache_bytes"), "{err}");
+        Ok(())
+    });
+}
+
 #[test]
 fn unknown_key_is_named() {
     Jail::expect_with(|jail| {

@@ -73,11 +73,18 @@ pub struct OpenOptions {
     /// Give up (and fail start-up) if the check takes longer.
     pub integrity_check_timeout: Duration,
     pub on_corrupt: OnCorrupt,
+    /// redb's cache (`session.cache_bytes`): bounds the memory the file costs the process.
+    pub cache_bytes: usize,
 }
 
 impl Default for OpenOptions {
     fn default() -> Self {
-        Self { integrity_check: true, integrity_check_timeout: Duration::from_secs(60), on_corrupt: OnCorrupt::Fail }
+        Self {
+            integrity_check: true,
+            integrity_check_timeout: Duration::from_secs(60),
+            on_corrupt: OnCorrupt::Fail,
+            cache_bytes: crate::config::defaults::cache_bytes(),
+        }
     }
 }
 
@@ -368,12 +375,14 @@ fn open_file(path: &Path, options: &OpenOptions, create: bool) -> Result<(Databa
     let rolled_back = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (tx, rx) = std::sync::mpsc::channel();
     let (p, check, rb) = (path.to_path_buf(), options.integrity_check, rolled_back.clone());
+    let cache_bytes = options.cache_bytes;
     std::thread::Builder::new()
         .name("session-file-open".into())
         .spawn(move || {
             let out = contained(|| {
                 let mut b = Database::builder();
                 b.set_check_integrity_on_open(check);
+                b.set_cache_size(cache_bytes);
                 // Called between the check's scans: stop once the deadline has passed. Progress
                 // 0.3 is reported only when the newest commit failed and the previous one is used.
                 b.set_repair_callback(move |s| {
@@ -777,6 +786,43 @@ impl SessionStore for EmbeddedStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl EmbeddedStore {
+        /// Bytes in redb's cache (counted only with redb's `cache_metrics`, a dev-dependency feature).
+        fn cache_used_bytes(&self) -> usize {
+            use redb::ReadableDatabase as _;
+            self.db.cache_stats().used_bytes()
+        }
+    }
+
+    /// `session.cache_bytes` bounds redb's cache: 3,000 records of ~4 KiB (12 MB of file), all
+    /// written and read back, leave at most the configured 1 MiB cached — and a large cache does
+    /// hold them (so the bound is what keeps the small one small). redb's default, 1 GiB, let the
+    /// process grow with the file (docs/benchmarks.md).
+    #[tokio::test]
+    async fn cache_bytes_bounds_the_memory_the_file_costs() {
+        async fn fill(cache_bytes: usize) -> usize {
+            let dir = tempfile::tempdir().unwrap();
+            let options = OpenOptions { cache_bytes, ..OpenOptions::default() };
+            let store = EmbeddedStore::open_with(&dir.path().join("s.redb"), &options).unwrap();
+            let mut keys = Vec::new();
+            for i in 0..3000 {
+                let key = crate::session::SessionId::generate().unwrap().key();
+                let mut record = super::super::conformance::record(&format!("user-{i}"), &format!("sid-{i}"), 1000);
+                record.sealed_tokens = vec![7; 4000];
+                store.insert(&key, &record).await.unwrap();
+                keys.push(key);
+            }
+            for key in &keys {
+                assert!(store.get(key).await.unwrap().is_some());
+            }
+            store.cache_used_bytes()
+        }
+        let small = fill(1 << 20).await;
+        assert!(small <= (1 << 20) + (1 << 16), "a 1 MiB cache holds {small} bytes");
+        let large = fill(64 << 20).await;
+        assert!(large > 8 << 20, "a 64 MiB cache holds only {large} bytes: the test proves nothing");
+    }
 
     #[tokio::test]
     async fn conformance() {
