@@ -22,7 +22,7 @@ CACHE="${GATEHOUSE_CACHE:-$HOME/.cache/gatehouse}"
 WORK="$CACHE/soak"
 
 [ -x "$BIN" ] || { echo "soak: $BIN missing (cargo build --locked --release -p gatehouse)" >&2; exit 1; }
-for tool in redis-server curl; do
+for tool in redis-server redis-cli curl; do
   command -v "$tool" >/dev/null || { echo "soak: $tool missing (scripts/setup.sh installs it)" >&2; exit 1; }
 done
 python3 -c 'import requests' 2>/dev/null || python3 -m pip install --quiet requests

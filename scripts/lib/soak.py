@@ -61,7 +61,15 @@ RSS_EVERY = float(E.get("SOAK_RSS_INTERVAL", "10"))
 SLOPE_MAX = float(E.get("SOAK_RSS_SLOPE_MAX", "64"))  # KiB/min, see docs/benchmarks.md#soak
 REDIS_DOWN_S = float(E.get("SOAK_REDIS_DOWN_SECONDS", "20"))
 GRACE_S = float(E.get("SOAK_OUTAGE_GRACE_SECONDS", "5"))
+# 1 = the self-test: after warm-up, delete one session from Redis behind Gatehouse's back and
+# pretend one live session was logged out; the run must then FAIL with 1 lost and 1 resurrected.
+INJECT = E.get("SOAK_INJECT_FAULTS", "0") == "1"
 KC_PORT = int(E.get("SOAK_KEYCLOAK_PORT", "18280"))
+# The client's access-token lifespan (Keycloak's default for the realm is 300 s): short, so that
+# every session refreshes many times in a run, and so that a back-channel logout missed during an
+# outage is caught up with soon (see Worker.backchannel).
+TOKEN_LIFESPAN = int(E.get("SOAK_TOKEN_LIFESPAN", "120"))
+REFRESH_SKEW = 30  # Gatehouse's default oidc.refresh_skew
 KC_NAME = "soak"
 KC = f"http://localhost:{KC_PORT}"
 REALM = "gatehouse"
@@ -169,6 +177,7 @@ class Admin:
         c.setdefault("attributes", {}).update({
             "backchannel.logout.url": f"http://localhost:{A_PORT}/auth/backchannel-logout",
             "backchannel.logout.session.required": "true",
+            "access.token.lifespan": str(TOKEN_LIFESPAN),
         })
         requests.put(f"{self.base}/clients/{c['id']}", headers=self.h, json=c, timeout=10).raise_for_status()
 
@@ -221,7 +230,11 @@ class Stats:
         self.lost = set()
         self.resurrected = set()
         self.created = {"password": 0, "code": 0}
-        self.ended = {"logout": 0, "backchannel": 0}
+        self.ended = {"logout": 0, "backchannel": 0, "injected: never logged out": 0}
+        # Back-channel logouts Keycloak sent while Redis was down: Gatehouse could not record them
+        # (503) and Keycloak does not retry, so the session ends at its next refresh instead.
+        self.missed = []  # Sess
+        self.missed_delays = []  # seconds from the admin logout to the first 401
         self.skipped = 0
         self.tokens = set()
         self.conn_errors = {}  # op -> first connection error text
@@ -248,10 +261,20 @@ PAUSED = threading.Event()  # set: workers hold still (a sweep is running)
 
 
 class Sess:
-    __slots__ = ("sid", "user", "born", "state", "how")
+    __slots__ = ("sid", "user", "born", "state", "how", "ended_at", "pending")
 
     def __init__(self, sid, user, born):
         self.sid, self.user, self.born, self.state, self.how = sid, user, born, "live", None
+        self.ended_at, self.pending = None, False
+
+    def deadline(self):
+        """For a back-channel logout missed in an outage: the latest time the session may still
+        answer 200 (its access token, issued at the latest when the outage ended, expires and the
+        refresh fails); None while the outage lasts."""
+        for _, a, b in ST.windows:
+            if a <= self.ended_at <= (b if b is not None else float("inf")):
+                return None if b is None else b + TOKEN_LIFESPAN + 60
+        return self.ended_at + TOKEN_LIFESPAN + 60
 
 
 def set_cookies(r):
@@ -327,8 +350,16 @@ class Worker(threading.Thread):
         # 5xx/other: classified later against the outage windows
 
     def expect_dead(self, s, status, what):
-        if status in (401,):
+        if status == 401:
+            if s.pending:
+                s.pending = False
+                with ST.lock:
+                    ST.missed_delays.append(time.time() - s.ended_at)
             return True
+        if status == 200 and s.pending:
+            d = s.deadline()
+            if d is None or time.time() < d:
+                return True  # not yet refreshed: allowed until the deadline
         if status == 200:
             ST.resurrected.add(s.sid)
             ST.fail("resurrected", f"{what}: session of {s.user} ended by {s.how} answered 200")
@@ -414,6 +445,7 @@ class Worker(threading.Thread):
             else:
                 ST.fail("error", f"Keycloak admin logout: {e}")
             return
+        issued = time.time()
         mine = [s for s in self.live if s.user == name]
         for s in mine:
             self.end(s, "backchannel")
@@ -426,10 +458,17 @@ class Worker(threading.Thread):
                     if st == 401 or time.time() > deadline:
                         break
                     time.sleep(0.1)
+                if st != 401 and ST.in_window(issued, time.time()) == "redis":
+                    # Gatehouse answered Keycloak's delivery with 503; Keycloak does not retry.
+                    if not s.pending:
+                        s.pending = True
+                        with ST.lock:
+                            ST.missed.append(s)
+                    continue
                 self.expect_dead(s, st, f"back-channel logout on replica {rep}")
 
     def end(self, s, how):
-        s.state, s.how = "ended", how
+        s.state, s.how, s.ended_at = "ended", how, time.time()
         self.live.remove(s)
         self.ended.append(s)
         ST.ended[how] += 1
@@ -517,6 +556,23 @@ def sweep(workers, label):
         log(f"sweep {label}: {n_live} live and {n_dead} ended sessions checked on both replicas, "
             f"{bad} wrong answers ({time.time() - t0:.0f}s)")
         return {"label": label, "live": n_live, "ended": n_dead, "bad": bad}
+    finally:
+        for w in workers:
+            w.busy.release()
+        PAUSED.clear()
+
+
+def inject_faults(workers):
+    PAUSED.set()
+    for w in workers:
+        w.busy.acquire()
+    try:
+        keys = subprocess.run(["redis-cli", "-p", str(REDIS_PORT), "--scan", "--pattern", "gatehouse:s:*"],
+                              capture_output=True, text=True, check=True).stdout.split()
+        subprocess.run(["redis-cli", "-p", str(REDIS_PORT), "del", keys[0]], check=True, stdout=subprocess.DEVNULL)
+        w = next(w for w in workers if w.live)
+        w.end(w.live[-1], "injected: never logged out")
+        log("self-test: one session deleted in Redis, one live session marked ended without a logout")
     finally:
         for w in workers:
             w.busy.release()
@@ -704,6 +760,8 @@ def main():
         if not swept_warm and now - t0 >= WARMUP_MIN * 60 - 5:
             sweeps.append(sweep(workers, "after warm-up"))
             swept_warm = True
+            if INJECT:
+                inject_faults(workers)
         if plan and now - t0 >= plan[0][0]:
             _, fn = plan.pop(0)
             th = threading.Thread(target=fn)
@@ -715,6 +773,12 @@ def main():
                 th.join(0.5)
             sweeps.append(sweep(workers, f"after the {ST.windows[-1][0]} outage"))
         time.sleep(0.2)
+    # Sessions whose back-channel logout was missed in the Redis outage must be dead by their
+    # deadline: keep the traffic going until the last deadline has passed.
+    while any(s.pending and (s.deadline() or 0) > time.time() for s in ST.missed):
+        left = max((s.deadline() or 0) for s in ST.missed if s.pending) - time.time()
+        log(f"waiting {left:.0f}s for sessions whose back-channel logout was missed in the outage to refresh")
+        time.sleep(min(30.0, max(left, 0.1)))
     STOP.set()
     for w in workers:
         w.join(60)
@@ -790,6 +854,14 @@ def report(t_begin, t0, workers, rss, sweeps, logs):
     p(f"| **resurrected** (ended session answered 200) | **{len(ST.resurrected)}** |")
     swept = "; ".join(f"{s['label']}: {s['live']} live + {s['ended']} ended, {s['bad']} wrong" for s in sweeps)
     p(f"| sweeps (every live and ended session, both replicas) | {swept} |")
+    pend = [s for s in ST.missed if s.pending]
+    delays = ST.missed_delays
+    p(f"| back-channel logouts missed in the Redis outage (sessions; Gatehouse answered 503, Keycloak does not retry) | "
+      f"{len(ST.missed)} |")
+    p(f"| ... of them dead by their next refresh (max seconds after the logout; limit outage end + {TOKEN_LIFESPAN + 60}s) | "
+      f"{len(delays)} ({max(delays) if delays else 0:.0f}s) |")
+    if pend:
+        ST.fail("resurrected", f"{len(pend)} sessions whose back-channel logout was missed were never seen dead")
     p(f"| Keycloak-side steps skipped while Keycloak was down | {ST.skipped} |")
     p("\n| replica | RSS start (KiB) | after warm-up | end | max | slope after warm-up (KiB/min) | = bytes/request | limit |")
     p("|---|---:|---:|---:|---:|---:|---:|---:|")
