@@ -100,6 +100,8 @@ procs = {}  # name -> Popen
 
 
 def start(name, argv, env=None):
+    if STOP.is_set():  # an outage thread must not restart anything once the cleanup has begun
+        return None
     e = dict(os.environ)
     e.update(env or {})
     out = open(WORK / f"{name}.log", "a")
@@ -120,6 +122,8 @@ def stop(name):
 
 
 def keycloak(action, keep_db=False):
+    if action == "start" and STOP.is_set():
+        return
     argv = [str(REPO / "scripts/keycloak.sh"), action, KC_NAME] + ([str(KC_PORT)] if action == "start" else [])
     env = dict(os.environ, KEYCLOAK_KEEP_DB="1" if keep_db else "0")
     subprocess.run(argv, env=env, check=True)
@@ -664,14 +668,19 @@ def check_logs(workers):
 # ------------------------------------------------------------------ RSS
 
 def slope_kib_per_min(samples):
-    """Least-squares slope of (t seconds, rss KiB) in KiB/min."""
+    """Least-squares slope of (t seconds, rss KiB) in KiB/min, and its standard error."""
     n = len(samples)
     if n < 3:
-        return float("nan")
+        return float("nan"), float("nan")
     mt = sum(t for t, _ in samples) / n
     mr = sum(r for _, r in samples) / n
     var = sum((t - mt) ** 2 for t, _ in samples)
-    return sum((t - mt) * (r - mr) for t, r in samples) / var * 60 if var else float("nan")
+    if not var:
+        return float("nan"), float("nan")
+    b = sum((t - mt) * (r - mr) for t, r in samples) / var
+    resid = sum((r - mr - b * (t - mt)) ** 2 for t, r in samples)
+    se = (resid / (n - 2) / var) ** 0.5
+    return b * 60, se * 60
 
 
 # ------------------------------------------------------------------ main
@@ -764,7 +773,7 @@ def main():
                 inject_faults(workers)
         if plan and now - t0 >= plan[0][0]:
             _, fn = plan.pop(0)
-            th = threading.Thread(target=fn)
+            th = threading.Thread(target=fn, daemon=True)
             th.start()
             while th.is_alive():  # keep sampling RSS during the outage
                 if time.time() >= next_rss:
@@ -823,7 +832,8 @@ def report(t_begin, t0, workers, rss, sweeps, logs):
     dur = (time.time() - t0) / 60
 
     warm = [(t, r) for t, r in rss if t >= WARMUP_MIN * 60]
-    slopes = {rep: slope_kib_per_min([(t, r[rep]) for t, r in warm]) for rep in REPLICAS}
+    fits = {rep: slope_kib_per_min([(t, r[rep]) for t, r in warm]) for rep in REPLICAS}
+    slopes = {rep: f[0] for rep, f in fits.items()}
     n_req = len(ST.requests)
     # What a slope means per request: each replica serves about half of the requests.
     per_rep_per_min = n_req / 2 / max(dur, 1e-9)
@@ -863,12 +873,12 @@ def report(t_begin, t0, workers, rss, sweeps, logs):
     if pend:
         ST.fail("resurrected", f"{len(pend)} sessions whose back-channel logout was missed were never seen dead")
     p(f"| Keycloak-side steps skipped while Keycloak was down | {ST.skipped} |")
-    p("\n| replica | RSS start (KiB) | after warm-up | end | max | slope after warm-up (KiB/min) | = bytes/request | limit |")
+    p("\n| replica | RSS start (KiB) | after warm-up | end | max | slope after warm-up (KiB/min, ± std. error) | = bytes/request | limit |")
     p("|---|---:|---:|---:|---:|---:|---:|---:|")
     for rep in REPLICAS:
         vals = [r[rep] for _, r in rss]
         wv = [r[rep] for _, r in warm] or [0]
-        p(f"| {rep} | {vals[0]} | {wv[0]} | {vals[-1]} | {max(vals)} | {slopes[rep]:+.1f} | {slopes[rep] * 1024 / per_rep_per_min:+.2f} | {SLOPE_MAX:g} |")
+        p(f"| {rep} | {vals[0]} | {wv[0]} | {vals[-1]} | {max(vals)} | {slopes[rep]:+.1f} ± {fits[rep][1]:.1f} | {slopes[rep] * 1024 / per_rep_per_min:+.2f} | {SLOPE_MAX:g} |")
     p(f"\n| logs (both replicas) | count |\n|---|---:|\n| lines | {logs['lines']} |\n| panic lines | {logs['panics']} |"
       f"\n| lines with a session id or token | {logs['secrets']} |\n| ERROR lines in an outage window | {logs['errors_in_window']} |"
       f"\n| ERROR lines outside | {logs['errors_outside']} |\n| WARN lines | {logs['warns']} |"
