@@ -40,7 +40,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.parse
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
