@@ -867,7 +867,7 @@ def report(t_begin, t0, workers, rss, sweeps, logs):
     delays = ST.missed_delays
     p(f"| back-channel logouts missed in the Redis outage (sessions; Gatehouse answered 503, Keycloak does not retry) | "
       f"{len(ST.missed)} |")
-    p(f"| ... of them dead by their next refresh (max seconds after the logout; limit outage end + {TOKEN_LIFESPAN + 60}s) | "
+    p(f"| ... of them seen dead, never seen alive past outage end + {TOKEN_LIFESPAN + 60}s (latest first sighting of the 401, s after the logout) | "
       f"{len(delays)} ({max(delays) if delays else 0:.0f}s) |")
     if pend:
         ST.fail("resurrected", f"{len(pend)} sessions whose back-channel logout was missed were never seen dead")
