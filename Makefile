@@ -8,7 +8,7 @@ export KEYCLOAK_TEST_PORT ?= 18180
 export KEYCLOAK_URL ?= http://localhost:$(KEYCLOAK_TEST_PORT)
 CARGO ?= cargo
 
-.PHONY: all setup build lint test unit-test demo bench fuzz clean-cache
+.PHONY: all setup build lint test unit-test demo bench fuzz soak clean-cache
 
 all: build
 
@@ -43,6 +43,11 @@ bench: build
 	@scripts/bench-views.sh $(CARGO_TARGET_DIR)/release/gatehouse $(CARGO_TARGET_DIR)/release/examples/baseline
 	@scripts/bench-check.sh $(CARGO_TARGET_DIR)/release/gatehouse
 	@scripts/bench-oauth2-proxy.sh $(CARGO_TARGET_DIR)/release/gatehouse
+
+# Soak test (not part of `make test`): SOAK_MINUTES (default 30) of mixed traffic on two replicas
+# with Redis, Redis and Keycloak restarted during the run; its own Keycloak instance on 18280.
+soak: build
+	@scripts/soak.sh $(CARGO_TARGET_DIR)/release/gatehouse
 
 clean-cache:
 	rm -rf $(GATEHOUSE_CACHE)
