@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::clock::{Clock, UnixTime};
 use crate::crypto::Keyring;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RefreshOutcome};
 use crate::oidc::id_token::TokenKind;
 use crate::oidc::jwks::KeySource;
 use crate::oidc::{LoginResult, OidcClient, OidcError, TokenResponse, UserClaims};
@@ -674,13 +674,13 @@ impl Exchange {
         let tokens = match self.oidc.refresh_grant(refresh_token).await {
             Ok(tokens) => tokens,
             Err(OidcError::InvalidGrant) => {
-                self.count_refresh("invalid_grant");
+                self.count_refresh(RefreshOutcome::InvalidGrant);
                 return self.kill(key, "refresh token rejected (invalid_grant)").await;
             }
             Err(e) => {
                 // Nothing was issued, so the stored refresh token is still good: a timeout or 5xx
                 // never ends a session, and a still-valid access token keeps serving.
-                self.count_refresh("unavailable");
+                self.count_refresh(RefreshOutcome::Unavailable);
                 self.back_off(key);
                 return if still_valid {
                     tracing::warn!(session = %key, error = %e, "token refresh failed; session kept, access token still valid");
@@ -695,7 +695,7 @@ impl Exchange {
         // (rotation). The outcome is decided explicitly: store them, or end the session.
         match self.validate_refreshed(&tokens, &record.claims).await {
             Ok(claims) => {
-                self.count_refresh("ok");
+                self.count_refresh(RefreshOutcome::Ok);
                 self.refresh_backoff.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
                 let access_expires_at = self.oidc.access_expiry(&tokens);
                 self.warn_if_skew_exceeds_lifetime(access_expires_at - now);
@@ -718,7 +718,7 @@ impl Exchange {
                 // We cannot vouch for the new tokens yet, but the new refresh token is what the
                 // provider will accept next: keep it (and the old, validated access token and
                 // identity), so the next request refreshes again instead of replaying a spent token.
-                self.count_refresh("unvalidated");
+                self.count_refresh(RefreshOutcome::Unvalidated);
                 tracing::warn!(session = %key, error = %e, "refreshed tokens could not be validated yet; rotated refresh token stored, old access token kept");
                 let Some(rotated) = tokens.refresh_token.clone() else {
                     return if still_valid { Ok(record) } else { Err(ExchangeError::ProviderUnavailable) };
@@ -736,7 +736,7 @@ impl Exchange {
                 // A verdict, not an outage: the provider answered with tokens that fail validation
                 // (another subject, a bad signature). Nothing from them is trusted; end the
                 // session and give the new refresh token back.
-                self.count_refresh("rejected");
+                self.count_refresh(RefreshOutcome::Rejected);
                 tracing::error!(session = %key, error = %e, "refreshed tokens failed validation; session ended");
                 if let Some(rt) = tokens.refresh_token.as_deref()
                     && let Err(e) = self.oidc.revoke(rt).await
@@ -761,8 +761,8 @@ impl Exchange {
         }
     }
 
-    fn count_refresh(&self, outcome: &'static str) {
-        self.metrics.refreshes.get_or_create(&crate::metrics::Outcome::new(outcome)).inc();
+    fn count_refresh(&self, outcome: RefreshOutcome) {
+        self.metrics.refreshes.get_or_create(&crate::metrics::RefreshLabels { outcome }).inc();
     }
 
     /// Write new tokens with compare-and-set; a concurrent touch may have bumped the version, so

@@ -19,27 +19,97 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct Outcome {
-    pub outcome: String,
+/// A label whose values are fixed by the code: an enum with the exposed text of each value, so
+/// no label value is ever built from a string at run time (and a typo does not compile).
+macro_rules! label_values {
+    ($(#[$meta:meta])* $name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+        pub enum $name { $($variant),+ }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+        }
+
+        impl EncodeLabelValue for $name {
+            fn encode(&self, e: &mut prometheus_client::encoding::LabelValueEncoder<'_>) -> std::fmt::Result {
+                use std::fmt::Write;
+                e.write_str(self.as_str())
+            }
+        }
+    };
 }
 
-impl Outcome {
-    pub fn new(outcome: &str) -> Self {
-        Self { outcome: outcome.to_owned() }
+label_values!(
+    /// `gatehouse_token_refreshes_total{outcome}`.
+    RefreshOutcome {
+        Ok => "ok",
+        InvalidGrant => "invalid_grant",
+        Unavailable => "unavailable",
+        Unvalidated => "unvalidated",
+        Rejected => "rejected",
     }
+);
+
+label_values!(
+    /// `gatehouse_logins_total{outcome}`.
+    LoginOutcome { Ok => "ok", Failed => "failed" }
+);
+
+label_values!(
+    /// `gatehouse_exchanges_total{outcome}`.
+    ExchangeOutcome {
+        Ok => "ok",
+        InvalidSession => "invalid_session",
+        StoreUnavailable => "store_unavailable",
+        IdpUnavailable => "idp_unavailable",
+        InternalError => "internal_error",
+        CallerForbidden => "caller_forbidden",
+        RateLimited => "rate_limited",
+    }
+);
+
+label_values!(
+    /// `gatehouse_proxied_requests_total{outcome}`: the upstream answer's class.
+    ProxyOutcome { Ok => "ok", ClientError => "4xx", ServerError => "5xx", Upgraded => "upgraded" }
+);
+
+label_values!(
+    /// `gatehouse_view_requests_total{outcome}`.
+    ViewResult {
+        Ok => "ok",
+        Partial => "partial",
+        NotModified => "not_modified",
+        PartFailed => "part_failed",
+        ClientError => "4xx",
+        ServerError => "5xx",
+    }
+);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefreshLabels {
+    pub outcome: RefreshOutcome,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LoginLabels {
+    pub outcome: LoginOutcome,
 }
 
 /// A proxied request: the route's prefix (from config, never the request path) and the outcome.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteOutcome {
     pub route: String,
-    pub outcome: String,
+    pub outcome: ProxyOutcome,
 }
 
 impl RouteOutcome {
-    pub fn new(route: &str, outcome: &str) -> Self {
-        Self { route: route.to_owned(), outcome: outcome.to_owned() }
+    pub fn new(route: &str, outcome: ProxyOutcome) -> Self {
+        Self { route: route.to_owned(), outcome }
     }
 }
 
@@ -82,7 +152,7 @@ pub struct HttpDurationLabels {
 /// `gatehouse_exchanges_total`: `outcome` first, so `…{outcome="ok"` prefixes still match.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ExchangeLabels {
-    pub outcome: String,
+    pub outcome: ExchangeOutcome,
     /// The authenticated caller (SPIFFE ID or DNS name); only callers on the allow-list reach
     /// the exchange, so the set is bounded by configuration.
     pub caller: String,
@@ -181,7 +251,7 @@ type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ViewOutcome {
     pub view: String,
-    pub outcome: String,
+    pub outcome: ViewResult,
 }
 
 /// A failed part of a composed view: view and part names (from config) and the reason.
@@ -196,14 +266,14 @@ pub struct Metrics {
     pub sessions_created: Counter,
     /// Calls to the provider's token endpoint with a refresh token, by outcome (`ok`,
     /// `invalid_grant`, `unavailable`, `unvalidated`, `rejected`).
-    pub refreshes: Family<Outcome, Counter>,
+    pub refreshes: Family<RefreshLabels, Counter>,
     /// Refreshes that waited for another request's (or replica's) refresh of the same session.
     pub refresh_lock_waits: Counter,
     /// Requests answered without a refresh because the session is backing off after the
     /// provider failed its last refresh (5xx, timeout).
     pub refresh_backoffs: Counter,
     /// Logins (code flow and password), by outcome.
-    pub logins: Family<Outcome, Counter>,
+    pub logins: Family<LoginLabels, Counter>,
     /// Session exchanges on the internal listener, by outcome and caller.
     pub exchanges: Family<ExchangeLabels, Counter>,
     /// Requests through the API proxy, by route and outcome (`ok`, `4xx`, `5xx`, `upgraded`).
@@ -253,8 +323,8 @@ impl Default for Metrics {
         };
         // Series that alerts divide by exist from the start (a ratio over a missing series is
         // "no data", and an alert on it never fires).
-        for outcome in ["ok", "invalid_grant", "unavailable", "unvalidated", "rejected"] {
-            let _ = m.refreshes.get_or_create(&Outcome::new(outcome));
+        for &outcome in RefreshOutcome::ALL {
+            let _ = m.refreshes.get_or_create(&RefreshLabels { outcome });
         }
         m
     }
@@ -360,8 +430,8 @@ impl Metrics {
     /// values known from configuration: an alert over a series that does not exist yet never
     /// fires, and a family without series is not even listed on `/metrics`.
     pub fn preinit(&self, config: &crate::config::Config) {
-        for outcome in ["ok", "failed"] {
-            let _ = self.logins.get_or_create(&Outcome::new(outcome));
+        for &outcome in LoginOutcome::ALL {
+            let _ = self.logins.get_or_create(&LoginLabels { outcome });
         }
         for limit in ["request", "login", "internal_caller"] {
             let _ = self.rate_limited.get_or_create(&LimitLabels { limit });
@@ -378,19 +448,17 @@ impl Metrics {
         }
         if let Some(internal) = &config.internal {
             for caller in &internal.allow {
-                for outcome in ["ok", "invalid_session", "store_unavailable", "idp_unavailable", "internal_error"] {
-                    let _ = self
-                        .exchanges
-                        .get_or_create(&ExchangeLabels { outcome: outcome.to_owned(), caller: caller.clone() });
+                use ExchangeOutcome as E;
+                for outcome in [E::Ok, E::InvalidSession, E::StoreUnavailable, E::IdpUnavailable, E::InternalError] {
+                    let _ = self.exchanges.get_or_create(&ExchangeLabels { outcome, caller: caller.clone() });
                 }
             }
-            for outcome in ["caller_forbidden", "rate_limited"] {
-                let _ =
-                    self.exchanges.get_or_create(&ExchangeLabels { outcome: outcome.to_owned(), caller: "-".into() });
+            for outcome in [ExchangeOutcome::CallerForbidden, ExchangeOutcome::RateLimited] {
+                let _ = self.exchanges.get_or_create(&ExchangeLabels { outcome, caller: "-".into() });
             }
         }
         for route in &config.routes {
-            for outcome in ["ok", "4xx", "5xx", "upgraded"] {
+            for &outcome in ProxyOutcome::ALL {
                 let _ = self.proxied.get_or_create(&RouteOutcome::new(&route.prefix, outcome));
             }
             let _ = self
@@ -423,8 +491,8 @@ impl Metrics {
 
     /// An internal request refused before the exchange ran (`caller_forbidden`, `rate_limited`);
     /// the caller label is `-`, since a refused caller's name is not bounded by configuration.
-    pub fn exchange_refused(&self, outcome: &'static str) {
-        self.exchanges.get_or_create(&ExchangeLabels { outcome: outcome.to_owned(), caller: "-".into() }).inc();
+    pub fn exchange_refused(&self, outcome: ExchangeOutcome) {
+        self.exchanges.get_or_create(&ExchangeLabels { outcome, caller: "-".into() }).inc();
     }
 
     /// A rate-limit check the store could not answer; `allowed` when it failed open.
@@ -506,7 +574,7 @@ mod tests {
     #[test]
     fn prometheus_text_names_counters_with_total_and_drops_openmetrics_lines() {
         let m = Metrics::default();
-        m.logins.get_or_create(&Outcome::new("ok")).inc();
+        m.logins.get_or_create(&LoginLabels { outcome: LoginOutcome::Ok }).inc();
         m.observe_http(Face::public, "/auth/me", "GET", 200, Duration::from_millis(1));
         let text = to_prometheus_text(&encode(&m));
         assert!(text.contains(

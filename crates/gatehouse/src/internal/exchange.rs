@@ -39,13 +39,15 @@ async fn resolve(
         Some(id) => st.core.exchange.resolve(id, true).await,
         None => Err(ExchangeError::InvalidSession),
     };
-    let (outcome, sub) = match &result {
-        Ok(r) => ("ok", r.record.claims.sub.as_str()),
-        Err(ExchangeError::InvalidSession) => ("invalid_session", "-"),
-        Err(ExchangeError::StoreUnavailable) => ("store_unavailable", "-"),
-        Err(ExchangeError::ProviderUnavailable) => ("idp_unavailable", "-"),
-        Err(ExchangeError::Internal | ExchangeError::LoginEnded) => ("internal_error", "-"),
+    use crate::metrics::ExchangeOutcome as O;
+    let (label, sub) = match &result {
+        Ok(r) => (O::Ok, r.record.claims.sub.as_str()),
+        Err(ExchangeError::InvalidSession) => (O::InvalidSession, "-"),
+        Err(ExchangeError::StoreUnavailable) => (O::StoreUnavailable, "-"),
+        Err(ExchangeError::ProviderUnavailable) => (O::IdpUnavailable, "-"),
+        Err(ExchangeError::Internal | ExchangeError::LoginEnded) => (O::InternalError, "-"),
     };
+    let outcome = label.as_str();
     let span = tracing::Span::current();
     span.record("gatehouse.caller", caller.as_str());
     span.record("gatehouse.outcome", outcome);
@@ -62,7 +64,7 @@ async fn resolve(
     st.core
         .metrics
         .exchanges
-        .get_or_create(&crate::metrics::ExchangeLabels { outcome: outcome.to_owned(), caller: caller.to_string() })
+        .get_or_create(&crate::metrics::ExchangeLabels { outcome: label, caller: caller.to_string() })
         .inc();
     result
 }

@@ -66,12 +66,12 @@ async fn authorize(State(st): State<Arc<InternalState>>, mut req: Request, next:
         Ok(id) => {
             tracing::warn!(target: "gatehouse::audit", caller = %id, path = req.uri().path(), outcome = "forbidden", "caller not on internal.allow");
             // An unlisted caller's name is not a label value (the set would be unbounded).
-            st.core.metrics.exchange_refused("caller_forbidden");
+            st.core.metrics.exchange_refused(crate::metrics::ExchangeOutcome::CallerForbidden);
             return ApiError::Forbidden("forbidden", "caller is not allowed".into()).into_response();
         }
         Err(why) => {
             tracing::warn!(target: "gatehouse::audit", reason = why, path = req.uri().path(), outcome = "forbidden", "caller has no valid identity");
-            st.core.metrics.exchange_refused("caller_forbidden");
+            st.core.metrics.exchange_refused(crate::metrics::ExchangeOutcome::CallerForbidden);
             return ApiError::Forbidden("forbidden", "caller is not allowed".into()).into_response();
         }
     };
@@ -79,7 +79,7 @@ async fn authorize(State(st): State<Arc<InternalState>>, mut req: Request, next:
         Ok(d) if d.allowed => {}
         Ok(d) => {
             tracing::warn!(target: "gatehouse::audit", caller = %id, outcome = "rate_limited", "internal rate limit hit");
-            st.core.metrics.exchange_refused("rate_limited");
+            st.core.metrics.exchange_refused(crate::metrics::ExchangeOutcome::RateLimited);
             return ApiError::TooManyRequests(d).into_response();
         }
         Err(_) => return ApiError::StoreUnavailable.into_response(),

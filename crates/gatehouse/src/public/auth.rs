@@ -16,7 +16,7 @@ use crate::config::SameSite;
 use crate::crypto;
 use crate::error::ApiError;
 use crate::exchange::ClientInfo;
-use crate::metrics::Outcome;
+use crate::metrics::{LoginLabels, LoginOutcome};
 use crate::oidc::LoginResult;
 use crate::session::{SessionId, SessionRecord};
 
@@ -88,7 +88,7 @@ pub async fn callback(
     let mut resp = match finish_login(&st, q, &headers, ip).await {
         Ok(resp) => resp,
         Err(e) => {
-            st.core.metrics.logins.get_or_create(&Outcome::new("failed")).inc();
+            st.core.metrics.logins.get_or_create(&LoginLabels { outcome: LoginOutcome::Failed }).inc();
             e.into_response()
         }
     };
@@ -166,7 +166,7 @@ async fn start_session(
         user_agent: headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).map(str::to_owned),
     };
     let (id, record) = st.core.exchange.start(result, client).await?;
-    st.core.metrics.logins.get_or_create(&Outcome::new("ok")).inc();
+    st.core.metrics.logins.get_or_create(&LoginLabels { outcome: LoginOutcome::Ok }).inc();
     tracing::info!(sub = %sub, session = %id.key(), "login succeeded, session created");
     Ok((id, record))
 }
@@ -211,7 +211,7 @@ pub async fn password_login(
     let result = match core.exchange.password_grant(&body.username, &body.password).await {
         Ok(r) => r,
         Err(e) => {
-            core.metrics.logins.get_or_create(&Outcome::new("failed")).inc();
+            core.metrics.logins.get_or_create(&LoginLabels { outcome: LoginOutcome::Failed }).inc();
             // Not the typed name (lines name users by `sub` only, and a password typed into the
             // wrong field would land here): a short hash still shows repeated attempts.
             let username_hash = crate::crypto::hex(&crate::crypto::sha256(body.username.as_bytes())[..4]);

@@ -187,11 +187,12 @@ pub async fn handle(
         Ok(resp) => resp,
         Err(e) => e.into_response(),
     };
+    use crate::metrics::ProxyOutcome as P;
     let class = match outcome.status().as_u16() {
-        101 => "upgraded",
-        s if s < 400 => "ok",
-        s if s < 500 => "4xx",
-        _ => "5xx",
+        101 => P::Upgraded,
+        s if s < 400 => P::Ok,
+        s if s < 500 => P::ClientError,
+        _ => P::ServerError,
     };
     st.core.metrics.proxied.get_or_create(&RouteOutcome::new(&route.prefix, class)).inc();
     let mut outcome = outcome;

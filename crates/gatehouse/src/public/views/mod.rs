@@ -137,15 +137,16 @@ pub async fn handle(
     };
     // Unknown paths are not counted: their names would come from the request.
     if let Some(view) = view {
+        use crate::metrics::ViewResult as V;
         let outcome = match resp.status().as_u16() {
-            304 => "not_modified",
-            200 if resp.extensions().get::<Partial>().is_some() => "partial",
-            200 => "ok",
-            502 if resp.extensions().get::<PartFailed>().is_some() => "part_failed",
-            s if s < 500 => "4xx",
-            _ => "5xx",
+            304 => V::NotModified,
+            200 if resp.extensions().get::<Partial>().is_some() => V::Partial,
+            200 => V::Ok,
+            502 if resp.extensions().get::<PartFailed>().is_some() => V::PartFailed,
+            s if s < 500 => V::ClientError,
+            _ => V::ServerError,
         };
-        core.metrics.views.get_or_create(&ViewOutcome { view, outcome: outcome.into() }).inc();
+        core.metrics.views.get_or_create(&ViewOutcome { view, outcome }).inc();
     }
     resp
 }
