@@ -1,9 +1,12 @@
 //! Small cryptographic building blocks: random opaque ids, SHA-256, and an AES-256-GCM keyring
 //! for sealing tokens at rest and the login cookie. Keys carry an id (a hash prefix) so old keys
-//! keep opening old records while new ones are sealed with the primary key.
+//! keep opening old records while new ones are sealed with the primary key. Each key also yields
+//! an HMAC-SHA256 key (derived, never the AES key itself) for tags that authenticate small data
+//! without encrypting it: a session record's metadata, checked on every request, is a few hundred
+//! bytes, while its token envelope is kilobytes.
 
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
-use aws_lc_rs::digest;
+use aws_lc_rs::{digest, hmac};
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use secrecy::{ExposeSecret, SecretString};
@@ -61,7 +64,12 @@ const KEY_ID_LEN: usize = 8;
 struct Key {
     id: [u8; KEY_ID_LEN],
     key: LessSafeKey,
+    /// `HMAC-SHA256` key derived from the same secret: `SHA-256("gatehouse-mac-key:" ‖ key)`.
+    mac: hmac::Key,
 }
+
+/// A tag from [`Keyring::tag`]: key id ‖ HMAC-SHA256.
+pub const TAG_LEN: usize = KEY_ID_LEN + 32;
 
 /// AES-256-GCM keys: one primary for sealing, any number for opening.
 /// Envelope: version ‖ key id ‖ nonce ‖ ciphertext+tag; the AAD binds it to its purpose and record.
@@ -92,7 +100,10 @@ impl Keyring {
         let mut id = [0u8; KEY_ID_LEN];
         id.copy_from_slice(&digest[..KEY_ID_LEN]);
         let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &raw).map_err(|_| CryptoError::BadKey)?);
-        Ok(Key { id, key })
+        // Domain-separated from the key id's hash, so the (public) id reveals nothing of it.
+        let mac_secret = Zeroizing::new(sha256(&[b"gatehouse-mac-key:".as_slice(), raw.as_slice()].concat()));
+        let mac = hmac::Key::new(hmac::HMAC_SHA256, mac_secret.as_slice());
+        Ok(Key { id, key, mac })
     }
 
     /// Key ids (hex), the sealing key first: safe to print, they identify keys without revealing them.
@@ -120,6 +131,35 @@ impl Keyring {
             .map_err(|_| CryptoError::Seal)?;
         out.extend_from_slice(&body);
         Ok(out)
+    }
+
+    /// `key id ‖ HMAC-SHA256(parts…)` under the primary key. Parts are hashed in order as given;
+    /// callers length-prefix or fix the size of any part whose boundary matters.
+    pub fn tag(&self, parts: &[&[u8]]) -> Result<[u8; TAG_LEN], CryptoError> {
+        let key = self.keys.first().ok_or(CryptoError::Seal)?;
+        let mut ctx = hmac::Context::with_key(&key.mac);
+        for p in parts {
+            ctx.update(p);
+        }
+        let mut out = [0u8; TAG_LEN];
+        out[..KEY_ID_LEN].copy_from_slice(&key.id);
+        out[KEY_ID_LEN..].copy_from_slice(ctx.sign().as_ref());
+        Ok(out)
+    }
+
+    /// Check a [`tag`](Self::tag) under whichever key made it (constant-time comparison). A key
+    /// rotated out of the ring verifies nothing, as it opens nothing.
+    pub fn verify_tag(&self, tag: &[u8], parts: &[&[u8]]) -> Result<(), CryptoError> {
+        if tag.len() != TAG_LEN {
+            return Err(CryptoError::Open);
+        }
+        let (id, mac) = tag.split_at(KEY_ID_LEN);
+        let key = self.keys.iter().find(|k| k.id == id).ok_or(CryptoError::Open)?;
+        let mut ctx = hmac::Context::with_key(&key.mac);
+        for p in parts {
+            ctx.update(p);
+        }
+        if ct_eq(ctx.sign().as_ref(), mac) { Ok(()) } else { Err(CryptoError::Open) }
     }
 
     pub fn open(&self, sealed: &[u8], aad: &[u8]) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
@@ -177,6 +217,23 @@ mod tests {
         assert!(old.open(&sealed_new, b"a").is_err());
         let dropped = Keyring::new(&key(2), &[]).unwrap();
         assert!(dropped.open(&sealed_old, b"a").is_err());
+    }
+
+    #[test]
+    fn tags_bind_data_and_key_and_follow_rotation() {
+        let ring = Keyring::new(&key(1), &[]).unwrap();
+        let tag = ring.tag(&[b"meta", b"data"]).unwrap();
+        assert!(ring.verify_tag(&tag, &[b"meta", b"data"]).is_ok());
+        assert!(ring.verify_tag(&tag, &[b"meta", b"dat4"]).is_err(), "data bound");
+        let mut bad = tag;
+        bad[TAG_LEN - 1] ^= 1;
+        assert!(ring.verify_tag(&bad, &[b"meta", b"data"]).is_err(), "tag bound");
+        assert!(ring.verify_tag(&tag[..TAG_LEN - 1], &[b"meta", b"data"]).is_err(), "truncated");
+        let rotated = Keyring::new(&key(2), &[key(1)]).unwrap();
+        assert!(rotated.verify_tag(&tag, &[b"meta", b"data"]).is_ok(), "old key still verifies");
+        assert!(Keyring::new(&key(2), &[]).unwrap().verify_tag(&tag, &[b"meta", b"data"]).is_err(), "rotated away");
+        // The MAC key is not the AES key: a tag is not a GCM tag or a plain hash of the data.
+        assert_ne!(&tag[KEY_ID_LEN..], &sha256(b"metadata")[..]);
     }
 
     #[test]

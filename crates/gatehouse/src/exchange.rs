@@ -161,6 +161,8 @@ impl Drop for FlightGuard<'_> {
 }
 
 const TOKENS_AAD: &[u8] = b"gatehouse-session-tokens-v1:";
+/// Domain of the metadata tag (`Exchange::meta_tag`).
+const META_TAG: &[u8] = b"gatehouse-session-meta-v1:";
 /// Store mark kind for Keycloak sessions ended by back-channel logout.
 const TOMBSTONE: &str = "sid-ended";
 /// Store mark kind for logout tokens already used (replay cache).
@@ -315,9 +317,10 @@ impl Exchange {
             sealed_tokens: Vec::new(),
             client_ip: client.ip,
             user_agent: client.user_agent.map(|ua| ua.chars().take(256).collect()),
+            meta_tag: None,
         };
         let mut record = record;
-        record.sealed_tokens = self.seal(&key, &record, &tokens)?;
+        self.seal(&key, &mut record, &tokens)?;
         self.store.insert(&key, &record).await?;
         self.metrics.sessions_created.inc();
         Ok((id, record))
@@ -345,8 +348,10 @@ impl Exchange {
             };
         }
         let record = self.touch(&key, record, now).await;
-        // Always check the envelope, even for /auth/me: its AAD authenticates the claims we answer
-        // with. Parsing the token set is only paid for when the caller needs the token.
+        // Always authenticate the record, even for /auth/me: the claims we answer with must be the
+        // ones sealed with the tokens. Without a token to hand out, the small metadata tag does it
+        // (no decryption, no cost growing with the tokens' size); the exchange opens the envelope,
+        // whose AAD binds the same fields.
         let access_token = if with_token {
             Some(self.open(&key, &record)?.access_token.clone())
         } else {
@@ -781,7 +786,7 @@ impl Exchange {
             next.version += 1;
             update(&mut next);
             next.idle_expires_at = self.idle_expiry(next.last_seen, next.absolute_expires_at, next.refresh_expires_at);
-            next.sealed_tokens = self.seal(key, &next, tokens)?;
+            self.seal(key, &mut next, tokens)?;
             if self.store.compare_and_swap(key, current.version, &next).await? {
                 return Ok(next);
             }
@@ -819,11 +824,11 @@ impl Exchange {
         refresh_expires_at.map_or(idle, |r| idle.min(r))
     }
 
-    /// The envelope's AAD binds it to its session key and to the record fields someone with write
-    /// access to the store must not change unnoticed: the identity we hand out and the lifetimes
-    /// that are fixed between refreshes. Fields a touch rewrites (last seen, idle expiry, version)
-    /// are not bound; the idle expiry can never pass the bound absolute expiry anyway.
-    fn aad(key: &SessionKey, record: &SessionRecord) -> Result<Vec<u8>, ExchangeError> {
+    /// The record fields someone with write access to the store must not change unnoticed: the
+    /// identity we hand out and the lifetimes that are fixed between refreshes. Fields a touch
+    /// rewrites (last seen, idle expiry, version) are not bound; the idle expiry can never pass the
+    /// bound absolute expiry anyway. Both the envelope's AAD and the metadata tag cover them.
+    fn bound(record: &SessionRecord) -> Result<Vec<u8>, ExchangeError> {
         #[derive(serde::Serialize)]
         struct Bound<'a> {
             claims: &'a crate::oidc::UserClaims,
@@ -833,7 +838,7 @@ impl Exchange {
             access_expires_at: UnixTime,
             refresh_expires_at: Option<UnixTime>,
         }
-        let bound = serde_json::to_vec(&Bound {
+        serde_json::to_vec(&Bound {
             claims: &record.claims,
             provider_sid: &record.provider_sid,
             created_at: record.created_at,
@@ -841,26 +846,71 @@ impl Exchange {
             access_expires_at: record.access_expires_at,
             refresh_expires_at: record.refresh_expires_at,
         })
-        .map_err(|_| ExchangeError::Internal)?;
-        Ok([TOKENS_AAD, &key.0, &crate::crypto::sha256(&bound)].concat())
+        .map_err(|_| ExchangeError::Internal)
     }
 
-    fn seal(&self, key: &SessionKey, record: &SessionRecord, tokens: &TokenSet) -> Result<Vec<u8>, ExchangeError> {
+    /// The envelope's AAD binds it to its session key and to the bound record fields.
+    fn aad(key: &SessionKey, bound: &[u8]) -> Vec<u8> {
+        [TOKENS_AAD, &key.0, &crate::crypto::sha256(bound)].concat()
+    }
+
+    /// What the metadata tag covers besides the bound fields: the envelope's header (version, key
+    /// id, random nonce) and its GCM tag, which identify this one envelope in constant size —
+    /// another record's envelope put in its place fails the tag without being decrypted. `None`
+    /// for an envelope too short to be one.
+    fn envelope_id(sealed: &[u8]) -> Option<(&[u8], &[u8])> {
+        const HEADER: usize = 1 + 8 + 12;
+        (sealed.len() >= HEADER + 16).then(|| (&sealed[..HEADER], &sealed[sealed.len() - 16..]))
+    }
+
+    fn meta_tag(
+        &self,
+        key: &SessionKey,
+        bound: &[u8],
+        sealed: &[u8],
+    ) -> Result<[u8; crate::crypto::TAG_LEN], ExchangeError> {
+        let (header, gcm_tag) = Self::envelope_id(sealed).ok_or(ExchangeError::Internal)?;
+        self.keyring.tag(&[META_TAG, &key.0, header, gcm_tag, bound]).map_err(|_| ExchangeError::Internal)
+    }
+
+    /// Seal the token set into the record, and tag its metadata.
+    fn seal(&self, key: &SessionKey, record: &mut SessionRecord, tokens: &TokenSet) -> Result<(), ExchangeError> {
+        use base64::Engine;
         let plain = zeroize::Zeroizing::new(serde_json::to_vec(tokens).map_err(|_| ExchangeError::Internal)?);
-        self.keyring.seal(&plain, &Self::aad(key, record)?).map_err(|_| ExchangeError::Internal)
+        let bound = Self::bound(record)?;
+        let sealed = self.keyring.seal(&plain, &Self::aad(key, &bound)).map_err(|_| ExchangeError::Internal)?;
+        let tag = self.meta_tag(key, &bound, &sealed)?;
+        record.sealed_tokens = sealed;
+        record.meta_tag = Some(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(tag));
+        Ok(())
     }
 
-    /// Check the envelope (and so the bound record fields) without parsing the tokens.
+    /// Authenticate the record without parsing the tokens: by its metadata tag (no decryption),
+    /// or, for a record written before tags existed, by opening the envelope. A record whose tag
+    /// is missing goes the slow way, never a weaker one.
     fn authenticate(&self, key: &SessionKey, record: &SessionRecord) -> Result<(), ExchangeError> {
-        self.keyring.open(&record.sealed_tokens, &Self::aad(key, record)?).map(drop).map_err(|_| {
+        let fail = || {
             tracing::error!(session = %key, "session record fails authentication (key rotated away or record tampered)");
             ExchangeError::InvalidSession
-        })
+        };
+        let bound = Self::bound(record)?;
+        match &record.meta_tag {
+            Some(tag) => {
+                use base64::Engine;
+                let mut raw = [0u8; crate::crypto::TAG_LEN];
+                let n = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode_slice(tag.as_bytes(), &mut raw)
+                    .map_err(|_| fail())?;
+                let (header, gcm_tag) = Self::envelope_id(&record.sealed_tokens).ok_or_else(fail)?;
+                self.keyring.verify_tag(&raw[..n], &[META_TAG, &key.0, header, gcm_tag, &bound]).map_err(|_| fail())
+            }
+            None => self.keyring.open(&record.sealed_tokens, &Self::aad(key, &bound)).map(drop).map_err(|_| fail()),
+        }
     }
 
     /// Decrypt the token set. A record we cannot open (key removed, tampering) authenticates nobody.
     pub fn open(&self, key: &SessionKey, record: &SessionRecord) -> Result<TokenSet, ExchangeError> {
-        let plain = self.keyring.open(&record.sealed_tokens, &Self::aad(key, record)?).map_err(|_| {
+        let plain = self.keyring.open(&record.sealed_tokens, &Self::aad(key, &Self::bound(record)?)).map_err(|_| {
             tracing::error!(session = %key, "cannot decrypt session tokens (key rotated away or record tampered)");
             ExchangeError::InvalidSession
         })?;
@@ -1018,6 +1068,58 @@ mod tests {
             assert!(f.ex.store().compare_and_swap(&id.key(), forged.version, &restored).await.unwrap());
             assert!(f.ex.resolve(&id, false).await.is_ok(), "the genuine record still works");
         }
+    }
+
+    /// `/auth/me` authenticates the record by its metadata tag, without decrypting the token
+    /// envelope (so its cost does not grow with the tokens), yet a record edited in the store
+    /// still authenticates nobody: another session's tag or envelope put in, or the tag removed
+    /// from an edited record (the fallback opens the envelope), all fail.
+    #[tokio::test]
+    async fn the_session_check_uses_the_metadata_tag_and_edits_still_fail() {
+        let f = fixture(1800, 43200);
+        let (id, rec) = f.ex.start(login(100_000), ClientInfo::default()).await.unwrap();
+        let (other_id, other) = f.ex.start(login(100_000), ClientInfo::default()).await.unwrap();
+        assert!(rec.meta_tag.is_some(), "new records are tagged");
+        let store = f.ex.store().clone();
+        let put = |edit: &dyn Fn(&mut SessionRecord)| {
+            let store = store.clone();
+            let mut r = rec.clone();
+            edit(&mut r);
+            let key = id.key();
+            async move {
+                let current = store.get(&key).await.unwrap().unwrap();
+                r.version = current.version + 1;
+                assert!(store.compare_and_swap(&key, current.version, &r).await.unwrap());
+            }
+        };
+        // The ciphertext's middle damaged: the check does not decrypt it; the exchange does.
+        put(&|r| {
+            let mid = r.sealed_tokens.len() / 2;
+            r.sealed_tokens[mid] ^= 1;
+        })
+        .await;
+        assert!(f.ex.resolve(&id, false).await.is_ok(), "no decryption on the check");
+        assert!(matches!(f.ex.resolve(&id, true).await, Err(ExchangeError::InvalidSession)), "the exchange opens it");
+        type Edit<'a> = &'a dyn Fn(&mut SessionRecord);
+        let cases: [(&str, Edit); 5] = [
+            ("another session's tag", &|r: &mut SessionRecord| r.meta_tag = other.meta_tag.clone()),
+            ("another session's envelope", &|r: &mut SessionRecord| r.sealed_tokens = other.sealed_tokens.clone()),
+            ("a garbled tag", &|r: &mut SessionRecord| r.meta_tag = Some("AAAA".into())),
+            ("claims edited", &|r: &mut SessionRecord| r.claims.realm_roles.push("admin".into())),
+            ("claims edited, tag removed", &|r: &mut SessionRecord| {
+                r.claims.realm_roles.push("admin".into());
+                r.meta_tag = None;
+            }),
+        ];
+        for (why, edit) in cases {
+            put(edit).await;
+            assert!(matches!(f.ex.resolve(&id, false).await, Err(ExchangeError::InvalidSession)), "{why}");
+            assert!(matches!(f.ex.still_live(&id).await, Err(ExchangeError::InvalidSession)), "{why}: stream re-check");
+        }
+        // A record without a tag (written before tags existed) is checked by its envelope.
+        put(&|r| r.meta_tag = None).await;
+        assert!(f.ex.resolve(&id, false).await.is_ok(), "untagged genuine record");
+        assert!(f.ex.resolve(&other_id, false).await.is_ok());
     }
 
     /// A core for one replica, against the stub provider, over a shared store.

@@ -176,7 +176,7 @@ pub struct Observe {
 /// A response extension naming the metrics/span route when the router's template is too coarse
 /// (the proxy's `/api/{*rest}` becomes the configured route prefix).
 #[derive(Clone)]
-pub struct RouteLabel(pub String);
+pub struct RouteLabel(pub Arc<str>);
 
 /// The server span of one request and its RED metrics. Outermost layer of the public and internal
 /// routers (rejections by inner layers — rate limits, header limits, CSRF — are counted too).
@@ -218,7 +218,7 @@ pub async fn observe(State(o): State<Arc<Observe>>, req: Request, next: Next) ->
     let resp = next.run(req).instrument(span.clone()).await;
     let status = resp.status().as_u16();
     let label = match resp.extensions().get::<RouteLabel>() {
-        Some(RouteLabel(l)) => l.as_str(),
+        Some(RouteLabel(l)) => l,
         None => route,
     };
     span.record("http.response.status_code", status);

@@ -173,36 +173,78 @@ pub(crate) fn contained<T>(f: impl FnOnce() -> T) -> Result<T, String> {
 
 // ---- record checksums -------------------------------------------------------------------
 
-/// Stored values are `SEALED ‖ SHA-256(key ‖ record)[..16] ‖ record`. redb checks page checksums
-/// only in its integrity check, not on every read, so a value altered on disk after start-up (or
-/// with the check turned off) would otherwise be served as it reads — possibly as another user.
-/// Binding the digest to the key also refuses a record that a damaged tree files under another key.
+/// Stored values are `CHECKED ‖ digest[..16] ‖ record`. redb checks page checksums only in its
+/// integrity check, not on every read, so a value altered on disk after start-up (or with the
+/// check turned off) would otherwise be served as it reads — possibly as another user. Binding the
+/// digest to the key also refuses a record that a damaged tree files under another key.
+///
+/// The digest (`CHECKED`) is `SHA-256(key ‖ length ‖ metadata ‖ first 21 and last 16 bytes of the
+/// token envelope)`: everything but the envelope's ciphertext, which its own GCM tag covers
+/// whenever the tokens are opened. So a read costs the same however large the tokens are. Values
+/// written with the older whole-record digest (`SEALED`) and plain records still read.
 const SEALED: u8 = 0xC5;
+const CHECKED: u8 = 0xC6;
 const DIGEST_LEN: usize = 16;
 
+/// Envelope bytes kept in the digest at each end: version, key id and nonce; the GCM tag.
+const ENVELOPE_HEAD: usize = 21;
+const ENVELOPE_TAIL: usize = 16;
+
+/// The whole-record digest of `SEALED` values.
 fn digest(key: &[u8], record: &[u8]) -> [u8; 32] {
-    let mut buf = Vec::with_capacity(key.len() + record.len());
-    buf.extend_from_slice(key);
-    buf.extend_from_slice(record);
-    crate::crypto::sha256(&buf)
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    ctx.update(key);
+    ctx.update(record);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
+}
+
+/// The digest of `CHECKED` values; `None` if the encoded record's framing is broken.
+fn checked_digest(key: &[u8], record: &[u8]) -> Option<[u8; 32]> {
+    let meta_len = u32::from_be_bytes(record.get(1..5)?.try_into().ok()?) as usize;
+    let (framed_meta, tokens) = record.split_at_checked(5 + meta_len)?;
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    ctx.update(key);
+    ctx.update(&(record.len() as u64).to_be_bytes());
+    ctx.update(framed_meta);
+    if tokens.len() <= ENVELOPE_HEAD + ENVELOPE_TAIL {
+        ctx.update(tokens);
+    } else {
+        ctx.update(&tokens[..ENVELOPE_HEAD]);
+        ctx.update(&tokens[tokens.len() - ENVELOPE_TAIL..]);
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    Some(out)
 }
 
 fn seal(key: &[u8; 32], record: &SessionRecord) -> Result<Vec<u8>, StoreError> {
     let bytes = record.encode()?;
+    let sum = checked_digest(key, &bytes).ok_or_else(|| StoreError::Corrupt("record framing".into()))?;
     let mut out = Vec::with_capacity(1 + DIGEST_LEN + bytes.len());
-    out.push(SEALED);
-    out.extend_from_slice(&digest(key, &bytes)[..DIGEST_LEN]);
+    out.push(CHECKED);
+    out.extend_from_slice(&sum[..DIGEST_LEN]);
     out.extend_from_slice(&bytes);
     Ok(out)
 }
 
 /// Verify and decode a stored value. Values written before checksums (plain records) still read.
 fn unseal(key: &[u8], stored: &[u8]) -> Result<SessionRecord, StoreError> {
+    let fails = || StoreError::Corrupt("the session record fails its checksum".into());
     match stored.split_first() {
+        Some((&CHECKED, rest)) if rest.len() > DIGEST_LEN => {
+            let (sum, bytes) = rest.split_at(DIGEST_LEN);
+            let expected = checked_digest(key, bytes).ok_or_else(fails)?;
+            if !crate::crypto::ct_eq(sum, &expected[..DIGEST_LEN]) {
+                return Err(fails());
+            }
+            SessionRecord::decode(bytes)
+        }
         Some((&SEALED, rest)) if rest.len() > DIGEST_LEN => {
             let (sum, bytes) = rest.split_at(DIGEST_LEN);
             if !crate::crypto::ct_eq(sum, &digest(key, bytes)[..DIGEST_LEN]) {
-                return Err(StoreError::Corrupt("the session record fails its checksum".into()));
+                return Err(fails());
             }
             SessionRecord::decode(bytes)
         }
@@ -899,6 +941,47 @@ mod tests {
             .await
             .unwrap();
         assert!(matches!(store.get(&k2).await, Err(StoreError::Corrupt(_))), "a record under another key");
+    }
+
+    /// The digest covers the envelope's ends (nonce, GCM tag) but not its ciphertext, whose own
+    /// GCM tag covers it when opened: a read costs the same for any token size. Values written
+    /// with the older whole-record digest still read, and still fail it when altered.
+    #[test]
+    fn the_digest_skips_only_the_envelope_ciphertext_and_old_digests_still_read() {
+        let key = [7u8; 32];
+        let mut r = super::super::conformance::record("alice", "kc", 1000);
+        r.sealed_tokens = (0..3000u32).map(|i| i as u8).collect();
+        let stored = seal(&key, &r).unwrap();
+        assert_eq!(stored[0], CHECKED);
+        assert_eq!(unseal(&key, &stored).unwrap().sealed_tokens, r.sealed_tokens);
+        assert!(unseal(&[8u8; 32], &stored).is_err(), "bound to the key");
+        let n = stored.len();
+        for (at, covered) in [
+            (n - 1, true),
+            (n - 16, true),
+            (n - 17, false),
+            (n - 2000, false),
+            (n - 2979, false),
+            (n - 2980, true),
+            (n - 3000, true),
+            (n - 3001, true),
+        ] {
+            let mut v = stored.clone();
+            v[at] ^= 1;
+            assert_eq!(unseal(&key, &v).is_err(), covered, "byte {} from the end", n - at);
+        }
+        let mut v = stored.clone();
+        v.truncate(n - 1);
+        assert!(unseal(&key, &v).is_err(), "length bound");
+        // The older format: SHA-256 over the whole record.
+        let bytes = r.encode().unwrap();
+        let mut old = vec![SEALED];
+        old.extend_from_slice(&digest(&key, &bytes)[..DIGEST_LEN]);
+        old.extend_from_slice(&bytes);
+        assert_eq!(unseal(&key, &old).unwrap().claims.sub, "alice");
+        let mid = old.len() - 1500;
+        old[mid] ^= 1;
+        assert!(unseal(&key, &old).is_err());
     }
 
     /// A record in an older format (or damaged) must not wedge the sweeper or the admin API.

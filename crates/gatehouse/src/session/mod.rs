@@ -97,6 +97,12 @@ pub struct SessionRecord {
     pub client_ip: Option<String>,
     #[serde(default)]
     pub user_agent: Option<String>,
+    /// HMAC tag (base64url) over the session key, the fields the token envelope's AAD binds and
+    /// the envelope's nonce and GCM tag (see `Exchange::meta_tag`): lets a request that needs no
+    /// token authenticate the record without decrypting the envelope. Absent in records written
+    /// before it existed; those are checked by opening the envelope, as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta_tag: Option<String>,
 }
 
 impl SessionRecord {
@@ -245,6 +251,7 @@ pub(crate) mod conformance {
             sealed_tokens: vec![1, 2, 3],
             client_ip: None,
             user_agent: None,
+            meta_tag: None,
         }
     }
 

@@ -39,6 +39,11 @@ use crate::session::SessionId;
 /// One configured route with its own connection pool.
 struct Route {
     prefix: String,
+    /// The prefix as the metrics label of the request (shared, not copied per request).
+    label: Arc<str>,
+    /// The route's metric handles, made on its first request: looking a label set up in a
+    /// family allocates its strings every time.
+    metrics: std::sync::OnceLock<RouteMetrics>,
     /// `scheme://authority` of the upstream.
     origin: String,
     /// The upstream path that replaces the prefix (ends in `/`).
@@ -57,6 +62,35 @@ struct Route {
     /// The route keeps the upstream's browser security headers instead of Gatehouse's.
     upstream_security_headers: bool,
     client: Client<HttpsConnector<HttpConnector>, Body>,
+}
+
+/// Pre-made handles of one route's series (each a shared atomic, like the family's own).
+struct RouteMetrics {
+    ok: prometheus_client::metrics::counter::Counter,
+    client_error: prometheus_client::metrics::counter::Counter,
+    server_error: prometheus_client::metrics::counter::Counter,
+    upgraded: prometheus_client::metrics::counter::Counter,
+    upstream_duration: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl RouteMetrics {
+    fn new(m: &crate::metrics::Metrics, prefix: &str) -> Self {
+        use crate::metrics::ProxyOutcome as P;
+        let proxied = |class: P| m.proxied.get_or_create(&RouteOutcome::new(prefix, class)).clone();
+        Self {
+            ok: proxied(P::Ok),
+            client_error: proxied(P::ClientError),
+            server_error: proxied(P::ServerError),
+            upgraded: proxied(P::Upgraded),
+            upstream_duration: m
+                .upstream_duration
+                .get_or_create(&crate::metrics::HttpDurationLabels {
+                    face: crate::metrics::Face::public,
+                    route: prefix.to_owned(),
+                })
+                .clone(),
+        }
+    }
 }
 
 /// A route whose TLS files cannot be used; start-up stops on it.
@@ -119,6 +153,8 @@ impl Route {
             .build(connector);
         Ok(Self {
             prefix: c.prefix.clone(),
+            label: Arc::from(c.prefix.as_str()),
+            metrics: std::sync::OnceLock::new(),
             origin: c.upstream.origin().ascii_serialization(),
             base_path: c.upstream.path().to_owned(),
             relay: c.relay,
@@ -183,26 +219,31 @@ pub async fn handle(
     let Some(route) = proxy.route_for(req.uri().path()) else {
         return ApiError::NotFound.into_response();
     };
-    let outcome = match forward(&st, route, peer, req).await {
+    let metrics = route.metrics.get_or_init(|| RouteMetrics::new(&st.core.metrics, &route.prefix));
+    let mut outcome = match forward(&st, route, metrics, peer, req).await {
         Ok(resp) => resp,
         Err(e) => e.into_response(),
     };
-    use crate::metrics::ProxyOutcome as P;
-    let class = match outcome.status().as_u16() {
-        101 => P::Upgraded,
-        s if s < 400 => P::Ok,
-        s if s < 500 => P::ClientError,
-        _ => P::ServerError,
-    };
-    st.core.metrics.proxied.get_or_create(&RouteOutcome::new(&route.prefix, class)).inc();
-    let mut outcome = outcome;
-    outcome.extensions_mut().insert(crate::telemetry::RouteLabel(route.prefix.clone()));
+    match outcome.status().as_u16() {
+        101 => &metrics.upgraded,
+        s if s < 400 => &metrics.ok,
+        s if s < 500 => &metrics.client_error,
+        _ => &metrics.server_error,
+    }
+    .inc();
+    outcome.extensions_mut().insert(crate::telemetry::RouteLabel(route.label.clone()));
     outcome
 }
 
 /// The proxy in five steps: refuse what must not pass, authenticate, build the upstream request,
 /// send it under the route's timeout, and hand back the answer (or a tunnel for a WebSocket).
-async fn forward(st: &PublicState, route: &Route, peer: SocketAddr, mut req: Request) -> Result<Response, ApiError> {
+async fn forward(
+    st: &PublicState,
+    route: &Route,
+    metrics: &RouteMetrics,
+    peer: SocketAddr,
+    mut req: Request,
+) -> Result<Response, ApiError> {
     let upgrade = refuse_early(st, route, &req)?;
 
     let id = cookies::read(req.headers(), &st.cookie.name)
@@ -213,14 +254,18 @@ async fn forward(st: &PublicState, route: &Route, peer: SocketAddr, mut req: Req
         tracing::warn!(route = %route.prefix, "too many requests in flight to this upstream");
         ApiError::UpstreamBusy
     })?;
+    let bearer;
     let relay = match route.relay {
-        Relay::Bearer => format!("Bearer {}", resolved.access_token.ok_or(ApiError::Internal)?),
-        Relay::Session => id.expose().to_owned(),
+        Relay::Bearer => {
+            bearer = zeroize::Zeroizing::new(format!("Bearer {}", resolved.access_token.ok_or(ApiError::Internal)?));
+            bearer.as_str()
+        }
+        Relay::Session => id.expose(),
     };
 
     // Take the client's side of a possible upgrade before the request is consumed.
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let mut upstream_req = upstream_request(st, route, peer, req, upgrade, &relay)?;
+    let mut upstream_req = upstream_request(st, route, peer, req, upgrade, relay)?;
 
     // The client span of the upstream call; its context replaces any `traceparent` the browser sent.
     let span = if !st.core.propagation.enabled() {
@@ -242,14 +287,7 @@ async fn forward(st: &PublicState, route: &Route, peer: SocketAddr, mut req: Req
     let started = std::time::Instant::now();
     let sent = tracing::Instrument::instrument(route.client.request(upstream_req), span.clone());
     let answered = tokio::time::timeout(route.timeout, sent).await;
-    st.core
-        .metrics
-        .upstream_duration
-        .get_or_create(&crate::metrics::HttpDurationLabels {
-            face: crate::metrics::Face::public,
-            route: route.prefix.clone(),
-        })
-        .observe(started.elapsed().as_secs_f64());
+    metrics.upstream_duration.observe(started.elapsed().as_secs_f64());
     match &answered {
         Ok(Ok(r)) => {
             span.record("http.response.status_code", r.status().as_u16());
@@ -288,7 +326,7 @@ async fn forward(st: &PublicState, route: &Route, peer: SocketAddr, mut req: Req
     // The permit lives as long as the response body (an SSE stream holds it until it ends), and
     // a body still streaming after `session_recheck` ends when the session does.
     let exchange = st.core.exchange.clone();
-    Ok(resp.map(move |body| stream::rechecked(body, route.session_recheck, exchange, id, &route.prefix, permit)))
+    Ok(resp.map(move |body| stream::rechecked(body, route.session_recheck, exchange, id, &route.label, permit)))
 }
 
 /// Everything refused before the session is even looked at. Returns whether the request is a

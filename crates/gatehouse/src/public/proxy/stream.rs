@@ -5,8 +5,10 @@
 //! is still streaming: when the session has ended, the response is cut off with an error (not a
 //! clean end, so a download cannot look complete; an `EventSource` reconnects and gets a 401).
 //!
-//! Short answers end before the first check and cost only a timer. A store outage does not end
-//! a stream (as for tunnels): only an answer that the session is gone does.
+//! Short answers end before the first check and cost no timer at all: the timer is only made when
+//! the body first waits for the upstream (or the re-check is already due), so the common
+//! small response never registers one. A store outage does not end a stream (as for tunnels):
+//! only an answer that the session is gone does.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -32,7 +34,10 @@ type Check = Pin<Box<dyn Future<Output = bool> + Send>>;
 pub struct Rechecked<B, H> {
     inner: B,
     every: Duration,
-    timer: Pin<Box<tokio::time::Sleep>>,
+    /// When the first re-check is due.
+    first_due: tokio::time::Instant,
+    /// Made only once the body waits or the first re-check is due.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
     check: Option<Check>,
     exchange: Arc<Exchange>,
     id: Arc<SessionId>,
@@ -42,15 +47,16 @@ pub struct Rechecked<B, H> {
 }
 
 impl<B, H> Rechecked<B, H> {
-    pub fn new(inner: B, every: Duration, exchange: Arc<Exchange>, id: SessionId, prefix: &str, held: H) -> Self {
+    pub fn new(inner: B, every: Duration, exchange: Arc<Exchange>, id: SessionId, prefix: &Arc<str>, held: H) -> Self {
         Self {
             inner,
             every,
-            timer: Box::pin(tokio::time::sleep(every)),
+            first_due: tokio::time::Instant::now() + every,
+            timer: None,
             check: None,
             exchange,
             id: Arc::new(id),
-            prefix: Arc::from(prefix),
+            prefix: prefix.clone(),
             ended: false,
             _held: held,
         }
@@ -68,11 +74,20 @@ impl<B, H> Rechecked<B, H> {
                             return true;
                         }
                         let next = tokio::time::Instant::now() + self.every;
-                        self.timer.as_mut().reset(next);
+                        match self.timer.as_mut() {
+                            Some(t) => t.as_mut().reset(next),
+                            None => self.timer = Some(Box::pin(tokio::time::sleep_until(next))),
+                        }
                     }
                 }
             }
-            if self.timer.as_mut().poll(cx).is_pending() {
+            let timer = match self.timer.as_mut() {
+                Some(t) => t,
+                // No timer yet: nothing to do before the first re-check is due.
+                None if tokio::time::Instant::now() < self.first_due => return false,
+                None => self.timer.insert(Box::pin(tokio::time::sleep_until(self.first_due))),
+            };
+            if timer.as_mut().poll(cx).is_pending() {
                 return false;
             }
             let (exchange, id) = (self.exchange.clone(), self.id.clone());
@@ -109,7 +124,19 @@ where
                 Poll::Ready(None)
             }
             Poll::Ready(Some(r)) => Poll::Ready(Some(r.map_err(Into::into))),
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                // The body waits for the upstream: from now on the timer must wake us when the
+                // re-check is due, even if the upstream stays silent.
+                if this.timer.is_none() {
+                    this.timer = Some(Box::pin(tokio::time::sleep_until(this.first_due)));
+                    if this.session_ended(cx) {
+                        this.ended = true;
+                        tracing::info!(route = %this.prefix, "session ended: streaming response cut off");
+                        return Poll::Ready(Some(Err(Box::new(SessionEnded))));
+                    }
+                }
+                Poll::Pending
+            }
         }
     }
 
@@ -128,7 +155,7 @@ pub fn rechecked<B, H>(
     every: Duration,
     exchange: Arc<Exchange>,
     id: SessionId,
-    prefix: &str,
+    prefix: &Arc<str>,
     held: H,
 ) -> axum::body::Body
 where
