@@ -130,11 +130,15 @@ where
 
 /// Whether incoming trace context is continued, and from whom.
 #[derive(Clone)]
+// Without the `otel` feature nothing is read or continued.
+#[cfg_attr(not(feature = "otel"), allow(dead_code))]
 pub struct Propagation {
     /// False when tracing is off: nothing is read, injected or replaced.
     enabled: bool,
     policy: TracePropagation,
     trusted_proxies: Vec<IpNet>,
+    /// `[tracing] sample_ratio`: the share of new traces that are recorded.
+    ratio: f64,
 }
 
 impl Propagation {
@@ -143,6 +147,7 @@ impl Propagation {
             enabled: cfg!(feature = "otel") && config.tracing.endpoint.is_some(),
             policy: config.tracing.propagation,
             trusted_proxies: config.public.trusted_proxies.clone(),
+            ratio: config.tracing.sample_ratio,
         }
     }
 
@@ -150,6 +155,7 @@ impl Propagation {
         self.enabled
     }
 
+    #[cfg_attr(not(feature = "otel"), allow(dead_code))]
     fn accepts(&self, face: Face, peer: Option<IpAddr>) -> bool {
         if !self.enabled {
             return false;
@@ -180,57 +186,92 @@ pub struct RouteLabel(pub Arc<str>);
 
 /// The server span of one request and its RED metrics. Outermost layer of the public and internal
 /// routers (rejections by inner layers — rate limits, header limits, CSRF — are counted too).
+///
+/// Sampling is decided here, before any span exists (parent-based: a continued trace keeps its
+/// caller's decision, a new one is sampled at `sample_ratio`): an unsampled request gets no span
+/// at all — no server span, no store or provider client spans under it. Building the spans and
+/// letting the SDK drop them at the end cost 44 % of `/auth/me` at 1 % sampling
+/// (docs/benchmarks.md, "Tracing cost").
 pub async fn observe(State(o): State<Arc<Observe>>, req: Request, next: Next) -> Response {
     let started = Instant::now();
     let template = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_owned());
     let method = req.method().as_str().to_owned();
     let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
     let route = template.as_deref().unwrap_or("other");
-    // With tracing off no span is made at all: a per-request span that nobody exports would
-    // still cost its allocation and field formatting in the log layer.
-    let span = if !o.propagation.enabled() {
-        tracing::Span::none()
-    } else {
-        tracing::info_span!(
-        "http_request",
-        otel.name = format!("{method} {route}"),
-        otel.kind = "server",
-        otel.status_code = tracing::field::Empty,
-        http.request.method = %method,
-        http.route = route,
-        // The path only: a query string may carry an authorization code.
-        url.path = req.uri().path(),
-        http.response.status_code = tracing::field::Empty,
-        gatehouse.face = o.face.as_str(),
-        gatehouse.route = tracing::field::Empty,
-        gatehouse.outcome = tracing::field::Empty,
-        gatehouse.session = tracing::field::Empty,
-        gatehouse.caller = tracing::field::Empty,
-        enduser.id = tracing::field::Empty,
-        )
-    };
     #[cfg(feature = "otel")]
-    if o.propagation.accepts(o.face, peer) {
-        otel::continue_trace(&span, req.headers());
-    }
+    let decision = o.propagation.enabled().then(|| {
+        let remote = o.propagation.accepts(o.face, peer).then(|| req.headers());
+        otel::decide(o.propagation.ratio, remote)
+    });
     #[cfg(not(feature = "otel"))]
     let _ = peer;
-    let resp = next.run(req).instrument(span.clone()).await;
+    #[cfg(feature = "otel")]
+    let span = match &decision {
+        Some(otel::Decision::Sampled(parent)) => {
+            let span = server_span(o.face, &method, route, req.uri().path());
+            if let Some(cx) = parent {
+                otel::set_parent(&span, cx.clone());
+            }
+            span
+        }
+        // Tracing off, or this request is not sampled: no span is made at all.
+        _ => tracing::Span::none(),
+    };
+    #[cfg(not(feature = "otel"))]
+    let span = tracing::Span::none();
+    let run = next.run(req).instrument(span.clone());
+    #[cfg(feature = "otel")]
+    let resp = match decision {
+        Some(otel::Decision::Unsampled(u)) => otel::UNSAMPLED.scope(u, run).await,
+        _ => run.await,
+    };
+    #[cfg(not(feature = "otel"))]
+    let resp = run.await;
     let status = resp.status().as_u16();
     let label = match resp.extensions().get::<RouteLabel>() {
         Some(RouteLabel(l)) => l,
         None => route,
     };
-    span.record("http.response.status_code", status);
-    span.record("gatehouse.route", label);
-    // OpenTelemetry HTTP conventions: a server span is an error on 5xx only.
-    if status >= 500 {
-        span.record("otel.status_code", "ERROR");
-    }
     let elapsed = started.elapsed();
     o.metrics.observe_http(o.face, label, &method, status, elapsed);
-    tracing::debug!(parent: &span, status, latency_us = elapsed.as_micros() as u64, "answered");
+    if !span.is_none() {
+        span.record("http.response.status_code", status);
+        span.record("gatehouse.route", label);
+        // OpenTelemetry HTTP conventions: a server span is an error on 5xx only.
+        if status >= 500 {
+            span.record("otel.status_code", "ERROR");
+        }
+        tracing::debug!(parent: &span, status, latency_us = elapsed.as_micros() as u64, "answered");
+    }
     resp
+}
+
+#[cfg(feature = "otel")]
+fn server_span(face: Face, method: &str, route: &str, path: &str) -> tracing::Span {
+    tracing::info_span!(
+        "http_request",
+        otel.name = format!("{method} {route}"),
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = method,
+        http.route = route,
+        // The path only: a query string may carry an authorization code.
+        url.path = path,
+        http.response.status_code = tracing::field::Empty,
+        gatehouse.face = face.as_str(),
+        gatehouse.route = tracing::field::Empty,
+        gatehouse.outcome = tracing::field::Empty,
+        gatehouse.session = tracing::field::Empty,
+        gatehouse.caller = tracing::field::Empty,
+        enduser.id = tracing::field::Empty,
+    )
+}
+
+/// Whether a client span (a provider call, a store operation, an upstream request) should be
+/// made: only under a sampled request's span. Calls outside a request (the sweeper, key refresh)
+/// and calls of unsampled requests make none, so they neither cost a span nor start orphan traces.
+pub fn tracing_request() -> bool {
+    !tracing::Span::current().is_none()
 }
 
 /// Record what a handler learned on the request's server span (no-ops for fields it lacks).
@@ -251,7 +292,13 @@ pub fn inject(propagation: &Propagation, span: &tracing::Span, headers: &mut Hea
     headers.remove("traceparent");
     headers.remove("tracestate");
     #[cfg(feature = "otel")]
-    otel::inject(span, headers);
+    if span.is_none() {
+        // Not sampled: pass that decision on, so the upstream's parent-based sampler drops the
+        // trace too instead of starting one of its own.
+        otel::inject_unsampled(headers);
+    } else {
+        otel::inject(span, headers);
+    }
     #[cfg(not(feature = "otel"))]
     let _ = span;
 }
@@ -262,12 +309,14 @@ mod otel {
 
     use std::time::Duration;
 
-    use axum::http::HeaderMap;
+    use axum::http::{HeaderMap, HeaderValue};
     use opentelemetry::propagation::TextMapPropagator;
-    use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+    use opentelemetry::trace::{SpanId, SpanKind, TraceContextExt, TraceId, TracerProvider as _};
     use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
     use opentelemetry_sdk::propagation::TraceContextPropagator;
-    use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+    use opentelemetry_sdk::trace::{
+        IdGenerator, RandomIdGenerator, Sampler, SamplingDecision, SdkTracerProvider, ShouldSample,
+    };
     use tracing_opentelemetry::OpenTelemetrySpanExt;
     use tracing_subscriber::Layer;
     use tracing_subscriber::registry::LookupSpan;
@@ -302,7 +351,9 @@ mod otel {
             .build();
         let provider = SdkTracerProvider::builder()
             .with_batch_exporter(exporter)
-            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(config.tracing.sample_ratio))))
+            // `observe` decides (parent-based, `sample_ratio` for new traces) before it makes a
+            // span, and only sampled requests make spans: every span that reaches the SDK is kept.
+            .with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOn)))
             .with_resource(resource)
             .build();
         let tracer = provider.tracer("gatehouse");
@@ -359,12 +410,78 @@ mod otel {
         TraceContextPropagator::new()
     }
 
-    /// Make the remote context in `headers` (if any, and valid) the span's parent.
-    pub fn continue_trace(span: &tracing::Span, headers: &HeaderMap) {
-        let cx = propagator().extract(&opentelemetry_http::HeaderExtractor(headers));
-        if cx.span().span_context().is_valid() {
-            let _ = span.set_parent(cx);
+    /// One request's sampling decision.
+    pub enum Decision {
+        /// Recorded: a server span, the child of the caller's context when there is one.
+        Sampled(Option<opentelemetry::Context>),
+        /// Not recorded: no span, but the decision travels on to upstream services.
+        Unsampled(Unsampled),
+    }
+
+    /// The trace context an unsampled request passes on: the caller's own (already marked not
+    /// sampled), or a fresh trace id with the sampled flag clear.
+    #[derive(Clone)]
+    pub enum Unsampled {
+        Remote(HeaderValue, Option<HeaderValue>),
+        Root(TraceId, SpanId),
+    }
+
+    tokio::task_local! {
+        /// The unsampled context of the request this task serves (set by `observe`).
+        pub static UNSAMPLED: Unsampled;
+    }
+
+    /// Parent-based sampling: a valid incoming context keeps its caller's decision; a new trace
+    /// is recorded with probability `ratio` (the SDK's trace-id ratio rule, on a fresh trace id).
+    pub fn decide(ratio: f64, remote: Option<&HeaderMap>) -> Decision {
+        if let Some(headers) = remote {
+            let cx = propagator().extract(&opentelemetry_http::HeaderExtractor(headers));
+            let sc = cx.span().span_context().clone();
+            if sc.is_valid() {
+                if sc.is_sampled() {
+                    return Decision::Sampled(Some(cx));
+                }
+                if let Some(tp) = headers.get("traceparent") {
+                    return Decision::Unsampled(Unsampled::Remote(tp.clone(), headers.get("tracestate").cloned()));
+                }
+            }
         }
+        if ratio >= 1.0 {
+            return Decision::Sampled(None);
+        }
+        let ids = RandomIdGenerator::default();
+        let trace_id = ids.new_trace_id();
+        let sampled = ratio > 0.0
+            && Sampler::TraceIdRatioBased(ratio)
+                .should_sample(None, trace_id, "", &SpanKind::Server, &[], &[])
+                .decision
+                == SamplingDecision::RecordAndSample;
+        if sampled {
+            Decision::Sampled(None)
+        } else {
+            Decision::Unsampled(Unsampled::Root(trace_id, ids.new_span_id()))
+        }
+    }
+
+    pub fn set_parent(span: &tracing::Span, cx: opentelemetry::Context) {
+        let _ = span.set_parent(cx);
+    }
+
+    /// Write the current request's unsampled context, if it has one.
+    pub fn inject_unsampled(headers: &mut HeaderMap) {
+        let _ = UNSAMPLED.try_with(|u| match u {
+            Unsampled::Remote(tp, ts) => {
+                headers.insert("traceparent", tp.clone());
+                if let Some(ts) = ts {
+                    headers.insert("tracestate", ts.clone());
+                }
+            }
+            Unsampled::Root(trace_id, span_id) => {
+                if let Ok(v) = HeaderValue::try_from(format!("00-{trace_id}-{span_id}-00")) {
+                    headers.insert("traceparent", v);
+                }
+            }
+        });
     }
 
     pub fn inject(span: &tracing::Span, headers: &mut HeaderMap) {
@@ -387,7 +504,7 @@ mod tests {
     use super::*;
 
     fn propagation(policy: TracePropagation, enabled: bool) -> Propagation {
-        Propagation { enabled, policy, trusted_proxies: vec!["10.0.0.0/8".parse().unwrap()] }
+        Propagation { enabled, policy, trusted_proxies: vec!["10.0.0.0/8".parse().unwrap()], ratio: 1.0 }
     }
 
     #[test]
@@ -416,5 +533,65 @@ mod tests {
         // With tracing on, the client's header is replaced (here by nothing: no span is active).
         inject(&propagation(TracePropagation::Any, true), &tracing::Span::none(), &mut h);
         assert!(h.get("traceparent").is_none());
+    }
+}
+
+#[cfg(all(test, feature = "otel"))]
+mod sampling_tests {
+    use super::otel::{Decision, UNSAMPLED, Unsampled, decide, inject_unsampled};
+    use super::*;
+
+    fn headers(traceparent: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert("traceparent", traceparent.parse().unwrap());
+        h.insert("tracestate", "vendor=x".parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn a_continued_trace_keeps_its_callers_decision() {
+        let sampled = headers("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        // Even at ratio 0: the caller decided.
+        assert!(matches!(decide(0.0, Some(&sampled)), Decision::Sampled(Some(_))));
+        let unsampled = headers("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00");
+        match decide(1.0, Some(&unsampled)) {
+            Decision::Unsampled(Unsampled::Remote(tp, ts)) => {
+                assert_eq!(tp, "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00");
+                assert_eq!(ts.unwrap(), "vendor=x");
+            }
+            _ => panic!("an unsampled caller's trace must not be recorded"),
+        }
+        // A malformed header is no context: a new trace, decided by the ratio.
+        assert!(matches!(decide(1.0, Some(&headers("00-zz-00f067aa0ba902b7-01"))), Decision::Sampled(None)));
+        assert!(matches!(decide(0.0, Some(&headers("garbage"))), Decision::Unsampled(Unsampled::Root(..))));
+    }
+
+    #[test]
+    fn new_traces_are_sampled_at_the_ratio() {
+        assert!(matches!(decide(1.0, None), Decision::Sampled(None)));
+        assert!((0..1000).all(|_| matches!(decide(0.0, None), Decision::Unsampled(_))));
+        let sampled = (0..20_000).filter(|_| matches!(decide(0.25, None), Decision::Sampled(_))).count();
+        assert!((4_500..5_500).contains(&sampled), "0.25 of 20,000 new traces, got {sampled}");
+    }
+
+    #[tokio::test]
+    async fn an_unsampled_request_tells_the_upstream_not_to_sample() {
+        let on = Propagation { enabled: true, policy: TracePropagation::Any, trusted_proxies: Vec::new(), ratio: 0.0 };
+        let Decision::Unsampled(u) = decide(0.0, None) else { panic!("ratio 0 samples nothing") };
+        let mut h = headers("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        UNSAMPLED.scope(u, async { inject(&on, &tracing::Span::none(), &mut h) }).await;
+        let tp = h["traceparent"].to_str().unwrap().to_owned();
+        assert!(tp.starts_with("00-") && tp.ends_with("-00") && tp.len() == 55, "{tp}");
+        assert!(!tp.contains("4bf92f3577b34da6a3ce929d0e0e4736"), "the browser's own header is replaced");
+        assert!(h.get("tracestate").is_none());
+        // Forwarded as the caller sent it when the caller decided not to sample.
+        let Decision::Unsampled(u) =
+            decide(1.0, Some(&headers("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00")))
+        else {
+            panic!("unsampled caller")
+        };
+        let mut h = HeaderMap::new();
+        UNSAMPLED.scope(u, async { inject_unsampled(&mut h) }).await;
+        assert_eq!(h["traceparent"], "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00");
     }
 }

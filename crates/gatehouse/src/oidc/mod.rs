@@ -115,7 +115,11 @@ impl Http {
         answered_4xx: impl Fn(&T) -> bool,
     ) -> Result<T, OidcError> {
         use tracing::Instrument;
-        let span = tracing::info_span!(
+        // Only under a sampled request's span (telemetry::observe decides).
+        let span = if !crate::telemetry::tracing_request() {
+            tracing::Span::none()
+        } else {
+            tracing::info_span!(
             "identity_provider",
             otel.name = format!("{method} {endpoint}"),
             otel.kind = "client",
@@ -123,7 +127,8 @@ impl Http {
             gatehouse.idp.endpoint = endpoint,
             otel.status_code = tracing::field::Empty,
             error.type = tracing::field::Empty,
-        );
+            )
+        };
         let started = std::time::Instant::now();
         let out = call.instrument(span.clone()).await;
         let outcome = match &out {

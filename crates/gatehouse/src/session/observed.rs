@@ -30,9 +30,12 @@ impl ObservedStore {
         operation: &'static str,
         f: impl std::future::Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        // Debug level: with tracing on, these spans are exported only when the request's trace is
-        // sampled (parent-based); with tracing off the disabled span costs a branch.
-        let span = tracing::debug_span!(
+        // Only under a sampled request's span (telemetry::observe decides): unsampled requests
+        // and background work (sweeps, notifications) make none.
+        let span = if !crate::telemetry::tracing_request() {
+            tracing::Span::none()
+        } else {
+            tracing::debug_span!(
             "session_store",
             otel.name = operation,
             otel.kind = "client",
@@ -40,7 +43,8 @@ impl ObservedStore {
             db.operation.name = operation,
             otel.status_code = tracing::field::Empty,
             error.type = tracing::field::Empty,
-        );
+            )
+        };
         let started = Instant::now();
         let out = f.instrument(span.clone()).await;
         self.metrics

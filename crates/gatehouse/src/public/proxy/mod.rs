@@ -267,8 +267,9 @@ async fn forward(
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let mut upstream_req = upstream_request(st, route, peer, req, upgrade, relay)?;
 
-    // The client span of the upstream call; its context replaces any `traceparent` the browser sent.
-    let span = if !st.core.propagation.enabled() {
+    // The client span of the upstream call (sampled requests only); its context replaces any
+    // `traceparent` the browser sent.
+    let span = if !crate::telemetry::tracing_request() {
         tracing::Span::none()
     } else {
         tracing::info_span!(
