@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # What tracing costs: GET /auth/me throughput (valid session, embedded store, keep-alive) of one
-# Gatehouse with tracing off, at 100 % sampling and at 1 % sampling, each exporting to a live
-# Jaeger (OTLP/HTTP). Gatehouse runs one Tokio worker pinned to core 0 (its exporter thread
-# too); wrk and Jaeger run on core 1. The three configurations are measured in turns, ROUNDS
+# Gatehouse with tracing off, at 100 %, 10 % and 1 % sampling, each exporting to a live Jaeger
+# (OTLP/HTTP). Gatehouse runs one Tokio worker pinned to core 0 (its exporter thread too); wrk
+# and Jaeger run on core 1. The four configurations are measured in turns, ROUNDS
 # times, and the median of each is reported, so slow drift of the machine hits all three alike.
 # Run it on a quiet machine: another build or test run on these two cores makes the figures noise.
 #
@@ -84,28 +84,39 @@ measure() {
     | tr -d '\r' | sed -n 's/^set-cookie: \(__Host-Http-gatehouse=[^;]*\).*/\1/Ip')
   [ -n "$cookie" ] || { echo "bench-tracing: login failed" >&2; kill "$pid"; exit 1; }
   taskset -c 1 wrk -t1 -c"$CONNS" -d2s -H "Cookie: $cookie" "http://127.0.0.1:$PORT/auth/me" >/dev/null
-  local out
+  local out before after
+  # Server CPU time (user + system, all threads: the exporter's too) around the timed run: per
+  # request it is steadier than requests/s on a VM whose neighbours steal time.
+  before=$(cpu_ticks "$pid")
   out=$(taskset -c 1 wrk -t1 -c"$CONNS" -d"${DURATION}s" -H "Cookie: $cookie" "http://127.0.0.1:$PORT/auth/me")
+  after=$(cpu_ticks "$pid")
   kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
   if grep -q "Non-2xx" <<<"$out"; then echo "bench-tracing: non-2xx answers: $out" >&2; exit 1; fi
-  awk '/^Requests\/sec:/ {print $2}' <<<"$out"
+  awk -v ticks=$((after - before)) -v hz="$(getconf CLK_TCK)" \
+    '/ requests in / {n=$1} /^Requests\/sec:/ {rps=$2} END {printf "%s %.1f\n", rps, ticks / hz * 1e6 / n}' <<<"$out"
 }
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
-declare -A results
+declare -A results cpu
 for r in $(seq 1 "$ROUNDS"); do
-  for mode in off 1.0 0.01; do
-    rps=$(measure "$mode")
+  for mode in off 1.0 0.1 0.01; do
+    read -r rps us < <(measure "$mode")
     results[$mode]+="$rps "
-    echo "round $r: tracing $mode: $rps req/s" >&2
+    cpu[$mode]+="$us "
+    echo "round $r: tracing $mode: $rps req/s, $us µs CPU per request" >&2
   done
 done
 spans=$(curl -fs "http://127.0.0.1:$QUERY/api/traces?service=gatehouse&limit=1" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["data"]))')
-python3 - "${results[off]}" "${results[1.0]}" "${results[0.01]}" "$spans" <<'PY'
+python3 - "${results[off]}" "${results[1.0]}" "${results[0.1]}" "${results[0.01]}" \
+  "${cpu[off]}" "${cpu[1.0]}" "${cpu[0.1]}" "${cpu[0.01]}" "$spans" <<'PY'
 import statistics, sys
-off, full, one = (sorted(float(x) for x in a.split()) for a in sys.argv[1:4])
-m = lambda v: statistics.median(v)
-print(f"tracing off:            {m(off):8.0f} req/s  (runs: {', '.join(f'{x:.0f}' for x in off)})")
-print(f"tracing 100% sampling:  {m(full):8.0f} req/s  ({(1 - m(full)/m(off))*100:+.1f}% cost; runs: {', '.join(f'{x:.0f}' for x in full)})")
-print(f"tracing 1% sampling:    {m(one):8.0f} req/s  ({(1 - m(one)/m(off))*100:+.1f}% cost; runs: {', '.join(f'{x:.0f}' for x in one)})")
-print(f"Jaeger received traces: {'yes' if int(sys.argv[4]) > 0 else 'NO'}")
+rps = [sorted(float(x) for x in a.split()) for a in sys.argv[1:5]]
+cpu = [sorted(float(x) for x in a.split()) for a in sys.argv[5:9]]
+m = statistics.median
+print("               req/s (median)   CPU µs/request (median)   cost: throughput / CPU per request")
+for i, name in enumerate(["tracing off", "100% sampling", "10% sampling", "1% sampling"]):
+    cost = "" if i == 0 else f"{(1 - m(rps[i]) / m(rps[0])) * 100:+6.1f}% / {(m(cpu[i]) / m(cpu[0]) - 1) * 100:+6.1f}%"
+    print(f"{name:14s} {m(rps[i]):10.0f}        {m(cpu[i]):10.1f}                 {cost}")
+    print(f"{'':14s} runs: {', '.join(f'{x:.0f}' for x in rps[i])} req/s; {', '.join(f'{x:.1f}' for x in cpu[i])} µs")
+print(f"Jaeger received traces: {'yes' if int(sys.argv[9]) > 0 else 'NO'}")
 PY

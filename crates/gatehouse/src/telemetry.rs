@@ -358,10 +358,13 @@ mod otel {
             .build();
         let tracer = provider.tracer("gatehouse");
         // Only Gatehouse's spans and events: a dependency's span (hyper, h2, redis) could carry
-        // a header or a command argument. Info level: the store's spans are debug unless asked for.
-        let filter = tracing_subscriber::filter::Targets::new()
-            .with_target("gatehouse", tracing::Level::DEBUG)
-            .with_default(tracing::level_filters::LevelFilter::OFF);
+        // a header or a command argument. Spans down to debug (the store's client spans), events
+        // from info up: a debug line (`answered`) as a span event on every sampled request would
+        // be exported for nothing the span's own attributes do not already say.
+        let filter = tracing_subscriber::filter::filter_fn(|m| {
+            (m.target() == "gatehouse" || m.target().starts_with("gatehouse::"))
+                && if m.is_span() { *m.level() <= tracing::Level::DEBUG } else { *m.level() <= tracing::Level::INFO }
+        });
         let layer = tracing_opentelemetry::layer()
             .with_tracer(tracer)
             .with_tracked_inactivity(false)
