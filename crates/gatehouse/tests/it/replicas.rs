@@ -319,7 +319,9 @@ async fn a_back_channel_logout_during_a_redis_outage_is_applied_when_redis_is_ba
     redis.restart().await; // AOF: the session's record is back with it
     let mut ended = false;
     for _ in 0..50 {
-        if me().await.unwrap().status() == 401 {
+        let status = me().await.unwrap().status();
+        assert_ne!(status, 200, "the session is never served again");
+        if status == 401 {
             ended = true;
             break;
         }
