@@ -1541,11 +1541,14 @@ mod tests {
 
     /// A real `redis-server` on a free loopback port, killed on drop, and a store on it whose
     /// calls give up after 300 ms.
-    struct TestRedis(std::process::Child, tempfile::TempDir);
+    struct TestRedis {
+        child: std::process::Child,
+        _dir: tempfile::TempDir,
+    }
     impl Drop for TestRedis {
         fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
     }
 
@@ -1559,7 +1562,7 @@ mod tests {
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("redis-server must be installed (scripts/setup.sh)");
-        let redis = TestRedis(child, rdir);
+        let redis = TestRedis { child, _dir: rdir };
         for _ in 0..100 {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
                 break;
