@@ -459,7 +459,9 @@ impl KcAdmin {
         assert!(r.status().is_success(), "DELETE {path}: {}", r.status());
     }
 
-    /// Point a client's back-channel logout URL at a test replica.
+    /// Point a client's back-channel logout URL at a test replica. Hold
+    /// [`backchannel_url_lock`] from before this call until the URL is set back: the realm's
+    /// clients are shared by every test of the run.
     pub async fn set_backchannel_url(&self, client_id: &str, url: &str) {
         let clients = self.get(&format!("/clients?clientId={client_id}")).await;
         let mut client = clients[0].clone();
@@ -488,6 +490,14 @@ impl KcAdmin {
         let id = users[0]["id"].as_str().unwrap().to_string();
         self.get(&format!("/users/{id}/sessions")).await.as_array().unwrap().clone()
     }
+}
+
+/// Serialises the tests that point a client's back-channel logout URL at themselves (tests of
+/// one binary run in parallel, and the realm's client settings are shared): without it one test's
+/// logout tokens go to another test's receiver.
+pub async fn backchannel_url_lock() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
 }
 
 /// Try a refresh token directly at Keycloak: is it still alive?

@@ -2,16 +2,19 @@
 //! session (look up, check expiry, slide the idle timeout, refresh the access token once), and
 //! end it. `/auth/me`, the proxy, the internal exchange and Envoy's ext_authz are adapters over it.
 
+mod pending_logouts;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use crate::clock::{Clock, UnixTime};
 use crate::crypto::Keyring;
-use crate::metrics::{Metrics, RefreshOutcome};
+use crate::metrics::{DeferredLogoutLabels, DeferredLogoutOutcome, Metrics, RefreshOutcome};
 use crate::oidc::id_token::TokenKind;
 use crate::oidc::jwks::KeySource;
 use crate::oidc::{LoginResult, OidcClient, OidcError, TokenResponse, UserClaims};
 use crate::session::{SessionId, SessionKey, SessionRecord, SessionStore, StoreError, TokenSet};
+use pending_logouts::{PendingLogout, PendingLogouts, Pushed};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ExchangeError {
@@ -126,6 +129,10 @@ pub struct Exchange {
     background: tokio_util::task::TaskTracker,
     /// Set on SIGTERM: readiness answers false from then on.
     draining: std::sync::atomic::AtomicBool,
+    /// Back-channel logouts validated while the store was unavailable: retried by
+    /// `logout_retry_loop` until applied, and meanwhile every session they name is treated as
+    /// ended on this replica.
+    pending_logouts: PendingLogouts,
 }
 
 /// A refresh's outcome as its waiters see it: `None` until the refresher has one.
@@ -142,6 +149,9 @@ const BACKOFF_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
 const BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(5);
 /// A failure this long after the previous backoff ended starts the schedule again.
 const BACKOFF_RESET: std::time::Duration = std::time::Duration::from_secs(30);
+/// Retry schedule of deferred back-channel logouts: 1 s after the failure, doubling, at most 5 s.
+const LOGOUT_RETRY_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
+const LOGOUT_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Removes a refresh flight from the table when the refresher is done or was cancelled (its
 /// request went away): waiters then see the outcome, or the closed channel and try again.
@@ -189,6 +199,7 @@ impl Exchange {
             skew_warned: Default::default(),
             background: tokio_util::task::TaskTracker::new(),
             draining: Default::default(),
+            pending_logouts: PendingLogouts::new(pending_logouts::CAPACITY),
         }
     }
 
@@ -368,7 +379,7 @@ impl Exchange {
     pub async fn still_live(&self, id: &SessionId) -> Result<(), ExchangeError> {
         let key = id.key();
         let record = self.store.get(&key).await?.ok_or(ExchangeError::InvalidSession)?;
-        if record.is_expired(self.clock.now()) {
+        if record.is_expired(self.clock.now()) || self.ended_by_pending_logout(&record) {
             return Err(ExchangeError::InvalidSession);
         }
         self.authenticate(&key, &record)
@@ -496,7 +507,10 @@ impl Exchange {
 
     /// Accept a back-channel logout token (SECURITY 17): validate it, mark its `jti` used — one
     /// atomic set-if-absent shared by every replica, so two deliveries cannot both pass — then end
-    /// the sessions. If ending fails the mark is taken back, so the provider may deliver it again.
+    /// the sessions. If the store is unavailable the mark is taken back, so a provider that
+    /// delivers again may, and the logout is deferred: kept in this replica's memory, applied by
+    /// `logout_retry_loop` once the store is back, and its sessions treated as ended meanwhile.
+    /// The answer is still `Unavailable` (503): it has not been applied yet.
     pub async fn accept_logout_token(&self, token: &str, tombstone_for: i64) -> Result<usize, LogoutTokenError> {
         let claims =
             match self.oidc.validate_jwt(token, TokenKind::Logout, None, None, KeySource::Unauthenticated).await {
@@ -517,6 +531,17 @@ impl Exchange {
         // Kept well past the last moment the token still validates (exp + leeway), so clock
         // differences between replicas and Redis leave no window for a replay.
         let until = exp + crate::oidc::id_token::LEEWAY + 300;
+        let deferred = || PendingLogout {
+            sid: s("sid").map(str::to_owned),
+            sub: s("sub").map(str::to_owned),
+            user_key: match (s("sid"), s("sub")) {
+                (None, Some(sub)) => Some(self.user_key(sub)),
+                _ => None,
+            },
+            tombstone_for,
+            jti: jti.to_owned(),
+            exp,
+        };
         match self.store.mark(LOGOUT_JTI, jti, until).await {
             Ok(true) => {}
             Ok(false) => {
@@ -532,18 +557,28 @@ impl Exchange {
                 if let Err(e) = self.store.unmark(LOGOUT_JTI, jti).await {
                     tracing::warn!(error = %e, "could not release the logout token's jti");
                 }
+                if matches!(e, StoreError::Unavailable(_)) {
+                    self.defer_logout(deferred());
+                }
                 return Err(LogoutTokenError::Unavailable);
             }
         }
         match self.end_provider_session(s("sid"), s("sub"), tombstone_for).await {
             Ok(n) => {
                 tracing::info!(sub = s("sub").unwrap_or("-"), sessions = n, "back-channel logout: sessions ended");
+                // A redelivery applied it: nothing left for the retry to do.
+                if self.pending_logouts.remove(jti) {
+                    self.metrics.backchannel_logout_pending.set(gauge_value(self.pending_logouts.len()));
+                }
                 Ok(n)
             }
             Err(e) => {
                 tracing::error!(error = %e, "back-channel logout failed; its jti is released for a retry");
                 if let Err(e) = self.store.unmark(LOGOUT_JTI, jti).await {
                     tracing::warn!(error = %e, "could not release the logout token's jti");
+                }
+                if matches!(e, ExchangeError::StoreUnavailable) {
+                    self.defer_logout(deferred());
                 }
                 Err(LogoutTokenError::Unavailable)
             }
@@ -552,7 +587,118 @@ impl Exchange {
 
     /// Whether the provider already logged this Keycloak session out (back-channel).
     pub async fn provider_session_ended(&self, sid: &str) -> Result<bool, ExchangeError> {
+        if self.pending_logouts.ends_provider_session(sid) {
+            return Ok(true);
+        }
         Ok(self.store.is_marked(TOMBSTONE, sid, self.clock.now()).await?)
+    }
+
+    /// Whether a back-channel logout still pending on this replica ends this session: fail closed
+    /// until the retry has removed it from the store. One atomic load when none is pending.
+    fn ended_by_pending_logout(&self, record: &SessionRecord) -> bool {
+        !self.pending_logouts.is_empty()
+            && self.pending_logouts.ends(record.provider_sid.as_deref(), &record.claims.user_key())
+    }
+
+    /// Keep a validated logout the store could not take, for `logout_retry_loop`.
+    fn defer_logout(&self, entry: PendingLogout) {
+        match self.pending_logouts.push(entry) {
+            Pushed::Added => tracing::warn!(
+                pending = self.pending_logouts.len(),
+                "back-channel logout deferred: it is applied when the session store is back"
+            ),
+            Pushed::AlreadyPending => {}
+            Pushed::DroppedOldest(old) => {
+                self.metrics
+                    .backchannel_logouts_deferred
+                    .get_or_create(&DeferredLogoutLabels { outcome: DeferredLogoutOutcome::Dropped })
+                    .inc();
+                tracing::error!(
+                    sub = old.sub.as_deref().unwrap_or("-"),
+                    capacity = pending_logouts::CAPACITY,
+                    "deferred back-channel logouts queue full: the oldest was dropped and its sessions live until they expire or their refresh fails"
+                );
+            }
+        }
+        self.metrics.backchannel_logout_pending.set(gauge_value(self.pending_logouts.len()));
+    }
+
+    /// How many validated back-channel logouts this replica has not applied yet.
+    pub fn pending_logouts(&self) -> usize {
+        self.pending_logouts.len()
+    }
+
+    /// Apply the deferred back-channel logouts, oldest first: tombstone the `sid`, delete its
+    /// sessions (or the user's), mark the `jti` used (already marked is fine: a redelivery was
+    /// applied elsewhere). Stops at the first failure; returns whether all were applied.
+    pub async fn retry_pending_logouts(&self) -> bool {
+        let mut all = true;
+        for p in self.pending_logouts.snapshot() {
+            let applied = async {
+                let n = self.end_provider_session(p.sid.as_deref(), p.sub.as_deref(), p.tombstone_for).await?;
+                let until = p.exp + crate::oidc::id_token::LEEWAY + 300;
+                self.store.mark(LOGOUT_JTI, &p.jti, until).await?;
+                Ok::<usize, ExchangeError>(n)
+            }
+            .await;
+            match applied {
+                Ok(n) => {
+                    if self.pending_logouts.remove(&p.jti) {
+                        self.metrics
+                            .backchannel_logouts_deferred
+                            .get_or_create(&DeferredLogoutLabels { outcome: DeferredLogoutOutcome::Applied })
+                            .inc();
+                    }
+                    tracing::info!(
+                        sub = p.sub.as_deref().unwrap_or("-"),
+                        sessions = n,
+                        "deferred back-channel logout applied: sessions ended"
+                    );
+                }
+                Err(ExchangeError::StoreUnavailable) => {
+                    // Still down: the rest would fail the same way.
+                    all = false;
+                    break;
+                }
+                Err(e) => {
+                    // One entry the store refuses (a damaged record) must not hold up the others.
+                    tracing::warn!(error = %e, sub = p.sub.as_deref().unwrap_or("-"), "deferred back-channel logout not applied; retrying");
+                    all = false;
+                }
+            }
+        }
+        self.metrics.backchannel_logout_pending.set(gauge_value(self.pending_logouts.len()));
+        all
+    }
+
+    /// The background task that applies deferred back-channel logouts: idle until one is
+    /// deferred, then retried 1 s after the failure, doubling to 5 s, until the store takes them.
+    /// Started with the other background loops; returns when `stop` turns true.
+    pub async fn logout_retry_loop(&self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut delay = LOGOUT_RETRY_FIRST;
+        loop {
+            if self.pending_logouts.is_empty() {
+                delay = LOGOUT_RETRY_FIRST;
+                tokio::select! {
+                    _ = self.pending_logouts.added() => {}
+                    _ = stop.wait_for(|s| *s) => break,
+                }
+                continue;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stop.wait_for(|s| *s) => break,
+            }
+            delay =
+                if self.retry_pending_logouts().await { LOGOUT_RETRY_FIRST } else { (delay * 2).min(LOGOUT_RETRY_MAX) };
+        }
+        let left = self.pending_logouts.len();
+        if left > 0 {
+            tracing::error!(
+                pending = left,
+                "shutting down with deferred back-channel logouts not applied: their sessions live until they expire or their refresh fails"
+            );
+        }
     }
 
     /// Revoke the refresh tokens of removed records at the provider (admin revocation).
@@ -573,6 +719,10 @@ impl Exchange {
         if record.is_expired(now) {
             // Best effort: the sweeper removes it otherwise. Either way the answer is the same.
             let _ = self.store.delete(key).await;
+            return Err(ExchangeError::InvalidSession);
+        }
+        if self.ended_by_pending_logout(&record) {
+            // The provider logged it out while the store was down; the retry deletes it.
             return Err(ExchangeError::InvalidSession);
         }
         Ok(record)
@@ -916,6 +1066,10 @@ impl Exchange {
         })?;
         serde_json::from_slice(&plain).map_err(|_| ExchangeError::InvalidSession)
     }
+}
+
+fn gauge_value(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 /// The skew actually applied: the configured one, but at most half the token's lifetime.
@@ -1385,30 +1539,30 @@ mod tests {
         assert!(ex.store().get(&id.key()).await.unwrap().is_some(), "an outage never ends a session");
     }
 
-    /// SECURITY: a back-channel logout whose replay mark (`SET NX`) timed out after Redis had
-    /// taken it must not leave the mark behind: the provider's retry of the same token would be
-    /// refused as a replay and the sessions would live on. Redis is paused for writes so the
-    /// mark lands only after the store has given up on it.
-    #[tokio::test]
-    async fn a_logout_whose_replay_mark_timed_out_can_be_delivered_again() {
+    /// A real `redis-server` on a free loopback port, killed on drop, and a store on it whose
+    /// calls give up after 300 ms.
+    struct TestRedis {
+        child: std::process::Child,
+        _dir: tempfile::TempDir,
+    }
+    impl Drop for TestRedis {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    async fn test_redis() -> (TestRedis, String, Arc<dyn SessionStore>) {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let rdir = tempfile::tempdir().unwrap();
-        struct Kill(std::process::Child);
-        impl Drop for Kill {
-            fn drop(&mut self) {
-                let _ = self.0.kill();
-                let _ = self.0.wait();
-            }
-        }
-        let _redis = Kill(
-            std::process::Command::new("redis-server")
-                .args(["--bind", "127.0.0.1", "--save", "", "--port", &port.to_string()])
-                .arg("--dir")
-                .arg(rdir.path())
-                .stdout(std::process::Stdio::null())
-                .spawn()
-                .expect("redis-server must be installed (scripts/setup.sh)"),
-        );
+        let child = std::process::Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--save", "", "--port", &port.to_string()])
+            .arg("--dir")
+            .arg(rdir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (scripts/setup.sh)");
+        let redis = TestRedis { child, _dir: rdir };
         for _ in 0..100 {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
                 break;
@@ -1422,9 +1576,85 @@ mod tests {
             Duration::from_millis(300),
         )
         .unwrap();
+        (redis, url, Arc::new(store))
+    }
+
+    /// SECURITY: Keycloak does not deliver a back-channel logout again after a 503. One that
+    /// arrives while the store cannot write is kept; once the store is back — with the session's
+    /// record still in it — this replica treats the session as ended until the retry loop has
+    /// applied the logout, which it then does by itself.
+    #[tokio::test]
+    async fn a_logout_the_store_could_not_take_is_applied_later_and_fails_closed_meanwhile() {
+        let (_redis, url, store) = test_redis().await;
         let clock = Arc::new(SystemClock::default());
         let p = crate::oidc::stub::Provider::start(clock.clone()).await;
-        let ex = stub_core(&p, clock.clone(), Arc::new(store), 30);
+        let ex = Arc::new(stub_core(&p, clock.clone(), store, 30));
+        let (id, _) = ex.start(stub_login(&p), ClientInfo::default()).await.unwrap();
+        let mut other = stub_login(&p);
+        other.provider_sid = Some("another-sid".into());
+        let (bystander, _) = ex.start(other, ClientInfo::default()).await.unwrap();
+
+        let mut admin = redis::Client::open(url.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
+        let _: () = redis::cmd("CLIENT").arg("PAUSE").arg(1000).arg("WRITE").query_async(&mut admin).await.unwrap();
+        let token = p.logout_token("jti-1");
+        assert!(matches!(ex.accept_logout_token(&token, 60).await, Err(LogoutTokenError::Unavailable)), "503");
+        assert_eq!(ex.pending_logouts(), 1);
+        assert_eq!(ex.metrics.backchannel_logout_pending.get(), 1);
+        tokio::time::sleep(Duration::from_millis(1200)).await; // the store is back
+
+        assert!(ex.store().get(&id.key()).await.unwrap().is_some(), "the store still has the record");
+        assert!(matches!(ex.resolve(&id, false).await, Err(ExchangeError::InvalidSession)), "but it is ended here");
+        assert!(matches!(ex.resolve(&id, true).await, Err(ExchangeError::InvalidSession)), "for the exchange too");
+        assert!(matches!(ex.still_live(&id).await, Err(ExchangeError::InvalidSession)), "and an open stream");
+        assert!(
+            matches!(ex.start(stub_login(&p), ClientInfo::default()).await, Err(ExchangeError::LoginEnded)),
+            "a login for the logged-out provider session is refused"
+        );
+        assert!(ex.resolve(&bystander, false).await.is_ok(), "another provider session is not affected");
+
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let retry = tokio::spawn({
+            let ex = ex.clone();
+            async move { ex.logout_retry_loop(stopped).await }
+        });
+        let mut applied = false;
+        for _ in 0..100 {
+            if ex.pending_logouts() == 0 {
+                applied = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(applied, "the retry applied it once the store took writes again");
+        assert!(ex.store().get(&id.key()).await.unwrap().is_none(), "the record is gone from the store");
+        assert!(ex.provider_session_ended("stub-sid").await.unwrap(), "tombstoned");
+        assert!(matches!(ex.resolve(&id, false).await, Err(ExchangeError::InvalidSession)));
+        assert!(ex.resolve(&bystander, false).await.is_ok());
+        assert!(
+            matches!(ex.accept_logout_token(&token, 60).await, Err(LogoutTokenError::Replayed)),
+            "its jti is marked: a late redelivery is a replay"
+        );
+        let applied_total = ex
+            .metrics
+            .backchannel_logouts_deferred
+            .get_or_create(&crate::metrics::DeferredLogoutLabels { outcome: DeferredLogoutOutcome::Applied })
+            .get();
+        assert_eq!(applied_total, 1);
+        assert_eq!(ex.metrics.backchannel_logout_pending.get(), 0);
+        stop.send(true).unwrap();
+        retry.await.unwrap();
+    }
+
+    /// SECURITY: a back-channel logout whose replay mark (`SET NX`) timed out after Redis had
+    /// taken it must not leave the mark behind: the provider's retry of the same token would be
+    /// refused as a replay and the sessions would live on. Redis is paused for writes so the
+    /// mark lands only after the store has given up on it.
+    #[tokio::test]
+    async fn a_logout_whose_replay_mark_timed_out_can_be_delivered_again() {
+        let (_redis, url, store) = test_redis().await;
+        let clock = Arc::new(SystemClock::default());
+        let p = crate::oidc::stub::Provider::start(clock.clone()).await;
+        let ex = stub_core(&p, clock.clone(), store, 30);
         let (id, _) = ex.start(stub_login(&p), ClientInfo::default()).await.unwrap();
         let token = p.logout_token("jti-1");
         let mut admin = redis::Client::open(url.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
@@ -1433,6 +1663,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(1200)).await; // the pause is over; the SET NX ran
         assert_eq!(ex.accept_logout_token(&token, 60).await.unwrap(), 1, "the retry is accepted");
         assert!(ex.store().get(&id.key()).await.unwrap().is_none(), "and the session is gone");
+        assert_eq!(ex.pending_logouts(), 0, "the redelivery took the deferred logout's place");
         assert!(
             matches!(ex.accept_logout_token(&token, 60).await, Err(LogoutTokenError::Replayed)),
             "a third delivery is a replay"

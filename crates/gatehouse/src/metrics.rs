@@ -90,6 +90,17 @@ label_values!(
     }
 );
 
+label_values!(
+    /// `gatehouse_backchannel_logouts_deferred_total{outcome}`: how a back-channel logout that
+    /// could not be applied at once (store unavailable) ended.
+    DeferredLogoutOutcome { Applied => "applied", Dropped => "dropped" }
+);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeferredLogoutLabels {
+    pub outcome: DeferredLogoutOutcome,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefreshLabels {
     pub outcome: RefreshOutcome,
@@ -296,6 +307,11 @@ pub struct Metrics {
     pub views: Family<ViewOutcome, Counter>,
     /// Failed parts of composed views, by view, part and reason.
     pub view_part_failures: Family<ViewPartFailure, Counter>,
+    /// Validated back-channel logouts this replica still has to apply (the store was down).
+    pub backchannel_logout_pending: Gauge,
+    /// Deferred back-channel logouts by how they ended: `applied` by the retry, or `dropped`
+    /// because the queue was full.
+    pub backchannel_logouts_deferred: Family<DeferredLogoutLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -320,11 +336,16 @@ impl Default for Metrics {
             cert_expiry: Family::default(),
             views: Family::default(),
             view_part_failures: Family::default(),
+            backchannel_logout_pending: Gauge::default(),
+            backchannel_logouts_deferred: Family::default(),
         };
         // Series that alerts divide by exist from the start (a ratio over a missing series is
         // "no data", and an alert on it never fires).
         for &outcome in RefreshOutcome::ALL {
             let _ = m.refreshes.get_or_create(&RefreshLabels { outcome });
+        }
+        for &outcome in DeferredLogoutOutcome::ALL {
+            let _ = m.backchannel_logouts_deferred.get_or_create(&DeferredLogoutLabels { outcome });
         }
         m
     }
@@ -418,6 +439,16 @@ impl Metrics {
             "gatehouse_view_part_failures",
             "Failed parts of composed views by view, part and reason",
             self.view_part_failures.clone(),
+        );
+        registry.register(
+            "gatehouse_backchannel_logout_pending",
+            "Validated back-channel logouts this replica has not applied yet because the session store was unavailable",
+            self.backchannel_logout_pending.clone(),
+        );
+        registry.register(
+            "gatehouse_backchannel_logouts_deferred",
+            "Back-channel logouts deferred because the session store was unavailable, by how they ended (applied by the retry, dropped when the queue was full)",
+            self.backchannel_logouts_deferred.clone(),
         );
         // A gauge named `…_info` with value 1 (the Prometheus convention) rather than an
         // OpenMetrics `info` type, which promtool and the Prometheus text parser reject.

@@ -142,6 +142,7 @@ async fn keycloak_back_channel_logout_ends_the_session_on_every_replica() {
     let redis = Redis::start().await;
     let base = Options { internal_allow: Some(vec![POCKETBASE.into()]), ..Options::short_tokens() };
     let (wa, a, _wb, b) = replica_pair(&redis, base).await;
+    let _client_settings = backchannel_url_lock().await;
     let admin = KcAdmin::connect().await;
     admin.set_backchannel_url("gatehouse-short", &format!("{}/auth/backchannel-logout", a.base)).await;
     let mut browser = Browser::default();
@@ -191,14 +192,9 @@ async fn keycloak_back_channel_logout_ends_the_session_on_every_replica() {
     b.stop().await;
 }
 
-/// Keycloak's real logout token, captured on its way (a stand-in back-channel URL that records and
-/// does not forward), then delivered to both replicas at once, many times: exactly one delivery
-/// is accepted, the replay mark being one set-if-absent step in the shared store.
-#[tokio::test]
-async fn a_genuine_logout_token_is_accepted_exactly_once_across_replicas() {
-    use base64::Engine;
-    let redis = Redis::start().await;
-    let (_wa, a, _wb, b) = replica_pair(&redis, Options::default()).await;
+/// Keycloak's logout tokens, received instead of delivered (a stand-in back-channel URL that
+/// records and does not forward): the URL to give Keycloak and what arrived there.
+async fn logout_token_receiver() -> (String, std::sync::Arc<tokio::sync::Mutex<Vec<String>>>) {
     let captured: std::sync::Arc<tokio::sync::Mutex<Vec<String>>> = Default::default();
     let app = axum::Router::new()
         .route(
@@ -215,6 +211,41 @@ async fn a_genuine_logout_token_is_accepted_exactly_once_across_replicas() {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let capture_url = format!("http://localhost:{}/capture", l.local_addr().unwrap().port());
     tokio::spawn(async move { axum::serve(l, app).await });
+    (capture_url, captured)
+}
+
+/// The logout token Keycloak sent for its session `kc_sid` (waits up to 10 s for it).
+async fn received_logout_token(captured: &tokio::sync::Mutex<Vec<String>>, kc_sid: &str) -> String {
+    use base64::Engine;
+    for _ in 0..100 {
+        let found = captured
+            .lock()
+            .await
+            .iter()
+            .find(|t| {
+                let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(t.split('.').nth(1).unwrap_or(""))
+                    .unwrap_or_default();
+                serde_json::from_slice::<Value>(&payload).is_ok_and(|v| v["sid"] == kc_sid)
+            })
+            .cloned();
+        if let Some(token) = found {
+            return token;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("Keycloak sent no logout token for the session");
+}
+
+/// Keycloak's real logout token, captured on its way (a stand-in back-channel URL that records and
+/// does not forward), then delivered to both replicas at once, many times: exactly one delivery
+/// is accepted, the replay mark being one set-if-absent step in the shared store.
+#[tokio::test]
+async fn a_genuine_logout_token_is_accepted_exactly_once_across_replicas() {
+    let redis = Redis::start().await;
+    let (_wa, a, _wb, b) = replica_pair(&redis, Options::default()).await;
+    let _client_settings = backchannel_url_lock().await;
+    let (capture_url, captured) = logout_token_receiver().await;
     let admin = KcAdmin::connect().await;
     admin.set_backchannel_url("gatehouse", &capture_url).await;
 
@@ -223,27 +254,7 @@ async fn a_genuine_logout_token_is_accepted_exactly_once_across_replicas() {
     let sid = browser.cookie(&a.base, COOKIE).unwrap();
     let kc_sid = session_tokens(&a, &sid).await.0.provider_sid.unwrap();
     admin.delete(&format!("/sessions/{kc_sid}")).await;
-    let token = {
-        let mut found = None;
-        for _ in 0..100 {
-            found = captured
-                .lock()
-                .await
-                .iter()
-                .find(|t| {
-                    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
-                        .decode(t.split('.').nth(1).unwrap_or(""))
-                        .unwrap_or_default();
-                    serde_json::from_slice::<Value>(&payload).is_ok_and(|v| v["sid"] == kc_sid.as_str())
-                })
-                .cloned();
-            if found.is_some() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        found.expect("Keycloak sent a logout token for the session")
-    };
+    let token = received_logout_token(&captured, &kc_sid).await;
     let me =
         |gate: &Gate| http().get(format!("{}/auth/me", gate.base)).header("cookie", format!("{COOKIE}={sid}")).send();
     assert_eq!(me(&b).await.unwrap().status(), 200, "not delivered yet: the session lives");
@@ -267,6 +278,90 @@ async fn a_genuine_logout_token_is_accepted_exactly_once_across_replicas() {
     admin.set_backchannel_url("gatehouse", "http://localhost:8080/auth/backchannel-logout").await;
     a.stop().await;
     b.stop().await;
+}
+
+/// Keycloak does not deliver a back-channel logout again after a 503 (found by `make soak`).
+/// Its real logout token arrives while Redis is down: 503, and Redis comes back with the
+/// session's record — the replica must not serve the session again ("resurrected"): it answers
+/// 401 and removes the record by itself once Redis takes writes.
+#[tokio::test]
+async fn a_back_channel_logout_during_a_redis_outage_is_applied_when_redis_is_back() {
+    let mut redis = Redis::start().await;
+    let w = Workdir::new();
+    let gate = Gate::start(&w, &Options { redis_url: Some(redis.url()), ..Options::default() }).await;
+    let _client_settings = backchannel_url_lock().await;
+    let (capture_url, captured) = logout_token_receiver().await;
+    let admin = KcAdmin::connect().await;
+    admin.set_backchannel_url("gatehouse", &capture_url).await;
+
+    let mut browser = Browser::default();
+    browser.login(&gate.base, "alice").await;
+    let sid = browser.cookie(&gate.base, COOKIE).unwrap();
+    let key = gatehouse::session::SessionId::parse(&sid).unwrap().key();
+    let kc_sid = session_tokens(&gate, &sid).await.0.provider_sid.unwrap();
+    admin.delete(&format!("/sessions/{kc_sid}")).await;
+    let token = received_logout_token(&captured, &kc_sid).await;
+    admin.set_backchannel_url("gatehouse", "http://localhost:8080/auth/backchannel-logout").await;
+    let me = || http().get(format!("{}/auth/me", gate.base)).header("cookie", format!("{COOKIE}={sid}")).send();
+    assert_eq!(me().await.unwrap().status(), 200, "not delivered yet: the session lives");
+
+    redis.stop().await;
+    let r = http()
+        .post(format!("{}/auth/backchannel-logout", gate.base))
+        .form(&[("logout_token", token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503, "not applied yet, and said so");
+    let metrics = scrape_metrics(&gate).await;
+    assert_eq!(metric(&metrics, "gatehouse_backchannel_logout_pending"), Some(1.0), "{metrics}");
+
+    redis.restart().await; // AOF: the session's record is back with it
+    let mut ended = false;
+    for _ in 0..50 {
+        let status = me().await.unwrap().status();
+        assert_ne!(status, 200, "the session is never served again");
+        if status == 401 {
+            ended = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ended, "the session stays ended after the outage");
+    let mut removed = false;
+    for _ in 0..150 {
+        if gate.core().exchange.store().get(&key).await.is_ok_and(|r| r.is_none()) {
+            removed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(removed, "the deferred logout removed the record from Redis");
+    assert_eq!(me().await.unwrap().status(), 401);
+    let metrics = scrape_metrics(&gate).await;
+    assert_eq!(metric(&metrics, "gatehouse_backchannel_logout_pending"), Some(0.0), "{metrics}");
+    assert_eq!(
+        metric(&metrics, "gatehouse_backchannel_logouts_deferred_total{outcome=\"applied\"}"),
+        Some(1.0),
+        "{metrics}"
+    );
+    let late = http()
+        .post(format!("{}/auth/backchannel-logout", gate.base))
+        .form(&[("logout_token", token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(late.status(), 400, "its jti was marked when it was applied: a late copy is a replay");
+    gate.stop().await;
+}
+
+async fn scrape_metrics(gate: &Gate) -> String {
+    http().get(format!("{}/metrics", gate.admin)).send().await.unwrap().text().await.unwrap()
+}
+
+/// A sample's value in the Prometheus text format, by its name with labels as exposed.
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 #[tokio::test]
