@@ -539,7 +539,8 @@ mod tests {
     }
 }
 
-#[cfg(all(test, feature = "otel"))]
+#[cfg(test)]
+#[cfg(feature = "otel")]
 mod sampling_tests {
     use super::otel::{Decision, UNSAMPLED, Unsampled, decide, inject_unsampled};
     use super::*;
