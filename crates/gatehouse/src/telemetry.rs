@@ -222,8 +222,9 @@ pub async fn observe(State(o): State<Arc<Observe>>, req: Request, next: Next) ->
     let run = next.run(req).instrument(span.clone());
     #[cfg(feature = "otel")]
     let resp = match decision {
-        Some(otel::Decision::Unsampled(u)) => otel::UNSAMPLED.scope(u, run).await,
-        _ => run.await,
+        Some(otel::Decision::Sampled(_)) => otel::REQUEST_TRACE.scope(otel::RequestTrace::Sampled, run).await,
+        Some(otel::Decision::Unsampled(u)) => otel::REQUEST_TRACE.scope(otel::RequestTrace::Unsampled(u), run).await,
+        None => run.await,
     };
     #[cfg(not(feature = "otel"))]
     let resp = run.await;
@@ -268,10 +269,17 @@ fn server_span(face: Face, method: &str, route: &str, path: &str) -> tracing::Sp
 }
 
 /// Whether a client span (a provider call, a store operation, an upstream request) should be
-/// made: only under a sampled request's span. Calls outside a request (the sweeper, key refresh)
-/// and calls of unsampled requests make none, so they neither cost a span nor start orphan traces.
+/// made: only while serving a request `observe` decided to sample. Calls outside a request (the
+/// sweeper, key refresh) and calls of unsampled requests make none, so they neither cost a span
+/// nor start orphan traces (the SDK keeps every span it is given). Asked of the request's own
+/// decision, not of "is some span current": a dependency's span must not make ours roots.
 pub fn tracing_request() -> bool {
-    !tracing::Span::current().is_none()
+    #[cfg(feature = "otel")]
+    {
+        otel::REQUEST_TRACE.try_with(|t| matches!(t, otel::RequestTrace::Sampled)).unwrap_or(false)
+    }
+    #[cfg(not(feature = "otel"))]
+    false
 }
 
 /// Record what a handler learned on the request's server span (no-ops for fields it lacks).
@@ -364,7 +372,8 @@ mod otel {
         let filter = tracing_subscriber::filter::filter_fn(|m| {
             (m.target() == "gatehouse" || m.target().starts_with("gatehouse::"))
                 && if m.is_span() { *m.level() <= tracing::Level::DEBUG } else { *m.level() <= tracing::Level::INFO }
-        });
+        })
+        .with_max_level_hint(tracing::Level::DEBUG);
         let layer = tracing_opentelemetry::layer()
             .with_tracer(tracer)
             .with_tracked_inactivity(false)
@@ -421,17 +430,24 @@ mod otel {
         Unsampled(Unsampled),
     }
 
-    /// The trace context an unsampled request passes on: the caller's own (already marked not
-    /// sampled), or a fresh trace id with the sampled flag clear.
-    #[derive(Clone)]
-    pub enum Unsampled {
-        Remote(HeaderValue, Option<HeaderValue>),
-        Root(TraceId, SpanId),
+    /// The trace context an unsampled request passes on, sampled flag clear: the caller's trace
+    /// and parent id (Gatehouse takes no part in an unsampled trace), or a fresh trace id. Kept
+    /// parsed and written out anew, never the caller's header bytes.
+    pub struct Unsampled {
+        trace_id: TraceId,
+        span_id: SpanId,
+        /// The caller's `tracestate` as the propagator parsed it (empty for a new trace).
+        state: String,
+    }
+
+    /// What `observe` decided for the request this task serves.
+    pub enum RequestTrace {
+        Sampled,
+        Unsampled(Unsampled),
     }
 
     tokio::task_local! {
-        /// The unsampled context of the request this task serves (set by `observe`).
-        pub static UNSAMPLED: Unsampled;
+        pub static REQUEST_TRACE: RequestTrace;
     }
 
     /// Parent-based sampling: a valid incoming context keeps its caller's decision; a new trace
@@ -444,9 +460,11 @@ mod otel {
                 if sc.is_sampled() {
                     return Decision::Sampled(Some(cx));
                 }
-                if let Some(tp) = headers.get("traceparent") {
-                    return Decision::Unsampled(Unsampled::Remote(tp.clone(), headers.get("tracestate").cloned()));
-                }
+                return Decision::Unsampled(Unsampled {
+                    trace_id: sc.trace_id(),
+                    span_id: sc.span_id(),
+                    state: sc.trace_state().header(),
+                });
             }
         }
         if ratio >= 1.0 {
@@ -462,7 +480,7 @@ mod otel {
         if sampled {
             Decision::Sampled(None)
         } else {
-            Decision::Unsampled(Unsampled::Root(trace_id, ids.new_span_id()))
+            Decision::Unsampled(Unsampled { trace_id, span_id: ids.new_span_id(), state: String::new() })
         }
     }
 
@@ -472,17 +490,15 @@ mod otel {
 
     /// Write the current request's unsampled context, if it has one.
     pub fn inject_unsampled(headers: &mut HeaderMap) {
-        let _ = UNSAMPLED.try_with(|u| match u {
-            Unsampled::Remote(tp, ts) => {
-                headers.insert("traceparent", tp.clone());
-                if let Some(ts) = ts {
-                    headers.insert("tracestate", ts.clone());
-                }
+        let _ = REQUEST_TRACE.try_with(|t| {
+            let RequestTrace::Unsampled(u) = t else { return };
+            if let Ok(v) = HeaderValue::try_from(format!("00-{}-{}-00", u.trace_id, u.span_id)) {
+                headers.insert("traceparent", v);
             }
-            Unsampled::Root(trace_id, span_id) => {
-                if let Ok(v) = HeaderValue::try_from(format!("00-{trace_id}-{span_id}-00")) {
-                    headers.insert("traceparent", v);
-                }
+            if !u.state.is_empty()
+                && let Ok(v) = HeaderValue::try_from(u.state.as_str())
+            {
+                headers.insert("tracestate", v);
             }
         });
     }
@@ -542,32 +558,41 @@ mod tests {
 #[cfg(test)]
 #[cfg(feature = "otel")]
 mod sampling_tests {
-    use super::otel::{Decision, UNSAMPLED, Unsampled, decide, inject_unsampled};
+    use super::otel::{Decision, REQUEST_TRACE, RequestTrace, decide};
     use super::*;
 
-    fn headers(traceparent: &str) -> HeaderMap {
+    fn headers(traceparent: &str, tracestate: &str) -> HeaderMap {
         let mut h = HeaderMap::new();
         h.insert("traceparent", traceparent.parse().unwrap());
-        h.insert("tracestate", "vendor=x".parse().unwrap());
+        h.insert("tracestate", tracestate.parse().unwrap());
+        h
+    }
+
+    const ON: Propagation =
+        Propagation { enabled: true, policy: TracePropagation::Any, trusted_proxies: Vec::new(), ratio: 0.0 };
+
+    /// What an upstream request carries when sent while serving a request decided as `decision`.
+    async fn sent_upstream(decision: Decision) -> HeaderMap {
+        let trace = match decision {
+            Decision::Sampled(_) => RequestTrace::Sampled,
+            Decision::Unsampled(u) => RequestTrace::Unsampled(u),
+        };
+        let mut h = headers("00-11111111111111111111111111111111-2222222222222222-01", "browser=1");
+        REQUEST_TRACE.scope(trace, async { inject(&ON, &tracing::Span::none(), &mut h) }).await;
         h
     }
 
     #[test]
     fn a_continued_trace_keeps_its_callers_decision() {
-        let sampled = headers("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        let sampled = headers("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", "vendor=x");
         // Even at ratio 0: the caller decided.
         assert!(matches!(decide(0.0, Some(&sampled)), Decision::Sampled(Some(_))));
-        let unsampled = headers("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00");
-        match decide(1.0, Some(&unsampled)) {
-            Decision::Unsampled(Unsampled::Remote(tp, ts)) => {
-                assert_eq!(tp, "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00");
-                assert_eq!(ts.unwrap(), "vendor=x");
-            }
-            _ => panic!("an unsampled caller's trace must not be recorded"),
-        }
+        let unsampled = headers("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00", "vendor=x");
+        assert!(matches!(decide(1.0, Some(&unsampled)), Decision::Unsampled(_)), "an unsampled caller is not recorded");
         // A malformed header is no context: a new trace, decided by the ratio.
-        assert!(matches!(decide(1.0, Some(&headers("00-zz-00f067aa0ba902b7-01"))), Decision::Sampled(None)));
-        assert!(matches!(decide(0.0, Some(&headers("garbage"))), Decision::Unsampled(Unsampled::Root(..))));
+        let bad = headers("00-zz-00f067aa0ba902b7-01", "vendor=x");
+        assert!(matches!(decide(1.0, Some(&bad)), Decision::Sampled(None)));
+        assert!(matches!(decide(0.0, Some(&headers("garbage", "x=1"))), Decision::Unsampled(_)));
     }
 
     #[test]
@@ -580,22 +605,34 @@ mod sampling_tests {
 
     #[tokio::test]
     async fn an_unsampled_request_tells_the_upstream_not_to_sample() {
-        let on = Propagation { enabled: true, policy: TracePropagation::Any, trusted_proxies: Vec::new(), ratio: 0.0 };
-        let Decision::Unsampled(u) = decide(0.0, None) else { panic!("ratio 0 samples nothing") };
-        let mut h = headers("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
-        UNSAMPLED.scope(u, async { inject(&on, &tracing::Span::none(), &mut h) }).await;
+        // A new trace: a fresh id, flag clear, the browser's headers gone.
+        let h = sent_upstream(decide(0.0, None)).await;
         let tp = h["traceparent"].to_str().unwrap().to_owned();
         assert!(tp.starts_with("00-") && tp.ends_with("-00") && tp.len() == 55, "{tp}");
-        assert!(!tp.contains("4bf92f3577b34da6a3ce929d0e0e4736"), "the browser's own header is replaced");
+        assert!(!tp.contains("1111111111"), "the browser's own header is replaced");
         assert!(h.get("tracestate").is_none());
-        // Forwarded as the caller sent it when the caller decided not to sample.
-        let Decision::Unsampled(u) =
-            decide(1.0, Some(&headers("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00")))
-        else {
-            panic!("unsampled caller")
-        };
-        let mut h = HeaderMap::new();
-        UNSAMPLED.scope(u, async { inject_unsampled(&mut h) }).await;
+        // A caller's unsampled trace continues, rebuilt from the parsed context, not copied: a
+        // padded header and a tracestate with an invalid member do not pass through as sent.
+        let caller = headers(" 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00 ", "vendor=x");
+        let h = sent_upstream(decide(1.0, Some(&caller))).await;
         assert_eq!(h["traceparent"], "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00");
+        assert_eq!(h["tracestate"], "vendor=x");
+        let odd = headers("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00", "vendor=x,BAD KEY=\"1\"");
+        let h = sent_upstream(decide(1.0, Some(&odd))).await;
+        assert!(h.get("tracestate").is_none_or(|v| !v.to_str().unwrap().contains("BAD")), "{h:?}");
+    }
+
+    #[tokio::test]
+    async fn only_a_sampled_request_makes_client_spans() {
+        assert!(!tracing_request(), "outside any request (sweeper, key refresh)");
+        assert!(REQUEST_TRACE.scope(RequestTrace::Sampled, async { tracing_request() }).await);
+        let Decision::Unsampled(u) = decide(0.0, None) else { panic!("ratio 0 samples nothing") };
+        assert!(!REQUEST_TRACE.scope(RequestTrace::Unsampled(u), async { tracing_request() }).await);
+        // Some other span being current (a dependency's) does not make a request sampled.
+        let _guard = tracing::subscriber::set_default(tracing_subscriber::registry());
+        let span = tracing::info_span!("dependency");
+        let _entered = span.enter();
+        assert!(!tracing::Span::current().is_none());
+        assert!(!tracing_request());
     }
 }
