@@ -865,8 +865,9 @@ impl Exchange {
     /// The stored record, unless a back-channel logout pending on this replica ends it (the
     /// provider logged it out while the store was down; the retry deletes it). The retry deletes
     /// the record and then removes the entry: had it done both between our read and our check,
-    /// the check would find no entry for a record already gone — so when an entry was removed
-    /// meanwhile (the removal counter moved; one atomic load each), the record is read again.
+    /// the check would find no entry for a record already gone — so when an entry matching this
+    /// session was removed meanwhile (one atomic load each when none was), the record is read
+    /// again.
     async fn read_checked(&self, key: &SessionKey) -> Result<SessionRecord, ExchangeError> {
         for _ in 0..3 {
             let removals = self.pending_logouts.removals();
@@ -875,6 +876,10 @@ impl Exchange {
                 return Err(ExchangeError::InvalidSession);
             }
             if self.pending_logouts.removals() == removals {
+                return Ok(record);
+            }
+            let (sid, user) = (record.provider_sid.as_deref(), record.claims.user_key());
+            if self.pending_logouts.removed_since(removals, sid, &user, record.created_at) == Some(false) {
                 return Ok(record);
             }
         }

@@ -14,7 +14,7 @@
 //! more than one entry does it refuse the new one. Every look-up the request path makes is a hash
 //! look-up, and one atomic load when nothing is pending (the normal state).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
@@ -22,6 +22,8 @@ use crate::clock::UnixTime;
 
 /// How many logouts one replica keeps at most.
 pub const CAPACITY: usize = 10_000;
+/// How many recent removals are remembered for readers whose store read overlapped one.
+const RECENT: usize = 1024;
 
 /// A logout token's replay mark (`jti`), written first when the deferred logout is applied.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -80,6 +82,24 @@ struct Inner {
     by_jti: HashMap<String, EntryId>,
     by_sid: HashMap<String, HashSet<EntryId>>,
     by_user: HashMap<String, UserEntries>,
+    /// The last `RECENT` removals with the removal count each one made: what they matched.
+    recent: VecDeque<(u64, Removed)>,
+}
+
+/// What a removed entry matched, for `PendingLogouts::removed_since`.
+struct Removed {
+    sid: Option<String>,
+    user_key: Option<String>,
+    user_cutoff: Option<UnixTime>,
+}
+
+impl Removed {
+    fn matches(&self, provider_sid: Option<&str>, user_key: &str, created_at: UnixTime) -> bool {
+        match &self.sid {
+            Some(sid) => provider_sid == Some(sid.as_str()),
+            None => self.user_key.as_deref() == Some(user_key) && self.user_cutoff.is_none_or(|c| created_at <= c),
+        }
+    }
 }
 
 impl Inner {
@@ -255,11 +275,9 @@ impl PendingLogouts {
             } else {
                 return Pushed::Refused;
             };
+            // A collapse removes entries but, under the same lock, adds one that matches at least
+            // their users' sessions up to them: readers need not look again.
             self.publish(&q);
-            // A collapse removed entries: readers between a store read and their check must look again.
-            if matches!(outcome, Pushed::Collapsed { .. }) {
-                self.removals.fetch_add(1, Ordering::SeqCst);
-            }
             outcome
         };
         self.wake.notify_one();
@@ -283,11 +301,43 @@ impl PendingLogouts {
         }
         let mut q = self.lock();
         let e = q.remove(id);
-        if e.is_some() {
-            self.removals.fetch_add(1, Ordering::SeqCst);
+        if let Some(e) = &e {
+            let n = self.removals.fetch_add(1, Ordering::SeqCst) + 1;
+            if q.recent.len() >= RECENT {
+                q.recent.pop_front();
+            }
+            let removed = Removed { sid: e.sid.clone(), user_key: e.user_key.clone(), user_cutoff: e.user_cutoff };
+            q.recent.push_back((n, removed));
         }
         self.publish(&q);
         e
+    }
+
+    /// Whether an entry removed since the removal count was `since` matched this session — the
+    /// retry may have deleted its record after the caller read it. `None` when too many were
+    /// removed meanwhile to tell.
+    pub fn removed_since(
+        &self,
+        since: u64,
+        provider_sid: Option<&str>,
+        user_key: &str,
+        created_at: UnixTime,
+    ) -> Option<bool> {
+        if self.removals() == since {
+            return Some(false);
+        }
+        let q = self.lock();
+        match q.recent.front() {
+            Some((first, _)) if *first <= since + 1 => {}
+            _ => return None,
+        }
+        Some(
+            q.recent
+                .iter()
+                .rev()
+                .take_while(|(n, _)| *n > since)
+                .any(|(_, r)| r.matches(provider_sid, user_key, created_at)),
+        )
     }
 
     /// Remove the entry of this token (a redelivery applied it); returns whether there was one.
@@ -372,9 +422,13 @@ mod tests {
         assert!(q.ends_provider_session("s1"));
         assert!(!q.ends_provider_session("s9"));
         let removals = q.removals();
+        assert_eq!(q.removed_since(removals, Some("s1"), "x", 0), Some(false), "nothing removed");
         assert!(q.remove_token("j1"));
         assert!(!q.remove_token("j1"));
         assert_eq!(q.removals(), removals + 1, "a removal is counted");
+        assert_eq!(q.removed_since(removals, Some("s1"), "x", 0), Some(true), "a reader of s1 must read again");
+        assert_eq!(q.removed_since(removals, Some("s2"), "x", 0), Some(false), "a reader of another need not");
+        assert_eq!(q.removed_since(removals + 1, Some("s1"), "x", 0), Some(false), "nor one that read after it");
         assert!(!q.ends(Some("s1"), "iss\u{1f}bob", 0));
         assert_eq!(q.len(), 1);
         let (id, _) = q.snapshot()[0].clone();
