@@ -801,8 +801,9 @@ impl Exchange {
     /// The background task that applies deferred back-channel logouts: idle until one is
     /// deferred, then retried 1 s after the failure, doubling to 5 s, until the store takes them.
     /// Started with the other background loops; when `stop` turns true it makes one last pass
-    /// (at most `LOGOUT_FINAL_PASS`) and names the `sub`s of what is left.
-    pub async fn logout_retry_loop(&self, mut stop: tokio::sync::watch::Receiver<bool>) {
+    /// (at most `LOGOUT_FINAL_PASS`, and never longer than `drain`) and names the `sub`s of what
+    /// is left.
+    pub async fn logout_retry_loop(&self, mut stop: tokio::sync::watch::Receiver<bool>, drain: std::time::Duration) {
         let mut delay = LOGOUT_RETRY_FIRST;
         loop {
             if self.pending_logouts.is_empty() {
@@ -821,7 +822,7 @@ impl Exchange {
                 if self.retry_pending_logouts().await { LOGOUT_RETRY_FIRST } else { (delay * 2).min(LOGOUT_RETRY_MAX) };
         }
         if !self.pending_logouts.is_empty() {
-            let _ = tokio::time::timeout(LOGOUT_FINAL_PASS, self.retry_pending_logouts()).await;
+            let _ = tokio::time::timeout(LOGOUT_FINAL_PASS.min(drain), self.retry_pending_logouts()).await;
         }
         let left = self.pending_logouts.snapshot();
         if !left.is_empty() {
@@ -1781,7 +1782,7 @@ mod tests {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let retry = tokio::spawn({
             let ex = ex.clone();
-            async move { ex.logout_retry_loop(stopped).await }
+            async move { ex.logout_retry_loop(stopped, Duration::from_secs(5)).await }
         });
         let mut applied = false;
         for _ in 0..100 {
@@ -1958,7 +1959,7 @@ mod tests {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let retry = tokio::spawn({
             let ex = ex.clone();
-            async move { ex.logout_retry_loop(stopped).await }
+            async move { ex.logout_retry_loop(stopped, Duration::from_secs(5)).await }
         });
         let mut admin = redis::Client::open(url.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
         let _: () = redis::cmd("CLIENT").arg("PAUSE").arg(700).arg("WRITE").query_async(&mut admin).await.unwrap();
