@@ -14,7 +14,7 @@ use crate::oidc::id_token::TokenKind;
 use crate::oidc::jwks::KeySource;
 use crate::oidc::{LoginResult, OidcClient, OidcError, TokenResponse, UserClaims};
 use crate::session::{SessionId, SessionKey, SessionRecord, SessionStore, StoreError, TokenSet};
-use pending_logouts::{PendingLogout, PendingLogouts, Pushed};
+use pending_logouts::{EntryId, Mark, PendingLogout, PendingLogouts, Pushed};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ExchangeError {
@@ -108,6 +108,34 @@ pub struct Resolved {
     pub access_token: Option<String>,
 }
 
+impl Resolved {
+    /// What an open stream's re-check needs to know about its session without the store.
+    pub fn live_check(&self) -> LiveCheck {
+        LiveCheck::of(&self.record)
+    }
+}
+
+/// What `resolve` knew about a session, kept by an open stream or WebSocket tunnel: its re-check
+/// (`Exchange::still_live`) matches it against pending back-channel logouts before reading the
+/// store, so a logout deferred during a store outage closes the stream even while the store is
+/// still down.
+#[derive(Clone, Debug)]
+pub struct LiveCheck {
+    provider_sid: Option<String>,
+    user_key: String,
+    created_at: UnixTime,
+}
+
+impl LiveCheck {
+    pub fn of(record: &SessionRecord) -> Self {
+        Self {
+            provider_sid: record.provider_sid.clone(),
+            user_key: record.claims.user_key(),
+            created_at: record.created_at,
+        }
+    }
+}
+
 pub struct Exchange {
     store: Arc<dyn SessionStore>,
     oidc: Arc<OidcClient>,
@@ -152,6 +180,13 @@ const BACKOFF_RESET: std::time::Duration = std::time::Duration::from_secs(30);
 /// Retry schedule of deferred back-channel logouts: 1 s after the failure, doubling, at most 5 s.
 const LOGOUT_RETRY_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
 const LOGOUT_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+/// A deferred logout the store refuses with something other than "unavailable" (a damaged
+/// record) is given up after this many attempts (about a minute at the retry schedule).
+const LOGOUT_RETRY_ATTEMPTS: u32 = 12;
+/// On shutdown, one last pass over the deferred logouts gets at most this long.
+const LOGOUT_FINAL_PASS: std::time::Duration = std::time::Duration::from_secs(2);
+/// How many `sub`s an ERROR about unapplied logouts names at most.
+const LOGGED_SUBS: usize = 50;
 
 /// Removes a refresh flight from the table when the refresher is done or was cancelled (its
 /// request went away): waiters then see the outcome, or the closed channel and try again.
@@ -375,11 +410,16 @@ impl Exchange {
 
     /// Whether a session still exists, unexpired and authentic — without sliding its idle
     /// timeout or refreshing it: an open stream's re-check must not keep an unattended session
-    /// alive, only notice when it has ended.
-    pub async fn still_live(&self, id: &SessionId) -> Result<(), ExchangeError> {
+    /// alive, only notice when it has ended. `known` is what `resolve` said about the session when
+    /// the stream opened: a back-channel logout pending for it ends the stream before the store
+    /// is asked, so even while the store is down (when the answer would only be "unavailable").
+    pub async fn still_live(&self, id: &SessionId, known: &LiveCheck) -> Result<(), ExchangeError> {
+        if self.pending_logouts.ends(known.provider_sid.as_deref(), &known.user_key, known.created_at) {
+            return Err(ExchangeError::InvalidSession);
+        }
         let key = id.key();
-        let record = self.store.get(&key).await?.ok_or(ExchangeError::InvalidSession)?;
-        if record.is_expired(self.clock.now()) || self.ended_by_pending_logout(&record) {
+        let record = self.read_checked(&key).await?;
+        if record.is_expired(self.clock.now()) {
             return Err(ExchangeError::InvalidSession);
         }
         self.authenticate(&key, &record)
@@ -531,16 +571,28 @@ impl Exchange {
         // Kept well past the last moment the token still validates (exp + leeway), so clock
         // differences between replicas and Redis leave no window for a replay.
         let until = exp + crate::oidc::id_token::LEEWAY + 300;
-        let deferred = || PendingLogout {
-            sid: s("sid").map(str::to_owned),
-            sub: s("sub").map(str::to_owned),
-            user_key: match (s("sid"), s("sub")) {
-                (None, Some(sub)) => Some(self.user_key(sub)),
-                _ => None,
-            },
-            tombstone_for,
-            jti: jti.to_owned(),
-            exp,
+        let now = self.clock.now();
+        let deferred = |mark_may_be_ours: bool| {
+            let (sid, sub) = (s("sid"), s("sub"));
+            PendingLogout {
+                sid: sid.map(str::to_owned),
+                sub: sub.map(str::to_owned),
+                user_key: sub.map(|sub| self.user_key(sub)),
+                // A `sub`-only logout ends the sessions the user had when it was issued — never
+                // one created afterwards, so even a replay of an old token applied by the retry
+                // cannot end newer sessions (`iat` plus the allowed clock skew).
+                user_cutoff: sid.is_none().then(|| {
+                    let iat = claims.get("iat").and_then(serde_json::Value::as_i64).unwrap_or(now);
+                    (iat + crate::oidc::id_token::LEEWAY).min(now)
+                }),
+                tombstone_for,
+                mark: Some(Mark { jti: jti.to_owned(), until, may_be_ours: mark_may_be_ours }),
+                deferred_at: now,
+                // Every session it could end has reached its absolute lifetime by then, and the
+                // token no longer validates (its `jti` needs no mark).
+                expires_at: (now + self.settings.absolute_timeout).max(until),
+                failures: 0,
+            }
         };
         match self.store.mark(LOGOUT_JTI, jti, until).await {
             Ok(true) => {}
@@ -554,11 +606,14 @@ impl Exchange {
                 // replay and its sessions would live on. On the same connection the delete runs
                 // after the set, so it undoes it even when both time out on our side.
                 tracing::error!(error = %e, "session store unavailable for back-channel logout; its jti is released for a retry");
-                if let Err(e) = self.store.unmark(LOGOUT_JTI, jti).await {
+                let released = self.store.unmark(LOGOUT_JTI, jti).await;
+                if let Err(e) = &released {
                     tracing::warn!(error = %e, "could not release the logout token's jti");
                 }
                 if matches!(e, StoreError::Unavailable(_)) {
-                    self.defer_logout(deferred());
+                    // Not released: our `SET NX` may be in the store — the retry cannot tell it
+                    // from an earlier delivery's mark.
+                    self.defer_logout(deferred(released.is_err()));
                 }
                 return Err(LogoutTokenError::Unavailable);
             }
@@ -567,18 +622,19 @@ impl Exchange {
             Ok(n) => {
                 tracing::info!(sub = s("sub").unwrap_or("-"), sessions = n, "back-channel logout: sessions ended");
                 // A redelivery applied it: nothing left for the retry to do.
-                if self.pending_logouts.remove(jti) {
+                if self.pending_logouts.remove_token(jti) {
                     self.metrics.backchannel_logout_pending.set(gauge_value(self.pending_logouts.len()));
                 }
                 Ok(n)
             }
             Err(e) => {
                 tracing::error!(error = %e, "back-channel logout failed; its jti is released for a retry");
-                if let Err(e) = self.store.unmark(LOGOUT_JTI, jti).await {
+                let released = self.store.unmark(LOGOUT_JTI, jti).await;
+                if let Err(e) = &released {
                     tracing::warn!(error = %e, "could not release the logout token's jti");
                 }
                 if matches!(e, ExchangeError::StoreUnavailable) {
-                    self.defer_logout(deferred());
+                    self.defer_logout(deferred(released.is_err()));
                 }
                 Err(LogoutTokenError::Unavailable)
             }
@@ -597,26 +653,42 @@ impl Exchange {
     /// until the retry has removed it from the store. One atomic load when none is pending.
     fn ended_by_pending_logout(&self, record: &SessionRecord) -> bool {
         !self.pending_logouts.is_empty()
-            && self.pending_logouts.ends(record.provider_sid.as_deref(), &record.claims.user_key())
+            && self.pending_logouts.ends(record.provider_sid.as_deref(), &record.claims.user_key(), record.created_at)
     }
 
-    /// Keep a validated logout the store could not take, for `logout_retry_loop`.
+    fn count_deferred(&self, outcome: DeferredLogoutOutcome) {
+        self.metrics.backchannel_logouts_deferred.get_or_create(&DeferredLogoutLabels { outcome }).inc();
+    }
+
+    /// Keep a validated logout the store could not take, for `logout_retry_loop`. The logs name
+    /// the `sub`: what an operator revokes by (`gatehouse sessions revoke --user SUB`) should the
+    /// logout never be applied.
     fn defer_logout(&self, entry: PendingLogout) {
+        let sub = entry.sub.clone();
+        let sub = sub.as_deref().unwrap_or("-");
         match self.pending_logouts.push(entry) {
             Pushed::Added => tracing::warn!(
+                sub,
                 pending = self.pending_logouts.len(),
                 "back-channel logout deferred: it is applied when the session store is back"
             ),
             Pushed::AlreadyPending => {}
-            Pushed::DroppedOldest(old) => {
-                self.metrics
-                    .backchannel_logouts_deferred
-                    .get_or_create(&DeferredLogoutLabels { outcome: DeferredLogoutOutcome::Dropped })
-                    .inc();
-                tracing::error!(
-                    sub = old.sub.as_deref().unwrap_or("-"),
+            Pushed::Collapsed { sub: collapsed, merged } => {
+                self.count_deferred(DeferredLogoutOutcome::Collapsed);
+                tracing::warn!(
+                    sub,
+                    collapsed_sub = collapsed.as_deref().unwrap_or("-"),
+                    merged,
                     capacity = pending_logouts::CAPACITY,
-                    "deferred back-channel logouts queue full: the oldest was dropped and its sessions live until they expire or their refresh fails"
+                    "deferred back-channel logouts queue full: one user's entries became one logout of all that user's sessions"
+                );
+            }
+            Pushed::Refused => {
+                self.count_deferred(DeferredLogoutOutcome::Dropped);
+                tracing::error!(
+                    sub,
+                    capacity = pending_logouts::CAPACITY,
+                    "deferred back-channel logouts queue full: this logout was not kept; its sessions live until they expire or their refresh fails (revoke them: gatehouse sessions revoke --user SUB)"
                 );
             }
         }
@@ -628,31 +700,38 @@ impl Exchange {
         self.pending_logouts.len()
     }
 
-    /// Apply the deferred back-channel logouts, oldest first: tombstone the `sid`, delete its
-    /// sessions (or the user's), mark the `jti` used (already marked is fine: a redelivery was
-    /// applied elsewhere). Stops at the first failure; returns whether all were applied.
+    /// Apply the deferred back-channel logouts, oldest first. Stops at the first "store
+    /// unavailable"; returns whether none is left to retry. An expired entry is dropped (nothing
+    /// it could end is alive any more); one the store refuses otherwise is retried at most
+    /// `LOGOUT_RETRY_ATTEMPTS` times.
     pub async fn retry_pending_logouts(&self) -> bool {
         let mut all = true;
-        for p in self.pending_logouts.snapshot() {
-            let applied = async {
-                let n = self.end_provider_session(p.sid.as_deref(), p.sub.as_deref(), p.tombstone_for).await?;
-                let until = p.exp + crate::oidc::id_token::LEEWAY + 300;
-                self.store.mark(LOGOUT_JTI, &p.jti, until).await?;
-                Ok::<usize, ExchangeError>(n)
+        for (id, p) in self.pending_logouts.snapshot() {
+            let sub = p.sub.as_deref().unwrap_or("-");
+            if p.expires_at <= self.clock.now() {
+                if self.pending_logouts.remove(id).is_some() {
+                    self.count_deferred(DeferredLogoutOutcome::Expired);
+                    tracing::warn!(
+                        sub,
+                        "deferred back-channel logout dropped unapplied: every session it could end has reached its absolute lifetime"
+                    );
+                }
+                continue;
             }
-            .await;
-            match applied {
-                Ok(n) => {
-                    if self.pending_logouts.remove(&p.jti) {
-                        self.metrics
-                            .backchannel_logouts_deferred
-                            .get_or_create(&DeferredLogoutLabels { outcome: DeferredLogoutOutcome::Applied })
-                            .inc();
+            match self.apply_deferred(id, &p).await {
+                Ok(Some(n)) => {
+                    if self.pending_logouts.remove(id).is_some() {
+                        self.count_deferred(DeferredLogoutOutcome::Applied);
                     }
-                    tracing::info!(
-                        sub = p.sub.as_deref().unwrap_or("-"),
-                        sessions = n,
-                        "deferred back-channel logout applied: sessions ended"
+                    tracing::info!(sub, sessions = n, "deferred back-channel logout applied: sessions ended");
+                }
+                Ok(None) => {
+                    if self.pending_logouts.remove(id).is_some() {
+                        self.count_deferred(DeferredLogoutOutcome::AlreadyApplied);
+                    }
+                    tracing::warn!(
+                        sub,
+                        "deferred back-channel logout dropped: its token was already used (applied elsewhere, or this was a replay)"
                     );
                 }
                 Err(ExchangeError::StoreUnavailable) => {
@@ -661,9 +740,23 @@ impl Exchange {
                     break;
                 }
                 Err(e) => {
-                    // One entry the store refuses (a damaged record) must not hold up the others.
-                    tracing::warn!(error = %e, sub = p.sub.as_deref().unwrap_or("-"), "deferred back-channel logout not applied; retrying");
-                    all = false;
+                    // One entry the store refuses (a damaged record) must not hold up the others,
+                    // nor be retried forever.
+                    let failures = self.pending_logouts.failed(id);
+                    if failures >= LOGOUT_RETRY_ATTEMPTS {
+                        if self.pending_logouts.remove(id).is_some() {
+                            self.count_deferred(DeferredLogoutOutcome::Failed);
+                        }
+                        tracing::error!(
+                            error = %e,
+                            sub,
+                            failures,
+                            "deferred back-channel logout given up: its sessions live until they expire or their refresh fails (revoke them: gatehouse sessions revoke --user SUB)"
+                        );
+                    } else {
+                        tracing::warn!(error = %e, sub, failures, "deferred back-channel logout not applied; retrying");
+                        all = false;
+                    }
                 }
             }
         }
@@ -671,10 +764,46 @@ impl Exchange {
         all
     }
 
+    /// Apply one deferred logout. The token's `jti` is marked first: a mark already there that
+    /// cannot be this replica's own means the token was used before — applied by another replica's
+    /// delivery, or this is a replay of a captured token — and `None` says the entry is dropped
+    /// unapplied. Then the `sid` is tombstoned and its sessions deleted, or for a user-wide entry
+    /// the user's sessions created at or before its cutoff.
+    async fn apply_deferred(&self, id: EntryId, p: &PendingLogout) -> Result<Option<usize>, ExchangeError> {
+        if let Some(m) = &p.mark {
+            match self.store.mark(LOGOUT_JTI, &m.jti, m.until).await {
+                // Ours now: should a later step fail, the next attempt must not mistake it.
+                Ok(true) => self.pending_logouts.mark_may_be_ours(id),
+                Ok(false) if !m.may_be_ours => return Ok(None),
+                Ok(false) => {}
+                Err(e) => {
+                    self.pending_logouts.mark_may_be_ours(id);
+                    return Err(e.into());
+                }
+            }
+        }
+        let n = match (&p.sid, &p.user_key, p.user_cutoff) {
+            (Some(sid), _, _) => self.end_provider_session(Some(sid), None, p.tombstone_for).await?,
+            (None, Some(user), Some(cutoff)) => {
+                let mut n = 0;
+                for (key, record) in self.store.list_by_user(user).await? {
+                    if record.created_at <= cutoff && self.store.delete(&key).await?.is_some() {
+                        n += 1;
+                    }
+                }
+                n
+            }
+            _ => 0,
+        };
+        Ok(Some(n))
+    }
+
     /// The background task that applies deferred back-channel logouts: idle until one is
     /// deferred, then retried 1 s after the failure, doubling to 5 s, until the store takes them.
-    /// Started with the other background loops; returns when `stop` turns true.
-    pub async fn logout_retry_loop(&self, mut stop: tokio::sync::watch::Receiver<bool>) {
+    /// Started with the other background loops; when `stop` turns true it makes one last pass
+    /// (at most `LOGOUT_FINAL_PASS`, and never longer than `drain`) and names the `sub`s of what
+    /// is left.
+    pub async fn logout_retry_loop(&self, mut stop: tokio::sync::watch::Receiver<bool>, drain: std::time::Duration) {
         let mut delay = LOGOUT_RETRY_FIRST;
         loop {
             if self.pending_logouts.is_empty() {
@@ -692,11 +821,21 @@ impl Exchange {
             delay =
                 if self.retry_pending_logouts().await { LOGOUT_RETRY_FIRST } else { (delay * 2).min(LOGOUT_RETRY_MAX) };
         }
-        let left = self.pending_logouts.len();
-        if left > 0 {
+        if !self.pending_logouts.is_empty() {
+            let _ = tokio::time::timeout(LOGOUT_FINAL_PASS.min(drain), self.retry_pending_logouts()).await;
+        }
+        let left = self.pending_logouts.snapshot();
+        if !left.is_empty() {
+            let mut subs: Vec<&str> = left.iter().filter_map(|(_, p)| p.sub.as_deref()).collect();
+            subs.sort_unstable();
+            subs.dedup();
+            let users = subs.len();
+            subs.truncate(LOGGED_SUBS);
             tracing::error!(
-                pending = left,
-                "shutting down with deferred back-channel logouts not applied: their sessions live until they expire or their refresh fails"
+                pending = left.len(),
+                users,
+                subs = %subs.join(","),
+                "shutting down with deferred back-channel logouts not applied: their sessions live until they expire or their refresh fails (revoke them: gatehouse sessions revoke --user SUB, for each sub listed)"
             );
         }
     }
@@ -715,17 +854,38 @@ impl Exchange {
 
     /// The stored record if it exists and has not expired (expired ones are removed on sight).
     async fn live_record(&self, key: &SessionKey, now: UnixTime) -> Result<SessionRecord, ExchangeError> {
-        let record = self.store.get(key).await?.ok_or(ExchangeError::InvalidSession)?;
+        let record = self.read_checked(key).await?;
         if record.is_expired(now) {
             // Best effort: the sweeper removes it otherwise. Either way the answer is the same.
             let _ = self.store.delete(key).await;
             return Err(ExchangeError::InvalidSession);
         }
-        if self.ended_by_pending_logout(&record) {
-            // The provider logged it out while the store was down; the retry deletes it.
-            return Err(ExchangeError::InvalidSession);
-        }
         Ok(record)
+    }
+
+    /// The stored record, unless a back-channel logout pending on this replica ends it (the
+    /// provider logged it out while the store was down; the retry deletes it). The retry deletes
+    /// the record and then removes the entry: had it done both between our read and our check,
+    /// the check would find no entry for a record already gone — so when an entry matching this
+    /// session was removed meanwhile (one atomic load each when none was), the record is read
+    /// again.
+    async fn read_checked(&self, key: &SessionKey) -> Result<SessionRecord, ExchangeError> {
+        for _ in 0..3 {
+            let removals = self.pending_logouts.removals();
+            let record = self.store.get(key).await?.ok_or(ExchangeError::InvalidSession)?;
+            if self.ended_by_pending_logout(&record) {
+                return Err(ExchangeError::InvalidSession);
+            }
+            if self.pending_logouts.removals() == removals {
+                return Ok(record);
+            }
+            let (sid, user) = (record.provider_sid.as_deref(), record.claims.user_key());
+            if self.pending_logouts.removed_since(removals, sid, &user, record.created_at) == Some(false) {
+                return Ok(record);
+            }
+        }
+        // The queue is draining fast; answer as for a store that is not settled yet.
+        Err(ExchangeError::StoreUnavailable)
     }
 
     /// When the access token should be refreshed: `refresh_skew` before it expires, but never
@@ -1268,7 +1428,11 @@ mod tests {
         for (why, edit) in cases {
             put(edit).await;
             assert!(matches!(f.ex.resolve(&id, false).await, Err(ExchangeError::InvalidSession)), "{why}");
-            assert!(matches!(f.ex.still_live(&id).await, Err(ExchangeError::InvalidSession)), "{why}: stream re-check");
+            let known = LiveCheck::of(&rec);
+            assert!(
+                matches!(f.ex.still_live(&id, &known).await, Err(ExchangeError::InvalidSession)),
+                "{why}: stream re-check"
+            );
         }
         // A record without a tag (written before tags existed) is checked by its envelope.
         put(&|r| r.meta_tag = None).await;
@@ -1589,7 +1753,7 @@ mod tests {
         let clock = Arc::new(SystemClock::default());
         let p = crate::oidc::stub::Provider::start(clock.clone()).await;
         let ex = Arc::new(stub_core(&p, clock.clone(), store, 30));
-        let (id, _) = ex.start(stub_login(&p), ClientInfo::default()).await.unwrap();
+        let (id, rec) = ex.start(stub_login(&p), ClientInfo::default()).await.unwrap();
         let mut other = stub_login(&p);
         other.provider_sid = Some("another-sid".into());
         let (bystander, _) = ex.start(other, ClientInfo::default()).await.unwrap();
@@ -1605,7 +1769,10 @@ mod tests {
         assert!(ex.store().get(&id.key()).await.unwrap().is_some(), "the store still has the record");
         assert!(matches!(ex.resolve(&id, false).await, Err(ExchangeError::InvalidSession)), "but it is ended here");
         assert!(matches!(ex.resolve(&id, true).await, Err(ExchangeError::InvalidSession)), "for the exchange too");
-        assert!(matches!(ex.still_live(&id).await, Err(ExchangeError::InvalidSession)), "and an open stream");
+        assert!(
+            matches!(ex.still_live(&id, &LiveCheck::of(&rec)).await, Err(ExchangeError::InvalidSession)),
+            "and an open stream"
+        );
         assert!(
             matches!(ex.start(stub_login(&p), ClientInfo::default()).await, Err(ExchangeError::LoginEnded)),
             "a login for the logged-out provider session is refused"
@@ -1615,7 +1782,7 @@ mod tests {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let retry = tokio::spawn({
             let ex = ex.clone();
-            async move { ex.logout_retry_loop(stopped).await }
+            async move { ex.logout_retry_loop(stopped, Duration::from_secs(5)).await }
         });
         let mut applied = false;
         for _ in 0..100 {
@@ -1668,5 +1835,143 @@ mod tests {
             matches!(ex.accept_logout_token(&token, 60).await, Err(LogoutTokenError::Replayed)),
             "a third delivery is a replay"
         );
+    }
+
+    /// SECURITY: an open stream or WebSocket must close when its session has a back-channel
+    /// logout queued here, even while the store is still down — its re-check used to read the
+    /// store first and keep the stream open on "unavailable".
+    #[tokio::test]
+    async fn an_open_stream_of_a_deferred_logout_closes_while_the_store_is_down() {
+        let (_redis, url, store) = test_redis().await;
+        let clock = Arc::new(SystemClock::default());
+        let p = crate::oidc::stub::Provider::start(clock.clone()).await;
+        let ex = stub_core(&p, clock.clone(), store, 30);
+        let (id, rec) = ex.start(stub_login(&p), ClientInfo::default()).await.unwrap();
+        let mut other = stub_login(&p);
+        other.provider_sid = Some("another-sid".into());
+        let (bystander, brec) = ex.start(other, ClientInfo::default()).await.unwrap();
+
+        let mut admin = redis::Client::open(url.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
+        let _: () = redis::cmd("CLIENT").arg("PAUSE").arg(3000).arg("ALL").query_async(&mut admin).await.unwrap();
+        assert!(matches!(
+            ex.accept_logout_token(&p.logout_token("jti-1"), 60).await,
+            Err(LogoutTokenError::Unavailable)
+        ));
+        assert_eq!(ex.pending_logouts(), 1);
+        assert!(matches!(ex.still_live(&bystander, &LiveCheck::of(&brec)).await, Err(ExchangeError::StoreUnavailable)));
+        assert!(
+            matches!(ex.still_live(&id, &LiveCheck::of(&rec)).await, Err(ExchangeError::InvalidSession)),
+            "the logged-out session's stream ends although the store cannot be read"
+        );
+    }
+
+    /// A deferred entry as `accept_logout_token` makes it, for the tests below.
+    fn pending(
+        ex: &Exchange,
+        jti: &str,
+        sid: Option<&str>,
+        cutoff: Option<UnixTime>,
+        may_be_ours: bool,
+    ) -> PendingLogout {
+        let now = ex.now();
+        PendingLogout {
+            sid: sid.map(Into::into),
+            sub: Some("user-1".into()),
+            user_key: Some(ex.user_key("user-1")),
+            user_cutoff: cutoff,
+            tombstone_for: 60,
+            mark: Some(Mark { jti: jti.into(), until: now + 600, may_be_ours }),
+            deferred_at: now,
+            expires_at: now + 43200,
+            failures: 0,
+        }
+    }
+
+    fn deferred_total(ex: &Exchange, outcome: DeferredLogoutOutcome) -> i64 {
+        ex.metrics.backchannel_logouts_deferred.get_or_create(&crate::metrics::DeferredLogoutLabels { outcome }).get()
+            as i64
+    }
+
+    /// SECURITY: a captured logout token replayed while the store is down is deferred like any
+    /// other. The retry marks its `jti` first: marked already, and not by this replica, means it
+    /// was applied before — the entry is dropped and the user's sessions created since survive.
+    /// A `sub`-only logout applied by the retry ends only sessions created up to its cutoff.
+    #[tokio::test]
+    async fn the_retry_drops_an_already_used_token_and_ends_no_newer_session() {
+        let (_redis, _url, store) = test_redis().await;
+        let clock = Arc::new(SystemClock::default());
+        let p = crate::oidc::stub::Provider::start(clock.clone()).await;
+        let ex = stub_core(&p, clock.clone(), store, 30);
+        let (id, rec) = ex.start(stub_login(&p), ClientInfo::default()).await.unwrap();
+        let (now, created) = (ex.now(), rec.created_at);
+        assert!(ex.store().mark(LOGOUT_JTI, "used", now + 600).await.unwrap(), "the token was applied once");
+
+        ex.defer_logout(pending(&ex, "used", None, Some(created), false));
+        assert!(ex.retry_pending_logouts().await);
+        assert_eq!(ex.pending_logouts(), 0);
+        assert_eq!(deferred_total(&ex, DeferredLogoutOutcome::AlreadyApplied), 1);
+        assert!(ex.resolve(&id, false).await.is_ok(), "the replay ended nothing");
+
+        // A mark this replica may have set itself is not taken for a replay; still, a logout
+        // issued before the session was created does not end it.
+        assert!(ex.store().mark(LOGOUT_JTI, "ours", now + 600).await.unwrap());
+        ex.defer_logout(pending(&ex, "ours", None, Some(created - 1), true));
+        assert!(!ex.pending_logouts.ends(None, &ex.user_key("user-1"), created), "no newer session matches");
+        assert!(ex.resolve(&id, false).await.is_ok(), "nor is served as ended");
+        assert!(ex.retry_pending_logouts().await);
+        assert_eq!(deferred_total(&ex, DeferredLogoutOutcome::Applied), 1);
+        assert!(ex.store().get(&id.key()).await.unwrap().is_some(), "the newer session is not deleted");
+
+        ex.defer_logout(pending(&ex, "fresh", None, Some(created), false));
+        assert!(matches!(ex.resolve(&id, false).await, Err(ExchangeError::InvalidSession)), "ended meanwhile");
+        assert!(ex.retry_pending_logouts().await);
+        assert!(ex.store().get(&id.key()).await.unwrap().is_none(), "a session up to the cutoff is deleted");
+        assert!(ex.store().is_marked(LOGOUT_JTI, "fresh", now).await.unwrap(), "and the jti marked");
+    }
+
+    /// An entry whose expiry has passed is dropped unapplied (every session it could end has
+    /// reached its absolute lifetime), and stops matching.
+    #[tokio::test]
+    async fn an_expired_deferred_logout_is_dropped() {
+        let (_redis, _url, store) = test_redis().await;
+        let clock = Arc::new(SystemClock::default());
+        let p = crate::oidc::stub::Provider::start(clock.clone()).await;
+        let ex = stub_core(&p, clock.clone(), store, 30);
+        let (id, _) = ex.start(stub_login(&p), ClientInfo::default()).await.unwrap();
+        let mut e = pending(&ex, "old", Some("stub-sid"), None, false);
+        e.expires_at = ex.now();
+        ex.defer_logout(e);
+        assert!(ex.retry_pending_logouts().await);
+        assert_eq!(ex.pending_logouts(), 0);
+        assert_eq!(deferred_total(&ex, DeferredLogoutOutcome::Expired), 1);
+        assert!(ex.store().get(&id.key()).await.unwrap().is_some());
+    }
+
+    /// On shutdown the retry loop makes one last pass: a logout deferred during an outage that
+    /// has just ended is applied even though the next scheduled retry never comes.
+    #[tokio::test]
+    async fn shutdown_makes_one_last_pass_over_deferred_logouts() {
+        let (_redis, url, store) = test_redis().await;
+        let clock = Arc::new(SystemClock::default());
+        let p = crate::oidc::stub::Provider::start(clock.clone()).await;
+        let ex = Arc::new(stub_core(&p, clock.clone(), store, 30));
+        let (id, _) = ex.start(stub_login(&p), ClientInfo::default()).await.unwrap();
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let retry = tokio::spawn({
+            let ex = ex.clone();
+            async move { ex.logout_retry_loop(stopped, Duration::from_secs(5)).await }
+        });
+        let mut admin = redis::Client::open(url.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
+        let _: () = redis::cmd("CLIENT").arg("PAUSE").arg(700).arg("WRITE").query_async(&mut admin).await.unwrap();
+        assert!(matches!(
+            ex.accept_logout_token(&p.logout_token("jti-1"), 60).await,
+            Err(LogoutTokenError::Unavailable)
+        ));
+        assert_eq!(ex.pending_logouts(), 1);
+        tokio::time::sleep(Duration::from_millis(200)).await; // the pause is over; the first retry is not due yet
+        stop.send(true).unwrap();
+        retry.await.unwrap();
+        assert_eq!(ex.pending_logouts(), 0, "applied on the way out");
+        assert!(ex.store().get(&id.key()).await.unwrap().is_none());
     }
 }

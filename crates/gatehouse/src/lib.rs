@@ -354,7 +354,7 @@ pub async fn start_with(
         tokio::spawn(listener::serve(admin, admin::router(core.clone(), &config.admin), None, rx.clone(), drain)),
         tokio::spawn(discovery_loop(core.clone(), rx.clone())),
         tokio::spawn(sweep_loop(core.clone(), sweep_every, rx.clone())),
-        tokio::spawn(logout_retry_loop(core.clone(), rx.clone())),
+        tokio::spawn(logout_retry_loop(core.clone(), rx.clone(), drain)),
         tokio::spawn(certificate_loop(core.clone(), certificates(&config), rx.clone())),
     ];
     count_sessions(&core).await;
@@ -433,9 +433,10 @@ async fn sweep_loop(core: Arc<Core>, every: Duration, mut stop: watch::Receiver<
     }
 }
 
-/// Back-channel logouts that arrived while the store was down, applied once it is back.
-async fn logout_retry_loop(core: Arc<Core>, stop: watch::Receiver<bool>) {
-    core.exchange.logout_retry_loop(stop).await;
+/// Back-channel logouts that arrived while the store was down, applied once it is back; the last
+/// pass on shutdown stays within the drain timeout.
+async fn logout_retry_loop(core: Arc<Core>, stop: watch::Receiver<bool>, drain: Duration) {
+    core.exchange.logout_retry_loop(stop, drain).await;
 }
 
 /// `gatehouse_sessions_active`: counted by the store once per sweep (cheap: redb keeps a table's

@@ -93,7 +93,14 @@ label_values!(
 label_values!(
     /// `gatehouse_backchannel_logouts_deferred_total{outcome}`: how a back-channel logout that
     /// could not be applied at once (store unavailable) ended.
-    DeferredLogoutOutcome { Applied => "applied", Dropped => "dropped" }
+    DeferredLogoutOutcome {
+        Applied => "applied",
+        AlreadyApplied => "already_applied",
+        Collapsed => "collapsed",
+        Expired => "expired",
+        Failed => "failed",
+        Dropped => "dropped",
+    }
 );
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

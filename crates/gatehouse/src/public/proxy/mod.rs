@@ -250,6 +250,7 @@ async fn forward(
         .and_then(|v| SessionId::parse(&v))
         .ok_or(ApiError::Unauthenticated)?;
     let resolved = st.core.exchange.resolve(&id, route.relay == Relay::Bearer).await?;
+    let known = resolved.live_check();
     let permit = route.in_flight.clone().try_acquire_owned().map_err(|_| {
         tracing::warn!(route = %route.prefix, "too many requests in flight to this upstream");
         ApiError::UpstreamBusy
@@ -321,13 +322,14 @@ async fn forward(
         let client_upgrade = client_upgrade.ok_or(ApiError::BadGateway)?;
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
         let (prefix, every) = (route.prefix.clone(), route.session_recheck);
-        tokio::spawn(tunnel(prefix, every, st.core.exchange.clone(), id, client_upgrade, upstream_upgrade, permit));
+        let (client, upstream) = (client_upgrade, upstream_upgrade);
+        tokio::spawn(tunnel(prefix, every, st.core.exchange.clone(), (id, known), client, upstream, permit));
         return Ok(resp.map(Body::new));
     }
     // The permit lives as long as the response body (an SSE stream holds it until it ends), and
     // a body still streaming after `session_recheck` ends when the session does.
     let exchange = st.core.exchange.clone();
-    Ok(resp.map(move |body| stream::rechecked(body, route.session_recheck, exchange, id, &route.label, permit)))
+    Ok(resp.map(move |body| stream::rechecked(body, route.session_recheck, exchange, id, known, &route.label, permit)))
 }
 
 /// Everything refused before the session is even looked at. Returns whether the request is a
@@ -408,12 +410,13 @@ fn upstream_request(
 }
 
 /// A WebSocket after the 101: bytes both ways until either side closes, or the session ends
-/// (re-checked every `session_recheck`: logout, expiry, revocation; a store outage does not close it).
+/// (re-checked every `session_recheck`: logout, expiry, revocation; a store outage does not close
+/// it, but a back-channel logout this replica holds for the session does, store or no store).
 async fn tunnel(
     prefix: String,
     every: Duration,
     exchange: Arc<crate::exchange::Exchange>,
-    id: SessionId,
+    (id, known): (SessionId, crate::exchange::LiveCheck),
     client: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
     permit: tokio::sync::OwnedSemaphorePermit,
@@ -440,7 +443,7 @@ async fn tunnel(
                 return;
             }
             _ = recheck.tick() => {
-                if matches!(exchange.still_live(&id).await, Err(crate::exchange::ExchangeError::InvalidSession)) {
+                if matches!(exchange.still_live(&id, &known).await, Err(crate::exchange::ExchangeError::InvalidSession)) {
                     tracing::info!(route = %prefix, "session ended: tunnel closed");
                     return;
                 }

@@ -8,7 +8,8 @@
 //! Short answers end before the first check and cost no timer at all: the timer is only made when
 //! the body first waits for the upstream (or the re-check is already due), so the common
 //! small response never registers one. A store outage does not end a stream (as for tunnels):
-//! only an answer that the session is gone does.
+//! only an answer that the session is gone does — or a back-channel logout for it that this
+//! replica holds because the store could not take it (checked before the store is asked).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -19,7 +20,7 @@ use std::time::Duration;
 use axum::body::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 
-use crate::exchange::{Exchange, ExchangeError};
+use crate::exchange::{Exchange, ExchangeError, LiveCheck};
 use crate::session::SessionId;
 
 /// Why a stream was cut off; the client only sees the connection end.
@@ -41,13 +42,23 @@ pub struct Rechecked<B, H> {
     check: Option<Check>,
     exchange: Arc<Exchange>,
     id: Arc<SessionId>,
+    /// What `resolve` knew: a pending back-channel logout ends the stream even while the store is down.
+    known: Arc<LiveCheck>,
     prefix: Arc<str>,
     ended: bool,
     _held: H,
 }
 
 impl<B, H> Rechecked<B, H> {
-    pub fn new(inner: B, every: Duration, exchange: Arc<Exchange>, id: SessionId, prefix: &Arc<str>, held: H) -> Self {
+    pub fn new(
+        inner: B,
+        every: Duration,
+        exchange: Arc<Exchange>,
+        id: SessionId,
+        known: LiveCheck,
+        prefix: &Arc<str>,
+        held: H,
+    ) -> Self {
         Self {
             inner,
             every,
@@ -56,6 +67,7 @@ impl<B, H> Rechecked<B, H> {
             check: None,
             exchange,
             id: Arc::new(id),
+            known: Arc::new(known),
             prefix: prefix.clone(),
             ended: false,
             _held: held,
@@ -90,11 +102,10 @@ impl<B, H> Rechecked<B, H> {
             if timer.as_mut().poll(cx).is_pending() {
                 return false;
             }
-            let (exchange, id) = (self.exchange.clone(), self.id.clone());
-            self.check =
-                Some(Box::pin(
-                    async move { !matches!(exchange.still_live(&id).await, Err(ExchangeError::InvalidSession)) },
-                ));
+            let (exchange, id, known) = (self.exchange.clone(), self.id.clone(), self.known.clone());
+            self.check = Some(Box::pin(async move {
+                !matches!(exchange.still_live(&id, &known).await, Err(ExchangeError::InvalidSession))
+            }));
         }
     }
 }
@@ -155,6 +166,7 @@ pub fn rechecked<B, H>(
     every: Duration,
     exchange: Arc<Exchange>,
     id: SessionId,
+    known: LiveCheck,
     prefix: &Arc<str>,
     held: H,
 ) -> axum::body::Body
@@ -163,5 +175,5 @@ where
     B::Error: Into<axum::BoxError>,
     H: Unpin + Send + 'static,
 {
-    axum::body::Body::new(Rechecked::new(body, every, exchange, id, prefix, held))
+    axum::body::Body::new(Rechecked::new(body, every, exchange, id, known, prefix, held))
 }
