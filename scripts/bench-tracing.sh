@@ -45,6 +45,7 @@ exporters:
   jaeger_storage_exporter: {trace_storage: mem}
 YAML
 taskset -c 1 "$JAEGER" --config "$WORK/jaeger.yaml" >"$WORK/jaeger.log" 2>&1 & pids+=($!)
+JAEGER_PID=$!
 for _ in $(seq 1 100); do curl -fs "http://127.0.0.1:$QUERY/api/services" >/dev/null && break; sleep 0.1; done
 
 head -c 32 /dev/urandom | base64 > "$WORK/key" && chmod 600 "$WORK/key"
@@ -96,10 +97,21 @@ measure() {
     '/ requests in / {n=$1} /^Requests\/sec:/ {rps=$2} END {printf "%s %.1f\n", rps, ticks / hz * 1e6 / n}' <<<"$out"
 }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# Jaeger shares core 1 with wrk: after a 100 % run it ingests its backlog for a while, which
+# would slow the next run's load generator (and so make the server less busy, not cheaper).
+# Wait until it uses under a tenth of a core (at most 30 s).
+settle() {
+  local hz; hz=$(getconf CLK_TCK)
+  for _ in $(seq 1 30); do
+    local a b; a=$(cpu_ticks "$JAEGER_PID"); sleep 1; b=$(cpu_ticks "$JAEGER_PID")
+    [ $((b - a)) -le $((hz / 10)) ] && return 0
+  done
+}
 
 declare -A results cpu
 for r in $(seq 1 "$ROUNDS"); do
   for mode in off 1.0 0.1 0.01; do
+    settle
     read -r rps us < <(measure "$mode")
     results[$mode]+="$rps "
     cpu[$mode]+="$us "
