@@ -194,10 +194,11 @@ pub struct RouteLabel(pub Arc<str>);
 /// (docs/benchmarks.md, "Tracing cost").
 pub async fn observe(State(o): State<Arc<Observe>>, req: Request, next: Next) -> Response {
     let started = Instant::now();
-    let template = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_owned());
-    let method = req.method().as_str().to_owned();
+    // Both cheap to keep (an `Arc<str>` and, for the standard methods, an enum): no allocation.
+    let template = req.extensions().get::<MatchedPath>().cloned();
+    let method = req.method().clone();
     let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
-    let route = template.as_deref().unwrap_or("other");
+    let route = template.as_ref().map_or("other", MatchedPath::as_str);
     #[cfg(feature = "otel")]
     let decision = o.propagation.enabled().then(|| {
         let remote = o.propagation.accepts(o.face, peer).then(|| req.headers());
@@ -208,7 +209,7 @@ pub async fn observe(State(o): State<Arc<Observe>>, req: Request, next: Next) ->
     #[cfg(feature = "otel")]
     let span = match &decision {
         Some(otel::Decision::Sampled(parent)) => {
-            let span = server_span(o.face, &method, route, req.uri().path());
+            let span = server_span(o.face, method.as_str(), route, req.uri().path());
             if let Some(cx) = parent {
                 otel::set_parent(&span, cx.clone());
             }
@@ -234,7 +235,7 @@ pub async fn observe(State(o): State<Arc<Observe>>, req: Request, next: Next) ->
         None => route,
     };
     let elapsed = started.elapsed();
-    o.metrics.observe_http(o.face, label, &method, status, elapsed);
+    o.metrics.observe_http(o.face, label, method.as_str(), status, elapsed);
     if !span.is_none() {
         span.record("http.response.status_code", status);
         span.record("gatehouse.route", label);

@@ -245,11 +245,13 @@ pub(crate) fn me_body(r: &SessionRecord) -> serde_json::Value {
 }
 
 /// `GET /auth/me`: who the session belongs to. Never a token.
-pub async fn me(State(st): State<Arc<PublicState>>, headers: HeaderMap) -> Result<Response, ApiError> {
-    if let Some(refused) = super::csrf::cross_origin_read(&headers) {
+pub async fn me(State(st): State<Arc<PublicState>>, req: axum::extract::Request) -> Result<Response, ApiError> {
+    // The request, not a `HeaderMap` extractor: that would clone every header on the hottest path.
+    let headers = req.headers();
+    if let Some(refused) = super::csrf::cross_origin_read(headers) {
         return Err(refused);
     }
-    let id = session_id(&st, &headers).ok_or(ApiError::Unauthenticated)?;
+    let id = session_id(&st, headers).ok_or(ApiError::Unauthenticated)?;
     let resolved = st.core.exchange.resolve(&id, false).await?;
     let mut resp = Json(me_body(&resolved.record)).into_response();
     no_store(&mut resp);
