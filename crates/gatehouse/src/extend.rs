@@ -66,6 +66,11 @@ impl Extensions {
         self
     }
 
+    /// The endpoints' path templates.
+    pub(crate) fn paths(&self) -> impl Iterator<Item = &str> {
+        self.routes.iter().map(|(path, _)| path.as_str())
+    }
+
     /// The router of all endpoints, or why a path may not be used.
     pub(crate) fn into_router(self, route_prefixes: &[String]) -> Result<Router, String> {
         let mut router = Router::new();

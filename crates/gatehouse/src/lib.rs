@@ -19,6 +19,7 @@ pub mod limit;
 mod listener;
 pub mod metrics;
 pub mod oidc;
+mod pipeline;
 pub mod pki;
 pub mod public;
 pub mod session;

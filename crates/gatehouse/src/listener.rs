@@ -13,8 +13,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
 use axum::extract::ConnectInfo;
+use axum::response::Response;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
@@ -37,10 +37,29 @@ pub struct TlsSettings {
     pub handshake_timeout: Duration,
 }
 
+/// A face's service: its router, or its router behind its pipeline (`crate::pipeline`).
+pub trait FaceService:
+    tower::Service<http::Request<Incoming>, Response = Response, Error = Infallible, Future: Send>
+    + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S> FaceService for S where
+    S: tower::Service<http::Request<Incoming>, Response = Response, Error = Infallible, Future: Send>
+        + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// Serve until `stop` turns true; then stop accepting and give in-flight requests `drain` to finish.
-pub async fn serve(
+pub async fn serve<S: FaceService>(
     listener: TcpListener,
-    router: Router,
+    router: S,
     tls: Option<TlsSettings>,
     mut stop: watch::Receiver<bool>,
     drain: Duration,
@@ -113,23 +132,23 @@ pub async fn serve(
     }
 }
 
-/// The service of one connection: the shared router, with the connection's peer address (read by
+/// The service of one connection: the shared face service, with the connection's peer address (read by
 /// `ConnectInfo`) and, on mutual TLS, the verified caller put into each request's extensions.
 ///
 /// Not `router.layer(Extension(..))` per connection: `Router::layer` rebuilds the whole route
 /// table, so every open connection held its own copy (tens of KiB each with 10,000 idle
 /// keep-alive connections), and each accept paid for building it.
 #[derive(Clone)]
-struct PerConnection {
-    router: Router,
+struct PerConnection<S> {
+    router: S,
     peer: SocketAddr,
     caller: Option<Caller>,
 }
 
-impl hyper::service::Service<http::Request<Incoming>> for PerConnection {
-    type Response = axum::response::Response;
+impl<S: FaceService> hyper::service::Service<http::Request<Incoming>> for PerConnection<S> {
+    type Response = Response;
     type Error = Infallible;
-    type Future = Oneshot<Router, http::Request<Incoming>>;
+    type Future = Oneshot<S, http::Request<Incoming>>;
 
     fn call(&self, mut req: http::Request<Incoming>) -> Self::Future {
         req.extensions_mut().insert(ConnectInfo(self.peer));
@@ -140,8 +159,11 @@ impl hyper::service::Service<http::Request<Incoming>> for PerConnection {
     }
 }
 
-async fn serve_connection<I>(io: TokioIo<I>, service: PerConnection, watcher: hyper_util::server::graceful::Watcher)
-where
+async fn serve_connection<I, S: FaceService>(
+    io: TokioIo<I>,
+    service: PerConnection<S>,
+    watcher: hyper_util::server::graceful::Watcher,
+) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());

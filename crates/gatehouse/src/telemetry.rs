@@ -184,21 +184,25 @@ pub struct Observe {
 #[derive(Clone)]
 pub struct RouteLabel(pub Arc<str>);
 
-/// The server span of one request and its RED metrics. Outermost layer of the public and internal
-/// routers (rejections by inner layers — rate limits, header limits, CSRF — are counted too).
+/// The server span of one request and its RED metrics. The first step of every face's pipeline
+/// (refusals by later steps — rate limits, header limits, CSRF — are counted too).
 ///
 /// Sampling is decided here, before any span exists (parent-based: a continued trace keeps its
 /// caller's decision, a new one is sampled at `sample_ratio`): an unsampled request gets no span
 /// at all — no server span, no store or provider client spans under it. Building the spans and
 /// letting the SDK drop them at the end cost 44 % of `/auth/me` at 1 % sampling
 /// (docs/benchmarks.md, "Tracing cost").
-pub async fn observe(State(o): State<Arc<Observe>>, req: Request, next: Next) -> Response {
+///
+/// `route` is the request's route template (`None`: no route matched, labelled "other").
+pub async fn observe<F>(o: &Observe, route: Option<&str>, req: Request, next: impl FnOnce(Request) -> F) -> Response
+where
+    F: std::future::Future<Output = Response>,
+{
     let started = Instant::now();
-    // Both cheap to keep (an `Arc<str>` and, for the standard methods, an enum): no allocation.
-    let template = req.extensions().get::<MatchedPath>().cloned();
+    // Cheap to keep (for the standard methods, an enum): no allocation.
     let method = req.method().clone();
     let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
-    let route = template.as_ref().map_or("other", MatchedPath::as_str);
+    let route = route.unwrap_or("other");
     #[cfg(feature = "otel")]
     let decision = o.propagation.enabled().then(|| {
         let remote = o.propagation.accepts(o.face, peer).then(|| req.headers());
@@ -220,7 +224,7 @@ pub async fn observe(State(o): State<Arc<Observe>>, req: Request, next: Next) ->
     };
     #[cfg(not(feature = "otel"))]
     let span = tracing::Span::none();
-    let run = next.run(req).instrument(span.clone());
+    let run = next(req).instrument(span.clone());
     #[cfg(feature = "otel")]
     let resp = match decision {
         Some(otel::Decision::Sampled(_)) => otel::REQUEST_TRACE.scope(otel::RequestTrace::Sampled, run).await,
@@ -247,6 +251,13 @@ pub async fn observe(State(o): State<Arc<Observe>>, req: Request, next: Next) ->
     // For debug logs, with or without a span (a disabled callsite costs a branch; never exported).
     tracing::debug!(parent: &span, status, latency_us = elapsed.as_micros() as u64, "answered");
     resp
+}
+
+/// `observe` as an axum middleware, for the faces whose steps are still router layers (the check
+/// face): the route template is the router's `MatchedPath`.
+pub async fn observe_layer(State(o): State<Arc<Observe>>, req: Request, next: Next) -> Response {
+    let template = req.extensions().get::<MatchedPath>().cloned();
+    observe(&o, template.as_ref().map(MatchedPath::as_str), req, |req| next.run(req)).await
 }
 
 #[cfg(feature = "otel")]

@@ -92,7 +92,7 @@ pub fn router(core: Arc<Core>, all: &crate::config::Config, config: &CheckConfig
         // Outermost: the server span and RED metrics see every answer, refused callers included.
         .layer(middleware::from_fn_with_state(
             state.core.observer(crate::metrics::Face::check),
-            crate::telemetry::observe,
+            crate::telemetry::observe_layer,
         ))
         .with_state(state)
 }

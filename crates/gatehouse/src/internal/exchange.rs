@@ -9,7 +9,7 @@ use axum::extract::rejection::{FormRejection, JsonRejection};
 use axum::extract::{Extension, Form, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::InternalState;
@@ -83,6 +83,29 @@ fn map_err(e: ExchangeError) -> ApiError {
     }
 }
 
+/// The exchange's answer (DESIGN), serialised from the resolved session as it is: borrowed, not
+/// copied into a `serde_json::Value` first.
+#[derive(Serialize)]
+struct ExchangeAnswer<'a> {
+    access_token: Option<&'a str>,
+    token_type: &'static str,
+    expires_at: crate::clock::UnixTime,
+    claims: ExchangedClaims<'a>,
+    session: crate::session::SessionTimes,
+}
+
+#[derive(Serialize)]
+struct ExchangedClaims<'a> {
+    sub: &'a str,
+    email: Option<&'a str>,
+    email_verified: Option<bool>,
+    preferred_username: Option<&'a str>,
+    name: Option<&'a str>,
+    realm_roles: &'a [String],
+    client_roles: &'a std::collections::BTreeMap<String, Vec<String>>,
+    groups: &'a [String],
+}
+
 /// `POST /internal/v1/session/exchange` `{"session_id": "..."}`.
 pub async fn exchange_json(
     State(st): State<Arc<InternalState>>,
@@ -103,17 +126,22 @@ pub async fn exchange_json(
         Ok(r) => {
             let c = &r.record.claims;
             no_store(
-                Json(json!({
-                    "access_token": r.access_token,
-                    "token_type": "Bearer",
-                    "expires_at": r.record.access_expires_at,
-                    "claims": {
-                        "sub": c.sub, "email": c.email, "email_verified": c.email_verified,
-                        "preferred_username": c.preferred_username, "name": c.name,
-                        "realm_roles": c.realm_roles, "client_roles": c.client_roles, "groups": c.groups,
+                Json(ExchangeAnswer {
+                    access_token: r.access_token.as_deref(),
+                    token_type: "Bearer",
+                    expires_at: r.record.access_expires_at,
+                    claims: ExchangedClaims {
+                        sub: &c.sub,
+                        email: c.email.as_deref(),
+                        email_verified: c.email_verified,
+                        preferred_username: c.preferred_username.as_deref(),
+                        name: c.name.as_deref(),
+                        realm_roles: &c.realm_roles,
+                        client_roles: &c.client_roles,
+                        groups: &c.groups,
                     },
-                    "session": {"expires_at": r.record.absolute_expires_at, "idle_expires_at": r.record.idle_expires_at},
-                }))
+                    session: r.record.times(),
+                })
                 .into_response(),
             )
         }

@@ -10,8 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{ConnectInfo, Request, State};
-use axum::middleware::{self, Next};
+use axum::extract::{ConnectInfo, Request};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 
@@ -19,6 +18,7 @@ use crate::Core;
 use crate::config::{InternalConfig, InternalMode};
 use crate::error::ApiError;
 use crate::limit::Kind;
+use crate::pipeline::{Pipeline, Steps, Templates};
 use crate::tls::identity::Caller;
 
 pub struct InternalState {
@@ -27,35 +27,58 @@ pub struct InternalState {
     allow: HashSet<String>,
 }
 
-pub fn router(core: Arc<Core>, config: &InternalConfig) -> Router {
+/// The internal face: its pipeline (observe → caller check and per-caller limit) in front of the
+/// router.
+pub fn router(core: Arc<Core>, config: &InternalConfig) -> Pipeline<InternalState> {
     // The per-caller limit is the core's `Limiter` (`Kind::InternalCaller`), shared across replicas
     // with the Redis store; its idle local buckets are pruned by the public face's cleanup task.
+    let observe = core.observer(crate::metrics::Face::internal);
     let state = Arc::new(InternalState { core, mode: config.mode, allow: config.allow.iter().cloned().collect() });
-    Router::new()
-        .route("/internal/v1/session/exchange", post(exchange::exchange_json))
-        .route("/internal/v1/token", post(exchange::token_exchange))
+    let mut templates = Templates::default();
+    let mut router = Router::new();
+    for (path, handler) in [
+        ("/internal/v1/session/exchange", post(exchange::exchange_json)),
+        ("/internal/v1/token", post(exchange::token_exchange)),
+    ] {
+        templates.add(path);
+        router = router.route(path, handler);
+    }
+    let router = router
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(middleware::from_fn_with_state(state.clone(), authorize))
-        .layer(axum::extract::DefaultBodyLimit::max(8 * 1024))
-        .layer(middleware::from_fn_with_state(
-            state.core.observer(crate::metrics::Face::internal),
-            crate::telemetry::observe,
-        ))
-        .with_state(state)
+        .with_state(state.clone());
+    Pipeline::new(state, router, observe, templates)
 }
 
-/// Who is calling, and may they? Runs before any body is read.
-async fn authorize(State(st): State<Arc<InternalState>>, mut req: Request, next: Next) -> Response {
+impl Steps for InternalState {
+    async fn run(self: Arc<Self>, mut req: Request, router: Router) -> Response {
+        match authorize(&self, req.uri().path(), req.headers(), req.extensions()).await {
+            Ok(id) => {
+                req.extensions_mut().insert(id);
+                axum::extract::DefaultBodyLimit::max(8 * 1024).apply(&mut req);
+                crate::pipeline::route(router, req).await
+            }
+            Err(refused) => refused,
+        }
+    }
+}
+
+/// Who is calling, and may they? Runs before any body is read. (Takes the request's parts, not the
+/// request: its body is not `Sync`, and the check awaits.)
+async fn authorize(
+    st: &InternalState,
+    path: &str,
+    headers: &axum::http::HeaderMap,
+    extensions: &axum::http::Extensions,
+) -> Result<crate::tls::identity::CallerIdentity, Response> {
     let caller = match st.mode {
         // In mtls mode the identity comes from the verified certificate only; any
         // `x-forwarded-client-cert` header is ignored (SECURITY 21).
-        InternalMode::Mtls => req.extensions().get::<Caller>().cloned().map_or(Err("no client certificate"), |c| c.0),
+        InternalMode::Mtls => extensions.get::<Caller>().cloned().map_or(Err("no client certificate"), |c| c.0),
         InternalMode::Envoy => {
-            let from_loopback =
-                req.extensions().get::<ConnectInfo<SocketAddr>>().is_some_and(|c| c.0.ip().is_loopback());
+            let from_loopback = extensions.get::<ConnectInfo<SocketAddr>>().is_some_and(|c| c.0.ip().is_loopback());
             if from_loopback {
-                xfcc::caller(req.headers())
+                xfcc::caller(headers)
             } else {
                 Err("x-forwarded-client-cert accepted only from loopback")
             }
@@ -64,15 +87,15 @@ async fn authorize(State(st): State<Arc<InternalState>>, mut req: Request, next:
     let id = match caller {
         Ok(id) if st.allow.contains(id.as_str()) => id,
         Ok(id) => {
-            tracing::warn!(target: "gatehouse::audit", caller = %id, path = req.uri().path(), outcome = "forbidden", "caller not on internal.allow");
+            tracing::warn!(target: "gatehouse::audit", caller = %id, path, outcome = "forbidden", "caller not on internal.allow");
             // An unlisted caller's name is not a label value (the set would be unbounded).
             st.core.metrics.exchange_refused(crate::metrics::ExchangeOutcome::CallerForbidden);
-            return ApiError::Forbidden("forbidden", "caller is not allowed".into()).into_response();
+            return Err(ApiError::Forbidden("forbidden", "caller is not allowed".into()).into_response());
         }
         Err(why) => {
-            tracing::warn!(target: "gatehouse::audit", reason = why, path = req.uri().path(), outcome = "forbidden", "caller has no valid identity");
+            tracing::warn!(target: "gatehouse::audit", reason = why, path, outcome = "forbidden", "caller has no valid identity");
             st.core.metrics.exchange_refused(crate::metrics::ExchangeOutcome::CallerForbidden);
-            return ApiError::Forbidden("forbidden", "caller is not allowed".into()).into_response();
+            return Err(ApiError::Forbidden("forbidden", "caller is not allowed".into()).into_response());
         }
     };
     match st.core.limiter.check(Kind::InternalCaller, id.as_str()).await {
@@ -80,10 +103,9 @@ async fn authorize(State(st): State<Arc<InternalState>>, mut req: Request, next:
         Ok(d) => {
             tracing::warn!(target: "gatehouse::audit", caller = %id, outcome = "rate_limited", "internal rate limit hit");
             st.core.metrics.exchange_refused(crate::metrics::ExchangeOutcome::RateLimited);
-            return ApiError::TooManyRequests(d).into_response();
+            return Err(ApiError::TooManyRequests(d).into_response());
         }
-        Err(_) => return ApiError::StoreUnavailable.into_response(),
+        Err(_) => return Err(ApiError::StoreUnavailable.into_response()),
     }
-    req.extensions_mut().insert(id);
-    next.run(req).await
+    Ok(id)
 }

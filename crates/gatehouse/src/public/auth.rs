@@ -7,7 +7,7 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::login_state::{self, LoginState};
@@ -230,18 +230,32 @@ fn session_id(st: &PublicState, headers: &HeaderMap) -> Option<SessionId> {
     cookies::read(headers, &st.cookie.name).and_then(|v| SessionId::parse(&v))
 }
 
-pub(crate) fn me_body(r: &SessionRecord) -> serde_json::Value {
+pub(crate) fn me_body(r: &SessionRecord) -> MeBody<'_> {
     let c = &r.claims;
-    json!({
-        "sub": c.sub,
-        "email": c.email,
-        "preferred_username": c.preferred_username,
-        "name": c.name,
-        "realm_roles": c.realm_roles,
-        "client_roles": c.client_roles,
-        "groups": c.groups,
-        "session": {"expires_at": r.absolute_expires_at, "idle_expires_at": r.idle_expires_at},
-    })
+    MeBody {
+        sub: &c.sub,
+        email: c.email.as_deref(),
+        preferred_username: c.preferred_username.as_deref(),
+        name: c.name.as_deref(),
+        realm_roles: &c.realm_roles,
+        client_roles: &c.client_roles,
+        groups: &c.groups,
+        session: r.times(),
+    }
+}
+
+/// The user as `/auth/me` and the login answer show them: serialised from the record as it is
+/// (borrowed, not copied into a `serde_json::Value` first — the hottest path). Never a token.
+#[derive(Serialize)]
+pub(crate) struct MeBody<'a> {
+    sub: &'a str,
+    email: Option<&'a str>,
+    preferred_username: Option<&'a str>,
+    name: Option<&'a str>,
+    realm_roles: &'a [String],
+    client_roles: &'a std::collections::BTreeMap<String, Vec<String>>,
+    groups: &'a [String],
+    session: crate::session::SessionTimes,
 }
 
 /// `GET /auth/me`: who the session belongs to. Never a token.

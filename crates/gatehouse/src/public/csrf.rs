@@ -4,11 +4,8 @@
 //! server-to-server call authenticated by its signed logout token. Also the fetch-metadata check
 //! that keeps reads of user data (`/auth/me`, `/api/*`) to pages of this origin.
 
-use std::sync::Arc;
-
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{HeaderMap, Method};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::PublicState;
@@ -53,10 +50,9 @@ pub fn cross_origin_read(headers: &HeaderMap) -> Option<ApiError> {
     }
 }
 
-pub async fn check(State(state): State<Arc<PublicState>>, req: Request, next: Next) -> Response {
-    if let Some(why) = violation(req.method(), req.uri().path(), req.headers(), &state.origin) {
-        tracing::warn!(path = req.uri().path(), method = %req.method(), reason = why, "CSRF check failed");
-        return ApiError::Forbidden("csrf", format!("request refused: {why}")).into_response();
-    }
-    next.run(req).await
+/// The public pipeline's CSRF step: the refusal, or `None` to let the request through.
+pub fn refusal(state: &PublicState, req: &Request) -> Option<Response> {
+    let why = violation(req.method(), req.uri().path(), req.headers(), &state.origin)?;
+    tracing::warn!(path = req.uri().path(), method = %req.method(), reason = why, "CSRF check failed");
+    Some(ApiError::Forbidden("csrf", format!("request refused: {why}")).into_response())
 }

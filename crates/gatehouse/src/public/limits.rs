@@ -16,29 +16,35 @@ use crate::limit::{Class, Kind, Limiter};
 /// Paths the per-IP limit leaves alone: probes, and the server-to-server logout from Keycloak.
 pub const UNLIMITED: &[&str] = &["/healthz", "/readyz", "/auth/backchannel-logout"];
 
-/// The per-IP request limit, before routing. A login start counts as a login for the outage
-/// policy (refused while Redis is down, by default); everything else as a read.
-pub async fn limit(
-    axum::extract::State(st): axum::extract::State<std::sync::Arc<super::PublicState>>,
-    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<SocketAddr>,
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
+/// The public pipeline's per-IP request limit, before routing: the refusal, or `None` to let the
+/// request through. A login start counts as a login for the outage policy (refused while Redis
+/// is down, by default); everything else as a read.
+/// (Takes the request's parts, not the request: its body is not `Sync`, and the check awaits.)
+pub async fn refusal(
+    st: &super::PublicState,
+    path: &str,
+    headers: &HeaderMap,
+    extensions: &axum::http::Extensions,
+) -> Option<axum::response::Response> {
     let limiter = &st.core.limiter;
-    let path = req.uri().path();
-    if limiter.is_on(Kind::Request) && !UNLIMITED.contains(&path) {
-        let ip = client_ip(peer, req.headers(), &st.settings.trusted_proxies);
-        let class = if path == "/auth/login" { Class::Login } else { Class::Read };
-        match limiter.check_as(Kind::Request, &ip.to_string(), class).await {
-            Ok(d) if d.allowed => {}
-            Ok(d) => {
-                tracing::debug!(%ip, "request rate limit hit");
-                return ApiError::TooManyRequests(d).into_response();
-            }
-            Err(_) => return ApiError::StoreUnavailable.into_response(),
-        }
+    if !limiter.is_on(Kind::Request) || UNLIMITED.contains(&path) {
+        return None;
     }
-    next.run(req).await
+    // The listener puts the peer address on every request; without one, fail closed.
+    let Some(peer) = extensions.get::<axum::extract::ConnectInfo<SocketAddr>>().map(|c| c.0) else {
+        tracing::error!("request without a peer address: refused");
+        return Some(ApiError::Internal.into_response());
+    };
+    let ip = client_ip(peer, headers, &st.settings.trusted_proxies);
+    let class = if path == "/auth/login" { Class::Login } else { Class::Read };
+    match limiter.check_as(Kind::Request, &ip.to_string(), class).await {
+        Ok(d) if d.allowed => None,
+        Ok(d) => {
+            tracing::debug!(%ip, "request rate limit hit");
+            Some(ApiError::TooManyRequests(d).into_response())
+        }
+        Err(_) => Some(ApiError::StoreUnavailable.into_response()),
+    }
 }
 
 /// A password login attempt: the client IP's bucket, then the username's (only when the IP's had

@@ -16,16 +16,16 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
-use axum::middleware::{self, Next};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get, post};
-use tower_http::sensitive_headers::{SetSensitiveRequestHeadersLayer, SetSensitiveResponseHeadersLayer};
+use axum::routing::{MethodRouter, any, get, post};
 use tower_http::services::ServeDir;
 
 use crate::Core;
 use crate::config::{Config, CookieSettings};
 use crate::error::ApiError;
+use crate::pipeline::{Pipeline, Steps, Templates};
 
 /// Every public route: (method, path). The router is checked against this table in tests, and
 /// the CSRF test walks it, so a new route cannot skip CSRF by accident.
@@ -55,6 +55,8 @@ pub struct Settings {
     pub post_logout_redirect_uri: String,
     /// Whether some route relays the access token (only then is it decrypted for extensions).
     pub any_bearer_route: bool,
+    /// `public.max_body_bytes`: the largest request body a handler reads.
+    pub max_body_bytes: usize,
 }
 
 impl Settings {
@@ -64,6 +66,7 @@ impl Settings {
             password_login: config.oidc.password_login,
             post_logout_redirect_uri: config.post_logout_redirect_uri(),
             any_bearer_route: config.routes.iter().any(|r| r.relay == crate::config::Relay::Bearer),
+            max_body_bytes: config.public.max_body_bytes,
         }
     }
 }
@@ -78,13 +81,14 @@ pub struct PublicState {
     pub views: views::Views,
 }
 
-/// The public router, with any extension endpoints (`crate::extend`); fails if a route's TLS
-/// files cannot be used or an extension path is not allowed.
+/// The public face: its pipeline (observe → header guard → rate limit → CSRF) in front of the
+/// router, with any extension endpoints (`crate::extend`); fails if a route's TLS files cannot be
+/// used or an extension path is not allowed.
 pub fn router(
     core: Arc<Core>,
     config: &Config,
     extensions: crate::extend::Extensions,
-) -> Result<Router, proxy::RouteError> {
+) -> Result<Pipeline<PublicState>, proxy::RouteError> {
     let proxy = proxy::Proxy::new(config)?;
     let views = views::Views::new(&config.views, &proxy)
         .map_err(|problem| proxy::RouteError { prefix: "/api/views/".into(), problem })?;
@@ -97,19 +101,26 @@ pub fn router(
         core: core.clone(),
     });
     spawn_limit_cleanup(&state);
-    let mut router = Router::new()
-        .route("/auth/login", get(auth::login_start).post(auth::password_login))
-        .route("/auth/callback", get(auth::callback))
-        .route("/auth/logout", post(auth::logout))
-        .route("/auth/me", get(auth::me))
-        .route("/auth/backchannel-logout", post(backchannel::backchannel_logout))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+    let mut routes: Vec<(&str, MethodRouter<Arc<PublicState>>)> = vec![
+        ("/auth/login", get(auth::login_start).post(auth::password_login)),
+        ("/auth/callback", get(auth::callback)),
+        ("/auth/logout", post(auth::logout)),
+        ("/auth/me", get(auth::me)),
+        ("/auth/backchannel-logout", post(backchannel::backchannel_logout)),
+        ("/healthz", get(healthz)),
+        ("/readyz", get(readyz)),
         // Everything under /api/ is the proxy's (a JSON 404 for unknown routes), never a static file.
-        .route("/api/{*rest}", any(proxy::handle));
+        ("/api/{*rest}", any(proxy::handle)),
+    ];
     if !state.views.is_empty() {
         // More specific than `/api/{*rest}`: views own `/api/views/` (no route may sit there).
-        router = router.route("/api/views/{*rest}", get(views::handle));
+        routes.push(("/api/views/{*rest}", get(views::handle)));
+    }
+    let mut templates = Templates::default();
+    let mut router = Router::new();
+    for (path, handler) in routes {
+        templates.add(path);
+        router = router.route(path, handler);
     }
     router = match &config.public.static_dir {
         Some(dir) => router.fallback_service(ServeDir::new(dir).fallback(get(not_found).post(not_found))),
@@ -117,22 +128,61 @@ pub fn router(
     };
     let mut router: Router =
         router.method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed }).with_state(state.clone());
+    for path in extensions.paths() {
+        templates.add(path);
+    }
     let prefixes: Vec<String> = config.routes.iter().map(|r| r.prefix.clone()).collect();
     let ext = extensions
         .into_router(&prefixes)
         .map_err(|problem| proxy::RouteError { prefix: "extensions".into(), problem })?;
-    // Extension endpoints sit inside every layer below (CSRF, rate limit, header guard), plus
-    // their own guard (same-origin reads, no-store) and the state their `User` extractor reads.
+    // Extension endpoints sit behind every step of the pipeline (CSRF, rate limit, header guard),
+    // plus their own guard (same-origin reads, no-store) and the state their `User` extractor reads.
     router = router.merge(ext.layer(middleware::from_fn(crate::extend::guard)).layer(axum::Extension(state.clone())));
-    Ok(router
-        .layer(middleware::from_fn_with_state(state.clone(), csrf::check))
-        .layer(middleware::from_fn_with_state(state.clone(), limits::limit))
-        .layer(SetSensitiveRequestHeadersLayer::new([header::COOKIE, header::AUTHORIZATION]))
-        .layer(SetSensitiveResponseHeadersLayer::new([header::SET_COOKIE]))
-        .layer(axum::extract::DefaultBodyLimit::max(config.public.max_body_bytes))
-        .layer(middleware::from_fn(guard_headers))
-        // Outermost: the server span and RED metrics see every answer, refusals included.
-        .layer(middleware::from_fn_with_state(core.observer(crate::metrics::Face::public), crate::telemetry::observe)))
+    let observe = core.observer(crate::metrics::Face::public);
+    Ok(Pipeline::new(state, router, observe, templates))
+}
+
+impl Steps for PublicState {
+    /// Oversized headers are refused before any handler parses them; then the per-IP limit and
+    /// CSRF; every answer gets the browser-hardening headers, refusals included.
+    async fn run(self: Arc<Self>, mut req: Request, router: Router) -> Response {
+        let size: usize = req.headers().iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
+        let mut resp = if size > MAX_HEADER_BYTES {
+            (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                axum::Json(
+                    serde_json::json!({"error": "headers_too_large", "message": "request headers exceed 16 KiB"}),
+                ),
+            )
+                .into_response()
+        } else {
+            // Before anything can log them: secrets are redacted from `Debug` output.
+            mark_sensitive(req.headers_mut(), &[header::COOKIE, header::AUTHORIZATION]);
+            axum::extract::DefaultBodyLimit::max(self.settings.max_body_bytes).apply(&mut req);
+            let refused = match limits::refusal(&self, req.uri().path(), req.headers(), req.extensions()).await {
+                Some(refused) => Some(refused),
+                None => csrf::refusal(&self, &req),
+            };
+            match refused {
+                Some(refused) => refused,
+                None => crate::pipeline::route(router, req).await,
+            }
+        };
+        mark_sensitive(resp.headers_mut(), &[header::SET_COOKIE]);
+        security_headers(&mut resp);
+        resp
+    }
+}
+
+/// Flag header values as sensitive (`Debug` prints them redacted; HTTP/2 never indexes them).
+fn mark_sensitive(headers: &mut HeaderMap, names: &[HeaderName]) {
+    for name in names {
+        if let header::Entry::Occupied(mut values) = headers.entry(name) {
+            for value in values.iter_mut() {
+                value.set_sensitive(true);
+            }
+        }
+    }
 }
 
 fn spawn_limit_cleanup(state: &Arc<PublicState>) {
@@ -163,19 +213,8 @@ async fn readyz(State(state): State<Arc<PublicState>>) -> Response {
     (status, [(header::CACHE_CONTROL, "no-store")], axum::Json(body)).into_response()
 }
 
-/// Oversized headers are refused before any handler parses them; every answer gets the
-/// browser-hardening headers.
-async fn guard_headers(req: Request, next: Next) -> Response {
-    let size: usize = req.headers().iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
-    let mut resp = if size > MAX_HEADER_BYTES {
-        (
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            axum::Json(serde_json::json!({"error": "headers_too_large", "message": "request headers exceed 16 KiB"})),
-        )
-            .into_response()
-    } else {
-        next.run(req).await
-    };
+/// The browser-hardening headers, on every answer.
+fn security_headers(resp: &mut Response) {
     // A proxied route that keeps its upstream's security headers gets ours only where it sent none.
     let keep = resp.extensions().get::<proxy::UpstreamSecurityHeaders>().is_some();
     let h = resp.headers_mut();
@@ -195,5 +234,4 @@ async fn guard_headers(req: Request, next: Next) -> Response {
             ),
         );
     }
-    resp
 }

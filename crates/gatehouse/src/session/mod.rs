@@ -105,7 +105,18 @@ pub struct SessionRecord {
     pub meta_tag: Option<String>,
 }
 
+/// A session's two deadlines, as answers show them.
+#[derive(Serialize, Clone, Copy)]
+pub struct SessionTimes {
+    pub expires_at: UnixTime,
+    pub idle_expires_at: UnixTime,
+}
+
 impl SessionRecord {
+    pub fn times(&self) -> SessionTimes {
+        SessionTimes { expires_at: self.absolute_expires_at, idle_expires_at: self.idle_expires_at }
+    }
+
     /// The moment the session ends unless used again.
     pub fn expires_at(&self) -> UnixTime {
         self.idle_expires_at.min(self.absolute_expires_at)

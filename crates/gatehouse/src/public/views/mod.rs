@@ -208,7 +208,7 @@ async fn answer(st: Arc<PublicState>, peer: SocketAddr, req: Request) -> Result<
             None => String::new(),
         });
     }
-    let me = super::auth::me_body(&resolved.record);
+    let me = serde_json::to_value(super::auth::me_body(&resolved.record)).map_err(|_| ApiError::Internal)?;
     let bearer = resolved.access_token.map(|t| format!("Bearer {t}"));
     let session = id.expose().to_owned();
     let headers: HeaderMap = req.headers().clone();

@@ -1,0 +1,104 @@
+//! A face's request pipeline as one service: `observe` (metrics, server span), then the face's
+//! own guards (header limits, caller checks, rate limits, CSRF) as plain code, then the router —
+//! all in one future, boxed once per request.
+//!
+//! Why not `axum::middleware::from_fn` layers on the router: `Router::layer` wraps every route in
+//! one more boxed service per layer, and each `from_fn` clones and boxes its inner service and the
+//! request's future again — a dozen allocations and future moves per request before any handler
+//! ran (docs/benchmarks.md, "A leaner request pipeline").
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use axum::Router;
+use axum::extract::Request;
+use axum::response::Response;
+use tower::ServiceExt as _;
+
+use crate::telemetry::Observe;
+
+/// What a face does to a request between `observe` and its router.
+pub trait Steps: Send + Sync + 'static {
+    fn run(self: Arc<Self>, req: Request, router: Router) -> impl Future<Output = Response> + Send;
+}
+
+/// Run the router (after the face's steps let the request through).
+pub async fn route(router: Router, req: Request) -> Response {
+    match router.oneshot(req).await {
+        Ok(resp) => resp,
+        Err(never) => match never {},
+    }
+}
+
+/// The route templates of a face, for metrics labels and span names before the router runs (the
+/// router's own `MatchedPath` exists only inside it). `matchit` is the router's own matcher, so a
+/// path gets the same template here as there.
+#[derive(Default)]
+pub struct Templates(matchit::Router<Arc<str>>);
+
+impl Templates {
+    /// Add a template the router also serves. Templates are ours or checked by the router (which
+    /// refuses conflicting ones at start-up), so a refusal here cannot happen; it would only leave
+    /// that route labelled "other".
+    pub fn add(&mut self, template: &str) {
+        if let Err(e) = self.0.insert(template, Arc::from(template)) {
+            tracing::debug!(template, error = %e, "route template not added to the metrics labels");
+        }
+    }
+
+    fn find(&self, path: &str) -> Option<Arc<str>> {
+        self.0.at(path).ok().map(|m| m.value.clone())
+    }
+}
+
+pub struct Pipeline<S> {
+    steps: Arc<S>,
+    router: Router,
+    observe: Arc<Observe>,
+    templates: Arc<Templates>,
+}
+
+impl<S> Clone for Pipeline<S> {
+    fn clone(&self) -> Self {
+        Self {
+            steps: self.steps.clone(),
+            router: self.router.clone(),
+            observe: self.observe.clone(),
+            templates: self.templates.clone(),
+        }
+    }
+}
+
+impl<S: Steps> Pipeline<S> {
+    pub fn new(steps: Arc<S>, router: Router, observe: Arc<Observe>, templates: Templates) -> Self {
+        Self { steps, router, observe, templates: Arc::new(templates) }
+    }
+}
+
+impl<S: Steps, B> tower::Service<http::Request<B>> for Pipeline<S>
+where
+    B: axum::body::HttpBody<Data = axum::body::Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let req = req.map(axum::body::Body::new);
+        let route = self.templates.find(req.uri().path());
+        let this = self.clone();
+        Box::pin(async move {
+            let Pipeline { steps, router, observe, .. } = this;
+            let route = route.as_deref();
+            Ok(crate::telemetry::observe(&observe, route, req, move |req| steps.run(req, router)).await)
+        })
+    }
+}
