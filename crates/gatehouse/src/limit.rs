@@ -295,26 +295,30 @@ impl Limiter {
                     }
                 }
             }
-            Backend::Redis(store) => match store.gcra(&redis_key(kind, key), quota.emission, quota.burst).await {
-                Ok(o) => Decision {
-                    allowed: o.allowed,
-                    retry_after: o.retry_after,
-                    remaining: o.remaining,
-                    reset: o.reset,
-                    ..base
-                },
-                Err(e) => {
-                    let open = self.on_error.lets_through(class);
-                    tracing::warn!(
-                        limit = kind.policy(),
-                        error = %e,
-                        action = if open { "allowed" } else { "refused" },
-                        "rate-limit store unavailable"
-                    );
-                    self.metrics.rate_limit_store_error(kind.metric_label(), open);
-                    return if open { Ok(Decision::unlimited(kind)) } else { Err(StoreUnavailable) };
+            // Boxed: the Redis call's future is large, and inline it would make every caller's
+            // future (the whole public pipeline's, per request) that much larger to move.
+            Backend::Redis(store) => {
+                match Box::pin(store.gcra(&redis_key(kind, key), quota.emission, quota.burst)).await {
+                    Ok(o) => Decision {
+                        allowed: o.allowed,
+                        retry_after: o.retry_after,
+                        remaining: o.remaining,
+                        reset: o.reset,
+                        ..base
+                    },
+                    Err(e) => {
+                        let open = self.on_error.lets_through(class);
+                        tracing::warn!(
+                            limit = kind.policy(),
+                            error = %e,
+                            action = if open { "allowed" } else { "refused" },
+                            "rate-limit store unavailable"
+                        );
+                        self.metrics.rate_limit_store_error(kind.metric_label(), open);
+                        return if open { Ok(Decision::unlimited(kind)) } else { Err(StoreUnavailable) };
+                    }
                 }
-            },
+            }
         };
         if !decision.allowed {
             self.metrics.rate_limited(kind.metric_label());

@@ -102,3 +102,24 @@ where
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Templates;
+
+    #[test]
+    fn a_path_is_labelled_with_the_template_the_router_would_match() {
+        let mut t = Templates::default();
+        for template in ["/auth/me", "/api/{*rest}", "/api/views/{*rest}", "/api/ext/items/{id}"] {
+            t.add(template);
+        }
+        let label = |path| t.find(path).map(|l| l.to_string());
+        assert_eq!(label("/auth/me").as_deref(), Some("/auth/me"));
+        assert_eq!(label("/api/pb/records").as_deref(), Some("/api/{*rest}"));
+        assert_eq!(label("/api/views/dashboard").as_deref(), Some("/api/views/{*rest}"), "the more specific wildcard");
+        assert_eq!(label("/api/ext/items/42").as_deref(), Some("/api/ext/items/{id}"));
+        // Unmatched paths (static files, 404s) are "other": never the raw path, an unbounded label.
+        assert_eq!(label("/auth/me/extra"), None);
+        assert_eq!(label("/index.html"), None);
+    }
+}
