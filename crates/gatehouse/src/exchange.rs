@@ -378,7 +378,7 @@ impl Exchange {
         let key = id.key();
         let now = self.clock.now();
         // The request's span names the session by its hash prefix, never its id.
-        crate::telemetry::record_session(&key.prefix(), "");
+        crate::telemetry::record_session(&key, "");
         let mut record = self.live_record(&key, now).await?;
         if self.refresh_due(&record) <= now {
             record = if self.backing_off(&key) {
@@ -390,7 +390,9 @@ impl Exchange {
                 }
                 record
             } else {
-                self.refresh(&key, now).await?
+                // Boxed: the refresh (a provider call) is rare, and inline its future would make
+                // every request's future several KiB larger to build and move.
+                Box::pin(self.refresh(&key, now)).await?
             };
         }
         let record = self.touch(&key, record, now).await;
@@ -399,12 +401,12 @@ impl Exchange {
         // (no decryption, no cost growing with the tokens' size); the exchange opens the envelope,
         // whose AAD binds the same fields.
         let access_token = if with_token {
-            Some(self.open(&key, &record)?.access_token.clone())
+            Some(self.open_access_token(&key, &record)?)
         } else {
             self.authenticate(&key, &record)?;
             None
         };
-        crate::telemetry::record_session(&key.prefix(), &record.claims.sub);
+        crate::telemetry::record_session(&key, &record.claims.sub);
         Ok(Resolved { key, record, access_token })
     }
 
@@ -1118,6 +1120,11 @@ impl Exchange {
         if now - record.last_seen < interval {
             return record;
         }
+        // Boxed for the same reason as the refresh: most requests do not write.
+        Box::pin(self.slide(key, record, now)).await
+    }
+
+    async fn slide(&self, key: &SessionKey, record: SessionRecord, now: UnixTime) -> SessionRecord {
         let mut next = record.clone();
         next.version += 1;
         next.last_seen = now;
@@ -1220,11 +1227,26 @@ impl Exchange {
 
     /// Decrypt the token set. A record we cannot open (key removed, tampering) authenticates nobody.
     pub fn open(&self, key: &SessionKey, record: &SessionRecord) -> Result<TokenSet, ExchangeError> {
-        let plain = self.keyring.open(&record.sealed_tokens, &Self::aad(key, &Self::bound(record)?)).map_err(|_| {
+        serde_json::from_slice(&self.decrypt(key, record)?).map_err(|_| ExchangeError::InvalidSession)
+    }
+
+    /// Decrypt the token set and keep only the access token: what the exchange and the proxy's
+    /// bearer relay hand on (the refresh and ID tokens are skipped, never copied out).
+    fn open_access_token(&self, key: &SessionKey, record: &SessionRecord) -> Result<String, ExchangeError> {
+        #[derive(serde::Deserialize)]
+        struct AccessToken {
+            access_token: String,
+        }
+        let plain = self.decrypt(key, record)?;
+        let t: AccessToken = serde_json::from_slice(&plain).map_err(|_| ExchangeError::InvalidSession)?;
+        Ok(t.access_token)
+    }
+
+    fn decrypt(&self, key: &SessionKey, record: &SessionRecord) -> Result<zeroize::Zeroizing<Vec<u8>>, ExchangeError> {
+        self.keyring.open(&record.sealed_tokens, &Self::aad(key, &Self::bound(record)?)).map_err(|_| {
             tracing::error!(session = %key, "cannot decrypt session tokens (key rotated away or record tampered)");
             ExchangeError::InvalidSession
-        })?;
-        serde_json::from_slice(&plain).map_err(|_| ExchangeError::InvalidSession)
+        })
     }
 }
 
@@ -1264,6 +1286,21 @@ mod tests {
 
     /// An exchange whose provider is unreachable (port 9 on loopback): anything that would need
     /// Keycloak fails like an outage.
+    /// Every request builds `resolve`'s future and moves it (into the handler's box, with the
+    /// handler's): the rare steps (refresh, the idle-expiry write) are boxed so it stays small.
+    /// Inline, the refresh alone made it 4.6 KiB (docs/benchmarks.md, "A leaner request pipeline").
+    #[test]
+    fn the_per_request_future_stays_small() {
+        fn future_size<F: FnOnce() -> Fut, Fut>(_: F) -> usize {
+            std::mem::size_of::<Fut>()
+        }
+        // Never called: only the future's type is needed.
+        let exchange: Option<Exchange> = None;
+        let id = SessionId::parse("");
+        let size = future_size(|| async { exchange.as_ref().unwrap().resolve(id.as_ref().unwrap(), false).await });
+        assert!(size <= 2048, "resolve's future is {size} bytes");
+    }
+
     fn fixture(idle: i64, absolute: i64) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let clock = Arc::new(SystemClock::default());

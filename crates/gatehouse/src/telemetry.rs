@@ -296,9 +296,13 @@ pub fn tracing_request() -> bool {
 }
 
 /// Record what a handler learned on the request's server span (no-ops for fields it lacks).
-pub fn record_session(prefix: &str, sub: &str) {
+pub fn record_session(session: &crate::session::SessionKey, sub: &str) {
     let span = tracing::Span::current();
-    span.record("gatehouse.session", prefix);
+    if span.is_none() {
+        // Not sampled (or tracing off): not even the prefix is formatted.
+        return;
+    }
+    span.record("gatehouse.session", session.prefix().as_str());
     if !sub.is_empty() && sub != "-" {
         span.record("enduser.id", sub);
     }

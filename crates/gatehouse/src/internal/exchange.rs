@@ -34,7 +34,6 @@ async fn resolve(
     let started = Instant::now();
     // A malformed id is answered exactly like an unknown one.
     let id = SessionId::parse(raw_id);
-    let prefix = id.as_ref().map_or_else(|| "-".to_string(), |i| i.key().prefix());
     let result = match &id {
         Some(id) => st.core.exchange.resolve(id, true).await,
         None => Err(ExchangeError::InvalidSession),
@@ -51,16 +50,20 @@ async fn resolve(
     let span = tracing::Span::current();
     span.record("gatehouse.caller", caller.as_str());
     span.record("gatehouse.outcome", outcome);
-    tracing::info!(
-        target: "gatehouse::audit",
-        caller = %caller,
-        sub,
-        session = %prefix,
-        outcome,
-        endpoint,
-        latency_us = started.elapsed().as_micros() as u64,
-        "session exchange"
-    );
+    // The session's hash prefix is formatted only for a line that is written.
+    if tracing::enabled!(target: "gatehouse::audit", tracing::Level::INFO) {
+        let prefix = id.as_ref().map_or_else(|| "-".to_string(), |i| i.key().prefix());
+        tracing::info!(
+            target: "gatehouse::audit",
+            caller = %caller,
+            sub,
+            session = %prefix,
+            outcome,
+            endpoint,
+            latency_us = started.elapsed().as_micros() as u64,
+            "session exchange"
+        );
+    }
     st.core
         .metrics
         .exchanges
