@@ -1284,8 +1284,6 @@ mod tests {
         _dir: tempfile::TempDir,
     }
 
-    /// An exchange whose provider is unreachable (port 9 on loopback): anything that would need
-    /// Keycloak fails like an outage.
     /// Every request builds `resolve`'s future and moves it (into the handler's box, with the
     /// handler's): the rare steps (refresh, the idle-expiry write) are boxed so it stays small.
     /// Inline, the refresh alone made it 4.6 KiB (docs/benchmarks.md, "A leaner request pipeline").
@@ -1301,6 +1299,8 @@ mod tests {
         assert!(size <= 2048, "resolve's future is {size} bytes");
     }
 
+    /// An exchange whose provider is unreachable (port 9 on loopback): anything that would need
+    /// Keycloak fails like an outage.
     fn fixture(idle: i64, absolute: i64) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let clock = Arc::new(SystemClock::default());

@@ -20,17 +20,27 @@ use tower::ServiceExt as _;
 
 use crate::telemetry::Observe;
 
-/// What a face does to a request between `observe` and its router.
+/// What a face does to a request between `observe` and its router. The pipeline, not the face,
+/// calls the router, and only after `admit` let the request through: a face cannot reach its
+/// routes around its own checks.
 pub trait Steps: Send + Sync + 'static {
-    fn run(self: Arc<Self>, req: Request, router: Router) -> impl Future<Output = Response> + Send;
+    /// Refuse the request (the answer) or let it through (`None`); may mark it up on the way.
+    fn admit(&self, req: &mut Request) -> impl Future<Output = Option<Response>> + Send;
+
+    /// Every answer passes here on its way out, refusals included.
+    fn finish(&self, _resp: &mut Response) {}
 }
 
-/// Run the router (after the face's steps let the request through).
-pub async fn route(router: Router, req: Request) -> Response {
-    match router.oneshot(req).await {
-        Ok(resp) => resp,
-        Err(never) => match never {},
-    }
+async fn run<S: Steps>(steps: &S, router: Router, mut req: Request) -> Response {
+    let mut resp = match steps.admit(&mut req).await {
+        Some(refused) => refused,
+        None => match router.oneshot(req).await {
+            Ok(resp) => resp,
+            Err(never) => match never {},
+        },
+    };
+    steps.finish(&mut resp);
+    resp
 }
 
 /// The route templates of a face, for metrics labels and span names before the router runs (the
@@ -45,7 +55,7 @@ impl Templates {
     /// that route labelled "other".
     pub fn add(&mut self, template: &str) {
         if let Err(e) = self.0.insert(template, Arc::from(template)) {
-            tracing::debug!(template, error = %e, "route template not added to the metrics labels");
+            tracing::warn!(template, error = %e, "route template not added to the metrics labels");
         }
     }
 
@@ -98,7 +108,7 @@ where
         Box::pin(async move {
             let Pipeline { steps, router, observe, .. } = this;
             let route = route.as_deref();
-            Ok(crate::telemetry::observe(&observe, route, req, move |req| steps.run(req, router)).await)
+            Ok(crate::telemetry::observe(&observe, route, req, |req| run(&*steps, router, req)).await)
         })
     }
 }

@@ -117,6 +117,7 @@ pub async fn exchange_json(
 ) -> Response {
     let Json(body) = match body {
         Ok(b) => b,
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => return ApiError::PayloadTooLarge.into_response(),
         Err(e) => {
             return ApiError::bad_request(
                 "invalid_request",

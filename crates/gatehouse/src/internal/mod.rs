@@ -51,14 +51,14 @@ pub fn router(core: Arc<Core>, config: &InternalConfig) -> Pipeline<InternalStat
 }
 
 impl Steps for InternalState {
-    async fn run(self: Arc<Self>, mut req: Request, router: Router) -> Response {
-        match authorize(&self, req.uri().path(), req.headers(), req.extensions()).await {
+    async fn admit(&self, req: &mut Request) -> Option<Response> {
+        match authorize(self, req.uri().path(), req.headers(), req.extensions()).await {
             Ok(id) => {
                 req.extensions_mut().insert(id);
-                axum::extract::DefaultBodyLimit::max(8 * 1024).apply(&mut req);
-                crate::pipeline::route(router, req).await
+                axum::extract::DefaultBodyLimit::max(8 * 1024).apply(req);
+                None
             }
-            Err(refused) => refused,
+            Err(refused) => Some(refused),
         }
     }
 }

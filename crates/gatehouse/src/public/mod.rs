@@ -144,33 +144,26 @@ pub fn router(
 
 impl Steps for PublicState {
     /// Oversized headers are refused before any handler parses them; then the per-IP limit and
-    /// CSRF; every answer gets the browser-hardening headers, refusals included.
-    async fn run(self: Arc<Self>, mut req: Request, router: Router) -> Response {
+    /// CSRF.
+    async fn admit(&self, req: &mut Request) -> Option<Response> {
         let size: usize = req.headers().iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
-        let mut resp = if size > MAX_HEADER_BYTES {
-            (
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                axum::Json(
-                    serde_json::json!({"error": "headers_too_large", "message": "request headers exceed 16 KiB"}),
-                ),
-            )
-                .into_response()
-        } else {
-            // Before anything can log them: secrets are redacted from `Debug` output.
-            mark_sensitive(req.headers_mut(), &[header::COOKIE, header::AUTHORIZATION]);
-            axum::extract::DefaultBodyLimit::max(self.settings.max_body_bytes).apply(&mut req);
-            let refused = match limits::refusal(&self, req.uri().path(), req.headers(), req.extensions()).await {
-                Some(refused) => Some(refused),
-                None => csrf::refusal(&self, &req),
-            };
-            match refused {
-                Some(refused) => refused,
-                None => crate::pipeline::route(router, req).await,
-            }
-        };
+        if size > MAX_HEADER_BYTES {
+            let body = serde_json::json!({"error": "headers_too_large", "message": "request headers exceed 16 KiB"});
+            return Some((StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, axum::Json(body)).into_response());
+        }
+        // Before anything can log them: secrets are redacted from `Debug` output.
+        mark_sensitive(req.headers_mut(), &[header::COOKIE, header::AUTHORIZATION]);
+        axum::extract::DefaultBodyLimit::max(self.settings.max_body_bytes).apply(req);
+        if let Some(refused) = limits::refusal(self, req.uri().path(), req.headers(), req.extensions()).await {
+            return Some(refused);
+        }
+        csrf::refusal(self, req)
+    }
+
+    /// Every answer gets the browser-hardening headers, refusals included.
+    fn finish(&self, resp: &mut Response) {
         mark_sensitive(resp.headers_mut(), &[header::SET_COOKIE]);
-        security_headers(&mut resp);
-        resp
+        security_headers(resp);
     }
 }
 

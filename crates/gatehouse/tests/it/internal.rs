@@ -441,3 +441,81 @@ async fn envoy_mode_refuses_a_non_loopback_bind_and_trusts_xfcc_only_there() {
     );
     gate.stop().await;
 }
+
+/// The faces' own limits, applied by their pipelines before any handler reads a body: the
+/// public `max_body_bytes` and the exchange's 8 KiB. One byte under is read (and refused for
+/// what it says), one byte over is 413 — and every public answer, refusals and unknown paths
+/// included, carries the browser-hardening headers.
+#[tokio::test]
+async fn bodies_over_each_faces_limit_get_413_and_every_public_answer_is_hardened() {
+    let work = Workdir::new();
+    let o = Options {
+        password_login: true,
+        public_extra: "max_body_bytes = 2048".into(),
+        ..Options::with_internal(&[POCKETBASE])
+    };
+    let gate = Gate::start(&work, &o).await;
+    let login = |size: usize| {
+        // The JSON framing is 30 bytes: the username fills the rest.
+        let body = json!({"username": "u".repeat(size - 30), "password": "x"}).to_string();
+        assert_eq!(body.len(), size);
+        http()
+            .post(format!("{}/auth/login", gate.base))
+            .header("x-csrf", "1")
+            .header("origin", &gate.base)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let under = login(2048).await.unwrap();
+    // Read and parsed: the handler itself refuses a 2 KB username.
+    assert_eq!(under.status(), 400);
+    assert!(under.text().await.unwrap().contains("username or password empty or too long"));
+    let over = login(2049).await.unwrap();
+    assert_eq!(over.status(), 413);
+
+    let ca = work.ca();
+    let client = mtls_client(&ca.cert_pem, Some(&client_cert(&ca, vec![San::Uri(POCKETBASE.into())])));
+    let exchange = |size: usize| {
+        let body = json!({"session_id": "s".repeat(size - 17)}).to_string();
+        assert_eq!(body.len(), size);
+        client
+            .post(format!("{}/internal/v1/session/exchange", gate.internal()))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let under = exchange(8 * 1024).await.unwrap();
+    assert_eq!(under.status(), 401, "read, and an unknown session: {}", under.text().await.unwrap());
+    let over = exchange(8 * 1024 + 1).await.unwrap();
+    assert_eq!(over.status(), 413);
+
+    // Refusals of every kind and unknown paths get the same hardening headers as answers.
+    let oversized_headers =
+        http().get(format!("{}/auth/me", gate.base)).header("x-padding", "p".repeat(17 * 1024)).send().await.unwrap();
+    let answers = [
+        (404, http().get(format!("{}/no/such/page", gate.base)).send().await.unwrap()),
+        (
+            405,
+            http()
+                .put(format!("{}/auth/me", gate.base))
+                .header("x-csrf", "1")
+                .header("origin", &gate.base)
+                .send()
+                .await
+                .unwrap(),
+        ),
+        (403, http().post(format!("{}/auth/logout", gate.base)).send().await.unwrap()),
+        (413, login(4096).await.unwrap()),
+        (431, oversized_headers),
+    ];
+    for (status, r) in answers {
+        assert_eq!(r.status(), status);
+        let h = r.headers();
+        assert_eq!(h["x-content-type-options"], "nosniff", "{status}");
+        assert_eq!(h["x-frame-options"], "DENY", "{status}");
+        assert_eq!(h["referrer-policy"], "no-referrer", "{status}");
+        assert!(h["content-security-policy"].to_str().unwrap().contains("frame-ancestors 'none'"), "{status}");
+    }
+    gate.stop().await;
+}
