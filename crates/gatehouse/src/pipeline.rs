@@ -43,6 +43,17 @@ async fn run<S: Steps>(steps: &S, router: Router, mut req: Request) -> Response 
     resp
 }
 
+/// Flag header values as sensitive (`Debug` prints them redacted; HTTP/2 never indexes them).
+pub fn mark_sensitive(headers: &mut http::HeaderMap, names: &[http::HeaderName]) {
+    for name in names {
+        if let http::header::Entry::Occupied(mut values) = headers.entry(name) {
+            for value in values.iter_mut() {
+                value.set_sensitive(true);
+            }
+        }
+    }
+}
+
 /// The route templates of a face, for metrics labels and span names before the router runs (the
 /// router's own `MatchedPath` exists only inside it). `matchit` is the router's own matcher, so a
 /// path gets the same template here as there.

@@ -17,9 +17,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::{ConnectInfo, MatchedPath, Request, State};
+use axum::extract::{ConnectInfo, Request};
 use axum::http::HeaderMap;
-use axum::middleware::Next;
 use axum::response::Response;
 use ipnet::IpNet;
 use tracing::Instrument;
@@ -251,13 +250,6 @@ where
     // For debug logs, with or without a span (a disabled callsite costs a branch; never exported).
     tracing::debug!(parent: &span, status, latency_us = elapsed.as_micros() as u64, "answered");
     resp
-}
-
-/// `observe` as an axum middleware, for the faces whose steps are still router layers (the check
-/// face): the route template is the router's `MatchedPath`.
-pub async fn observe_layer(State(o): State<Arc<Observe>>, req: Request, next: Next) -> Response {
-    let template = req.extensions().get::<MatchedPath>().cloned();
-    observe(&o, template.as_ref().map(MatchedPath::as_str), req, |req| next.run(req)).await
 }
 
 #[cfg(feature = "otel")]

@@ -15,16 +15,16 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{Request, State};
-use axum::middleware::{self, Next};
+use axum::extract::Request;
+use axum::http::{HeaderName, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use secrecy::ExposeSecret;
-use tower_http::sensitive_headers::{SetSensitiveRequestHeadersLayer, SetSensitiveResponseHeadersLayer};
 
 use crate::Core;
 use crate::config::{CheckConfig, CookieSettings};
 use crate::error::ApiError;
+use crate::pipeline::{Pipeline, Steps, Templates, mark_sensitive};
 use crate::tls::identity::Caller;
 
 /// The header a gateway without a client certificate sends the shared key in.
@@ -46,7 +46,7 @@ pub struct CheckState {
 }
 
 /// `all` is read here, at start-up, for the cookie and the origin the CSRF rule compares.
-pub fn router(core: Arc<Core>, all: &crate::config::Config, config: &CheckConfig) -> Router {
+pub fn router(core: Arc<Core>, all: &crate::config::Config, config: &CheckConfig) -> Pipeline<CheckState> {
     let state = Arc::new(CheckState {
         cookie: all.cookie(),
         origin: all.public_origin(),
@@ -71,45 +71,61 @@ pub fn router(core: Arc<Core>, all: &crate::config::Config, config: &CheckConfig
             }
         });
     }
-    let sensitive = [
-        axum::http::header::COOKIE,
-        axum::http::header::AUTHORIZATION,
-        axum::http::HeaderName::from_static(KEY_HEADER),
-        axum::http::HeaderName::from_static(http::COOKIE_OUT),
-    ];
-    Router::new()
-        // Any method: nginx's `auth_request` subrequest keeps the original request's method.
-        .route(PATH, any(http::check))
-        // Envoy's ext_authz `http_service` with `path_prefix: /check` appends the original path.
-        .route("/check/{*original}", any(http::check))
-        // Envoy ext_authz v3 over gRPC (HTTP/2), on the same listener and behind the same caller check.
+    let mut templates = Templates::default();
+    let mut router = Router::new();
+    // Any method: nginx's `auth_request` subrequest keeps the original request's method; Envoy's
+    // ext_authz `http_service` with `path_prefix: /check` appends the original path.
+    for path in [PATH, "/check/{*original}"] {
+        templates.add(path);
+        router = router.route(path, any(http::check));
+    }
+    // Envoy ext_authz v3 over gRPC (HTTP/2), on the same listener and behind the same caller check.
+    templates.add(&grpc::route());
+    let router = router
         .route_service(&grpc::route(), grpc::service(state.clone()))
         .fallback(|| async { ApiError::NotFound })
-        .layer(middleware::from_fn_with_state(state.clone(), authorize))
-        .layer(axum::extract::DefaultBodyLimit::max(0))
-        .layer(SetSensitiveResponseHeadersLayer::new(sensitive.clone()))
-        .layer(SetSensitiveRequestHeadersLayer::new(sensitive))
-        // Outermost: the server span and RED metrics see every answer, refused callers included.
-        .layer(middleware::from_fn_with_state(
-            state.core.observer(crate::metrics::Face::check),
-            crate::telemetry::observe_layer,
-        ))
-        .with_state(state)
+        .with_state(state.clone());
+    let observe = state.core.observer(crate::metrics::Face::check);
+    Pipeline::new(state, router, observe, templates)
 }
 
-/// Is the caller a gateway we trust? Runs before anything else; refusals are audited.
-async fn authorize(State(st): State<Arc<CheckState>>, req: Request, next: Next) -> Response {
-    match caller(&st, &req) {
-        Ok(_) => next.run(req).await,
+/// Secrets a log line must never show, in requests and answers.
+fn sensitive() -> [HeaderName; 4] {
+    [
+        header::COOKIE,
+        header::AUTHORIZATION,
+        HeaderName::from_static(KEY_HEADER),
+        HeaderName::from_static(http::COOKIE_OUT),
+    ]
+}
+
+impl Steps for CheckState {
+    /// Is the caller a gateway we trust? Runs before anything else; refusals are audited.
+    async fn admit(&self, req: &mut Request) -> Option<Response> {
+        mark_sensitive(req.headers_mut(), &sensitive());
+        axum::extract::DefaultBodyLimit::max(0).apply(req);
+        refusal(self, req)
+    }
+
+    fn finish(&self, resp: &mut Response) {
+        mark_sensitive(resp.headers_mut(), &sensitive());
+    }
+}
+
+/// The caller check: `None` lets the request through; a refusal is audited and answered in the
+/// caller's protocol.
+fn refusal(st: &CheckState, req: &Request) -> Option<Response> {
+    match caller(st, req) {
+        Ok(_) => None,
         Err(why) => {
             tracing::warn!(target: "gatehouse::audit", reason = why, path = req.uri().path(), outcome = "forbidden", "check caller not authenticated");
-            if is_grpc(&req) {
+            if is_grpc(req) {
                 // A gRPC error, not an ext_authz answer: this caller is not an Envoy we trust, so
                 // it gets no `CheckResponse` (an Envoy with a wrong key or certificate fails
                 // closed with its `status_on_error`).
-                return tonic::Status::permission_denied("caller is not allowed").into_http::<axum::body::Body>();
+                return Some(tonic::Status::permission_denied("caller is not allowed").into_http::<axum::body::Body>());
             }
-            ApiError::Forbidden("forbidden", "caller is not allowed".into()).into_response()
+            Some(ApiError::Forbidden("forbidden", "caller is not allowed".into()).into_response())
         }
     }
 }

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, any, get, post};
@@ -25,7 +25,7 @@ use tower_http::services::ServeDir;
 use crate::Core;
 use crate::config::{Config, CookieSettings};
 use crate::error::ApiError;
-use crate::pipeline::{Pipeline, Steps, Templates};
+use crate::pipeline::{Pipeline, Steps, Templates, mark_sensitive};
 
 /// Every public route: (method, path). The router is checked against this table in tests, and
 /// the CSRF test walks it, so a new route cannot skip CSRF by accident.
@@ -164,17 +164,6 @@ impl Steps for PublicState {
     fn finish(&self, resp: &mut Response) {
         mark_sensitive(resp.headers_mut(), &[header::SET_COOKIE]);
         security_headers(resp);
-    }
-}
-
-/// Flag header values as sensitive (`Debug` prints them redacted; HTTP/2 never indexes them).
-fn mark_sensitive(headers: &mut HeaderMap, names: &[HeaderName]) {
-    for name in names {
-        if let header::Entry::Occupied(mut values) = headers.entry(name) {
-            for value in values.iter_mut() {
-                value.set_sensitive(true);
-            }
-        }
     }
 }
 
