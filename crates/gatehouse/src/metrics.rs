@@ -10,6 +10,7 @@
 //! `/metrics` by `tests/observability.rs`.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
@@ -156,15 +157,16 @@ impl Face {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HttpLabels {
     pub face: Face,
-    pub route: String,
-    pub method: String,
+    /// Shared with the route table (`Arc<str>`): a request's labels are built without allocating.
+    pub route: Arc<str>,
+    pub method: &'static str,
     pub status_class: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HttpDurationLabels {
     pub face: Face,
-    pub route: String,
+    pub route: Arc<str>,
 }
 
 /// `gatehouse_exchanges_total`: `outcome` first, so `…{outcome="ok"` prefixes still match.
@@ -501,12 +503,12 @@ impl Metrics {
             }
             let _ = self
                 .upstream_duration
-                .get_or_create(&HttpDurationLabels { face: Face::public, route: route.prefix.clone() });
+                .get_or_create(&HttpDurationLabels { face: Face::public, route: Arc::from(route.prefix.as_str()) });
         }
     }
 
     /// Record one HTTP request's outcome (the RED metrics).
-    pub fn observe_http(&self, face: Face, route: &str, method: &str, status: u16, elapsed: Duration) {
+    pub fn observe_http(&self, face: Face, route: &Arc<str>, method: &str, status: u16, elapsed: Duration) {
         let status_class = match status {
             100..=199 => "1xx",
             200..=299 => "2xx",
@@ -516,14 +518,18 @@ impl Metrics {
         };
         // Methods outside the standard set are folded, so a client cannot mint label values.
         let method = match method {
-            "GET" | "HEAD" | "POST" | "PUT" | "PATCH" | "DELETE" | "OPTIONS" => method,
+            "GET" => "GET",
+            "HEAD" => "HEAD",
+            "POST" => "POST",
+            "PUT" => "PUT",
+            "PATCH" => "PATCH",
+            "DELETE" => "DELETE",
+            "OPTIONS" => "OPTIONS",
             _ => "other",
         };
-        self.http_requests
-            .get_or_create(&HttpLabels { face, route: route.to_owned(), method: method.to_owned(), status_class })
-            .inc();
+        self.http_requests.get_or_create(&HttpLabels { face, route: route.clone(), method, status_class }).inc();
         self.http_duration
-            .get_or_create(&HttpDurationLabels { face, route: route.to_owned() })
+            .get_or_create(&HttpDurationLabels { face, route: route.clone() })
             .observe(elapsed.as_secs_f64());
     }
 
@@ -613,7 +619,7 @@ mod tests {
     fn prometheus_text_names_counters_with_total_and_drops_openmetrics_lines() {
         let m = Metrics::default();
         m.logins.get_or_create(&LoginLabels { outcome: LoginOutcome::Ok }).inc();
-        m.observe_http(Face::public, "/auth/me", "GET", 200, Duration::from_millis(1));
+        m.observe_http(Face::public, &Arc::from("/auth/me"), "GET", 200, Duration::from_millis(1));
         let text = to_prometheus_text(&encode(&m));
         assert!(text.contains(
             "# HELP gatehouse_logins_total Login attempts by outcome.\n# TYPE gatehouse_logins_total counter\n"
@@ -625,8 +631,8 @@ mod tests {
     #[test]
     fn odd_methods_are_folded_and_statuses_classed() {
         let m = Metrics::default();
-        m.observe_http(Face::public, "/auth/me", "BREW", 418, Duration::from_millis(3));
-        m.observe_http(Face::internal, "/internal/v1/token", "POST", 503, Duration::from_millis(3));
+        m.observe_http(Face::public, &Arc::from("/auth/me"), "BREW", 418, Duration::from_millis(3));
+        m.observe_http(Face::internal, &Arc::from("/internal/v1/token"), "POST", 503, Duration::from_millis(3));
         let text = encode(&m);
         assert!(text.contains(
             r#"gatehouse_http_requests_total{face="public",route="/auth/me",method="other",status_class="4xx"} 1"#

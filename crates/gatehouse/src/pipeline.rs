@@ -118,8 +118,7 @@ where
         let this = self.clone();
         Box::pin(async move {
             let Pipeline { steps, router, observe, .. } = this;
-            let route = route.as_deref();
-            Ok(crate::telemetry::observe(&observe, route, req, |req| run(&*steps, router, req)).await)
+            Ok(crate::telemetry::observe(&observe, route.as_ref(), req, |req| run(&*steps, router, req)).await)
         })
     }
 }

@@ -183,6 +183,10 @@ pub struct Observe {
 #[derive(Clone)]
 pub struct RouteLabel(pub Arc<str>);
 
+/// The label of a request no route matched (static files, 404s): never the raw path, which
+/// would let clients mint label values.
+static OTHER_ROUTE: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from("other"));
+
 /// The server span of one request and its RED metrics. The first step of every face's pipeline
 /// (refusals by later steps — rate limits, header limits, CSRF — are counted too).
 ///
@@ -193,7 +197,12 @@ pub struct RouteLabel(pub Arc<str>);
 /// (docs/benchmarks.md, "Tracing cost").
 ///
 /// `route` is the request's route template (`None`: no route matched, labelled "other").
-pub async fn observe<F>(o: &Observe, route: Option<&str>, req: Request, next: impl FnOnce(Request) -> F) -> Response
+pub async fn observe<F>(
+    o: &Observe,
+    route: Option<&Arc<str>>,
+    req: Request,
+    next: impl FnOnce(Request) -> F,
+) -> Response
 where
     F: std::future::Future<Output = Response>,
 {
@@ -201,7 +210,7 @@ where
     // Cheap to keep (for the standard methods, an enum): no allocation.
     let method = req.method().clone();
     let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
-    let route = route.unwrap_or("other");
+    let route = route.unwrap_or(&OTHER_ROUTE);
     #[cfg(feature = "otel")]
     let decision = o.propagation.enabled().then(|| {
         let remote = o.propagation.accepts(o.face, peer).then(|| req.headers());
@@ -237,11 +246,12 @@ where
         Some(RouteLabel(l)) => l,
         None => route,
     };
+    let label: &Arc<str> = label;
     let elapsed = started.elapsed();
     o.metrics.observe_http(o.face, label, method.as_str(), status, elapsed);
     if !span.is_none() {
         span.record("http.response.status_code", status);
-        span.record("gatehouse.route", label);
+        span.record("gatehouse.route", &**label);
         // OpenTelemetry HTTP conventions: a server span is an error on 5xx only.
         if status >= 500 {
             span.record("otel.status_code", "ERROR");

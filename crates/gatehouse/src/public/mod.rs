@@ -200,17 +200,20 @@ fn security_headers(resp: &mut Response) {
     // A proxied route that keeps its upstream's security headers gets ours only where it sent none.
     let keep = resp.extensions().get::<proxy::UpstreamSecurityHeaders>().is_some();
     let h = resp.headers_mut();
-    for (name, value) in
-        [("x-content-type-options", "nosniff"), ("x-frame-options", "DENY"), ("referrer-policy", "no-referrer")]
-    {
-        if !keep || !h.contains_key(name) {
+    // `HeaderName` constants, not strings: a string name is parsed again on every insert.
+    for (name, value) in [
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::REFERRER_POLICY, "no-referrer"),
+    ] {
+        if !keep || !h.contains_key(&name) {
             h.insert(name, HeaderValue::from_static(value));
         }
     }
     // The demo front end needs nothing more; a front end with other needs sets its own policy.
-    if !h.contains_key("content-security-policy") {
+    if !h.contains_key(header::CONTENT_SECURITY_POLICY) {
         h.insert(
-            "content-security-policy",
+            header::CONTENT_SECURITY_POLICY,
             HeaderValue::from_static(
                 "default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'; object-src 'none'",
             ),

@@ -86,7 +86,7 @@ impl RouteMetrics {
                 .upstream_duration
                 .get_or_create(&crate::metrics::HttpDurationLabels {
                     face: crate::metrics::Face::public,
-                    route: prefix.to_owned(),
+                    route: Arc::from(prefix),
                 })
                 .clone(),
         }
