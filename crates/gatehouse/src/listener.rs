@@ -59,7 +59,7 @@ impl<S> FaceService for S where
 /// Serve until `stop` turns true; then stop accepting and give in-flight requests `drain` to finish.
 pub async fn serve<S: FaceService>(
     listener: TcpListener,
-    router: S,
+    service: S,
     tls: Option<TlsSettings>,
     mut stop: watch::Receiver<bool>,
     drain: Duration,
@@ -81,14 +81,14 @@ pub async fn serve<S: FaceService>(
             _ = async { let _ = stop.wait_for(|s| *s).await; } => break,
         };
         let _ = tcp.set_nodelay(true);
-        let router = router.clone();
+        let service = service.clone();
         let watcher = graceful.watcher();
         let tls = tls.as_ref().map(|t| (TlsAcceptor::from(t.config.current()), t.handshake_timeout));
         tokio::spawn(async move {
             let _permit = permit;
             match tls {
                 None => {
-                    serve_connection(TokioIo::new(tcp), PerConnection { router, peer, caller: None }, watcher).await
+                    serve_connection(TokioIo::new(tcp), PerConnection { service, peer, caller: None }, watcher).await
                 }
                 Some((acceptor, timeout)) => {
                     let stream = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
@@ -113,7 +113,7 @@ pub async fn serve<S: FaceService>(
                     );
                     serve_connection(
                         TokioIo::new(stream),
-                        PerConnection { router, peer, caller: Some(caller) },
+                        PerConnection { service, peer, caller: Some(caller) },
                         watcher,
                     )
                     .await
@@ -140,7 +140,7 @@ pub async fn serve<S: FaceService>(
 /// keep-alive connections), and each accept paid for building it.
 #[derive(Clone)]
 struct PerConnection<S> {
-    router: S,
+    service: S,
     peer: SocketAddr,
     caller: Option<Caller>,
 }
@@ -155,7 +155,7 @@ impl<S: FaceService> hyper::service::Service<http::Request<Incoming>> for PerCon
         if let Some(caller) = &self.caller {
             req.extensions_mut().insert(caller.clone());
         }
-        self.router.clone().oneshot(req)
+        self.service.clone().oneshot(req)
     }
 }
 

@@ -246,7 +246,6 @@ where
         Some(RouteLabel(l)) => l,
         None => route,
     };
-    let label: &Arc<str> = label;
     let elapsed = started.elapsed();
     o.metrics.observe_http(o.face, label, method.as_str(), status, elapsed);
     if !span.is_none() {

@@ -90,25 +90,23 @@ pub fn router(core: Arc<Core>, all: &crate::config::Config, config: &CheckConfig
 }
 
 /// Secrets a log line must never show, in requests and answers.
-fn sensitive() -> [HeaderName; 4] {
-    [
-        header::COOKIE,
-        header::AUTHORIZATION,
-        HeaderName::from_static(KEY_HEADER),
-        HeaderName::from_static(http::COOKIE_OUT),
-    ]
-}
+const SENSITIVE: [HeaderName; 4] = [
+    header::COOKIE,
+    header::AUTHORIZATION,
+    HeaderName::from_static(KEY_HEADER),
+    HeaderName::from_static(http::COOKIE_OUT),
+];
 
 impl Steps for CheckState {
     /// Is the caller a gateway we trust? Runs before anything else; refusals are audited.
     async fn admit(&self, req: &mut Request) -> Option<Response> {
-        mark_sensitive(req.headers_mut(), &sensitive());
+        mark_sensitive(req.headers_mut(), &SENSITIVE);
         axum::extract::DefaultBodyLimit::max(0).apply(req);
         refusal(self, req)
     }
 
     fn finish(&self, resp: &mut Response) {
-        mark_sensitive(resp.headers_mut(), &sensitive());
+        mark_sensitive(resp.headers_mut(), &SENSITIVE);
     }
 }
 

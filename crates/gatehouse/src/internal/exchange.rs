@@ -99,14 +99,9 @@ struct ExchangeAnswer<'a> {
 
 #[derive(Serialize)]
 struct ExchangedClaims<'a> {
-    sub: &'a str,
-    email: Option<&'a str>,
+    #[serde(flatten)]
+    shown: crate::oidc::ShownClaims<'a>,
     email_verified: Option<bool>,
-    preferred_username: Option<&'a str>,
-    name: Option<&'a str>,
-    realm_roles: &'a [String],
-    client_roles: &'a std::collections::BTreeMap<String, Vec<String>>,
-    groups: &'a [String],
 }
 
 /// `POST /internal/v1/session/exchange` `{"session_id": "..."}`.
@@ -134,16 +129,7 @@ pub async fn exchange_json(
                     access_token: r.access_token.as_deref(),
                     token_type: "Bearer",
                     expires_at: r.record.access_expires_at,
-                    claims: ExchangedClaims {
-                        sub: &c.sub,
-                        email: c.email.as_deref(),
-                        email_verified: c.email_verified,
-                        preferred_username: c.preferred_username.as_deref(),
-                        name: c.name.as_deref(),
-                        realm_roles: &c.realm_roles,
-                        client_roles: &c.client_roles,
-                        groups: &c.groups,
-                    },
+                    claims: ExchangedClaims { shown: c.shown(), email_verified: c.email_verified },
                     session: r.record.times(),
                 })
                 .into_response(),

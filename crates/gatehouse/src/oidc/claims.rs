@@ -36,7 +36,32 @@ fn strings(v: Option<&Value>) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The claims `/auth/me` and the exchange show: all but the issuer (and `email_verified`, which
+/// only the exchange adds), borrowed from the record for serialising.
+#[derive(Serialize)]
+pub struct ShownClaims<'a> {
+    sub: &'a str,
+    email: Option<&'a str>,
+    preferred_username: Option<&'a str>,
+    name: Option<&'a str>,
+    realm_roles: &'a [String],
+    client_roles: &'a BTreeMap<String, Vec<String>>,
+    groups: &'a [String],
+}
+
 impl UserClaims {
+    pub fn shown(&self) -> ShownClaims<'_> {
+        ShownClaims {
+            sub: &self.sub,
+            email: self.email.as_deref(),
+            preferred_username: self.preferred_username.as_deref(),
+            name: self.name.as_deref(),
+            realm_roles: &self.realm_roles,
+            client_roles: &self.client_roles,
+            groups: &self.groups,
+        }
+    }
+
     /// Identity from the validated ID token; roles and groups from it, else from the verified access token.
     pub fn from_tokens(id: &Map<String, Value>, access: Option<&Map<String, Value>>) -> Self {
         let s = |k: &str| id.get(k).and_then(Value::as_str).map(str::to_owned);

@@ -22,7 +22,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use url::Url;
 
-pub use claims::UserClaims;
+pub use claims::{ShownClaims, UserClaims};
 use id_token::{Expectations, TokenKind};
 use jwks::{JwksCache, KeySource};
 

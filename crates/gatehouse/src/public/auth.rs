@@ -231,30 +231,15 @@ fn session_id(st: &PublicState, headers: &HeaderMap) -> Option<SessionId> {
 }
 
 pub(crate) fn me_body(r: &SessionRecord) -> MeBody<'_> {
-    let c = &r.claims;
-    MeBody {
-        sub: &c.sub,
-        email: c.email.as_deref(),
-        preferred_username: c.preferred_username.as_deref(),
-        name: c.name.as_deref(),
-        realm_roles: &c.realm_roles,
-        client_roles: &c.client_roles,
-        groups: &c.groups,
-        session: r.times(),
-    }
+    MeBody { claims: r.claims.shown(), session: r.times() }
 }
 
 /// The user as `/auth/me` and the login answer show them: serialised from the record as it is
 /// (borrowed, not copied into a `serde_json::Value` first — the hottest path). Never a token.
 #[derive(Serialize)]
 pub(crate) struct MeBody<'a> {
-    sub: &'a str,
-    email: Option<&'a str>,
-    preferred_username: Option<&'a str>,
-    name: Option<&'a str>,
-    realm_roles: &'a [String],
-    client_roles: &'a std::collections::BTreeMap<String, Vec<String>>,
-    groups: &'a [String],
+    #[serde(flatten)]
+    claims: crate::oidc::ShownClaims<'a>,
     session: crate::session::SessionTimes,
 }
 
