@@ -79,9 +79,16 @@ pub fn config_toml(data: &[u8]) {
 
 /// A stored session record as a store returns it.
 pub fn session_record(data: &[u8]) {
-    if let Ok(r) = crate::session::SessionRecord::decode(data) {
-        // What decodes re-encodes (the store writes what it read back on a touch).
-        let _ = r.encode();
+    use crate::session::{RecordFormat, SessionRecord};
+    let Ok(r) = SessionRecord::decode(data) else { return };
+    // What decodes re-encodes (the store writes what it read back on a touch), in both formats,
+    // and a record written in the binary format reads back the same.
+    let _ = r.encode(RecordFormat::Json);
+    if let Ok(bytes) = r.encode(RecordFormat::Binary)
+        && let Ok(back) = SessionRecord::decode(&bytes)
+    {
+        assert!(back.claims == r.claims && back.sealed_tokens == r.sealed_tokens, "binary round trip");
+        assert!(back.idle_expires_at == r.idle_expires_at && back.meta_tag == r.meta_tag, "binary round trip");
     }
 }
 

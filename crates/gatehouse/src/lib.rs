@@ -177,38 +177,46 @@ impl Core {
         // The Redis store also keeps the rate-limit buckets (shared by every replica).
         let mut redis: Option<Arc<session::redis::RedisStore>> = None;
         let store: Arc<dyn SessionStore> = match config.session.mode() {
-            StoreMode::Embedded { path } => Arc::new(EmbeddedStore::open_with(
-                path,
-                &session::embedded::OpenOptions {
-                    integrity_check: config.session.integrity_check,
-                    integrity_check_timeout: config.session.integrity_check_timeout,
-                    on_corrupt: config.session.on_corrupt,
-                    cache_bytes: config.session.cache_bytes,
-                },
-            )?),
+            StoreMode::Embedded { path } => Arc::new(
+                EmbeddedStore::open_with(
+                    path,
+                    &session::embedded::OpenOptions {
+                        integrity_check: config.session.integrity_check,
+                        integrity_check_timeout: config.session.integrity_check_timeout,
+                        on_corrupt: config.session.on_corrupt,
+                        cache_bytes: config.session.cache_bytes,
+                    },
+                )?
+                .writing(config.session.record_format),
+            ),
             StoreMode::Sentinel { sentinels, master, password_file } => {
                 let password = match password_file {
                     Some(path) => Some(read_secret_file("session.redis_master_password_file", path)?),
                     None => None,
                 };
                 redis
-                    .insert(Arc::new(session::redis::RedisStore::open_sentinel(
-                        sentinels,
-                        master,
-                        password.as_ref().map(|p| p.expose_secret()),
-                        config.session.redis_timeout,
-                    )?))
+                    .insert(Arc::new(
+                        session::redis::RedisStore::open_sentinel(
+                            sentinels,
+                            master,
+                            password.as_ref().map(|p| p.expose_secret()),
+                            config.session.redis_timeout,
+                        )?
+                        .writing(config.session.record_format),
+                    ))
                     .clone()
             }
             StoreMode::Cluster { nodes } => redis
-                .insert(Arc::new(session::redis::RedisStore::open_cluster(
-                    nodes,
-                    &redis_tls,
-                    config.session.redis_timeout,
-                )?))
+                .insert(Arc::new(
+                    session::redis::RedisStore::open_cluster(nodes, &redis_tls, config.session.redis_timeout)?
+                        .writing(config.session.record_format),
+                ))
                 .clone(),
             StoreMode::Redis { url } => redis
-                .insert(Arc::new(session::redis::RedisStore::open(url, &redis_tls, config.session.redis_timeout)?))
+                .insert(Arc::new(
+                    session::redis::RedisStore::open(url, &redis_tls, config.session.redis_timeout)?
+                        .writing(config.session.record_format),
+                ))
                 .clone(),
         };
         let limiter = Arc::new(limit::Limiter::new(config, redis, metrics.clone()));

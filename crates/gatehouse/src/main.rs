@@ -523,7 +523,12 @@ fn store_summary(config: &Config) -> String {
     let s = &config.session;
     let redacted = |u: &str| gatehouse::config::redacted_str(u);
     use gatehouse::config::StoreMode;
-    match s.mode() {
+    // Only the upgrade setting is shown: the default format needs no mention.
+    let format = match s.record_format {
+        gatehouse::session::RecordFormat::Json => "; writes format-1 (JSON) records",
+        gatehouse::session::RecordFormat::Binary => "",
+    };
+    let store = match s.mode() {
         StoreMode::Embedded { path } => format!("embedded file {}", path.display()),
         StoreMode::Sentinel { sentinels, master, .. } => format!(
             "redis through Sentinel {} (master `{master}`)",
@@ -533,7 +538,8 @@ fn store_summary(config: &Config) -> String {
             format!("redis cluster {}", nodes.iter().map(|u| redacted(u)).collect::<Vec<_>>().join(", "))
         }
         StoreMode::Redis { url } => format!("redis {}", redacted(url)),
-    }
+    };
+    format!("{store}{format}")
 }
 
 /// "seals ab12cd34; also opens next …, previous …": ids in the keyring's order (sealing, next,

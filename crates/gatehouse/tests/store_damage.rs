@@ -175,14 +175,16 @@ async fn the_binary_on_a_damaged_session_file_fails_cleanly_or_serves() {
         std::fs::read_to_string(&config).unwrap().replace("[session]\n", "[session]\nintegrity_check = false\n"),
     )
     .unwrap();
-    // A flipped byte inside the session record itself (every copy of it in the file).
+    // A flipped byte inside the session record itself (every copy of it in the file): the
+    // username `alice` → `Alice` in the binary metadata (field 5 of the claims, 5 bytes), which
+    // still decodes — only the record's checksum finds it.
     let record_flip: Damage = Box::new(|b| {
-        let needle = b"\"provider_sid\"";
+        let needle = b"\x2a\x05alice";
         let at: Vec<usize> =
             b.windows(needle.len()).enumerate().filter(|(_, w)| *w == needle).map(|(i, _)| i).collect();
         assert!(!at.is_empty(), "the record is in the file");
         for i in at {
-            b[i + 1] ^= 0x20;
+            b[i + 2] ^= 0x20;
         }
     });
     let mut bytes = pristine.clone();

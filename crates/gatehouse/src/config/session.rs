@@ -131,6 +131,11 @@ pub struct SessionConfig {
     /// cache still holds the rest of the file, so a small cache costs a system call, not a disk read.
     #[serde(default = "defaults::cache_bytes")]
     pub cache_bytes: usize,
+    /// How records are written: `binary` (record format 2, protobuf metadata) or `json` (format 1,
+    /// which builds before format 2 read). Both are always read. `json` is for the first phase of
+    /// a rolling upgrade from such a build, on a store replicas share (docs/operations.md).
+    #[serde(default)]
+    pub record_format: crate::session::RecordFormat,
 }
 
 /// The smallest `session.cache_bytes`: below it redb evicts the upper tree levels on every lookup.
@@ -176,6 +181,7 @@ impl Default for SessionConfig {
             integrity_check_timeout: defaults::integrity_check_timeout(),
             on_corrupt: OnCorrupt::default(),
             cache_bytes: defaults::cache_bytes(),
+            record_format: Default::default(),
         }
     }
 }

@@ -219,6 +219,21 @@ fn session_file_damage_keys() {
     });
 }
 
+/// Records are written in the binary format unless `record_format = "json"` (phase 1 of an
+/// upgrade); anything else is refused naming the key.
+#[test]
+fn session_record_format() {
+    use crate::session::RecordFormat;
+    Jail::expect_with(|jail| {
+        assert_eq!(load(jail, MINIMAL).expect("valid").session.record_format, RecordFormat::Binary);
+        let c = load(jail, &format!("{MINIMAL}\nrecord_format = \"json\"")).expect("valid");
+        assert_eq!(c.session.record_format, RecordFormat::Json);
+        let err = load(jail, &format!("{MINIMAL}\nrecord_format = \"xml\"")).unwrap_err().to_string();
+        assert!(err.contains("record_format"), "{err}");
+        Ok(())
+    });
+}
+
 /// redb's cache is bounded by default (16 MiB, not redb's 1 GiB), can be set, and not below 1 MiB.
 #[test]
 fn session_cache_bytes() {

@@ -23,7 +23,7 @@ use redb::{
     TableDefinition,
 };
 
-use super::{RefreshGuard, SessionKey, SessionRecord, SessionStore, StoreError, key_hex};
+use super::{RecordFormat, RefreshGuard, SessionKey, SessionRecord, SessionStore, StoreError, key_hex};
 use crate::clock::UnixTime;
 use crate::config::OnCorrupt;
 
@@ -39,6 +39,8 @@ pub struct EmbeddedStore {
     path: Arc<PathBuf>,
     /// Set once a write found the file damaged: from then on writes and readiness fail with it.
     damaged: Arc<OnceLock<String>>,
+    /// How records are written (`session.record_format`); both formats are read.
+    format: RecordFormat,
 }
 
 /// The database, closed inside the panic guard too: redb's drop flushes its allocator state, and
@@ -219,8 +221,8 @@ fn checked_digest(key: &[u8], record: &[u8]) -> Option<[u8; 32]> {
     Some(out)
 }
 
-fn seal(key: &[u8; 32], record: &SessionRecord) -> Result<Vec<u8>, StoreError> {
-    let bytes = record.encode()?;
+fn seal(key: &[u8; 32], record: &SessionRecord, format: RecordFormat) -> Result<Vec<u8>, StoreError> {
+    let bytes = record.encode(format)?;
     let sum = checked_digest(key, &bytes).ok_or_else(|| StoreError::Corrupt("record framing".into()))?;
     let mut out = Vec::with_capacity(1 + DIGEST_LEN + bytes.len());
     out.push(CHECKED);
@@ -341,7 +343,14 @@ impl EmbeddedStore {
             db: Arc::new(ContainedDb(Some(db))),
             path: Arc::new(path.to_path_buf()),
             damaged: Arc::new(OnceLock::new()),
+            format: RecordFormat::default(),
         }
+    }
+
+    /// Write records in `format` (`session.record_format`).
+    pub fn writing(mut self, format: RecordFormat) -> Self {
+        self.format = format;
+        self
     }
 
     /// Map a failure to what callers see; latch file damage found by a write or scan.
@@ -631,7 +640,7 @@ fn remove_all(txn: &redb::WriteTransaction, keys: Vec<Vec<u8>>) -> Result<Vec<(S
 #[async_trait]
 impl SessionStore for EmbeddedStore {
     async fn insert(&self, key: &SessionKey, record: &SessionRecord) -> Result<(), StoreError> {
-        let (key, bytes, record) = (key.0, seal(&key.0, record)?, record.clone());
+        let (key, bytes, record) = (key.0, seal(&key.0, record, self.format)?, record.clone());
         self.write(move |txn| {
             txn.open_table(SESSIONS).map_err(err)?.insert(key.as_slice(), bytes.as_slice()).map_err(err)?;
             index_add(txn, &key, &record)
@@ -654,7 +663,7 @@ impl SessionStore for EmbeddedStore {
         expected: u64,
         record: &SessionRecord,
     ) -> Result<bool, StoreError> {
-        let (key, bytes, record) = (key.0, seal(&key.0, record)?, record.clone());
+        let (key, bytes, record) = (key.0, seal(&key.0, record, self.format)?, record.clone());
         self.write(move |txn| {
             let old = {
                 let t = txn.open_table(SESSIONS).map_err(err)?;
@@ -871,6 +880,47 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(&dir.path().join("s.redb")).unwrap();
         super::super::conformance::run(&store).await;
+        // The same contract while writing format 1 (`record_format = "json"`).
+        let store = EmbeddedStore::open(&dir.path().join("json.redb")).unwrap().writing(RecordFormat::Json);
+        super::super::conformance::run(&store).await;
+    }
+
+    /// Phase 1 of an upgrade: a store set to `json` writes format 1 (what older builds read); a
+    /// store in the default writes format 2; each reads what the other wrote.
+    #[tokio::test]
+    async fn a_store_writes_the_configured_record_format_and_reads_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let (k1, k2) = (
+            crate::session::SessionId::generate().unwrap().key(),
+            crate::session::SessionId::generate().unwrap().key(),
+        );
+        async fn raw_format(store: &EmbeddedStore, k: [u8; 32]) -> Result<u8, StoreError> {
+            store
+                .write(move |txn| {
+                    let t = txn.open_table(SESSIONS).map_err(err)?;
+                    let v = t.get(k.as_slice()).map_err(err)?.unwrap().value().to_vec();
+                    assert_eq!(v[0], CHECKED);
+                    Ok(v[1 + DIGEST_LEN])
+                })
+                .await
+        }
+        let old = EmbeddedStore::open(&path).unwrap().writing(RecordFormat::Json);
+        old.insert(&k1, &super::super::conformance::record("alice", "kc1", 1000)).await.unwrap();
+        assert_eq!(raw_format(&old, k1.0).await.unwrap(), 1, "json writes format 1");
+        drop(old);
+        let new = EmbeddedStore::open(&path).unwrap();
+        new.insert(&k2, &super::super::conformance::record("bob", "kc2", 1000)).await.unwrap();
+        assert_eq!(raw_format(&new, k2.0).await.unwrap(), 2, "the default writes format 2");
+        let mut alice = new.get(&k1).await.unwrap().unwrap();
+        assert_eq!(alice.claims.sub, "alice", "format 1 reads");
+        // A touch rewrites the record in the writer's format.
+        alice.version += 1;
+        assert!(new.compare_and_swap(&k1, alice.version - 1, &alice).await.unwrap());
+        assert_eq!(raw_format(&new, k1.0).await.unwrap(), 2);
+        drop(new);
+        let old = EmbeddedStore::open(&path).unwrap().writing(RecordFormat::Json);
+        assert_eq!(old.get(&k2).await.unwrap().unwrap().claims.sub, "bob", "format 2 reads");
     }
 
     #[tokio::test]
@@ -894,9 +944,9 @@ mod tests {
         assert!(EmbeddedStore::open(&path).is_err());
     }
 
-    /// A byte changed on disk inside a record (here `provider_sid` → `Provider_sid`, which would
-    /// still decode: serde ignores the unknown field) fails the record's checksum and reads as
-    /// `Corrupt`; so does a record filed under another key. Unsealed (older) records still read.
+    /// A byte changed on disk inside a record (here the Keycloak session id `kc` → `kd`, which
+    /// would still decode) fails the record's checksum and reads as `Corrupt`; so does a record
+    /// filed under another key. Unsealed (older) records still read.
     #[tokio::test]
     async fn a_record_altered_on_disk_fails_its_checksum() {
         let dir = tempfile::tempdir().unwrap();
@@ -911,12 +961,13 @@ mod tests {
             .write(move |txn| {
                 let mut t = txn.open_table(SESSIONS).map_err(err)?;
                 let mut v = t.get(a.as_slice()).map_err(err)?.unwrap().value().to_vec();
-                let needle = b"\"provider_sid\"";
+                // Field 3 (`provider_sid`), 2 bytes long, in the binary metadata.
+                let needle = b"\x1a\x02kc";
                 let i = v.windows(needle.len()).position(|w| w == needle).unwrap();
-                v[i + 1] = b'P';
+                v[i + 3] = b'd';
                 t.insert(a.as_slice(), v.as_slice()).map_err(err)?;
                 // The intact value of k1, filed under k2.
-                let legacy = super::super::conformance::record("bob", "kc2", 1000).encode()?;
+                let legacy = super::super::conformance::record("bob", "kc2", 1000).encode(RecordFormat::Json)?;
                 t.insert(b.as_slice(), legacy.as_slice()).map_err(err)?;
                 Ok(())
             })
@@ -930,8 +981,8 @@ mod tests {
             Ok(v)
         });
         let mut v = moved.await.unwrap();
-        let i = v.windows(14).position(|w| w == b"\"Provider_sid\"").unwrap();
-        v[i + 1] = b'p';
+        let i = v.windows(4).position(|w| w == b"\x1a\x02kd").unwrap();
+        v[i + 3] = b'c';
         let bytes = v.clone();
         store
             .write(move |txn| {
@@ -951,7 +1002,7 @@ mod tests {
         let key = [7u8; 32];
         let mut r = super::super::conformance::record("alice", "kc", 1000);
         r.sealed_tokens = (0..3000u32).map(|i| i as u8).collect();
-        let stored = seal(&key, &r).unwrap();
+        let stored = seal(&key, &r, RecordFormat::default()).unwrap();
         assert_eq!(stored[0], CHECKED);
         assert_eq!(unseal(&key, &stored).unwrap().sealed_tokens, r.sealed_tokens);
         assert!(unseal(&[8u8; 32], &stored).is_err(), "bound to the key");
@@ -974,7 +1025,7 @@ mod tests {
         v.truncate(n - 1);
         assert!(unseal(&key, &v).is_err(), "length bound");
         // The older format: SHA-256 over the whole record.
-        let bytes = r.encode().unwrap();
+        let bytes = r.encode(RecordFormat::Json).unwrap();
         let mut old = vec![SEALED];
         old.extend_from_slice(&digest(&key, &bytes)[..DIGEST_LEN]);
         old.extend_from_slice(&bytes);

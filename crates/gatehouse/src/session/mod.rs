@@ -5,6 +5,7 @@
 pub mod embedded;
 pub mod observed;
 pub mod redis;
+mod wire;
 
 use std::fmt;
 
@@ -126,23 +127,30 @@ impl SessionRecord {
         now >= self.expires_at()
     }
 
-    /// `1 ‖ u32 metadata length ‖ metadata JSON ‖ sealed tokens`. The sealed tokens stay out of the
-    /// JSON: the hot path (`/auth/me`) parses only the small metadata, never the token blob.
-    pub fn encode(&self) -> Result<Vec<u8>, StoreError> {
-        let meta = serde_json::to_vec(self).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    /// `format ‖ u32 metadata length ‖ metadata ‖ sealed tokens`. The sealed tokens stay out of
+    /// the metadata: the hot path (`/auth/me`) decodes only the small metadata, never the token
+    /// blob. Format 2's metadata is protobuf (`wire`), format 1's JSON.
+    pub fn encode(&self, format: RecordFormat) -> Result<Vec<u8>, StoreError> {
+        let (tag, meta) = match format {
+            RecordFormat::Binary => (FORMAT_BINARY, wire::encode(self)),
+            RecordFormat::Json => {
+                (FORMAT_JSON, serde_json::to_vec(self).map_err(|e| StoreError::Corrupt(e.to_string()))?)
+            }
+        };
         let len = u32::try_from(meta.len()).map_err(|_| StoreError::Corrupt("record too large".into()))?;
         let mut out = Vec::with_capacity(5 + meta.len() + self.sealed_tokens.len());
-        out.push(RECORD_FORMAT);
+        out.push(tag);
         out.extend_from_slice(&len.to_be_bytes());
         out.extend_from_slice(&meta);
         out.extend_from_slice(&self.sealed_tokens);
         Ok(out)
     }
 
+    /// A record in either format, whichever build wrote it.
     pub fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
         let corrupt = |why: &str| StoreError::Corrupt(why.to_string());
         let (&format, rest) = bytes.split_first().ok_or_else(|| corrupt("empty record"))?;
-        if format != RECORD_FORMAT || rest.len() < 4 {
+        if !matches!(format, FORMAT_JSON | FORMAT_BINARY) || rest.len() < 4 {
             return Err(corrupt("unknown record format"));
         }
         let (len, rest) = rest.split_at(4);
@@ -151,13 +159,31 @@ impl SessionRecord {
             return Err(corrupt("truncated record"));
         }
         let (meta, tokens) = rest.split_at(len);
-        let mut record: Self = serde_json::from_slice(meta).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let mut record: Self = if format == FORMAT_BINARY {
+            wire::decode(meta)?
+        } else {
+            serde_json::from_slice(meta).map_err(|e| StoreError::Corrupt(e.to_string()))?
+        };
         record.sealed_tokens = tokens.to_vec();
         Ok(record)
     }
 }
 
-const RECORD_FORMAT: u8 = 1;
+const FORMAT_JSON: u8 = 1;
+const FORMAT_BINARY: u8 = 2;
+
+/// How stores write records (`session.record_format`). Both formats are always read; `json`
+/// exists for the first phase of a rolling upgrade from a build that reads only JSON records
+/// (docs/operations.md, "Upgrading across the record format change").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordFormat {
+    /// Format 2: protobuf metadata.
+    #[default]
+    Binary,
+    /// Format 1: JSON metadata.
+    Json,
+}
 
 /// The token set, sealed inside the record. Not `Debug`.
 #[derive(Serialize, Deserialize)]
@@ -382,21 +408,117 @@ mod tests {
         }
     }
 
-    #[test]
-    fn records_roundtrip_and_malformed_bytes_are_errors_not_panics() {
+    /// A record with every optional field set, so a round trip that drops one shows.
+    fn full_record() -> SessionRecord {
         let mut r = conformance::record("alice", "kc", 10);
+        r.claims.email = Some("alice@example.com".into());
+        r.claims.email_verified = Some(false);
+        r.claims.preferred_username = Some("alice".into());
+        r.claims.name = Some("Alice \"Ä\" Liddell".into());
+        r.claims.realm_roles = vec!["admin".into(), "user".into()];
+        r.claims.client_roles.insert("pb".into(), vec!["reader".into(), "writer".into()]);
+        r.claims.client_roles.insert("empty".into(), vec![]);
+        r.claims.groups = vec!["/staff".into()];
+        r.refresh_expires_at = Some(1800);
+        r.access_issued_at = Some(11);
+        r.client_ip = Some("192.0.2.7".into());
+        r.user_agent = Some("Mozilla/5.0".into());
+        r.meta_tag = Some("dGFn".into());
+        r.version = u64::MAX;
         r.sealed_tokens = vec![7; 3000];
-        let bytes = r.encode().unwrap();
-        let back = SessionRecord::decode(&bytes).unwrap();
-        assert_eq!(back.sealed_tokens, r.sealed_tokens);
-        assert_eq!(back.claims, r.claims);
+        r
+    }
+
+    fn same(a: &SessionRecord, b: &SessionRecord) {
+        // Every field: the struct has no `PartialEq` (it holds sealed secrets), so compare them as JSON.
+        assert_eq!(serde_json::to_value(a).unwrap(), serde_json::to_value(b).unwrap());
+        assert_eq!(a.sealed_tokens, b.sealed_tokens);
+    }
+
+    #[test]
+    fn records_roundtrip_in_both_formats() {
+        let r = full_record();
+        for format in [RecordFormat::Binary, RecordFormat::Json] {
+            let bytes = r.encode(format).unwrap();
+            assert_eq!(bytes[0], if format == RecordFormat::Binary { FORMAT_BINARY } else { FORMAT_JSON });
+            same(&SessionRecord::decode(&bytes).unwrap(), &r);
+        }
+        let minimal = conformance::record("bob", "kc", 10);
+        same(&SessionRecord::decode(&minimal.encode(RecordFormat::Binary).unwrap()).unwrap(), &minimal);
+        assert_eq!(RecordFormat::default(), RecordFormat::Binary, "this build writes format 2");
+    }
+
+    /// A format-1 record as builds before format 2 wrote it (no `access_issued_at`, no tag) still
+    /// reads: those records outlive the upgrade.
+    #[test]
+    fn records_written_by_older_builds_still_read() {
+        let meta = br#"{"version":3,"claims":{"iss":"https://idp","sub":"carol","email":null,"email_verified":null,"preferred_username":"carol","name":null,"realm_roles":["user"],"client_roles":{},"groups":[]},"provider_sid":"kc","created_at":1,"last_seen":2,"idle_expires_at":1801,"absolute_expires_at":43201,"access_expires_at":301,"refresh_expires_at":null,"client_ip":null,"user_agent":null}"#;
+        let mut bytes = vec![FORMAT_JSON];
+        bytes.extend_from_slice(&(meta.len() as u32).to_be_bytes());
+        bytes.extend_from_slice(meta);
+        bytes.extend_from_slice(b"sealed");
+        let r = SessionRecord::decode(&bytes).unwrap();
+        assert_eq!((r.version, r.claims.sub.as_str(), r.idle_expires_at), (3, "carol", 1801));
+        assert_eq!((r.access_issued_at, r.meta_tag.as_deref(), &r.sealed_tokens[..]), (None, None, &b"sealed"[..]));
+    }
+
+    /// The fuzz target's seeds are real records of each format (so fuzzing starts inside both
+    /// decoders, not at the format byte).
+    #[test]
+    fn the_fuzz_seeds_are_valid_records() {
+        let binary = SessionRecord::decode(include_bytes!("../../../../fuzz/corpus/session_record/binary")).unwrap();
+        assert_eq!((binary.claims.sub.as_str(), binary.claims.client_roles["c"][0].as_str()), ("s", "x"));
+        assert_eq!((binary.access_issued_at, binary.meta_tag.as_deref()), (Some(1), Some("dGFn")));
+        let json = SessionRecord::decode(include_bytes!("../../../../fuzz/corpus/session_record/json")).unwrap();
+        assert_eq!(json.claims.sub, "s");
+    }
+
+    /// A field added by a later build (an unknown field number) is skipped, not an error.
+    #[test]
+    fn binary_records_skip_fields_a_later_build_added() {
+        let r = full_record();
+        let bytes = r.encode(RecordFormat::Binary).unwrap();
+        let meta_len = u32::from_be_bytes(bytes[1..5].try_into().unwrap()) as usize;
+        // Field 99 (varint 7) and field 100 (a 3-byte string), appended to the metadata.
+        let extra = [0x98, 0x06, 7, 0xA2, 0x06, 3, b'n', b'e', b'w'];
+        let mut later = vec![FORMAT_BINARY];
+        later.extend_from_slice(&((meta_len + extra.len()) as u32).to_be_bytes());
+        later.extend_from_slice(&bytes[5..5 + meta_len]);
+        later.extend_from_slice(&extra);
+        later.extend_from_slice(&r.sealed_tokens);
+        same(&SessionRecord::decode(&later).unwrap(), &r);
+    }
+
+    #[test]
+    fn malformed_records_are_errors_not_panics() {
+        let bytes = full_record().encode(RecordFormat::Binary).unwrap();
+        let json = full_record().encode(RecordFormat::Json).unwrap();
+        let binary = |meta: &[u8]| {
+            let mut v = vec![FORMAT_BINARY];
+            v.extend_from_slice(&(meta.len() as u32).to_be_bytes());
+            v.extend_from_slice(meta);
+            v
+        };
+        let no_claims = binary(&[0x08, 1]); // version = 1, nothing else
+        let mut empty_sub = SessionRecord { ..full_record() };
+        empty_sub.claims.sub.clear();
+        let empty_sub = empty_sub.encode(RecordFormat::Binary).unwrap();
         for bad in [
             &[][..],
             &[1][..],
-            &[2, 0, 0, 0, 1, b'{'][..],
+            &[2][..],
+            &[3, 0, 0, 0, 0][..],
+            &[2, 0, 0, 0, 9, 0x08][..],
             &[1, 0, 0, 0, 200, b'{'][..],
             &[1, 0, 0, 0, 1, b'{'][..],
             &bytes[..10],
+            &json[..10],
+            &binary(&[0x12, 0x05, 0x0a])[..],       // claims longer than the metadata
+            &binary(&[0x0f])[..],                   // field 1 with an invalid wire type
+            &binary(&[0x12, 0x02, 0x12, 0x80])[..], // truncated string length
+            &binary(&[0x12, 0x04, 0x12, 0x02, 0xff, 0xfe])[..], // subject not UTF-8
+            &no_claims[..],
+            &empty_sub[..],
         ] {
             assert!(SessionRecord::decode(bad).is_err(), "{bad:?}");
         }

@@ -176,6 +176,7 @@ impl RedisStore {
             backend,
             timeout,
             released: Released::new(source, timeout),
+            format: super::RecordFormat::default(),
             cas: Script::new(
                 "if redis.call('HGET', KEYS[1], 'v') ~= ARGV[1] then return 0 end \
                  redis.call('HSET', KEYS[1], 'v', ARGV[2], 'd', ARGV[3]) \

@@ -18,7 +18,7 @@ use connection::{Backend, broken_connection};
 #[cfg(test)]
 use lock::{LOCK_LEASE, LOCK_WAIT, lock_key};
 
-use super::{RefreshGuard, SessionKey, SessionRecord, SessionStore, StoreError, key_hex};
+use super::{RecordFormat, RefreshGuard, SessionKey, SessionRecord, SessionStore, StoreError, key_hex};
 use crate::clock::UnixTime;
 use crate::crypto;
 
@@ -68,6 +68,8 @@ pub struct RedisStore {
     acquire: Script,
     /// Wakes this process's refresh-lock waiters when another replica releases the lock.
     released: std::sync::Arc<notify::Released>,
+    /// How records are written (`session.record_format`); both formats are read.
+    format: RecordFormat,
 }
 
 fn session_key(hex: &str) -> String {
@@ -95,6 +97,12 @@ pub(crate) fn parse_hex_key(hex: &str) -> Option<SessionKey> {
 }
 
 impl RedisStore {
+    /// Write records in `format` (`session.record_format`).
+    pub fn writing(mut self, format: RecordFormat) -> Self {
+        self.format = format;
+        self
+    }
+
     /// Index sets of a record: by user, and by Keycloak session when it has one.
     fn index_sets(r: &SessionRecord) -> Vec<String> {
         let mut sets = vec![user_key(&r.claims.user_key())];
@@ -177,7 +185,7 @@ impl SessionStore for RedisStore {
         p.atomic()
             .hset_multiple(
                 session_key(&hex),
-                &[("v", record.version.to_string().into_bytes()), ("d", record.encode()?)],
+                &[("v", record.version.to_string().into_bytes()), ("d", record.encode(self.format)?)],
             )
             .ignore()
             .cmd("PEXPIREAT")
@@ -201,7 +209,7 @@ impl SessionStore for RedisStore {
         record: &SessionRecord,
     ) -> Result<bool, StoreError> {
         let hex = key_hex(key);
-        let (name, data) = (session_key(&hex), record.encode()?);
+        let (name, data) = (session_key(&hex), record.encode(self.format)?);
         let ok: i64 = idempotent!(self, c => self
             .cas
             .key(&name)
@@ -444,6 +452,21 @@ mod tests {
         assert!(matches!(taken, Ok(Ok(_))), "a waiter whose subscription was cut is still released");
         drop(taken);
         release_wakes_the_other_replica(&store, &b).await;
+
+        // Replicas in phase 1 of an upgrade (`record_format = "json"`) and after it share records.
+        let phase1 =
+            RedisStore::open(&url, &RedisTls::default(), Duration::from_secs(2)).unwrap().writing(RecordFormat::Json);
+        let k = crate::session::SessionId::generate().unwrap().key();
+        let mut rec = super::super::conformance::record("mixed", "kc-mixed", now);
+        phase1.insert(&k, &rec).await.unwrap();
+        let raw: Vec<u8> = c.hget(session_key(&key_hex(&k)), "d").await.unwrap();
+        assert_eq!(raw[0], 1, "json writes format 1");
+        assert_eq!(store.get(&k).await.unwrap().unwrap().claims.sub, "mixed");
+        rec.version += 1;
+        assert!(store.compare_and_swap(&k, rec.version - 1, &rec).await.unwrap());
+        let raw: Vec<u8> = c.hget(session_key(&key_hex(&k)), "d").await.unwrap();
+        assert_eq!(raw[0], 2, "the default writes format 2");
+        assert_eq!(phase1.get(&k).await.unwrap().unwrap().version, rec.version, "and both read it");
 
         let _ = child.kill();
         let _ = child.wait();
