@@ -1302,6 +1302,10 @@ mod tests {
     /// An exchange whose provider is unreachable (port 9 on loopback): anything that would need
     /// Keycloak fails like an outage.
     fn fixture(idle: i64, absolute: i64) -> Fixture {
+        fixture_writing(idle, absolute, crate::session::RecordFormat::default())
+    }
+
+    fn fixture_writing(idle: i64, absolute: i64, format: crate::session::RecordFormat) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let clock = Arc::new(SystemClock::default());
         let oidc = OidcClient::new(
@@ -1320,7 +1324,7 @@ mod tests {
         .unwrap();
         let key = SecretString::from("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".to_string());
         let ex = Exchange::new(
-            Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).unwrap()),
+            Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).unwrap().writing(format)),
             Arc::new(oidc),
             Arc::new(Keyring::new(&key, &[]).unwrap()),
             clock.clone(),
@@ -1425,6 +1429,37 @@ mod tests {
     /// envelope (so its cost does not grow with the tokens), yet a record edited in the store
     /// still authenticates nobody: another session's tag or envelope put in, or the tag removed
     /// from an edited record (the fallback opens the envelope), all fail.
+    /// The tag and the envelope's AAD cover the bound fields in one form whatever the record's
+    /// format: a tagged record written in one format and rewritten in the other (a replica of
+    /// the other upgrade phase touching it) still passes the check and opens.
+    #[tokio::test]
+    async fn a_record_rewritten_in_the_other_format_still_authenticates_and_opens() {
+        use crate::session::RecordFormat::{Binary, Json};
+        for (first, then) in [(Json, Binary), (Binary, Json)] {
+            let a = fixture_writing(1800, 43200, first);
+            let mut l = login(100_000);
+            l.claims.realm_roles = vec!["user".into(), "admin".into()];
+            l.claims.client_roles.insert("pb".into(), vec!["reader".into()]);
+            l.claims.groups = vec!["/staff".into()];
+            l.claims.email = Some("alice@example.com".into());
+            let (id, _) = a.ex.start(l, ClientInfo::default()).await.unwrap();
+            let stored = a.ex.store().get(&id.key()).await.unwrap().unwrap();
+            assert!(stored.meta_tag.is_some());
+            let b = fixture_writing(1800, 43200, then);
+            b.ex.store().insert(&id.key(), &stored).await.unwrap();
+            let checked = b.ex.resolve(&id, false).await.unwrap();
+            assert_eq!(checked.record.claims, stored.claims, "{first:?} → {then:?}");
+            let opened = b.ex.resolve(&id, true).await.unwrap();
+            assert_eq!(opened.access_token.as_deref(), Some("access-1"), "{first:?} → {then:?}");
+            // An edit still fails in the new format: the check is not weakened by the switch.
+            let mut edited = stored.clone();
+            edited.claims.realm_roles.push("superuser".into());
+            edited.version = opened.record.version + 1;
+            assert!(b.ex.store().compare_and_swap(&id.key(), opened.record.version, &edited).await.unwrap());
+            assert!(matches!(b.ex.resolve(&id, false).await, Err(ExchangeError::InvalidSession)));
+        }
+    }
+
     #[tokio::test]
     async fn the_session_check_uses_the_metadata_tag_and_edits_still_fail() {
         let f = fixture(1800, 43200);

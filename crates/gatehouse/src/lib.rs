@@ -357,6 +357,12 @@ pub async fn start_with(
     let public_addr = public.local_addr().map_err(|source| StartError::Bind { addr: public_listen, source })?;
     let admin_addr = admin.local_addr().map_err(|source| StartError::Bind { addr: admin_listen, source })?;
     tracing::info!(%public_addr, %admin_addr, "listening");
+    if config.session.record_format == session::RecordFormat::Json {
+        // Phase 1 of an upgrade: a reminder that phase 2 (removing the setting) is still to come.
+        tracing::warn!(
+            "session records are written in format 1 (JSON): phase 1 of an upgrade; remove session.record_format once every replica runs this build"
+        );
+    }
 
     let mut tasks = vec![
         tokio::spawn(listener::serve(public, public_router, None, rx.clone(), drain)),

@@ -250,7 +250,10 @@ fn unseal(key: &[u8], stored: &[u8]) -> Result<SessionRecord, StoreError> {
             }
             SessionRecord::decode(bytes)
         }
-        _ => SessionRecord::decode(stored),
+        // Values written before checksums existed are plain format-1 records; no build wrote a
+        // later format without a checksum, so nothing else is read unchecked.
+        Some((&super::FORMAT_JSON, _)) => SessionRecord::decode(stored),
+        _ => Err(StoreError::Corrupt("unknown stored value".into())),
     }
 }
 
@@ -921,6 +924,7 @@ mod tests {
         drop(new);
         let old = EmbeddedStore::open(&path).unwrap().writing(RecordFormat::Json);
         assert_eq!(old.get(&k2).await.unwrap().unwrap().claims.sub, "bob", "format 2 reads");
+        assert_eq!(old.get(&k1).await.unwrap().unwrap().version, alice.version, "so does the rewritten record");
     }
 
     #[tokio::test]

@@ -132,11 +132,14 @@ impl SessionRecord {
     /// blob. Format 2's metadata is protobuf (`wire`), format 1's JSON.
     pub fn encode(&self, format: RecordFormat) -> Result<Vec<u8>, StoreError> {
         let (tag, meta) = match format {
-            RecordFormat::Binary => (FORMAT_BINARY, wire::encode(self)),
+            RecordFormat::Binary => (FORMAT_BINARY, wire::encode(self)?),
             RecordFormat::Json => {
                 (FORMAT_JSON, serde_json::to_vec(self).map_err(|e| StoreError::Corrupt(e.to_string()))?)
             }
         };
+        if meta.len() > MAX_METADATA_BYTES {
+            return Err(StoreError::Corrupt("record metadata too large".into()));
+        }
         let len = u32::try_from(meta.len()).map_err(|_| StoreError::Corrupt("record too large".into()))?;
         let mut out = Vec::with_capacity(5 + meta.len() + self.sealed_tokens.len());
         out.push(tag);
@@ -158,6 +161,11 @@ impl SessionRecord {
         if rest.len() < len {
             return Err(corrupt("truncated record"));
         }
+        // Real metadata is a few hundred bytes; a store entry crafted to be huge is refused
+        // before a decoder turns it into many times its size in memory.
+        if len > MAX_METADATA_BYTES {
+            return Err(corrupt("record metadata too large"));
+        }
         let (meta, tokens) = rest.split_at(len);
         let mut record: Self = if format == FORMAT_BINARY {
             wire::decode(meta)?
@@ -171,6 +179,8 @@ impl SessionRecord {
 
 const FORMAT_JSON: u8 = 1;
 const FORMAT_BINARY: u8 = 2;
+/// Far above any real record (claims with thousands of groups stay under 256 KiB).
+const MAX_METADATA_BYTES: usize = 1 << 20;
 
 /// How stores write records (`session.record_format`). Both formats are always read; `json`
 /// exists for the first phase of a rolling upgrade from a build that reads only JSON records
@@ -473,6 +483,23 @@ mod tests {
         assert_eq!(json.claims.sub, "s");
     }
 
+    /// Fields protobuf leaves out read as zero: without its expiries a record is long expired
+    /// (fail closed), and an empty issuer or subject is not written at all.
+    #[test]
+    fn binary_records_missing_fields_fail_closed() {
+        // Claims only: issuer "i", subject "s"; no times, no version.
+        let meta = [0x12, 0x06, 0x0a, 0x01, b'i', 0x12, 0x01, b's'];
+        let mut v = vec![FORMAT_BINARY];
+        v.extend_from_slice(&(meta.len() as u32).to_be_bytes());
+        v.extend_from_slice(&meta);
+        let r = SessionRecord::decode(&v).unwrap();
+        assert_eq!((r.idle_expires_at, r.absolute_expires_at, r.version), (0, 0, 0));
+        assert!(r.is_expired(1), "a record without expiries has ended");
+        let mut empty = conformance::record("x", "kc", 10);
+        empty.claims.iss.clear();
+        assert!(empty.encode(RecordFormat::Binary).is_err(), "never written, so never unreadable");
+    }
+
     /// A field added by a later build (an unknown field number) is skipped, not an error.
     #[test]
     fn binary_records_skip_fields_a_later_build_added() {
@@ -500,10 +527,15 @@ mod tests {
             v
         };
         let no_claims = binary(&[0x08, 1]); // version = 1, nothing else
-        let mut empty_sub = SessionRecord { ..full_record() };
-        empty_sub.claims.sub.clear();
-        let empty_sub = empty_sub.encode(RecordFormat::Binary).unwrap();
+        let empty_sub = binary(&[0x12, 0x03, 0x0a, 0x01, b'i']); // issuer, no subject
+        let huge = {
+            let mut v = vec![FORMAT_BINARY];
+            v.extend_from_slice(&((MAX_METADATA_BYTES + 1) as u32).to_be_bytes());
+            v.resize(v.len() + MAX_METADATA_BYTES + 1, 0);
+            v
+        };
         for bad in [
+            &huge[..],
             &[][..],
             &[1][..],
             &[2][..],
@@ -513,10 +545,12 @@ mod tests {
             &[1, 0, 0, 0, 1, b'{'][..],
             &bytes[..10],
             &json[..10],
-            &binary(&[0x12, 0x05, 0x0a])[..],       // claims longer than the metadata
-            &binary(&[0x0f])[..],                   // field 1 with an invalid wire type
-            &binary(&[0x12, 0x02, 0x12, 0x80])[..], // truncated string length
-            &binary(&[0x12, 0x04, 0x12, 0x02, 0xff, 0xfe])[..], // subject not UTF-8
+            &binary(&[0x12, 0x05, 0x0a])[..], // claims longer than the metadata
+            &binary(&[0x0f])[..],             // field 1 with an invalid wire type
+            // A valid issuer first, so these fail in the decoder, not on the missing issuer.
+            &binary(&[0x12, 0x06, 0x0a, 0x01, b'i', 0x12, 0x02, b's'])[..], // subject cut short
+            &binary(&[0x12, 0x07, 0x0a, 0x01, b'i', 0x12, 0x02, 0xff, 0xfe])[..], // subject not UTF-8
+            &binary(&[0x12, 0x05, 0x0a, 0x01, b'i', 0x12, 0x80])[..],       // length varint cut short
             &no_claims[..],
             &empty_sub[..],
         ] {

@@ -4,9 +4,10 @@
 //! "A binary session record").
 //!
 //! Why protobuf and not a positional format (postcard, bincode): its field numbers let a later
-//! build add a field that this one skips, as `#[serde(default)]` did for the JSON form. Why prost:
-//! it is already in the build (tonic, Envoy's ext_authz), so no new crate. Field numbers are a
-//! stored format: never reuse or renumber one.
+//! build add a field that this one skips when reading, as `#[serde(default)]` did for the JSON
+//! form (this build drops such a field when it writes the record again, as the JSON form did). Why
+//! prost: it is already in the build (tonic, Envoy's ext_authz), so no new crate. Field numbers
+//! are a stored format: never reuse or renumber one.
 
 use std::collections::BTreeMap;
 
@@ -73,10 +74,15 @@ struct Roles {
     roles: Vec<String>,
 }
 
-/// The metadata of `record` (everything but the sealed tokens, which follow it raw).
-pub fn encode(record: &SessionRecord) -> Vec<u8> {
+/// The metadata of `record` (everything but the sealed tokens, which follow it raw). A record
+/// without issuer or subject is refused: `decode` would refuse it, so it would be written and
+/// never read again.
+pub fn encode(record: &SessionRecord) -> Result<Vec<u8>, StoreError> {
     let c = &record.claims;
-    Meta {
+    if c.iss.is_empty() || c.sub.is_empty() {
+        return Err(StoreError::Corrupt("record without issuer or subject".into()));
+    }
+    Ok(Meta {
         version: record.version,
         claims: Some(Claims {
             iss: c.iss.clone(),
@@ -101,13 +107,15 @@ pub fn encode(record: &SessionRecord) -> Vec<u8> {
         user_agent: record.user_agent.clone(),
         meta_tag: record.meta_tag.clone(),
     }
-    .encode_to_vec()
+    .encode_to_vec())
 }
 
 /// A record from its metadata, without the sealed tokens (the caller adds them). Protobuf cannot
-/// tell a missing number from zero; a zero time reads as long expired, so a record missing one
-/// fails closed. Missing claims or an empty issuer or subject (which the JSON form refused as
-/// missing fields) are refused here too.
+/// tell a missing number from zero: a record missing its idle or absolute expiry reads as long
+/// expired; one missing a bound time (creation, token expiries) fails the metadata tag; a missing
+/// last-seen time only makes the next request write the record again. Missing claims, or an
+/// empty issuer or subject, are refused (the JSON form refused missing ones; no provider issues
+/// empty ones).
 pub fn decode(meta: &[u8]) -> Result<SessionRecord, StoreError> {
     let m = Meta::decode(meta).map_err(|e| StoreError::Corrupt(format!("record metadata: {e}")))?;
     let c = m.claims.ok_or_else(|| StoreError::Corrupt("record without claims".into()))?;

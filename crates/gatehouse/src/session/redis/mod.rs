@@ -147,30 +147,42 @@ impl RedisStore {
         Ok(Some(r))
     }
 
-    /// Members of an index set, with entries whose session is gone removed on the way.
-    async fn members(&self, set: &str) -> Result<Vec<(SessionKey, SessionRecord)>, StoreError> {
+    /// Members of an index set, with entries whose session is gone removed on the way; second,
+    /// the hex keys of members whose record this build cannot read (damaged, or a format it does
+    /// not know).
+    async fn members(&self, set: &str) -> Result<(Vec<(SessionKey, SessionRecord)>, Vec<String>), StoreError> {
         let hexes: Vec<String> = idempotent!(self, c => c.smembers(set))?;
-        let mut out = Vec::new();
+        let (mut out, mut unreadable) = (Vec::new(), Vec::new());
         for hex in hexes {
             let name = session_key(&hex);
             let data: Option<Vec<u8>> = idempotent!(self, c => c.hget(&name, "d"))?;
             match (data.map(|d| SessionRecord::decode(&d)), parse_hex_key(&hex)) {
                 (Some(Ok(r)), Some(k)) => out.push((k, r)),
-                (Some(Err(e)), _) => tracing::warn!(error = %e, "skipped an unreadable session record"),
+                (Some(Err(e)), _) => {
+                    tracing::warn!(error = %e, "skipped an unreadable session record");
+                    unreadable.push(hex);
+                }
                 _ => {
                     idempotent!(self, c => c.srem::<_, _, ()>(set, &hex))?;
                 }
             }
         }
-        Ok(out)
+        Ok((out, unreadable))
     }
 
+    /// End every session of an index set. Records this build cannot read go too: a logout or a
+    /// revocation must not leave behind a session that a build which reads it would serve again
+    /// (an older build meeting a newer record format during a rollback did exactly that).
     async fn delete_set(&self, set: &str) -> Result<Vec<(SessionKey, SessionRecord)>, StoreError> {
         let mut out = Vec::new();
-        for (k, _) in self.members(set).await? {
+        let (readable, unreadable) = self.members(set).await?;
+        for (k, _) in readable {
             if let Some(r) = self.take_hex(&key_hex(&k)).await? {
                 out.push((k, r));
             }
+        }
+        for hex in unreadable {
+            self.take_hex(&hex).await?;
         }
         idempotent!(self, c => c.del::<_, ()>(set))?;
         Ok(out)
@@ -229,7 +241,7 @@ impl SessionStore for RedisStore {
     }
 
     async fn list_by_user(&self, user_key_: &str) -> Result<Vec<(SessionKey, SessionRecord)>, StoreError> {
-        self.members(&user_key(user_key_)).await
+        Ok(self.members(&user_key(user_key_)).await?.0)
     }
 
     async fn delete_by_user(&self, user_key_: &str) -> Result<Vec<(SessionKey, SessionRecord)>, StoreError> {
@@ -245,7 +257,7 @@ impl SessionStore for RedisStore {
         // records whose logical expiry passed before their TTL fired (the clock may be ahead in tests).
         let mut removed = 0;
         for set in [self.scan(&format!("{PREFIX}:u:*")).await?, self.scan(&format!("{PREFIX}:sid:*")).await?].concat() {
-            for (k, r) in self.members(&set).await? {
+            for (k, r) in self.members(&set).await?.0 {
                 if r.is_expired(now) && self.take_hex(&key_hex(&k)).await?.is_some() {
                     removed += 1;
                 }
@@ -467,6 +479,18 @@ mod tests {
         let raw: Vec<u8> = c.hget(session_key(&key_hex(&k)), "d").await.unwrap();
         assert_eq!(raw[0], 2, "the default writes format 2");
         assert_eq!(phase1.get(&k).await.unwrap().unwrap().version, rec.version, "and both read it");
+        // A record this build cannot read (say, a later format met during a rollback) is ended by
+        // a logout or revocation too, not left for a build that reads it to serve again.
+        let later = crate::session::SessionId::generate().unwrap().key();
+        store.insert(&later, &super::super::conformance::record("mixed", "kc-later", now)).await.unwrap();
+        let _: () = c.hset(session_key(&key_hex(&later)), "d", b"\x03a later format".to_vec()).await.unwrap();
+        assert!(matches!(store.get(&later).await, Err(StoreError::Corrupt(_))));
+        let ended = store.delete_by_user(&rec.claims.user_key()).await.unwrap();
+        assert_eq!(ended.len(), 1, "the readable session is returned");
+        for gone in [&k, &later] {
+            let exists: bool = c.exists(session_key(&key_hex(gone))).await.unwrap();
+            assert!(!exists, "both records are deleted");
+        }
 
         let _ = child.kill();
         let _ = child.wait();
