@@ -1425,10 +1425,6 @@ mod tests {
         }
     }
 
-    /// `/auth/me` authenticates the record by its metadata tag, without decrypting the token
-    /// envelope (so its cost does not grow with the tokens), yet a record edited in the store
-    /// still authenticates nobody: another session's tag or envelope put in, or the tag removed
-    /// from an edited record (the fallback opens the envelope), all fail.
     /// The tag and the envelope's AAD cover the bound fields in one form whatever the record's
     /// format: a tagged record written in one format and rewritten in the other (a replica of
     /// the other upgrade phase touching it) still passes the check and opens.
@@ -1460,6 +1456,10 @@ mod tests {
         }
     }
 
+    /// `/auth/me` authenticates the record by its metadata tag, without decrypting the token
+    /// envelope (so its cost does not grow with the tokens), yet a record edited in the store
+    /// still authenticates nobody: another session's tag or envelope put in, or the tag removed
+    /// from an edited record (the fallback opens the envelope), all fail.
     #[tokio::test]
     async fn the_session_check_uses_the_metadata_tag_and_edits_still_fail() {
         let f = fixture(1800, 43200);

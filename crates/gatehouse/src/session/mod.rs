@@ -179,7 +179,8 @@ impl SessionRecord {
 
 const FORMAT_JSON: u8 = 1;
 const FORMAT_BINARY: u8 = 2;
-/// Far above any real record (claims with thousands of groups stay under 256 KiB).
+/// Above any real record: the claims come from provider answers, which are read up to 1 MiB
+/// (`oidc::read_limited`), and their protobuf form is smaller than that JSON.
 const MAX_METADATA_BYTES: usize = 1 << 20;
 
 /// How stores write records (`session.record_format`). Both formats are always read; `json`

@@ -134,8 +134,8 @@ impl RedisStore {
         let key = session_key(hex);
         let data: Option<Vec<u8>> = idempotent!(self, c => self.take.key(&key).invoke_async(&mut c))?;
         let Some(data) = data else { return Ok(None) };
-        // Already deleted; an unreadable record (older format) authenticated nobody anyway, and its
-        // index entries are dropped lazily by `members`.
+        // Already deleted; an unreadable record (damaged, or a format this build does not know)
+        // authenticated nobody anyway, and its index entries are dropped lazily by `members`.
         let r = match SessionRecord::decode(&data) {
             Ok(r) => r,
             Err(e) => {
