@@ -424,3 +424,43 @@ fn check_listener_needs_a_caller_credential_off_loopback() {
         Ok(())
     });
 }
+
+/// SECURITY 22: `internal.allow` holds exact identities only. Patterns, prefixes, other schemes
+/// and names a certificate could never carry are refused at start-up, naming the key and entry.
+#[test]
+fn internal_allow_entries_are_exact_spiffe_ids_or_dns_names() {
+    Jail::expect_with(|jail| {
+        let with = |entry: &str| {
+            format!("{MINIMAL}\n[internal]\nmode = \"envoy\"\nlisten = \"127.0.0.1:9443\"\nallow = [\"{entry}\"]\n")
+        };
+        for good in [
+            "spiffe://cluster.local/ns/data/sa/pocketbase",
+            "spiffe://gatehouse.local",
+            "pocketbase.data.svc.cluster.local",
+            "pocketbase",
+        ] {
+            let config = load(jail, &with(good)).unwrap_or_else(|e| panic!("{good}: {e}"));
+            assert_eq!(config.internal.map(|i| i.allow), Some(vec![good.to_string()]));
+        }
+        for bad in [
+            "",
+            "spiffe://cluster.local/ns/*/sa/pocketbase",
+            "spiffe://cluster.local/ns/data/sa/",
+            "spiffe://cluster.local/ns/../sa/pocketbase",
+            "spiffe://cluster.local/ns//sa/pocketbase",
+            "spiffe://Cluster.Local/ns/data/sa/pocketbase",
+            "SPIFFE://cluster.local/ns/data/sa/pocketbase",
+            "https://pocketbase.data.svc",
+            "*.data.svc.cluster.local",
+            "pocketbase.data.svc.cluster.local.",
+            "PocketBase",
+            "pocket_base",
+            "-pocketbase",
+            "pocketbase/ns/data",
+        ] {
+            let e = load(jail, &with(bad)).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(e.contains("internal.allow") && e.contains("matched exactly"), "{bad:?} must be refused: {e}");
+        }
+        Ok(())
+    });
+}

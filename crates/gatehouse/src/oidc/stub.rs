@@ -64,6 +64,11 @@ pub struct Provider {
     pub access_azp: Mutex<String>,
     /// The token endpoint answers 503 (an outage) while set.
     pub token_down: AtomicBool,
+    /// Discovery names this issuer instead of the real one while set (a misconfigured or
+    /// impersonating provider).
+    pub discovery_issuer: Mutex<Option<String>>,
+    /// Discovery announces RFC 9207 `iss` in authorization responses.
+    pub announces_response_iss: AtomicBool,
     /// Counters.
     pub token_calls: AtomicUsize,
     pub refreshes: AtomicUsize,
@@ -89,6 +94,8 @@ impl Provider {
             access_lifetime: AtomicUsize::new(300),
             access_azp: Mutex::new(CLIENT.into()),
             token_down: AtomicBool::new(false),
+            discovery_issuer: Mutex::new(None),
+            announces_response_iss: AtomicBool::new(false),
             token_calls: AtomicUsize::new(0),
             refreshes: AtomicUsize::new(0),
             revocations: AtomicUsize::new(0),
@@ -161,12 +168,14 @@ impl Provider {
 
 async fn discovery(State(p): State<Arc<Provider>>) -> Response {
     let base = &p.issuer;
+    let issuer = p.discovery_issuer.lock().unwrap().clone().unwrap_or_else(|| base.clone());
     axum::Json(json!({
-        "issuer": base,
+        "issuer": issuer,
         "authorization_endpoint": format!("{base}/auth"),
         "token_endpoint": format!("{base}/token"),
         "jwks_uri": format!("{base}/jwks"),
         "revocation_endpoint": format!("{base}/revoke"),
+        "authorization_response_iss_parameter_supported": p.announces_response_iss.load(Ordering::SeqCst),
     }))
     .into_response()
 }

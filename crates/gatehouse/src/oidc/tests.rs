@@ -54,6 +54,19 @@ fn reason(e: super::OidcError) -> &'static str {
     }
 }
 
+/// `base` with `patch`'s fields set, and those patched to `null` removed.
+fn patched(base: &Value, patch: &Value) -> Value {
+    let mut c = base.clone();
+    for (name, v) in patch.as_object().unwrap() {
+        if v.is_null() {
+            c.as_object_mut().unwrap().remove(name);
+        } else {
+            c[name] = v.clone();
+        }
+    }
+    c
+}
+
 #[test]
 fn a_good_token_passes() {
     let k = key("k1");
@@ -82,15 +95,7 @@ fn each_claim_rule_rejects() {
         ("refresh token as id token", json!({"typ": "Refresh"})),
     ];
     for (what, patch) in cases {
-        let mut c = claims();
-        for (k, v) in patch.as_object().unwrap() {
-            if v.is_null() {
-                c.as_object_mut().unwrap().remove(k);
-            } else {
-                c[k] = v.clone();
-            }
-        }
-        assert!(check(&sign(&k, &c), &[&k], &e).is_err(), "{what} must be rejected");
+        assert!(check(&sign(&k, &patched(&claims(), &patch)), &[&k], &e).is_err(), "{what} must be rejected");
     }
     // Within the 60 s skew is fine.
     let mut c = claims();
@@ -221,15 +226,7 @@ fn logout_tokens_follow_back_channel_rules() {
         ("no sid/sub", json!({"sid": null})),
         ("no jti", json!({"jti": null})),
     ] {
-        let mut c = base.clone();
-        for (k2, v) in patch.as_object().unwrap() {
-            if v.is_null() {
-                c.as_object_mut().unwrap().remove(k2);
-            } else {
-                c[k2] = v.clone();
-            }
-        }
-        let t = jsonwebtoken::encode(&h, &c, &k.enc).unwrap();
+        let t = jsonwebtoken::encode(&h, &patched(&base, &patch), &k.enc).unwrap();
         assert!(check(&t, &[&k], &expect(TokenKind::Logout)).is_err(), "{what}");
     }
     // An ID token is not a logout token.
@@ -345,4 +342,127 @@ async fn unauthenticated_kid_spray_cannot_block_a_key_rotation() {
     keys.store(Arc::new(json!({"keys": [k1.jwk.clone(), k2.jwk.clone()]})));
     assert!(cache.key(&http, Some("k2"), KeySource::TokenEndpoint).await.is_ok(), "rotation not blocked");
     assert_eq!(hits.load(Ordering::SeqCst), 3);
+}
+
+fn access_claims() -> Value {
+    // Keycloak's shape: issued to us (`azp`), for another resource server (`aud`).
+    json!({"iss": ISS, "aud": "account", "azp": CLIENT, "sub": "user-1", "iat": NOW - 5, "exp": NOW + 300, "typ": "Bearer"})
+}
+
+/// Access tokens (the check face's bearer tokens, refreshed tokens): `azp` must be this client,
+/// the `typ` claim and header must say access token, and `aud` is not ours to check.
+#[test]
+fn access_tokens_must_be_issued_to_this_client_and_be_access_tokens() {
+    let k = key("k1");
+    let e = expect(TokenKind::Access);
+    assert_eq!(check(&sign(&k, &access_claims()), &[&k], &e), Ok(()), "Keycloak's access token");
+    let mut no_typ = access_claims();
+    no_typ.as_object_mut().unwrap().remove("typ");
+    assert_eq!(check(&sign(&k, &no_typ), &[&k], &e), Ok(()), "a provider that sets no typ claim");
+    let cases: Vec<(&str, Value, &str)> = vec![
+        ("azp of another client", json!({"azp": "other-client"}), "access token not issued to this client"),
+        ("no azp", json!({"azp": null}), "access token not issued to this client"),
+        ("aud is us but azp is not", json!({"aud": CLIENT, "azp": "other"}), "access token not issued to this client"),
+        ("an ID token", json!({"typ": "ID"}), "token of the wrong kind"),
+        ("a refresh token", json!({"typ": "Refresh"}), "token of the wrong kind"),
+        ("another issuer", json!({"iss": "https://evil/realms/r"}), "issuer mismatch"),
+        ("expired", json!({"exp": NOW - 61}), "expired"),
+    ];
+    for (what, patch, why) in cases {
+        assert_eq!(check(&sign(&k, &patched(&access_claims(), &patch)), &[&k], &e), Err(why), "{what}");
+    }
+    // The JOSE header's `typ`: RFC 9068's `at+jwt` is an access token; a logout token is not.
+    for (typ, ok) in [("at+jwt", true), ("JWT", true), ("logout+jwt", false), ("secevent+jwt", false)] {
+        let mut h = Header::new(Algorithm::ES256);
+        h.kid = Some("k1".into());
+        h.typ = Some(typ.into());
+        let t = jsonwebtoken::encode(&h, &access_claims(), &k.enc).unwrap();
+        assert_eq!(check(&t, &[&k], &e).is_ok(), ok, "header typ {typ}");
+    }
+    // An access token is not an ID token: no audience of ours, and `at+jwt` is refused there.
+    assert_eq!(
+        check(&sign(&k, &access_claims()), &[&k], &expect(TokenKind::Id)),
+        Err("audience does not include this client")
+    );
+}
+
+/// Back-channel logout tokens naming only the user (`sub`, no `sid`) are valid (OpenID
+/// Back-Channel Logout §2.4); one without the `logout+jwt` header type is not a logout token.
+#[test]
+fn logout_tokens_may_name_only_the_user_but_must_say_what_they_are() {
+    let k = key("k1");
+    let base = json!({"iss": ISS, "aud": CLIENT, "iat": NOW, "exp": NOW + 120, "jti": "j-1", "sub": "user-1",
+        "events": {"http://schemas.openid.net/event/backchannel-logout": {}}});
+    let mut h = Header::new(Algorithm::ES256);
+    h.kid = Some("k1".into());
+    h.typ = Some("logout+jwt".into());
+    let sub_only = jsonwebtoken::encode(&h, &base, &k.enc).unwrap();
+    assert_eq!(check(&sub_only, &[&k], &expect(TokenKind::Logout)), Ok(()));
+    let mut empty_sub = base.clone();
+    empty_sub["sub"] = json!("");
+    let t = jsonwebtoken::encode(&h, &empty_sub, &k.enc).unwrap();
+    assert_eq!(check(&t, &[&k], &expect(TokenKind::Logout)), Err("sid or sub required"));
+    for typ in [None, Some("JWT"), Some("at+jwt")] {
+        let mut h = Header::new(Algorithm::ES256);
+        h.kid = Some("k1".into());
+        h.typ = typ.map(Into::into);
+        let t = jsonwebtoken::encode(&h, &base, &k.enc).unwrap();
+        assert_eq!(check(&t, &[&k], &expect(TokenKind::Logout)), Err("token of the wrong kind"), "header typ {typ:?}");
+    }
+}
+
+fn stub_client(p: &super::stub::Provider) -> super::OidcClient {
+    super::OidcClient::new(
+        super::OidcSettings {
+            issuer: p.issuer.clone(),
+            client_id: super::stub::CLIENT.into(),
+            client_secret: secrecy::SecretString::from("x".to_string()),
+            scopes: vec!["openid".into()],
+            algorithms: vec![Algorithm::ES256],
+            trusted_audiences: vec![],
+            redirect_uri: "http://localhost/auth/callback".into(),
+            http_timeout: Duration::from_secs(2),
+        },
+        Arc::new(crate::clock::SystemClock::default()),
+    )
+    .unwrap()
+}
+
+/// SECURITY 12: a discovery document naming another issuer (a misconfigured or impersonating
+/// provider) is not loaded — the replica stays unready and logs in nobody — until it matches.
+#[tokio::test]
+async fn discovery_naming_another_issuer_is_refused_until_it_matches() {
+    let p = super::stub::Provider::start(Arc::new(crate::clock::SystemClock::default())).await;
+    let client = stub_client(&p);
+    for other in [format!("{}/", p.issuer), "https://evil.example/realms/stub".to_string()] {
+        *p.discovery_issuer.lock().unwrap() = Some(other.clone());
+        let err = client.discover().await.expect_err(&other);
+        assert!(
+            matches!(&err, super::OidcError::Provider(m) if m.contains("differs from the configured")),
+            "{other}: {err:?}"
+        );
+        assert!(!client.is_ready(), "{other}: metadata must not be loaded");
+        assert!(client.authorization_url("s", "n", "v").await.is_err(), "{other}: no login starts");
+    }
+    *p.discovery_issuer.lock().unwrap() = None;
+    client.discover().await.expect("the matching issuer loads");
+    assert!(client.is_ready());
+}
+
+/// SECURITY 12 (RFC 9207): the authorization response's `iss` must be ours when present, and must
+/// be present when the provider announces it — a mix-up attack answers with another issuer's code.
+#[tokio::test]
+async fn the_authorization_response_issuer_is_checked() {
+    let p = super::stub::Provider::start(Arc::new(crate::clock::SystemClock::default())).await;
+    let quiet = stub_client(&p);
+    assert!(quiet.check_response_issuer(Some(&p.issuer)).await.is_ok());
+    assert!(quiet.check_response_issuer(None).await.is_ok(), "not announced: may be absent");
+    assert!(quiet.check_response_issuer(Some("https://evil.example/realms/stub")).await.is_err());
+    assert!(quiet.check_response_issuer(Some(&format!("{}/", p.issuer))).await.is_err(), "exact match only");
+
+    p.announces_response_iss.store(true, Ordering::SeqCst);
+    let announced = stub_client(&p);
+    assert!(announced.check_response_issuer(Some(&p.issuer)).await.is_ok());
+    assert!(announced.check_response_issuer(None).await.is_err(), "announced: a missing iss is refused");
+    assert!(announced.check_response_issuer(Some("https://evil.example/realms/stub")).await.is_err());
 }

@@ -270,3 +270,39 @@ pub async fn logout(State(st): State<Arc<PublicState>>, headers: HeaderMap) -> R
     no_store(&mut resp);
     Ok(resp)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    /// SECURITY 10: a fetch or XHR gets JSON, never a redirect — told by `Sec-Fetch-Mode`, or by
+    /// `Accept` from clients that send no fetch metadata; a navigation gets the redirect.
+    #[test]
+    fn fetches_are_told_from_navigations() {
+        for (what, h, fetch) in [
+            ("fetch()", headers(&[("sec-fetch-mode", "cors")]), true),
+            ("same-origin fetch", headers(&[("sec-fetch-mode", "same-origin")]), true),
+            ("navigation", headers(&[("sec-fetch-mode", "navigate")]), false),
+            ("XHR asking for JSON", headers(&[("accept", "application/json")]), true),
+            ("JSON with parameters", headers(&[("accept", "application/json; charset=utf-8")]), true),
+            ("a browser's page load", headers(&[("accept", "text/html,application/xhtml+xml,*/*;q=0.8")]), false),
+            ("HTML or JSON: the page wins", headers(&[("accept", "text/html, application/json")]), false),
+            (
+                "a navigation asking only for JSON",
+                headers(&[("sec-fetch-mode", "navigate"), ("accept", "application/json")]),
+                true,
+            ),
+            ("no hint at all", headers(&[]), false),
+        ] {
+            assert_eq!(is_fetch(&h), fetch, "{what}");
+        }
+    }
+}

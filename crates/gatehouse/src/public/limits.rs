@@ -105,6 +105,30 @@ mod tests {
         );
     }
 
+    /// Behind several trusted proxies the client is the right-most untrusted hop; what a client
+    /// wrote to the left of it (spoofed or garbage) is never read; an unparsable hop our own
+    /// proxies wrote stops the walk at the last good one instead of discarding the chain.
+    #[test]
+    fn xff_walks_trusted_hops_and_stops_at_garbage() {
+        let peer: SocketAddr = "10.0.0.5:1000".parse().unwrap();
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap(), "192.168.1.1/32".parse().unwrap()];
+        let ip = |values: &[&'static str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append("x-forwarded-for", HeaderValue::from_static(v));
+            }
+            client_ip(peer, &h, &trusted).to_string()
+        };
+        assert_eq!(ip(&["6.6.6.6, 1.2.3.4, 192.168.1.1, 10.0.0.7"]), "1.2.3.4", "two trusted hops skipped");
+        assert_eq!(ip(&["6.6.6.6, 1.2.3.4", "192.168.1.1"]), "1.2.3.4", "hops over several header lines");
+        assert_eq!(ip(&["not-an-ip, 1.2.3.4, 10.0.0.7"]), "1.2.3.4", "garbage left of the client is never read");
+        assert_eq!(ip(&["1.2.3.4, 1.2.3.4:5678, 10.0.0.7"]), "10.0.0.7", "an unparsable hop stops the walk");
+        assert_eq!(ip(&["1.2.3.4, , 10.0.0.7"]), "10.0.0.7", "an empty hop too");
+        assert_eq!(ip(&["10.0.0.9, 10.0.0.8"]), "10.0.0.9", "every hop trusted: the left-most");
+        assert_eq!(ip(&["2001:db8::1, 10.0.0.7"]), "2001:db8::1", "IPv6 client");
+        assert_eq!(ip(&[]), "10.0.0.5", "no header: the trusted peer itself");
+    }
+
     #[tokio::test]
     async fn login_limits_per_ip_and_per_user() {
         use crate::limit::{OnStoreError, Quota};

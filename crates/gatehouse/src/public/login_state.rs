@@ -39,3 +39,42 @@ impl LoginState {
         (now >= s.started_at && now - s.started_at <= LIFETIME).then_some(s)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keyring(byte: u8) -> Keyring {
+        let key = base64::engine::general_purpose::STANDARD.encode([byte; 32]);
+        Keyring::new(&secrecy::SecretString::from(key), &[]).unwrap()
+    }
+
+    fn state() -> LoginState {
+        LoginState {
+            state: "s".into(),
+            nonce: "n".into(),
+            verifier: "v".into(),
+            return_to: "/notes".into(),
+            started_at: 1_000_000,
+        }
+    }
+
+    /// SECURITY 11: the login in flight lives 600 s, opens only under our key, and any edit to
+    /// the cookie value fails.
+    #[test]
+    fn a_login_state_opens_only_within_its_lifetime_under_our_key_and_unedited() {
+        let ring = keyring(7);
+        let sealed = state().seal(&ring).unwrap();
+        let opened = LoginState::open(&sealed, &ring, 1_000_000 + LIFETIME).expect("at the limit");
+        assert_eq!((opened.state.as_str(), opened.return_to.as_str()), ("s", "/notes"));
+        assert!(LoginState::open(&sealed, &ring, 1_000_000 + LIFETIME + 1).is_none(), "expired");
+        assert!(LoginState::open(&sealed, &ring, 1_000_000 - 1).is_none(), "from the future");
+        assert!(LoginState::open(&sealed, &keyring(8), 1_000_000).is_none(), "another deployment's key");
+        let mut edited = sealed.clone().into_bytes();
+        let mid = edited.len() / 2;
+        edited[mid] = if edited[mid] == b'A' { b'B' } else { b'A' };
+        assert!(LoginState::open(std::str::from_utf8(&edited).unwrap(), &ring, 1_000_000).is_none(), "edited");
+        assert!(LoginState::open(&"A".repeat(MAX_COOKIE + 1), &ring, 1_000_000).is_none(), "oversized");
+        assert!(LoginState::open("not base64!", &ring, 1_000_000).is_none());
+    }
+}

@@ -158,20 +158,7 @@ async fn callback_rejects_missing_wrong_or_replayed_state() {
 
     // A login started in one browser cannot be finished in another (state bound to the browser).
     let mut victim = Browser::default();
-    let start = victim.get(&format!("{}/auth/login", gate.base)).await;
-    let kc = start.location();
-    let page = victim.get(&kc).await;
-    let posted = victim
-        .send(
-            http().post(form_action(&page.body)).form(&[
-                ("username", "bob"),
-                ("password", "bob-password"),
-                ("credentialId", ""),
-            ]),
-            &kc,
-        )
-        .await;
-    let callback = posted.location();
+    let callback = callback_url(&mut victim, &gate.base, "bob").await;
     let mut attacker = Browser::default();
     attacker.get(&format!("{}/auth/login", gate.base)).await; // attacker's own login cookie
     let stolen = attacker.get(&callback).await;
@@ -227,9 +214,133 @@ async fn forged_unknown_oversized_and_malformed_cookies_get_401_json() {
         .send()
         .await
         .unwrap();
-    assert!(r.status() == 431 || r.status() == 401, "oversized header: {}", r.status());
+    assert_eq!(r.status(), 431, "headers over 16 KiB in total");
+    assert_eq!(r.json::<serde_json::Value>().await.unwrap()["error"], "headers_too_large");
+    // A session cookie over the 8 KiB cookie limit (but within the header limit) is ignored.
+    let r = http().get(&me).header("cookie", format!("{COOKIE}={}", "A".repeat(9000))).send().await.unwrap();
+    assert_eq!(r.status(), 401, "oversized cookie");
     let r = http().get(&me).send().await.unwrap();
     assert_eq!(r.status(), 401, "no cookie");
+    // A request head over the listener's 64 KiB read buffer never reaches a handler: hyper
+    // answers 431 and closes (raw TCP: a client library would refuse to send it).
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let port = gate.running.as_ref().unwrap().public_addr.port();
+        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let head = format!("GET /auth/me HTTP/1.1\r\nHost: localhost\r\nX-Big: {}\r\n\r\n", "b".repeat(70 * 1024));
+        // The server may close before reading it all: a failed write is part of the outcome.
+        let _ = tcp.write_all(head.as_bytes()).await;
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), tcp.read_to_end(&mut buf)).await;
+        let answer = String::from_utf8_lossy(&buf);
+        assert!(answer.starts_with("HTTP/1.1 431"), "70 KiB head: {:.80}", answer);
+    }
+    gate.stop().await;
+}
+
+/// The part of a code flow up to the provider's redirect back: the callback URL, not yet visited.
+async fn callback_url(b: &mut Browser, base: &str, user: &str) -> String {
+    let start = b.get(&format!("{base}/auth/login")).await;
+    let kc = start.location();
+    let page = b.get(&kc).await;
+    if page.status == 302 {
+        return page.location();
+    }
+    let posted = b
+        .send(
+            http().post(form_action(&page.body)).form(&[
+                ("username", user),
+                ("password", &format!("{user}-password")),
+                ("credentialId", ""),
+            ]),
+            &kc,
+        )
+        .await;
+    posted.location()
+}
+
+/// SECURITY 11: every login start draws a fresh state, nonce and PKCE verifier (S256), and binds
+/// them to the browser in a `__Host-` cookie that lives 600 s; a huge `return_to` cannot push that
+/// cookie past what browsers keep — it falls back to `/`.
+#[tokio::test]
+async fn every_login_start_is_fresh_s256_and_its_cookie_is_host_bound_and_short_lived() {
+    let work = Workdir::new();
+    let gate = Gate::start(&work, &Options::default()).await;
+    let mut seen: Vec<std::collections::HashMap<String, String>> = Vec::new();
+    for _ in 0..3 {
+        let r = http().get(format!("{}/auth/login", gate.base)).header("sec-fetch-mode", "cors").send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let sc: Vec<String> =
+            r.headers().get_all("set-cookie").iter().map(|v| v.to_str().unwrap().to_string()).collect();
+        let login = sc.iter().find(|c| c.starts_with(&format!("{COOKIE}-login="))).expect("login cookie");
+        let attrs: Vec<&str> = login.split(';').map(str::trim).collect();
+        for want in ["HttpOnly", "Secure", "Path=/", "SameSite=Lax", "Max-Age=600"] {
+            assert!(attrs.contains(&want), "{login} lacks {want}");
+        }
+        assert!(!login.to_ascii_lowercase().contains("domain="), "no Domain: {login}");
+        let j: serde_json::Value = r.json().await.unwrap();
+        let url = url::Url::parse(j["login_url"].as_str().unwrap()).unwrap();
+        let q: std::collections::HashMap<String, String> = url.query_pairs().into_owned().collect();
+        assert_eq!(q["code_challenge_method"], "S256");
+        assert_eq!(q["code_challenge"].len(), 43, "base64url SHA-256");
+        for k in ["state", "nonce"] {
+            assert!(q[k].len() >= 43, "{k} carries 256 bits");
+        }
+        seen.push(q);
+    }
+    for k in ["state", "nonce", "code_challenge"] {
+        let mut values: Vec<&String> = seen.iter().map(|q| &q[k]).collect();
+        values.sort();
+        values.dedup();
+        assert_eq!(values.len(), 3, "{k} is fresh on every login start");
+    }
+
+    // 1,000 `é` are 2,001 bytes (under return_to's 2 KiB) but 6,001 once percent-encoded.
+    let huge = format!("/{}", "é".repeat(1000));
+    let mut b = Browser::default();
+    let start = b.get(&format!("{}/auth/login?return_to={}", gate.base, urlencode(&huge))).await;
+    let login = start.set_cookies.iter().find(|c| c.starts_with(&format!("{COOKIE}-login="))).unwrap();
+    assert!(login.len() < 4096, "login cookie stays under 4 KiB: {}", login.len());
+    let r = b.code_flow(&gate.base, "bob", "bob-password", &huge).await;
+    assert_eq!(r.status, 303);
+    assert_eq!(r.location(), "/", "an oversized return_to falls back to /");
+    gate.stop().await;
+}
+
+/// SECURITY 12 (RFC 9207) through the real flow: Keycloak announces `iss` in its authorization
+/// responses, so a callback whose `iss` is another issuer's, or missing, creates no session.
+#[tokio::test]
+async fn a_callback_with_a_wrong_or_missing_issuer_creates_no_session() {
+    let work = Workdir::new();
+    let gate = Gate::start(&work, &Options::default()).await;
+    // Each case replaces the callback's `iss` (`None`: drops it).
+    let cases = [
+        ("another issuer", Some("https://evil.example/realms/gatehouse".to_string())),
+        ("no iss", None),
+        ("issuer with a trailing slash", Some(format!("{}/", issuer()))),
+    ];
+    for (what, replacement) in cases {
+        let mut b = Browser::default();
+        let callback = callback_url(&mut b, &gate.base, "bob").await;
+        let mut u = url::Url::parse(&callback).unwrap();
+        let pairs: Vec<(String, String)> = u.query_pairs().into_owned().collect();
+        let iss = pairs.iter().find(|(k, _)| k == "iss").map(|(_, v)| v.clone()).expect("Keycloak sends iss");
+        assert_eq!(iss, issuer());
+        let mut query: Vec<String> =
+            pairs.iter().filter(|(k, _)| k != "iss").map(|(k, v)| format!("{k}={}", urlencode(v))).collect();
+        if let Some(other) = replacement {
+            query.push(format!("iss={}", urlencode(&other)));
+        }
+        u.set_query(Some(&query.join("&")));
+        let r = b.get(u.as_str()).await;
+        assert_eq!(r.status, 400, "{what}: {}", r.body);
+        assert_eq!(r.json()["error"], "login_failed", "{what}");
+        assert!(b.cookie(&gate.base, COOKIE).is_none(), "{what}: no session cookie");
+    }
+    // The unmodified flow still works.
+    let mut b = Browser::default();
+    b.login(&gate.base, "bob").await;
+    assert_eq!(b.get(&format!("{}/auth/me", gate.base)).await.status, 200);
     gate.stop().await;
 }
 
