@@ -84,6 +84,27 @@ pub struct PublicState {
 /// The public face: its pipeline (observe → header guard → rate limit → CSRF) in front of the
 /// router, with any extension endpoints (`crate::extend`); fails if a route's TLS files cannot be
 /// used or an extension path is not allowed.
+/// The public face's fixed routes (views add theirs when configured). `ROUTES` lists the same,
+/// by method; `route_paths` lets a test hold the two together both ways.
+fn fixed_routes() -> Vec<(&'static str, MethodRouter<Arc<PublicState>>)> {
+    vec![
+        ("/auth/login", get(auth::login_start).post(auth::password_login)),
+        ("/auth/callback", get(auth::callback)),
+        ("/auth/logout", post(auth::logout)),
+        ("/auth/me", get(auth::me)),
+        ("/auth/backchannel-logout", post(backchannel::backchannel_logout)),
+        ("/healthz", get(healthz)),
+        ("/readyz", get(readyz)),
+        // Everything under /api/ is the proxy's (a JSON 404 for unknown routes), never a static file.
+        ("/api/{*rest}", any(proxy::handle)),
+    ]
+}
+
+/// The paths the public router serves itself, as written in the router (`/api/{*rest}` included).
+pub fn route_paths() -> Vec<&'static str> {
+    fixed_routes().into_iter().map(|(path, _)| path).collect()
+}
+
 pub fn router(
     core: Arc<Core>,
     config: &Config,
@@ -101,17 +122,7 @@ pub fn router(
         core: core.clone(),
     });
     spawn_limit_cleanup(&state);
-    let mut routes: Vec<(&str, MethodRouter<Arc<PublicState>>)> = vec![
-        ("/auth/login", get(auth::login_start).post(auth::password_login)),
-        ("/auth/callback", get(auth::callback)),
-        ("/auth/logout", post(auth::logout)),
-        ("/auth/me", get(auth::me)),
-        ("/auth/backchannel-logout", post(backchannel::backchannel_logout)),
-        ("/healthz", get(healthz)),
-        ("/readyz", get(readyz)),
-        // Everything under /api/ is the proxy's (a JSON 404 for unknown routes), never a static file.
-        ("/api/{*rest}", any(proxy::handle)),
-    ];
+    let mut routes = fixed_routes();
     if !state.views.is_empty() {
         // More specific than `/api/{*rest}`: views own `/api/views/` (no route may sit there).
         routes.push(("/api/views/{*rest}", get(views::handle)));

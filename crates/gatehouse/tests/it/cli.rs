@@ -191,6 +191,30 @@ async fn the_sessions_command_serves_people_and_scripts() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--user") && err.contains("--session") && err.contains("--all"), "{err}");
 
+    // One user's sessions: bob's end, alice's stays (the embedded store; the Redis store's
+    // revocations are in `replicas.rs`).
+    let a2 = logged_in(&gate, "alice").await;
+    let me = |sid: String| {
+        let base = gate.base.clone();
+        async move {
+            http()
+                .get(format!("{base}/auth/me"))
+                .header("cookie", format!("{COOKIE}={sid}"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    let bob_sub = json["sessions"][0]["sub"].as_str().expect("sub in the listing").to_string();
+    let out = cli(&["revoke", "--user", &bob_sub]).output().await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(me(b.clone()).await, 401, "bob's session revoked");
+    assert_eq!(me(a.clone()).await, 200, "alice's kept");
+    assert_eq!(me(a2.clone()).await, 200, "alice's second session kept");
+    let out = cli(&["revoke", "--user", &bob_sub]).output().await.unwrap();
+    assert!(out.status.success(), "revoking a user with no sessions left is not an error");
+
     // Revoking everything asks first; anything but `yes` revokes nothing.
     let mut c = cli(&["revoke", "--all"]);
     c.stdin(Stdio::piped()).stdout(Stdio::piped());
@@ -202,14 +226,14 @@ async fn the_sessions_command_serves_people_and_scripts() {
     }
     let out = child.wait_with_output().await.unwrap();
     assert!(!out.status.success());
-    let me =
-        http().get(format!("{}/auth/me", gate.base)).header("cookie", format!("{COOKIE}={a}")).send().await.unwrap();
-    assert_eq!(me.status(), 200, "nothing revoked without confirmation");
+    assert_eq!(me(a.clone()).await, 200, "nothing revoked without confirmation");
     let out = cli(&["revoke", "--all", "--yes"]).output().await.unwrap();
     assert!(out.status.success());
-    let me =
-        http().get(format!("{}/auth/me", gate.base)).header("cookie", format!("{COOKIE}={a}")).send().await.unwrap();
-    assert_eq!(me.status(), 401);
+    assert_eq!(me(a.clone()).await, 401);
+    assert_eq!(me(a2.clone()).await, 401, "every session ends");
+    let out = cli(&["list", "--all", "-o", "json"]).output().await.unwrap();
+    let left: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(left["sessions"].as_array().map(Vec::len), Some(0), "nothing left: {left}");
     gate.stop().await;
 }
 

@@ -470,6 +470,8 @@ async fn redis_outage_gives_clean_503s_and_recovers_without_losing_or_resurrecti
     let me = kept.get(&format!("{}/auth/me", gate.base)).await;
     assert_eq!(me.status, 503, "{}", me.body);
     assert_eq!(me.json()["error"], "store_unavailable");
+    assert_eq!(me.header("retry-after").as_deref(), Some("5"), "clients are told when to try again");
+    assert_eq!(me.header("cache-control").as_deref(), Some("no-store"));
     let x = client
         .post(format!("{}/internal/v1/session/exchange", gate.internal()))
         .json(&json!({"session_id": kept.cookie(&gate.base, COOKIE).unwrap()}))
@@ -477,6 +479,7 @@ async fn redis_outage_gives_clean_503s_and_recovers_without_losing_or_resurrecti
         .await
         .unwrap();
     assert_eq!(x.status(), 503);
+    assert_eq!(x.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("5"), "on the exchange too");
     assert_eq!(http().get(format!("{}/readyz", gate.base)).send().await.unwrap().status(), 503);
     assert_eq!(http().get(format!("{}/healthz", gate.base)).send().await.unwrap().status(), 200);
 
