@@ -46,7 +46,12 @@ async fn no_secret_appears_in_any_log_line() {
     let work = Workdir::new();
     let gate = Gate::start(
         &work,
-        &Options { internal_allow: Some(vec![POCKETBASE.into()]), extra: routes, ..Options::short_tokens() },
+        &Options {
+            internal_allow: Some(vec![POCKETBASE.into()]),
+            internal_rate: 5,
+            extra: routes,
+            ..Options::short_tokens()
+        },
     )
     .await;
     let mut b = Browser::default();
@@ -74,6 +79,36 @@ async fn no_secret_appears_in_any_log_line() {
         .unwrap();
     assert_eq!(x.status(), 200);
     let exchanged: serde_json::Value = x.json().await.unwrap();
+    // Refused and failed exchanges are audited too: an unknown session, a caller not on the
+    // allow-list, and a caller over its rate limit (5 per second).
+    let unknown = "A".repeat(43);
+    let exchange = |c: &reqwest::Client, sid: &str| {
+        c.post(format!("{}/internal/v1/session/exchange", gate.internal())).json(&json!({"session_id": sid})).send()
+    };
+    assert_eq!(exchange(&client, &unknown).await.unwrap().status(), 401);
+    let mallory = "spiffe://gatehouse.local/ns/evil/sa/mallory";
+    let stranger = mtls_client(&ca.cert_pem, Some(&client_cert(&ca, vec![gatehouse::pki::San::Uri(mallory.into())])));
+    assert_eq!(exchange(&stranger, &id).await.unwrap().status(), 403);
+    let mut limited = false;
+    for _ in 0..20 {
+        if exchange(&client, &unknown).await.unwrap().status() == 429 {
+            limited = true;
+            break;
+        }
+    }
+    assert!(limited, "the caller hits its rate limit");
+    // A login start: its state and nonce travel in URLs, its sealed login cookie in headers.
+    let start = http().get(format!("{}/auth/login", gate.base)).header("sec-fetch-mode", "cors").send().await.unwrap();
+    let login_cookie = start
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|c| c.strip_prefix(&format!("{COOKIE}-login=")).map(|v| v.split(';').next().unwrap().to_string()))
+        .expect("login cookie");
+    let login_url: serde_json::Value = start.json().await.unwrap();
+    let login_query: std::collections::HashMap<String, String> =
+        url::Url::parse(login_url["login_url"].as_str().unwrap()).unwrap().query_pairs().into_owned().collect();
     // Proxied requests with each relay.
     assert_eq!(b.get(&format!("{}/api/s/notes", gate.base)).await.status, 200);
     assert_eq!(b.get(&format!("{}/api/b/notes", gate.base)).await.status, 200);
@@ -98,6 +133,19 @@ async fn no_secret_appears_in_any_log_line() {
         401
     );
     let pid = p.cookie(&gate.base, COOKIE).unwrap();
+    // The admin API: list and revoke bob's sessions.
+    let bob_sub = p.get(&format!("{}/auth/me", gate.base)).await.json()["sub"].as_str().unwrap().to_string();
+    let listed = http().get(format!("{}/admin/v1/sessions?sub={bob_sub}", gate.admin)).send().await.unwrap();
+    assert_eq!(listed.status(), 200);
+    let revoked: serde_json::Value = http()
+        .delete(format!("{}/admin/v1/sessions?sub={bob_sub}", gate.admin))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(revoked["revoked"], 1, "{revoked}");
     assert_eq!(b.post(&gate.base, "/auth/logout").await.status, 200);
     gate.stop().await;
 
@@ -111,6 +159,18 @@ async fn no_secret_appears_in_any_log_line() {
         "session hash prefix in the audit line"
     );
     assert!(audit.contains("outcome=\"ok\"") || audit.contains("outcome=ok"), "{audit}");
+    let line = |needle: &str| logs.lines().find(|l| l.contains(needle)).map(str::to_string);
+    let failed = logs
+        .lines()
+        .find(|l| l.contains("session exchange") && l.contains("invalid_session"))
+        .expect("a failed exchange is audited");
+    assert!(failed.contains(POCKETBASE) && failed.contains("gatehouse::audit"), "{failed}");
+    let refused = line("caller not on internal.allow").expect("a refused caller is audited");
+    assert!(refused.contains(mallory) && refused.contains("forbidden") && refused.contains("WARN"), "{refused}");
+    let throttled = line("internal rate limit hit").expect("a rate-limited caller is audited");
+    assert!(throttled.contains(POCKETBASE) && throttled.contains("rate_limited"), "{throttled}");
+    let admin = line("admin revoked sessions").expect("admin revocations are audited");
+    assert!(admin.contains("revoked=1") && admin.contains("gatehouse::audit"), "{admin}");
     assert!(logs.contains("login succeeded"), "authentication successes are logged");
     assert!(logs.contains("password login failed"), "authentication failures are logged");
     let mut secrets = vec![
@@ -123,6 +183,10 @@ async fn no_secret_appears_in_any_log_line() {
         ("access token", before.access_token.clone()),
         ("refreshed access token", after.access_token.clone()),
         ("exchanged access token", exchanged["access_token"].as_str().unwrap().to_string()),
+        ("encryption key", work.key.clone()),
+        ("login state", login_query["state"].clone()),
+        ("login nonce", login_query["nonce"].clone()),
+        ("sealed login cookie", login_cookie),
     ];
     for (what, t) in [
         ("refresh token", &before.refresh_token),
