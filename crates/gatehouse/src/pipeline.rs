@@ -15,7 +15,7 @@ use std::task::{Context, Poll};
 
 use axum::Router;
 use axum::extract::Request;
-use axum::response::Response;
+use axum::response::{IntoResponse as _, Response};
 use tower::ServiceExt as _;
 
 use crate::telemetry::Observe;
@@ -32,11 +32,21 @@ pub trait Steps: Send + Sync + 'static {
 }
 
 async fn run<S: Steps>(steps: &S, router: Router, mut req: Request) -> Response {
+    use futures_util::FutureExt as _;
     let mut resp = match steps.admit(&mut req).await {
         Some(refused) => refused,
-        None => match router.oneshot(req).await {
-            Ok(resp) => resp,
-            Err(never) => match never {},
+        // A handler that panics (a bug, or an extension's code) costs its request a JSON 500 and
+        // nothing else: the connection, the other requests and the process go on, and the answer
+        // still passes `finish` (security headers, `no-store`). Without this the connection would
+        // be dropped with no answer. The panic's message is the panic hook's to print; it is not
+        // copied into the log here.
+        None => match std::panic::AssertUnwindSafe(router.oneshot(req)).catch_unwind().await {
+            Ok(Ok(resp)) => resp,
+            Ok(Err(never)) => match never {},
+            Err(_) => {
+                tracing::error!("a request handler panicked; answered 500");
+                crate::error::ApiError::Internal.into_response()
+            }
         },
     };
     steps.finish(&mut resp);

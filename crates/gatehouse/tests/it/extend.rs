@@ -97,3 +97,47 @@ async fn the_example_endpoint_answers_the_signed_in_user_behind_the_public_rules
     let err = gatehouse::start_with(Workdir::new().config(&o), gatehouse::system_clock(), clash).await.err().unwrap();
     assert!(err.to_string().contains("/api/pb/x"), "{err}");
 }
+
+/// SECURITY 8 and 24: a handler that panics (a bug, here an extension's) costs its own request a
+/// JSON 500 with the usual hardening, and nothing else — the same keep-alive connection, the other
+/// routes and the process go on.
+#[tokio::test]
+async fn a_panicking_handler_gets_a_json_500_and_nothing_else_breaks() {
+    async fn boom(user: gatehouse::extend::User) -> &'static str {
+        panic!("extension bug while serving {}", user.claims().sub);
+    }
+    let work = Workdir::new();
+    let ext = gatehouse::extend::Extensions::new().route("/api/boom", axum::routing::get(boom));
+    let clock = Arc::new(gatehouse::clock::SystemClock::default());
+    let running = gatehouse::start_with(work.config(&Options::default()), clock.clone(), ext).await.unwrap();
+    let gate = Gate {
+        base: format!("http://localhost:{}", running.public_addr.port()),
+        admin: format!("http://{}", running.admin_addr),
+        running: Some(running),
+        clock,
+    };
+    gate.wait_ready().await;
+    let mut b = Browser::default();
+    b.login(&gate.base, "alice").await;
+    let cookie = format!("{COOKIE}={}", b.cookie(&gate.base, COOKIE).unwrap());
+    // One client, one keep-alive connection for every request below.
+    let client = reqwest::Client::builder().pool_max_idle_per_host(1).build().unwrap();
+    for _ in 0..3 {
+        let r = client.get(format!("{}/api/boom", gate.base)).header("cookie", &cookie).send().await.unwrap();
+        assert_eq!(r.status(), 500);
+        assert_eq!(r.headers().get("cache-control").unwrap(), "no-store");
+        assert_eq!(r.headers().get("x-frame-options").unwrap(), "DENY");
+        let body = r.text().await.unwrap();
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&body).unwrap()["error"], "internal_error");
+        assert!(!body.contains("extension bug") && !body.contains(&cookie[COOKIE.len() + 1..]), "{body}");
+        let me = client.get(format!("{}/auth/me", gate.base)).header("cookie", &cookie).send().await.unwrap();
+        assert_eq!(me.status(), 200, "the session and the process are unharmed");
+    }
+    let metrics = http().get(format!("{}/metrics", gate.admin)).send().await.unwrap().text().await.unwrap();
+    let counted = metrics
+        .lines()
+        .filter(|l| l.starts_with("gatehouse_http_requests_total") && l.contains("/api/boom") && l.contains("5xx"))
+        .any(|l| l.ends_with(" 3"));
+    assert!(counted, "the 500s are counted:\n{metrics}");
+    gate.stop().await;
+}
