@@ -1,8 +1,8 @@
 //! The accept loop every listener uses. `axum::serve` has neither TLS nor a header-read timeout,
 //! so: accept TCP (bounded number of connections) → optionally a rustls handshake under a timeout,
 //! with the config current at accept time → per-connection extensions (peer address, and the
-//! verified caller for mutual TLS) → hyper serves the router with a timer (slow-header clients are
-//! cut off) and graceful shutdown.
+//! verified caller for mutual TLS) → hyper serves the router with a timer (slow-header and silent
+//! clients are cut off) and graceful shutdown.
 //!
 //! Memory per open connection matters (10,000 idle keep-alive connections are a normal load for a
 //! gateway, see docs/benchmarks.md): the router is shared by every connection (an `Arc` clone),
@@ -88,6 +88,10 @@ pub async fn serve<S: FaceService>(
             let _permit = permit;
             match tls {
                 None => {
+                    // TLS listeners have their handshake timeout; plain ones need this.
+                    if tokio::time::timeout(HEADER_READ_TIMEOUT, protocol_known(&tcp)).await != Ok(true) {
+                        return;
+                    }
                     serve_connection(TokioIo::new(tcp), PerConnection { service, peer, caller: None }, watcher).await
                 }
                 Some((acceptor, timeout)) => {
@@ -129,6 +133,26 @@ pub async fn serve<S: FaceService>(
             drain_ms = drain.as_millis() as u64,
             "requests still in flight at the drain deadline; closing them"
         );
+    }
+}
+
+/// Wait until the client has sent enough to tell HTTP/1.1 from HTTP/2 (`false`: it closed first).
+///
+/// hyper's header timeout starts only once hyper-util has told the two apart, and that takes the
+/// first bytes — all 24 of the HTTP/2 preface, if they begin like it. A connection that sends
+/// nothing, or a part of the preface, would otherwise hold one of the listener's slots for ever
+/// (10,000 of them lock the listener out). The caller bounds this wait with the header timeout.
+async fn protocol_known(tcp: &tokio::net::TcpStream) -> bool {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let mut head = [0u8; PREFACE.len()];
+    loop {
+        match tcp.peek(&mut head).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) if n == PREFACE.len() || head[..n] != PREFACE[..n] => return true,
+            // A prefix of the preface: more is on its way (HTTP/2 clients send it whole, so this
+            // is rare). `peek` leaves the socket readable, so wait a little, not for readiness.
+            Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
     }
 }
 

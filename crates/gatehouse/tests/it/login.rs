@@ -499,3 +499,48 @@ async fn public_requests_are_rate_limited_per_client_ip_when_configured() {
     assert_eq!(other.status(), 401, "another client IP is not limited by the first one's use");
     gate.stop().await;
 }
+
+/// A connection that never sends a byte (hyper's header timeout starts only with the first one)
+/// must not hold one of the listener's 10,000 slots forever; nor may an idle keep-alive one.
+#[tokio::test]
+async fn silent_and_idle_connections_are_closed_after_the_header_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let work = Workdir::new();
+    let gate = Gate::start(&work, &Options::default()).await;
+    let port = gate.running.as_ref().unwrap().public_addr.port();
+    let closed_within = |mut tcp: tokio::net::TcpStream| async move {
+        let started = std::time::Instant::now();
+        let mut buf = [0u8; 512];
+        let read = tokio::time::timeout(std::time::Duration::from_secs(20), tcp.read(&mut buf)).await;
+        assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "closed without an answer, within 20 s: {read:?}");
+        started.elapsed()
+    };
+    let silent = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    // The start of the HTTP/2 preface, then nothing: hyper-util waits for the rest to choose.
+    let mut half_preface = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    half_preface.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    let mut idle = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n").await.unwrap();
+    let mut buf = [0u8; 512];
+    let n = idle.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let (silent, half_preface, idle) =
+        tokio::join!(closed_within(silent), closed_within(half_preface), closed_within(idle));
+    for (what, after) in [("silent", silent), ("half an HTTP/2 preface", half_preface), ("idle keep-alive", idle)] {
+        assert!(after >= std::time::Duration::from_secs(5), "{what}: not before the timeout ({after:?})");
+    }
+    // Clients that send promptly are served as before, over HTTP/1.1 and HTTP/2 alike.
+    assert_eq!(http().get(format!("{}/healthz", gate.base)).send().await.unwrap().status(), 200);
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let (mut h2, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get(format!("http://localhost:{port}/healthz"))
+        .body(http_body_util::Empty::<axum::body::Bytes>::new())
+        .unwrap();
+    let r = h2.send_request(req).await.unwrap();
+    assert_eq!((r.status().as_u16(), r.version()), (200, http::Version::HTTP_2));
+    gate.stop().await;
+}
