@@ -27,6 +27,8 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("request body too large")]
     PayloadTooLarge,
+    #[error("the request body did not arrive in time")]
+    RequestTimeout,
     /// A rate limit refused the request; the decision gives `Retry-After` and the `RateLimit` fields.
     #[error("too many requests; retry later")]
     TooManyRequests(crate::limit::Decision),
@@ -57,6 +59,7 @@ impl ApiError {
             Self::NotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::PayloadTooLarge => "payload_too_large",
+            Self::RequestTimeout => "request_timeout",
             Self::TooManyRequests(_) => "rate_limited",
             Self::InvalidCredentials => "invalid_credentials",
             Self::ProviderUnavailable => "idp_unavailable",
@@ -77,6 +80,7 @@ impl ApiError {
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::ProviderUnavailable | Self::StoreUnavailable | Self::UpstreamBusy => StatusCode::SERVICE_UNAVAILABLE,
             Self::ProviderError | Self::BadGateway => StatusCode::BAD_GATEWAY,
@@ -243,6 +247,7 @@ mod tests {
             ApiError::NotFound,
             ApiError::MethodNotAllowed,
             ApiError::PayloadTooLarge,
+            ApiError::RequestTimeout,
             ApiError::TooManyRequests(crate::limit::Decision {
                 kind: crate::limit::Kind::Request,
                 allowed: false,

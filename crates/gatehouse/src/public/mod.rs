@@ -43,6 +43,13 @@ pub const ROUTES: &[(&str, &str)] = &[
 
 /// Total size of request headers we accept (SECURITY 24).
 const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// The routes whose body Gatehouse reads itself: read whole, before the handler, within
+/// `BODY_DEADLINE` (proxied and extension bodies stream and are not bounded here).
+const BODY_ROUTES: &[&str] = &["/auth/login", "/auth/backchannel-logout"];
+/// How long an anonymous client may take to send such a body (a few KiB at most). Without a
+/// deadline a client trickling one byte every few seconds holds its connection for hours (hyper's
+/// header timeout ends with the headers).
+const BODY_DEADLINE: Duration = Duration::from_secs(10);
 
 /// What the public face needs from the configuration, derived once at start-up: handlers never
 /// read the configuration itself.
@@ -153,6 +160,29 @@ pub fn router(
     Ok(Pipeline::new(state, router, observe, templates))
 }
 
+/// Read the request body whole, at most `limit` bytes within `deadline`, and put it back in
+/// memory for the handler's extractor: 413 over the limit, 408 past the deadline.
+async fn read_body_within(req: &mut Request, limit: usize, deadline: Duration) -> Option<Response> {
+    use http_body_util::BodyExt as _;
+    let body = std::mem::replace(req.body_mut(), axum::body::Body::empty());
+    match tokio::time::timeout(deadline, http_body_util::Limited::new(body, limit).collect()).await {
+        Ok(Ok(read)) => {
+            *req.body_mut() = axum::body::Body::from(read.to_bytes());
+            None
+        }
+        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            Some(ApiError::PayloadTooLarge.into_response())
+        }
+        Ok(Err(_)) => {
+            Some(ApiError::bad_request("invalid_request", "the request body could not be read").into_response())
+        }
+        Err(_) => {
+            tracing::info!(path = req.uri().path(), "request body not received within the deadline");
+            Some(ApiError::RequestTimeout.into_response())
+        }
+    }
+}
+
 impl Steps for PublicState {
     /// Oversized headers are refused before any handler parses them; then the per-IP limit and
     /// CSRF.
@@ -168,7 +198,13 @@ impl Steps for PublicState {
         if let Some(refused) = limits::refusal(self, req.uri().path(), req.headers(), req.extensions()).await {
             return Some(refused);
         }
-        csrf::refusal(self, req)
+        if let Some(refused) = csrf::refusal(self, req) {
+            return Some(refused);
+        }
+        if req.method() == axum::http::Method::POST && BODY_ROUTES.contains(&req.uri().path()) {
+            return read_body_within(req, self.settings.max_body_bytes, BODY_DEADLINE).await;
+        }
+        None
     }
 
     /// Every answer gets the browser-hardening headers, refusals included.

@@ -500,6 +500,45 @@ async fn public_requests_are_rate_limited_per_client_ip_when_configured() {
     gate.stop().await;
 }
 
+/// A body Gatehouse reads itself (password login, back-channel logout) must arrive within 10 s:
+/// a client trickling it is answered 408 and loses its connection, instead of holding it for hours.
+#[tokio::test]
+async fn a_body_that_never_finishes_gets_408() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let work = Workdir::new();
+    let gate = Gate::start(&work, &Options { password_login: true, ..Options::default() }).await;
+    let port = gate.running.as_ref().unwrap().public_addr.port();
+    let stall = |path: &'static str, content_type: &'static str, start: &'static str| {
+        let origin = gate.base.clone();
+        async move {
+            let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            let head = format!(
+                "POST {path} HTTP/1.1\r\nHost: localhost\r\nX-CSRF: 1\r\nOrigin: {origin}\r\n\
+                 Content-Type: {content_type}\r\nContent-Length: 200\r\n\r\n{start}"
+            );
+            tcp.write_all(head.as_bytes()).await.unwrap();
+            let started = std::time::Instant::now();
+            let mut answer = Vec::new();
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(20), tcp.read_to_end(&mut answer)).await;
+            (String::from_utf8_lossy(&answer).to_string(), started.elapsed())
+        }
+    };
+    let (login, logout) = tokio::join!(
+        stall("/auth/login", "application/json", r#"{"username":"alice","#),
+        stall("/auth/backchannel-logout", "application/x-www-form-urlencoded", "logout_token=eyJ")
+    );
+    for (what, (answer, after)) in [("password login", login), ("back-channel logout", logout)] {
+        assert!(answer.starts_with("HTTP/1.1 408"), "{what}: {answer:.200}");
+        assert!(answer.contains("request_timeout"), "{what}: {answer:.400}");
+        assert!(after >= std::time::Duration::from_secs(5), "{what}: not before the deadline ({after:?})");
+    }
+    // A body that arrives in time is read as before.
+    let mut b = Browser::default();
+    let r = b.post_json(&gate.base, "/auth/login", &json!({"username": "alice", "password": "alice-password"})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    gate.stop().await;
+}
+
 /// A connection that never sends a byte (hyper's header timeout starts only with the first one)
 /// must not hold one of the listener's 10,000 slots forever; nor may an idle keep-alive one.
 #[tokio::test]
