@@ -500,6 +500,25 @@ async fn public_requests_are_rate_limited_per_client_ip_when_configured() {
     gate.stop().await;
 }
 
+/// An HTTP/2 client is told the 256-stream limit in the server's SETTINGS (so one connection
+/// cannot open unbounded concurrent requests), and is served within it.
+#[tokio::test]
+async fn http2_clients_are_held_to_256_concurrent_streams() {
+    let work = Workdir::new();
+    let gate = Gate::start(&work, &Options::default()).await;
+    let port = gate.running.as_ref().unwrap().public_addr.port();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req = http::Request::get(format!("http://localhost:{port}/healthz")).body(()).unwrap();
+    let (answer, _) = client.send_request(req, true).unwrap();
+    assert_eq!(answer.await.unwrap().status(), 200);
+    // The server's SETTINGS came before its first answer.
+    assert_eq!(client.current_max_send_streams(), 256);
+    gate.stop().await;
+}
+
 /// A body Gatehouse reads itself (password login, back-channel logout) must arrive within 10 s:
 /// a client trickling it is answered 408 and loses its connection, instead of holding it for hours.
 #[tokio::test]
