@@ -176,6 +176,27 @@ async fn callback_rejects_missing_wrong_or_replayed_state() {
     gate.stop().await;
 }
 
+/// The same callback delivered twice at once (a double click, or an attacker racing a stolen
+/// callback URL in the same browser): the login cookie is single-use only once its clearing
+/// arrives, so both requests pass the state check — Keycloak's single-use code must let only one
+/// of them create a session.
+#[tokio::test]
+async fn a_callback_raced_twice_creates_one_session() {
+    let work = Workdir::new();
+    let gate = Gate::start(&work, &Options::default()).await;
+    let mut b = Browser::default();
+    let callback = callback_url(&mut b, &gate.base, "bob").await;
+    let (mut one, mut two) =
+        (Browser { jar: b.jar.clone(), ..Browser::default() }, Browser { jar: b.jar.clone(), ..Browser::default() });
+    let (r1, r2) = tokio::join!(one.get(&callback), two.get(&callback));
+    let mut statuses = [r1.status, r2.status];
+    statuses.sort();
+    assert_eq!(statuses, [303, 400], "exactly one callback succeeds: {} / {}", r1.body, r2.body);
+    let sessions = [one.cookie(&gate.base, COOKIE), two.cookie(&gate.base, COOKIE)];
+    assert_eq!(sessions.iter().flatten().count(), 1, "one session cookie set");
+    gate.stop().await;
+}
+
 fn callback_host(base: &str) -> String {
     let u = url::Url::parse(base).unwrap();
     format!("{}:{}", u.host_str().unwrap(), u.port().unwrap())
