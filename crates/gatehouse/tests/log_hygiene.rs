@@ -39,9 +39,15 @@ async fn no_secret_appears_in_any_log_line() {
     let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let up_port = upstream.local_addr().unwrap().port();
     tokio::spawn(async move { axum::serve(upstream, axum::Router::new().fallback(|| async { "ok" })).await });
+    // And one whose upstream is down: a back-end failure, logged as one.
+    let down_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
     let routes = format!(
         "[[routes]]\nprefix = \"/api/s/\"\nupstream = \"http://127.0.0.1:{up_port}/\"\nrelay = \"session\"\n\
-         [[routes]]\nprefix = \"/api/b/\"\nupstream = \"http://127.0.0.1:{up_port}/\"\nrelay = \"bearer\"\n"
+         [[routes]]\nprefix = \"/api/b/\"\nupstream = \"http://127.0.0.1:{up_port}/\"\nrelay = \"bearer\"\n\
+         [[routes]]\nprefix = \"/api/down/\"\nupstream = \"http://127.0.0.1:{down_port}/\"\nrelay = \"bearer\"\n"
     );
     let work = Workdir::new();
     let gate = Gate::start(
@@ -112,6 +118,7 @@ async fn no_secret_appears_in_any_log_line() {
     // Proxied requests with each relay.
     assert_eq!(b.get(&format!("{}/api/s/notes", gate.base)).await.status, 200);
     assert_eq!(b.get(&format!("{}/api/b/notes", gate.base)).await.status, 200);
+    assert_eq!(b.get(&format!("{}/api/down/notes", gate.base)).await.status, 502);
     let mut p = Browser::default();
     assert_eq!(
         p.post_json(&gate.base, "/auth/login", &json!({"username": "bob", "password": "bob-password"})).await.status,
@@ -169,6 +176,16 @@ async fn no_secret_appears_in_any_log_line() {
     assert!(refused.contains(mallory) && refused.contains("forbidden") && refused.contains("WARN"), "{refused}");
     let throttled = line("internal rate limit hit").expect("a rate-limited caller is audited");
     assert!(throttled.contains(POCKETBASE) && throttled.contains("rate_limited"), "{throttled}");
+    let backend = line("upstream unreachable").expect("a back-end failure is logged");
+    assert!(backend.contains("WARN") && backend.contains("/api/down/"), "{backend}");
+    let failed_request = logs
+        .lines()
+        .find(|l| l.contains("request failed") && l.contains("bad_gateway"))
+        .expect("the failed request is logged with its fault");
+    assert!(
+        failed_request.contains("fault=\"dependency\"") || failed_request.contains("fault=dependency"),
+        "{failed_request}"
+    );
     let admin = line("admin revoked sessions").expect("admin revocations are audited");
     assert!(admin.contains("revoked=1") && admin.contains("gatehouse::audit"), "{admin}");
     assert!(logs.contains("login succeeded"), "authentication successes are logged");
