@@ -83,14 +83,22 @@ pub async fn serve<S: FaceService>(
         let _ = tcp.set_nodelay(true);
         let service = service.clone();
         let watcher = graceful.watcher();
+        let mut stopping = stop.clone();
         let tls = tls.as_ref().map(|t| (TlsAcceptor::from(t.config.current()), t.handshake_timeout));
         tokio::spawn(async move {
             let _permit = permit;
             match tls {
                 None => {
-                    // TLS listeners have their handshake timeout; plain ones need this.
-                    if tokio::time::timeout(HEADER_READ_TIMEOUT, protocol_known(&tcp)).await != Ok(true) {
-                        return;
+                    // TLS listeners have their handshake timeout; plain ones need this. A shutdown
+                    // does not wait for a connection that has not said anything yet (it holds a
+                    // watcher that graceful shutdown would otherwise wait for).
+                    tokio::select! {
+                        known = tokio::time::timeout(HEADER_READ_TIMEOUT, protocol_known(&tcp)) => {
+                            if known != Ok(true) {
+                                return;
+                            }
+                        }
+                        _ = stopping.wait_for(|s| *s) => return,
                     }
                     serve_connection(TokioIo::new(tcp), PerConnection { service, peer, caller: None }, watcher).await
                 }
@@ -145,13 +153,20 @@ pub async fn serve<S: FaceService>(
 async fn protocol_known(tcp: &tokio::net::TcpStream) -> bool {
     const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
     let mut head = [0u8; PREFACE.len()];
+    let mut pause = Duration::from_millis(10);
     loop {
         match tcp.peek(&mut head).await {
             Ok(0) | Err(_) => return false,
             Ok(n) if n == PREFACE.len() || head[..n] != PREFACE[..n] => return true,
-            // A prefix of the preface: more is on its way (HTTP/2 clients send it whole, so this
-            // is rare). `peek` leaves the socket readable, so wait a little, not for readiness.
-            Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            // A prefix of the preface (or the `P` of a `POST`): the rest is on its way. `peek`
+            // leaves the socket readable, so readiness cannot tell us when more arrives; look
+            // again after a pause that doubles up to 1 s. Real clients send the preface in one
+            // write, so this is rare, and a client that stalls here costs a dozen wake-ups, not a
+            // busy loop.
+            Ok(_) => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
         }
     }
 }

@@ -31,6 +31,16 @@ fn answer(status: StatusCode, error: Option<&'static str>) -> Response {
     resp
 }
 
+/// A body the pipeline could not read (too large, broken, or not sent in time), in this
+/// endpoint's own format: 400, or 408 when it never arrived.
+pub fn body_refused(refused: super::BodyRefused) -> Response {
+    match refused {
+        super::BodyRefused::TooLarge => answer(StatusCode::BAD_REQUEST, Some("request body too large")),
+        super::BodyRefused::Unreadable => answer(StatusCode::BAD_REQUEST, Some("logout_token required")),
+        super::BodyRefused::Late => answer(StatusCode::REQUEST_TIMEOUT, Some("request body not received in time")),
+    }
+}
+
 pub async fn backchannel_logout(
     State(st): State<Arc<PublicState>>,
     form: Result<Form<LogoutRequest>, FormRejection>,

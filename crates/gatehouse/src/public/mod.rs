@@ -88,9 +88,6 @@ pub struct PublicState {
     pub views: views::Views,
 }
 
-/// The public face: its pipeline (observe → header guard → rate limit → CSRF) in front of the
-/// router, with any extension endpoints (`crate::extend`); fails if a route's TLS files cannot be
-/// used or an extension path is not allowed.
 /// The public face's fixed routes (views add theirs when configured). `ROUTES` lists the same,
 /// by method; `route_paths` lets a test hold the two together both ways.
 fn fixed_routes() -> Vec<(&'static str, MethodRouter<Arc<PublicState>>)> {
@@ -112,6 +109,9 @@ pub fn route_paths() -> Vec<&'static str> {
     fixed_routes().into_iter().map(|(path, _)| path).collect()
 }
 
+/// The public face: its pipeline (observe → header guard → rate limit → CSRF) in front of the
+/// router, with any extension endpoints (`crate::extend`); fails if a route's TLS files cannot be
+/// used or an extension path is not allowed.
 pub fn router(
     core: Arc<Core>,
     config: &Config,
@@ -160,25 +160,38 @@ pub fn router(
     Ok(Pipeline::new(state, router, observe, templates))
 }
 
+/// Why a body Gatehouse reads itself was refused before its handler ran.
+pub enum BodyRefused {
+    TooLarge,
+    Unreadable,
+    Late,
+}
+
+impl BodyRefused {
+    fn into_api_error(self) -> ApiError {
+        match self {
+            Self::TooLarge => ApiError::PayloadTooLarge,
+            Self::Unreadable => ApiError::bad_request("invalid_request", "the request body could not be read"),
+            Self::Late => ApiError::RequestTimeout,
+        }
+    }
+}
+
 /// Read the request body whole, at most `limit` bytes within `deadline`, and put it back in
-/// memory for the handler's extractor: 413 over the limit, 408 past the deadline.
-async fn read_body_within(req: &mut Request, limit: usize, deadline: Duration) -> Option<Response> {
+/// memory for the handler's extractor.
+async fn read_body_within(req: &mut Request, limit: usize, deadline: Duration) -> Result<(), BodyRefused> {
     use http_body_util::BodyExt as _;
     let body = std::mem::replace(req.body_mut(), axum::body::Body::empty());
     match tokio::time::timeout(deadline, http_body_util::Limited::new(body, limit).collect()).await {
         Ok(Ok(read)) => {
             *req.body_mut() = axum::body::Body::from(read.to_bytes());
-            None
+            Ok(())
         }
-        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-            Some(ApiError::PayloadTooLarge.into_response())
-        }
-        Ok(Err(_)) => {
-            Some(ApiError::bad_request("invalid_request", "the request body could not be read").into_response())
-        }
+        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(BodyRefused::TooLarge),
+        Ok(Err(_)) => Err(BodyRefused::Unreadable),
         Err(_) => {
             tracing::info!(path = req.uri().path(), "request body not received within the deadline");
-            Some(ApiError::RequestTimeout.into_response())
+            Err(BodyRefused::Late)
         }
     }
 }
@@ -202,7 +215,15 @@ impl Steps for PublicState {
             return Some(refused);
         }
         if req.method() == axum::http::Method::POST && BODY_ROUTES.contains(&req.uri().path()) {
-            return read_body_within(req, self.settings.max_body_bytes, BODY_DEADLINE).await;
+            let Err(refused) = read_body_within(req, self.settings.max_body_bytes, BODY_DEADLINE).await else {
+                return None;
+            };
+            // The provider's call keeps its own error format (Back-Channel Logout §2.8: 400).
+            return Some(if req.uri().path() == "/auth/backchannel-logout" {
+                backchannel::body_refused(refused)
+            } else {
+                refused.into_api_error().into_response()
+            });
         }
         None
     }

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use axum::Router;
 use axum::extract::{Request, State};
 use axum::response::IntoResponse;
+use http_body_util::BodyExt as _;
 use serde_json::json;
 
 use crate::harness::*;
@@ -120,18 +121,30 @@ async fn a_panicking_handler_gets_a_json_500_and_nothing_else_breaks() {
     let mut b = Browser::default();
     b.login(&gate.base, "alice").await;
     let cookie = format!("{COOKIE}={}", b.cookie(&gate.base, COOKIE).unwrap());
-    // One client, one keep-alive connection for every request below.
-    let client = reqwest::Client::builder().pool_max_idle_per_host(1).build().unwrap();
+    // One HTTP/1.1 connection, opened by hand, for every request below: a dropped connection
+    // would fail the next request instead of being quietly replaced.
+    let port = gate.running.as_ref().unwrap().public_addr.port();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let (mut conn, driver) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await.unwrap();
+    tokio::spawn(driver);
     for _ in 0..3 {
-        let r = client.get(format!("{}/api/boom", gate.base)).header("cookie", &cookie).send().await.unwrap();
-        assert_eq!(r.status(), 500);
-        assert_eq!(r.headers().get("cache-control").unwrap(), "no-store");
-        assert_eq!(r.headers().get("x-frame-options").unwrap(), "DENY");
-        let body = r.text().await.unwrap();
-        assert_eq!(serde_json::from_str::<serde_json::Value>(&body).unwrap()["error"], "internal_error");
-        assert!(!body.contains("extension bug") && !body.contains(&cookie[COOKIE.len() + 1..]), "{body}");
-        let me = client.get(format!("{}/auth/me", gate.base)).header("cookie", &cookie).send().await.unwrap();
-        assert_eq!(me.status(), 200, "the session and the process are unharmed");
+        for (path, status) in [("/api/boom", 500), ("/auth/me", 200)] {
+            let req = http::Request::get(format!("http://localhost:{port}{path}"))
+                .header("host", format!("localhost:{port}"))
+                .header("cookie", &cookie)
+                .body(http_body_util::Empty::<axum::body::Bytes>::new())
+                .unwrap();
+            let r = conn.send_request(req).await.expect("the same connection still serves");
+            assert_eq!(r.status().as_u16(), status, "{path}");
+            let headers = r.headers().clone();
+            let body = String::from_utf8(r.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+            if status == 500 {
+                assert_eq!(headers["cache-control"], "no-store");
+                assert_eq!(headers["x-frame-options"], "DENY");
+                assert_eq!(serde_json::from_str::<serde_json::Value>(&body).unwrap()["error"], "internal_error");
+                assert!(!body.contains("extension bug") && !body.contains(&cookie[COOKIE.len() + 1..]), "{body}");
+            }
+        }
     }
     let metrics = http().get(format!("{}/metrics", gate.admin)).send().await.unwrap().text().await.unwrap();
     let counted = metrics
