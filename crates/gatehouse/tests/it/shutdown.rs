@@ -68,3 +68,21 @@ async fn sigterm_lets_the_request_in_flight_finish_refuses_new_connections_and_e
     assert_eq!(exit.code(), Some(0));
     assert!(sent.elapsed() < Duration::from_secs(6), "exited within the drain time: {:?}", sent.elapsed());
 }
+
+/// Connections that have sent nothing yet (browser preconnects, a load balancer's idle pool) do not
+/// hold a shutdown up: they are closed at once, not after the 10 s header timeout.
+#[tokio::test]
+async fn a_shutdown_does_not_wait_for_connections_that_said_nothing() {
+    let work = Workdir::new();
+    let gate = Gate::start(&work, &Options::default()).await;
+    let port = gate.running.as_ref().unwrap().public_addr.port();
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        silent.push(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap());
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await; // accepted
+    let started = std::time::Instant::now();
+    gate.stop().await;
+    assert!(started.elapsed() < std::time::Duration::from_secs(3), "shutdown took {:?}", started.elapsed());
+    drop(silent);
+}
