@@ -161,6 +161,8 @@ async fn serve_http1<S: FaceService>(
     let conn = builder.serve_connection(io, service).with_upgrades();
     let mut conn = std::pin::pin!(conn);
     let ended = tokio::select! {
+        // The connection first: it is what wakes this task on every request.
+        biased;
         ended = conn.as_mut() => ended,
         // The guard `wait_for` returns is not `Send`: drop it before the branch awaits.
         _ = async { let _ = stopping.wait_for(|s| *s).await; } => {
