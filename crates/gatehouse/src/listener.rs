@@ -213,10 +213,11 @@ async fn serve_tls<S: FaceService>(
 /// Wait until the client has sent enough to tell HTTP/1.1 from HTTP/2: `Some(true)` for HTTP/2,
 /// `Some(false)` for HTTP/1.x, `None` if it closed first.
 ///
-/// hyper's header timeout starts only once hyper-util has told the two apart, and that takes the
-/// first bytes — all 24 of the HTTP/2 preface, if they begin like it. A connection that sends
-/// nothing, or a part of the preface, would otherwise hold one of the listener's slots for ever
-/// (10,000 of them lock the listener out). The caller bounds this wait with the header timeout.
+/// It routes the connection (HTTP/1.1 to hyper's `http1` server, HTTP/2 to the auto builder),
+/// and it bounds the wait for a client's first bytes: with hyper-util's auto builder, which read
+/// them itself, a connection that sent nothing, or a part of the preface, held one of the
+/// listener's slots for ever (10,000 of them lock the listener out). The caller bounds this wait
+/// with the header timeout.
 async fn protocol_known(tcp: &tokio::net::TcpStream) -> Option<bool> {
     const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
     let mut head = [0u8; PREFACE.len()];

@@ -86,3 +86,23 @@ async fn a_shutdown_does_not_wait_for_connections_that_said_nothing() {
     assert!(started.elapsed() < std::time::Duration::from_secs(3), "shutdown took {:?}", started.elapsed());
     drop(silent);
 }
+
+/// An idle HTTP/1.1 keep-alive connection (served by the hand-written graceful shutdown in
+/// `listener::serve_http1`) is closed at once on shutdown, not left for the drain deadline.
+#[tokio::test]
+async fn a_shutdown_closes_idle_keep_alive_connections_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let work = Workdir::new();
+    let gate = Gate::start(&work, &Options::default()).await;
+    let port = gate.running.as_ref().unwrap().public_addr.port();
+    let mut idle = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n").await.unwrap();
+    let mut buf = [0u8; 1024];
+    let n = idle.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let started = Instant::now();
+    gate.stop().await;
+    assert!(started.elapsed() < Duration::from_secs(2), "shutdown took {:?}", started.elapsed());
+    let eof = tokio::time::timeout(Duration::from_secs(2), idle.read(&mut buf)).await;
+    assert!(matches!(eof, Ok(Ok(0)) | Ok(Err(_))), "the idle connection is closed: {eof:?}");
+}
