@@ -221,6 +221,17 @@ impl Gate {
         g
     }
 
+    /// Start with library-face endpoints (`gatehouse::extend`), and wait until ready.
+    pub async fn start_with(work: &Workdir, o: &Options, ext: gatehouse::extend::Extensions) -> Self {
+        let clock = Arc::new(SystemClock::default());
+        let running = gatehouse::start_with(work.config(o), clock.clone(), ext).await.expect("gatehouse starts");
+        let base = format!("http://localhost:{}", running.public_addr.port());
+        let admin = format!("http://{}", running.admin_addr);
+        let g = Self { running: Some(running), clock, base, admin };
+        g.wait_ready().await;
+        g
+    }
+
     /// Start without waiting for readiness (for dependencies that are down on purpose).
     pub async fn start_unready(work: &Workdir, o: &Options) -> Self {
         let clock = Arc::new(SystemClock::default());

@@ -51,15 +51,7 @@ async fn the_example_endpoint_answers_the_signed_in_user_behind_the_public_rules
         ),
         ..Options::default()
     };
-    let clock = Arc::new(gatehouse::clock::SystemClock::default());
-    let running = gatehouse::start_with(work.config(&o), clock.clone(), dashboard_example::extensions()).await.unwrap();
-    let gate = Gate {
-        base: format!("http://localhost:{}", running.public_addr.port()),
-        admin: format!("http://{}", running.admin_addr),
-        running: Some(running),
-        clock,
-    };
-    gate.wait_ready().await;
+    let gate = Gate::start_with(&work, &o, dashboard_example::extensions()).await;
     let url = format!("{}/api/dashboard", gate.base);
 
     // No session: the standard 401, and the handler (so the upstream) never runs.
@@ -109,15 +101,7 @@ async fn a_panicking_handler_gets_a_json_500_and_nothing_else_breaks() {
     }
     let work = Workdir::new();
     let ext = gatehouse::extend::Extensions::new().route("/api/boom", axum::routing::get(boom));
-    let clock = Arc::new(gatehouse::clock::SystemClock::default());
-    let running = gatehouse::start_with(work.config(&Options::default()), clock.clone(), ext).await.unwrap();
-    let gate = Gate {
-        base: format!("http://localhost:{}", running.public_addr.port()),
-        admin: format!("http://{}", running.admin_addr),
-        running: Some(running),
-        clock,
-    };
-    gate.wait_ready().await;
+    let gate = Gate::start_with(&work, &Options::default(), ext).await;
     let mut b = Browser::default();
     b.login(&gate.base, "alice").await;
     let cookie = format!("{COOKIE}={}", b.cookie(&gate.base, COOKIE).unwrap());
